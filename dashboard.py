@@ -1,0 +1,17 @@
+"""CNN Audit: the frame of the dashboard (sidebar choices, navigation). Run: streamlit run dashboard.py"""
+
+import streamlit as st
+
+st.set_page_config(page_title="CNN Audit", page_icon=":material/biotech:", layout="wide")
+
+from pages import common  # noqa: E402  (after set_page_config, which must come first)
+
+PAGES = [
+    st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
+]
+
+navigation = st.navigation(PAGES)
+st.sidebar.title("CNN Audit")
+if common.sidebar() is None:
+    st.stop()
+navigation.run()

@@ -1,0 +1,230 @@
+"""The app side of the dashboard: cached calls into `audit`, the sidebar choices, error display.
+
+Pages only draw; they get the model and images from here. Models are `st.cache_resource` (one per
+server process, shared by every session, keyed by the source string); results are `st.cache_data`
+keyed by the model's fingerprint and the images' hash, never by the model object (Streamlit's
+caching guide: an unhashed `_model` argument gives stale results when the model changes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+
+from audit import device, images, models, storage
+from audit.errors import AuditError, WeightsUnavailableError
+from audit.zoo import shapes
+
+IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
+
+
+@st.cache_resource(show_spinner="Loading the model (once for this server)…", max_entries=4)
+def get_model(source: str) -> models.LoadedModel:
+    """Load a model once per server process; every browser session shares it."""
+    return models.load(source)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def demo_images(count: int, seed: int) -> shapes.ShapesData:
+    """Generated shapes with labels and object masks."""
+    return shapes.generate(count, seed)
+
+
+@st.cache_data(show_spinner=False)
+def sample_photo(name: str) -> np.ndarray:
+    return images.sample(name)
+
+
+@st.cache_data(show_spinner="Decoding images…", max_entries=8)
+def decode_upload(digest: str, name: str) -> list[images.LabelledImage]:
+    """Decode a stored upload (one image or a zip of images) by its content hash."""
+    data = storage.upload_path("images", digest).read_bytes()
+    if name.lower().endswith(".zip"):
+        return images.read_zip(data)
+    return [images.LabelledImage(name, images.decode(data, name))]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def predictions(fingerprint: str, source: str, image_key: str, _pixels: np.ndarray, preprocessing: str,
+                fit: str, device_name: str) -> np.ndarray:
+    """The model's output for one image; keyed by the model fingerprint and the image hash."""
+    loaded = get_model(source)
+    return loaded.predict(loaded.preprocess(_pixels, preprocessing, fit), device_name)[0]
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Show an AuditError as one clear message and stop drawing the page, never a traceback."""
+    try:
+        yield
+    except AuditError as exc:
+        st.error(str(exc), icon=":material/error:")
+        st.stop()
+
+
+@dataclass
+class Selection:
+    """What the sidebar chose for this run: the pages read it, nothing else."""
+
+    model: models.LoadedModel
+    image_set: list[images.LabelledImage]
+    image: images.LabelledImage
+    preprocessing: str
+    fit: str
+    device: str
+    masks: np.ndarray | None = None  # object masks of demo shapes, aligned with image_set
+
+    @property
+    def image_key(self) -> str:
+        return images.image_hash(self.image.pixels)
+
+    def predict(self) -> np.ndarray:
+        return predictions(self.model.fingerprint, self.model.source, self.image_key, self.image.pixels,
+                           self.preprocessing, self.fit, self.device)
+
+
+def current() -> Selection:
+    """The sidebar's selection for this run (set by dashboard.py before the page runs)."""
+    return st.session_state["_selection"]
+
+
+def _model_picker() -> models.LoadedModel | None:
+    st.sidebar.header("Model")
+    choices = {
+        "demo:shapes": "Demo CNN on shapes (ours, trained)",
+        "demo:vgg16": "VGG16 conv base, HED edge weights",
+        "keras": "keras.applications…",
+        "upload": "Upload a .keras / .h5 file…",
+    }
+    initial = st.query_params.get("model", models.DEFAULT_SOURCE)
+    if initial.startswith("keras:"):
+        initial_choice = "keras"
+    elif initial.startswith("upload:"):
+        initial_choice = "upload"
+    elif initial in choices:
+        initial_choice = initial
+    else:  # file: paths and anything else never come from a link: only uploads by hash do
+        st.sidebar.warning(f"The link's model {initial!r} cannot be opened here; showing {models.DEFAULT_SOURCE}.")
+        initial_choice = models.DEFAULT_SOURCE
+    choice = st.sidebar.selectbox("Model source", list(choices), index=list(choices).index(initial_choice),
+                                  format_func=choices.get, key="model_choice")
+    source = choice
+    if choice == "keras":
+        names = list(models.KERAS_APPLICATIONS)
+        wanted = initial.split(":")[1] if initial.startswith("keras:") else "MobileNetV2"
+        if wanted not in names:
+            st.sidebar.warning(f"Unknown keras.applications model {wanted!r} in the link; showing {names[0]}.")
+        name = st.sidebar.selectbox("Architecture", names, index=names.index(wanted) if wanted in names else 0,
+                                    key="keras_name")
+        untrained = st.sidebar.checkbox(
+            "Random weights (untrained)", value=initial.endswith(":untrained"), key="keras_untrained",
+            help="For when the ImageNet weights are not in the Keras cache and cannot be downloaded.")
+        source = f"keras:{name}" + (":untrained" if untrained else "")
+    elif choice == "upload":
+        source = _uploaded_model_source(initial)
+        if source is None:
+            return None
+    try:
+        loaded = get_model(source)
+    except WeightsUnavailableError as exc:
+        st.error(str(exc), icon=":material/cloud_off:")
+        st.info("Tick **Random weights (untrained)** in the sidebar to open the architecture anyway.")
+        return None
+    except AuditError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return None
+    st.query_params["model"] = source
+    if loaded.untrained:
+        st.sidebar.warning("Untrained: random weights.", icon=":material/warning:")
+    return loaded
+
+
+def _uploaded_model_source(initial: str) -> str | None:
+    upload = st.sidebar.file_uploader("Model file", type=["keras", "h5"], key="model_upload",
+                                      help="Screened before loading; Lambda layers and custom code are refused.")
+    if upload is not None:
+        try:
+            return "upload:" + storage.save_upload(upload.getvalue(), "models")
+        except AuditError as exc:
+            st.sidebar.error(str(exc))
+            return None
+    if initial.startswith("upload:"):
+        return initial  # a link naming an upload on this server
+    st.info("Upload a `.keras` or `.h5` model file in the sidebar.")
+    return None
+
+
+def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None] | None:
+    st.sidebar.header("Images")
+    default_source = "Demo shapes" if loaded.source == "demo:shapes" else "Sample photos"
+    kind = st.sidebar.radio("Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
+                            horizontal=True, key=f"image_source_{loaded.source}")
+    if kind == "Sample photos":
+        return [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS], None
+    if kind == "Demo shapes":
+        count = st.sidebar.number_input("How many", 6, 2048, 60, step=6, key="demo_count")
+        seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 12345, key="demo_seed")
+        data = demo_images(int(count), int(seed))
+        return [images.LabelledImage(f"shape {i}", data.images[i], shapes.CLASSES[data.labels[i]])
+                for i in range(len(data.labels))], data.masks
+    files = st.sidebar.file_uploader("Images or a zip (one folder per class)", accept_multiple_files=True,
+                                     type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "zip"],
+                                     key="image_upload")
+    decoded: list[images.LabelledImage] = []
+    for file in files or []:
+        try:
+            decoded += decode_upload(storage.save_upload(file.getvalue(), "images"), file.name)
+        except AuditError as exc:
+            st.sidebar.error(str(exc))
+    if not decoded:
+        st.sidebar.info("Upload images to use them; meanwhile the sample photos are used.")
+        return [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS], None
+    return decoded, None
+
+
+def sidebar() -> Selection | None:
+    """Draw the sidebar and return the selection, or None when no model could be opened."""
+    loaded = _model_picker()
+    if loaded is None:
+        return None
+    picked = _image_picker(loaded)
+    image_set, masks = picked
+    names = [item.name for item in image_set]
+    wanted = st.query_params.get("image", names[0])
+    index = st.sidebar.selectbox("Current image", range(len(names)), format_func=lambda i: names[i],
+                                 index=names.index(wanted) if wanted in names else 0,
+                                 key=f"current_image_{len(names)}_{names[0]}")
+    with st.sidebar.expander("Preprocessing and device"):
+        modes = list(images.PREPROCESSING)
+        preprocessing = st.selectbox("Preprocessing", modes, index=modes.index(loaded.preprocessing),
+                                     format_func=lambda m: f"{m}: {images.PREPROCESSING[m]}",
+                                     key=f"preprocessing_{loaded.source}")
+        fit = st.radio("Resize", ("crop", "squash"), horizontal=True, key="fit",
+                       help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
+        devices = device.available()
+        device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
+    selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks)
+    st.session_state["_selection"] = selection
+    return selection
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def layer_table(fingerprint: str, source: str):
+    """The model's layer table, keyed by the fingerprint."""
+    return models.layer_table(get_model(source).model)
+
+
+def _dims(value, unknown: str) -> str:
+    return "" if value is None else "×".join(unknown if d is None else str(d) for d in value)
+
+
+def displayable(table):
+    """Tuples as readable strings for st.dataframe (Arrow wants one type per column)."""
+    table = table.copy()
+    table["output_shape"] = table["output_shape"].map(lambda v: _dims(v, "N"))
+    for column in ("kernel_size", "strides"):
+        table[column] = table[column].map(lambda v: _dims(v, "?"))
+    return table

@@ -1,0 +1,101 @@
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from audit import images
+from audit.errors import ImageError
+
+
+def _png(array, mode=None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_grayscale_and_rgba_become_rgb():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = images.decode(_png(gray))
+    assert rgb.shape == (3, 4, 3) and np.array_equal(rgb[..., 0], gray) and np.array_equal(rgb[..., 2], gray)
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red stays red
+    rgba[0, 1] = (0, 0, 0, 0)  # fully transparent becomes white
+    rgba[1, 0] = (0, 0, 0, 128)  # half transparent black on white: 255 * (1 - 128/255) = 127
+    out = images.decode(_png(rgba))
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[0, 1]) == (255, 255, 255)
+    assert tuple(out[1, 0]) == (127, 127, 127)
+    assert images.to_rgb(np.array([[True, False]])).tolist() == [[[255] * 3, [0] * 3]]
+
+
+def test_undecodable_and_huge_images_raise_image_error(monkeypatch):
+    with pytest.raises(ImageError, match="cannot be read"):
+        images.decode(b"this is not a png", "notes.png")
+    with pytest.raises(ImageError, match="cannot be read"):
+        images.decode(_png(np.zeros((8, 8, 3), np.uint8))[:40], "truncated.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageError, match="50 x 50 pixels"):
+        images.decode(_png(np.zeros((50, 50), np.uint8)), "bomb.png")
+    with pytest.raises(ImageError):
+        images.to_rgb(np.zeros((4, 4, 5)))
+
+
+def test_samples_ship_with_scikit_image():
+    chelsea = images.sample("chelsea")
+    assert chelsea.shape == (300, 451, 3) and chelsea.dtype == np.uint8
+    assert images.sample("camera").shape == (512, 512, 3)  # grayscale made RGB
+    assert images.sample("logo").shape == (500, 500, 3)  # RGBA made RGB
+    with pytest.raises(ImageError):
+        images.sample("../../etc/passwd")
+
+
+def test_fit_crops_the_centre_or_squashes():
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[:, 5:15] = 255  # a white centre square between black side bands
+    cropped = images.fit(image, (10, 10), "crop")
+    assert cropped.shape == (10, 10, 3) and cropped.min() == 255
+    squashed = images.fit(image, (10, 10), "squash")
+    assert squashed[:, 0].max() == 0 and squashed[:, 5].min() == 255
+
+
+def test_preprocessing_modes_against_hand_computed_values():
+    pixel = np.array([[[[10, 20, 30]]]], np.uint8)
+    np.testing.assert_allclose(images.preprocess(pixel, "unit"), [[[[10 / 255, 20 / 255, 30 / 255]]]], rtol=1e-6)
+    np.testing.assert_allclose(images.preprocess(pixel, "tf"), [[[[10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1]]]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(images.preprocess(pixel, "caffe"), [[[[30 - 103.939, 20 - 116.779, 10 - 123.68]]]],
+                               rtol=1e-5)
+    torch = [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]
+    np.testing.assert_allclose(images.preprocess(pixel, "torch"), [[[torch]]], rtol=1e-5)
+    np.testing.assert_allclose(images.preprocess(pixel, "raw"), pixel.astype(np.float32))
+    with pytest.raises(ValueError):
+        images.preprocess(pixel, "imagenet")
+
+
+def test_folders_and_zips_give_labelled_images(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            (tmp_path / label / f"{i}.png").write_bytes(_png(np.full((4, 4, 3), i * 50, np.uint8)))
+    (tmp_path / "notes.txt").write_text("ignored")
+    found = images.read_folder(tmp_path)
+    assert [(item.name, item.label) for item in found] == [
+        ("cat/0.png", "cat"), ("cat/1.png", "cat"), ("dog/0.png", "dog"), ("dog/1.png", "dog")]
+    assert found[1].pixels[0, 0, 0] == 50
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("set/bird/a.png", _png(np.zeros((3, 3), np.uint8)))
+        archive.writestr("__MACOSX/set/bird/._a.png", b"junk")
+    zipped = images.read_zip(buffer.getvalue())
+    assert [(item.name, item.label) for item in zipped] == [("set/bird/a.png", "bird")]
+    with pytest.raises(ImageError):
+        images.read_zip(b"not a zip")
+
+
+def test_image_hash_depends_on_every_pixel():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[3, 3, 2] = 1
+    assert images.image_hash(a) == images.image_hash(a.copy()) != images.image_hash(b)
+    assert images.image_hash([a, b]) != images.image_hash([b, a])
