@@ -372,29 +372,43 @@ def get_layer(model: keras.Model, name: str):
     raise AssertionError("unreachable")
 
 
-def submodel(model: keras.Model, layers: str | list[str]) -> keras.Model:
+def submodel(model: keras.Model, layers: str | list[str], pre_activation: bool = False) -> keras.Model:
     """A model from the input to the named layers' outputs, sharing the original's weights.
 
     Keras builds a Functional model from its outputs backwards, so nothing past the requested
     layers is computed. Layers inside nested models are reached by re-running the outer graph on a
-    fresh input and the nested model's graph on the tensor that reaches it.
+    fresh input and the nested model's graph on the tensor that reaches it. With `pre_activation`,
+    layers with a fused activation (Conv2D(activation="relu")) give their output before it.
     """
     single = isinstance(layers, str)
     paths = [resolve_layer(model, name) for name in ([layers] if single else layers)]
     if not paths:
         raise AuditError("submodel needs at least one layer name.")
-    if all("/" not in path for path in paths):
+    name = f"{model.name}_to_{paths[-1].replace('/', '_')}"
+    if all("/" not in path for path in paths) and not pre_activation:
         outputs = [model.get_layer(path).output for path in paths]
-    else:
-        new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-        found = _trace(model, new_input, set(paths), "")
-        return keras.Model(new_input, found[paths[0]] if single else [found[p] for p in paths],
-                           name=f"{model.name}_to_{paths[-1].replace('/', '_')}")
-    return keras.Model(model.inputs, outputs[0] if single else outputs,
-                       name=f"{model.name}_to_{paths[-1].replace('/', '_')}")
+        return keras.Model(model.inputs, outputs[0] if single else outputs, name=name)
+    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    found = _trace(model, new_input, set(paths), "", pre_activation)
+    return keras.Model(new_input, found[paths[0]] if single else [found[p] for p in paths], name=name)
 
 
-def _trace(model: keras.Model, x, wanted: set[str], prefix: str) -> dict:
+def has_fused_activation(layer) -> bool:
+    """Whether a layer applies a non-linear activation of its own (so its pre-activation differs)."""
+    return _activation_name(layer) not in (None, "linear") and hasattr(layer, "get_config") \
+        and "activation" in layer.get_config()
+
+
+def _linear_twin(layer):
+    """A copy of a layer with its activation removed, carrying the same weights."""
+    config = {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"}
+    twin = type(layer).from_config(config)
+    twin.build(layer.input.shape)
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+def _trace(model: keras.Model, x, wanted: set[str], prefix: str, pre_activation: bool = False) -> dict:
     """Call `model`'s layers on symbolic `x`, returning the output tensors of the wanted paths."""
     found = {}
 
@@ -403,10 +417,11 @@ def _trace(model: keras.Model, x, wanted: set[str], prefix: str) -> dict:
 
         def call(*args, **kwargs):
             if isinstance(layer, keras.Model) and any(w.startswith(path + "/") for w in wanted):
-                found.update(_trace(layer, args[0], wanted, path + "/"))
+                found.update(_trace(layer, args[0], wanted, path + "/", pre_activation))
             output = layer(*args, **kwargs)
             if path in wanted:
-                found[path] = output
+                twin = pre_activation and has_fused_activation(layer)
+                found[path] = _linear_twin(layer)(*args, **kwargs) if twin else output
             return output
 
         return call

@@ -1,0 +1,177 @@
+"""Activations: the maps of one layer for one image, and per-filter statistics over an image set.
+
+Statistics are kept as mergeable partial sums (count, sum, sum of squares, max, zero count, images
+that fire) reduced on the device inside one compiled function per batch: only a few vectors per
+layer leave the device, image sets of any size stream through in constant memory, and shards
+computed apart merge exactly (Hu et al. 2016, "Network Trimming", for APoZ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from audit import models
+from audit.errors import NotAnImageModelError
+
+
+def layer_maps(model: keras.Model, layer: str, x: np.ndarray, pre_activation: bool = False) -> np.ndarray:
+    """Activation maps (H, W, C) of one layer for one preprocessed image (1, H, W, C) or (H, W, C)."""
+    x = np.asarray(x, np.float32)
+    x = x[None] if x.ndim == 3 else x
+    cut = models.submodel(model, layer, pre_activation=pre_activation)
+    maps = np.asarray(cut(x, training=False))[0]
+    if maps.ndim != 3:
+        raise NotAnImageModelError(
+            f"Layer {layer!r} gives an output of shape {maps.shape}, not maps (height, width, channels).")
+    return maps
+
+
+def normalise(maps: np.ndarray) -> np.ndarray:
+    """Each channel scaled to [0, 1] on its own, like MATLAB's mat2gray (flat channels become 0)."""
+    low = maps.min(axis=(0, 1), keepdims=True)
+    span = maps.max(axis=(0, 1), keepdims=True) - low
+    return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1), 0.0).astype(np.float32)
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """Rows and columns for a montage: exact and near-square when possible (96 -> 8 x 12)."""
+    rows = int(math.isqrt(count))
+    while rows > 1 and count % rows:
+        rows -= 1
+    if count // rows > 3 * rows:  # no good divisor (a prime count): a square-ish grid with blanks
+        rows = int(math.isqrt(count))
+        return rows, math.ceil(count / rows)
+    return rows, count // rows
+
+
+def montage(maps: np.ndarray, gap: int = 1) -> np.ndarray:
+    """All channels of (H, W, C) maps, each normalised, tiled into one (rows*H, cols*W) float image."""
+    height, width, count = maps.shape
+    rows, cols = grid_shape(count)
+    tiles = normalise(maps)
+    canvas = np.ones((rows * (height + gap) - gap, cols * (width + gap) - gap), np.float32)
+    for index in range(count):
+        r, c = divmod(index, cols)
+        canvas[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = \
+            tiles[:, :, index]
+    return canvas
+
+
+def strongest_channel(maps: np.ndarray) -> int:
+    """The channel with the largest activation anywhere in the map."""
+    return int(np.argmax(maps.max(axis=(0, 1))))
+
+
+def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One (h, w) map resized bilinearly to (H, W), for an overlay on the image."""
+    return tf.image.resize(channel[None, :, :, None], size, method="bilinear").numpy()[0, :, :, 0]
+
+
+# --- statistics over an image set ------------------------------------------------------------
+
+@dataclass
+class FilterSums:
+    """Per-filter partial sums of one layer; `merge` of two shards equals one pass over both."""
+
+    count: float  # activation values per filter seen (images x positions)
+    images: int
+    total: np.ndarray  # sum
+    squares: np.ndarray  # sum of squares
+    maximum: np.ndarray
+    zeros: np.ndarray  # values <= 0 (the APoZ numerator)
+    firing: np.ndarray  # images in which the filter exceeds the threshold somewhere
+
+    @classmethod
+    def empty(cls, channels: int) -> "FilterSums":
+        return cls(0.0, 0, np.zeros(channels), np.zeros(channels), np.full(channels, -np.inf),
+                   np.zeros(channels), np.zeros(channels))
+
+    def merge(self, other: "FilterSums") -> "FilterSums":
+        return FilterSums(self.count + other.count, self.images + other.images, self.total + other.total,
+                          self.squares + other.squares, np.maximum(self.maximum, other.maximum),
+                          self.zeros + other.zeros, self.firing + other.firing)
+
+    def frame(self, layer: str, threshold: float = 0.0) -> pd.DataFrame:
+        mean = self.total / self.count
+        variance = np.maximum(self.squares / self.count - mean ** 2, 0.0)
+        return pd.DataFrame({
+            "layer": layer,
+            "filter": np.arange(len(self.total)),
+            "mean": mean,
+            "std": np.sqrt(variance),
+            "max": self.maximum,
+            "apoz": self.zeros / self.count,
+            "fires": self.firing / self.images,
+            "dead": self.maximum <= threshold,
+        })
+
+
+def _reducer(cut: keras.Model, threshold: float):
+    """One compiled function: a batch in, per-filter sums of every output layer out."""
+
+    @tf.function(reduce_retracing=True)
+    def reduce(x):
+        outputs = cut(x, training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        results = []
+        for a in outputs:
+            a = tf.cast(a, tf.float32)
+            axes = list(range(a.shape.rank - 1))
+            per_image = tf.reduce_max(a, axis=axes[1:]) if len(axes) > 1 else a
+            results.append((
+                tf.reduce_sum(a, axes), tf.reduce_sum(tf.square(a), axes), tf.reduce_max(a, axes),
+                tf.reduce_sum(tf.cast(a <= 0, tf.float32), axes),
+                tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0),
+            ))
+        return results
+
+    return reduce
+
+
+def filter_sums(model: keras.Model, layers: list[str], images: np.ndarray, threshold: float = 0.0,
+                batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> dict[str, FilterSums]:
+    """Partial sums per layer over preprocessed images (N, H, W, C), in one pass per batch."""
+    paths = [models.resolve_layer(model, name) for name in layers]
+    cut = models.submodel(model, paths)
+    reduce = _reducer(cut, threshold)
+    outputs = cut.outputs
+    sums = {path: FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, outputs)}
+    total = len(images)
+    for start in range(0, total, batch_size):
+        batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], np.float32))
+        for path, out, parts in zip(paths, outputs, reduce(batch)):
+            total_, squares, maximum, zeros, firing = (np.asarray(p, np.float64) for p in parts)
+            positions = int(np.prod(out.shape[1:-1])) if len(out.shape) > 2 else 1
+            sums[path] = sums[path].merge(FilterSums(
+                float(len(batch) * positions), len(batch), total_, squares, maximum, zeros, firing))
+        if progress is not None:
+            progress(min(start + batch_size, total), total)
+    return sums
+
+
+def filter_stats(model: keras.Model, layers: list[str], images: np.ndarray, threshold: float = 0.0,
+                 batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """Per-filter mean, std, max, APoZ, share of images that fire, and dead flag, one row per filter."""
+    sums = filter_sums(model, layers, images, threshold, batch_size, progress)
+    return stats_frame(sums, threshold)
+
+
+def stats_frame(sums: dict[str, FilterSums], threshold: float = 0.0) -> pd.DataFrame:
+    """The statistics DataFrame from (possibly merged) partial sums."""
+    return pd.concat([part.frame(layer, threshold) for layer, part in sums.items()], ignore_index=True)
+
+
+def dead_counts(stats: pd.DataFrame, near_dead_apoz: float = 0.99) -> pd.DataFrame:
+    """Per layer: dead filters (never above the threshold), near-dead (APoZ above a bound), total."""
+    flagged = stats.assign(near_dead=(stats.apoz > near_dead_apoz) & ~stats.dead)
+    counts = flagged.groupby("layer", sort=False).agg(
+        dead=("dead", "sum"), near_dead=("near_dead", "sum"), total=("filter", "size"))
+    counts["alive"] = counts.total - counts.dead - counts.near_dead
+    return counts.reset_index()

@@ -1,0 +1,114 @@
+import keras
+import numpy as np
+import pytest
+
+from audit import activations, models
+from audit.errors import UnknownLayerError
+from tests.fixtures import nested_cnn, random_images, tiny_cnn
+
+
+def _numpy_stats(a: np.ndarray, threshold=0.0):
+    """The reference: statistics straight from the full activation tensor (N, H, W, C)."""
+    flat = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    per_image_max = a.reshape(a.shape[0], -1, a.shape[-1]).max(axis=1)
+    return {
+        "mean": flat.mean(0), "std": flat.std(0), "max": flat.max(0), "apoz": (flat <= 0).mean(0),
+        "fires": (per_image_max > threshold).mean(0), "dead": flat.max(0) <= threshold,
+    }
+
+
+def test_every_statistic_equals_a_numpy_computation_on_the_full_tensor():
+    model = tiny_cnn()
+    x = random_images(10, seed=3)
+    stats = activations.filter_stats(model, ["conv1", "conv2", "flatten"], x, batch_size=3)
+    assert list(stats.columns[:8]) == ["layer", "filter", "mean", "std", "max", "apoz", "fires", "dead"]
+    for layer in ("conv1", "conv2", "flatten"):
+        full = np.asarray(keras.Model(model.inputs, model.get_layer(layer).output)(x))
+        expected = _numpy_stats(full)
+        got = stats[stats.layer == layer]
+        assert list(got["filter"]) == list(range(full.shape[-1]))
+        for column in ("mean", "std", "max", "apoz", "fires"):
+            np.testing.assert_allclose(got[column], expected[column], rtol=1e-5, atol=1e-6, err_msg=column)
+        np.testing.assert_array_equal(got["dead"], expected["dead"])
+
+
+def test_filters_forced_dead_by_a_large_negative_bias_are_exactly_the_dead_ones():
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")
+    model = keras.Model(inputs, conv(inputs))
+    kernel, bias = conv.get_weights()
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 0.1, kernel.shape).astype(np.float32)
+    bias[:] = 0.0
+    bias[[1, 4]] = -1000.0  # inputs are in [-1, 1]: these two can never fire
+    conv.set_weights([kernel, bias])
+    stats = activations.filter_stats(model, ["conv"], random_images(20, (8, 8, 3), seed=1))
+    assert list(stats.loc[stats.dead, "filter"]) == [1, 4]
+    assert (stats.loc[stats.dead, "apoz"] == 1.0).all() and (stats.loc[stats.dead, "max"] == 0.0).all()
+    counts = activations.dead_counts(stats)
+    assert counts.to_dict("records") == [{"layer": "conv", "dead": 2, "near_dead": 0, "total": 6, "alive": 4}]
+
+
+def test_merging_the_sums_of_two_halves_equals_one_pass():
+    model = tiny_cnn()
+    x = random_images(12, seed=5)
+    # batches of 7 split where the halves do, so the float32 sums per batch are the same ones
+    whole = activations.filter_sums(model, ["conv1", "conv2"], x, batch_size=7)
+    first = activations.filter_sums(model, ["conv1", "conv2"], x[:7])
+    second = activations.filter_sums(model, ["conv1", "conv2"], x[7:])
+    merged = {layer: first[layer].merge(second[layer]) for layer in first}
+    one = activations.stats_frame(whole)
+    two = activations.stats_frame(merged)
+    for column in ("mean", "std", "max", "apoz", "fires"):
+        np.testing.assert_allclose(two[column], one[column], rtol=1e-9, atol=1e-12)
+
+
+def test_near_dead_counts_use_the_apoz_bound():
+    import pandas as pd
+
+    stats = pd.DataFrame({"layer": ["a"] * 4, "filter": range(4), "apoz": [1.0, 0.995, 0.5, 0.999],
+                          "dead": [True, False, False, False]})
+    counts = activations.dead_counts(stats, near_dead_apoz=0.99).iloc[0]
+    assert (counts.dead, counts.near_dead, counts.alive, counts.total) == (1, 2, 1, 4)
+
+
+def test_layer_maps_inside_nested_models_and_before_the_activation():
+    model = nested_cnn()
+    x = random_images(1, seed=2)
+    maps = activations.layer_maps(model, "conv1", x[0])
+    base = model.get_layer("base")
+    reference = np.asarray(keras.Model(base.inputs, base.get_layer("conv1").output)(x))[0]
+    np.testing.assert_allclose(maps, reference, rtol=1e-6)
+    before = activations.layer_maps(model, "conv1", x, pre_activation=True)
+    np.testing.assert_allclose(np.maximum(before, 0), maps, rtol=1e-5, atol=1e-6)
+    assert before.min() < 0  # the ReLU really was removed
+    with pytest.raises(UnknownLayerError):
+        activations.layer_maps(model, "conv9", x)
+
+
+def test_montage_grid_normalisation_and_strongest_channel():
+    assert activations.grid_shape(96) == (8, 12)
+    assert activations.grid_shape(64) == (8, 8)
+    assert activations.grid_shape(512) == (16, 32)
+    assert activations.grid_shape(7) == (2, 4)  # a prime: square-ish with a blank
+    maps = np.zeros((2, 3, 4), np.float32)
+    maps[..., 1] = np.arange(6).reshape(2, 3)  # 0..5
+    maps[0, 0, 3] = 9.0
+    tiled = activations.montage(maps, gap=1)
+    assert tiled.shape == (2 * 2 + 1, 2 * 3 + 1)
+    np.testing.assert_allclose(tiled[0:2, 4:7], np.arange(6).reshape(2, 3) / 5)  # channel 1, top right
+    assert tiled[0:2, 0:3].max() == 0  # a flat channel shows as 0
+    assert activations.strongest_channel(maps) == 3
+    up = activations.upsample(np.array([[0.0, 1.0]], np.float32), (2, 4))
+    assert up.shape == (2, 4) and up[0, 0] == 0.0 and up[0, -1] == 1.0
+
+
+def test_statistics_on_the_demo_vgg16_conv_layers_on_a_photo():
+    from audit import images
+
+    loaded = models.load("demo:vgg16")
+    x = loaded.preprocess(images.sample("chelsea"))
+    layers = models.conv_layers(loaded.model)[:2]
+    stats = activations.filter_stats(loaded.model, layers, x)
+    assert len(stats) == 128 and set(stats.layer) == set(layers)
+    assert (stats["std"] >= 0).all() and ((stats.apoz >= 0) & (stats.apoz <= 1)).all()
