@@ -387,7 +387,7 @@ def submodel(model: keras.Model, layers: str | list[str], pre_activation: bool =
     name = f"{model.name}_to_{paths[-1].replace('/', '_')}"
     if all("/" not in path for path in paths) and not pre_activation:
         outputs = [model.get_layer(path).output for path in paths]
-        return keras.Model(model.inputs, outputs[0] if single else outputs, name=name)
+        return keras.Model(model.inputs[0], outputs[0] if single else outputs, name=name)
     new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
     found = _trace(model, new_input, set(paths), "", pre_activation)
     return keras.Model(new_input, found[paths[0]] if single else [found[p] for p in paths], name=name)

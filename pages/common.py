@@ -9,14 +9,15 @@ caching guide: an unhashed `_model` argument gives stale results when the model 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
 
-from audit import device, images, models, storage
+from audit import activations, device, images, models, storage
 from audit.errors import AuditError, WeightsUnavailableError
-from audit.zoo import shapes
 
 IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
 
@@ -28,8 +29,10 @@ def get_model(source: str) -> models.LoadedModel:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def demo_images(count: int, seed: int) -> shapes.ShapesData:
+def demo_images(count: int, seed: int):
     """Generated shapes with labels and object masks."""
+    from audit.zoo import shapes
+
     return shapes.generate(count, seed)
 
 
@@ -168,7 +171,9 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
         count = st.sidebar.number_input("How many", 6, 2048, 60, step=6, key="demo_count")
         seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 12345, key="demo_seed")
         data = demo_images(int(count), int(seed))
-        return [images.LabelledImage(f"shape {i}", data.images[i], shapes.CLASSES[data.labels[i]])
+        from audit.zoo.shapes import CLASSES
+
+        return [images.LabelledImage(f"shape {i}", data.images[i], CLASSES[data.labels[i]])
                 for i in range(len(data.labels))], data.masks
     files = st.sidebar.file_uploader("Images or a zip (one folder per class)", accept_multiple_files=True,
                                      type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "zip"],
@@ -228,3 +233,92 @@ def displayable(table):
     for column in ("kernel_size", "strides"):
         table[column] = table[column].map(lambda v: _dims(v, "?"))
     return table
+
+
+# --- results shared by every session ---------------------------------------------------------
+
+@st.cache_resource
+def _results() -> tuple[dict, threading.Lock]:
+    return OrderedDict(), threading.Lock()
+
+
+def shared_result(key: tuple, compute, limit: int = 64):
+    """A finished result computed once per server for its key (fingerprint, images, options).
+
+    Long passes are not wrapped in st.cache_data because they draw a progress bar as they go;
+    the value is stored only when the pass finishes, so a cancelled pass leaves nothing behind.
+    """
+    store, lock = _results()
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    value = compute()
+    with lock:
+        store[key] = value
+        while len(store) > limit:
+            store.popitem(last=False)
+    return value
+
+
+def has_result(key: tuple) -> bool:
+    store, lock = _results()
+    with lock:
+        return key in store
+
+
+def progress_bar(label: str):
+    """A progress callback (done, total) drawing one bar; the Cancel button reruns, which stops the pass."""
+    bar = st.progress(0.0, text=label)
+    st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
+
+    def update(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"{label}: {done} / {total}")
+
+    return update
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def layer_maps(fingerprint: str, source: str, layer: str, image_key: str, _pixels: np.ndarray,
+               preprocessing: str, fit: str, pre_activation: bool, device_name: str) -> np.ndarray:
+    """One layer's maps for the current image, keyed by fingerprint, layer and image hash."""
+    loaded = get_model(source)
+    x = loaded.preprocess(_pixels, preprocessing, fit)
+    with loaded.lock, device.scope(device_name):
+        return activations.layer_maps(loaded.model, layer, x, pre_activation)
+
+
+def image_set_key(selection: "Selection") -> str:
+    return images.image_hash([item.pixels for item in selection.image_set])
+
+
+def stats_key(selection: "Selection", layers: tuple[str, ...], threshold: float) -> tuple:
+    return ("filter_stats", selection.model.fingerprint, layers, image_set_key(selection), float(threshold),
+            selection.preprocessing, selection.fit)
+
+
+def fitted_image(selection: "Selection") -> np.ndarray:
+    """The current image resized as the model sees it, for overlays."""
+    return images.fit(selection.image.pixels, selection.model.input_size, selection.fit)
+
+
+def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: float):
+    """Per-filter statistics over the image set, once per (model, layers, images, threshold, preprocessing)."""
+    loaded = selection.model
+    key = stats_key(selection, layers, threshold)
+
+    def compute():
+        progress = progress_bar("Statistics over the image set")
+        pixels = [item.pixels for item in selection.image_set]
+        chunk = 256  # preprocess a chunk at a time and merge the sums: memory stays flat
+        sums = None
+        for start in range(0, len(pixels), chunk):
+            x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
+            with loaded.lock, device.scope(selection.device):
+                part = activations.filter_sums(
+                    loaded.model, list(layers), x, threshold,
+                    progress=lambda done, _: progress(start + done, len(pixels)))
+            sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
+        return activations.stats_frame(sums, threshold)
+
+    return shared_result(key, compute)

@@ -27,7 +27,7 @@ st.subheader("Layers")
 show_conv_only = st.toggle("Convolutional layers only", key="model_conv_only")
 shown = table[table.is_conv] if show_conv_only else table
 st.dataframe(
-    common.displayable(shown), hide_index=True, use_container_width=True,
+    common.displayable(shown), hide_index=True, width="stretch",
     column_config={
         "params": st.column_config.NumberColumn("params", format="localized"),
         "is_conv": st.column_config.CheckboxColumn("conv"),
@@ -42,7 +42,7 @@ with_params = leaves[leaves.params > 0]
 figure = px.bar(with_params, x="path", y="params", color="type", log_y=st.toggle("Log scale", key="model_log"),
                 labels={"path": "layer", "params": "parameters"}, hover_data=["output_shape", "filters"])
 figure.update_layout(xaxis_tickangle=-45, height=420, margin=dict(t=10))
-st.plotly_chart(figure, use_container_width=True)
+st.plotly_chart(figure, width="stretch")
 
 st.subheader("On the current image")
 left, right = st.columns([1, 2])
