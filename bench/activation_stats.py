@@ -4,7 +4,7 @@ Both run in the same process on the same 64 images at 224x224. The reference is 
 of the sub-model up to block5_conv3 (the same convolutions; its single output is small enough
 to return, where all 13 layers' maps would be 3.5 GB). Goal: statistics <= 1.3x the forward pass.
 
-    python bench/activation_stats.py [--images 64] [--batch 32] [--repeats 3]
+    python -m bench.activation_stats [--images 64] [--batch 32] [--repeats 3]
 """
 
 import argparse

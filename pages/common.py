@@ -9,7 +9,9 @@ caching guide: an unhashed `_model` argument gives stale results when the model 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,11 +23,21 @@ from audit.errors import AuditError, WeightsUnavailableError
 
 IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
 
+log = logging.getLogger("cnn_audit")
+if not log.handlers:  # the server log says when a model is really loaded (once per process)
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s cnn_audit %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+
 
 @st.cache_resource(show_spinner="Loading the model (once for this server)…", max_entries=4)
 def get_model(source: str) -> models.LoadedModel:
     """Load a model once per server process; every browser session shares it."""
-    return models.load(source)
+    start = time.perf_counter()
+    loaded = models.load(source)
+    log.info("loaded model %s (fingerprint %s) in %.1f s", source, loaded.fingerprint, time.perf_counter() - start)
+    return loaded
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -19,7 +19,7 @@ def tiny_cnn(input_shape=(16, 16, 3), classes=3, seed=0) -> keras.Model:
 def nested_cnn(seed=0) -> keras.Model:
     """A Sequential that wraps a Functional base, as users wrap keras.applications bases."""
     base = tiny_cnn(seed=seed)
-    base = keras.Model(base.inputs, base.get_layer("conv2").output, name="base")
+    base = keras.Model(base.inputs[0], base.get_layer("conv2").output, name="base")
     return keras.Sequential(
         [keras.Input((16, 16, 3)), base, keras.layers.GlobalAveragePooling2D(name="gap"),
          keras.layers.Dense(2, name="head")],

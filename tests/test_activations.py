@@ -23,7 +23,7 @@ def test_every_statistic_equals_a_numpy_computation_on_the_full_tensor():
     stats = activations.filter_stats(model, ["conv1", "conv2", "flatten"], x, batch_size=3)
     assert list(stats.columns[:8]) == ["layer", "filter", "mean", "std", "max", "apoz", "fires", "dead"]
     for layer in ("conv1", "conv2", "flatten"):
-        full = np.asarray(keras.Model(model.inputs, model.get_layer(layer).output)(x))
+        full = np.asarray(keras.Model(model.inputs[0], model.get_layer(layer).output)(x))
         expected = _numpy_stats(full)
         got = stats[stats.layer == layer]
         assert list(got["filter"]) == list(range(full.shape[-1]))
@@ -77,7 +77,7 @@ def test_layer_maps_inside_nested_models_and_before_the_activation():
     x = random_images(1, seed=2)
     maps = activations.layer_maps(model, "conv1", x[0])
     base = model.get_layer("base")
-    reference = np.asarray(keras.Model(base.inputs, base.get_layer("conv1").output)(x))[0]
+    reference = np.asarray(keras.Model(base.inputs[0], base.get_layer("conv1").output)(x))[0]
     np.testing.assert_allclose(maps, reference, rtol=1e-6)
     before = activations.layer_maps(model, "conv1", x, pre_activation=True)
     np.testing.assert_allclose(np.maximum(before, 0), maps, rtol=1e-5, atol=1e-6)

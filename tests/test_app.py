@@ -1,13 +1,17 @@
 """AppTest smoke tests: every page runs on real small inputs with no exception and shows its content."""
 
+from pathlib import Path
+
 import pytest
 from streamlit.testing.v1 import AppTest
+
+DASHBOARD = str(Path(__file__).resolve().parent.parent / "dashboard.py")
 
 TIMEOUT = 120
 
 
 def _app(**query) -> AppTest:
-    at = AppTest.from_file("dashboard.py", default_timeout=TIMEOUT)
+    at = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT)
     for key, value in query.items():
         at.query_params[key] = value
     return at
@@ -45,3 +49,32 @@ def test_bad_model_sources_give_a_clear_message_not_a_traceback(source, message)
     assert not at.exception, at.exception
     shown = [element.value for element in [*at.error, *at.warning, *at.info]]
     assert any(message in text for text in shown), shown
+
+
+def _submit(at: AppTest, label: str) -> AppTest:
+    next(button for button in at.button if button.label == label).click()
+    return at.run()
+
+
+def test_activations_page_shows_maps_and_the_dead_filter_chart_for_vgg16_on_chelsea():
+    at = _app(model="demo:vgg16", image="chelsea")
+    at.run()
+    at.switch_page("pages/activations.py").run()
+    assert not at.exception, at.exception
+    assert [s.value for s in at.subheader][:2] == ["All 64 channels of block1_conv1", "One channel over the image"]
+    assert len(at.get("image")) == 4  # montage, image, channel, overlay
+    at.multiselect(key=at.multiselect[0].key).set_value(["block1_conv1", "block5_conv3"])
+    _submit(at, "Compute statistics")
+    assert not at.exception, at.exception
+    counts = at.dataframe[0].value
+    assert list(counts["layer"]) == ["block1_conv1", "block5_conv3"]
+    assert list(counts["total"]) == [64, 512]
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_activations_page_before_the_activation_on_the_demo_model():
+    at = _app().run()
+    at.switch_page("pages/activations.py").run()
+    at.toggle(key="act_before").set_value(True).run()
+    assert not at.exception, at.exception
+    assert "(before the activation)" in at.subheader[0].value

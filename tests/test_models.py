@@ -78,7 +78,7 @@ def test_submodel_equals_the_full_models_intermediate_output():
     model = tiny_cnn()
     x = random_images()
     cut = models.submodel(model, "conv2")
-    reference = keras.Model(model.inputs, model.get_layer("conv2").output)(x)
+    reference = keras.Model(model.inputs[0], model.get_layer("conv2").output)(x)
     np.testing.assert_allclose(cut(x), reference, rtol=1e-6)
     # nothing past conv2 is in the sub-model
     assert [layer.name for layer in cut.layers][-1] == "conv2"
@@ -90,7 +90,7 @@ def test_submodel_reaches_inside_nested_models():
     x = random_images(3)
     conv1, head = models.submodel(model, ["conv1", "head"])(x)
     base = model.get_layer("base")
-    np.testing.assert_allclose(conv1, keras.Model(base.inputs, base.get_layer("conv1").output)(x), rtol=1e-6)
+    np.testing.assert_allclose(conv1, keras.Model(base.inputs[0], base.get_layer("conv1").output)(x), rtol=1e-6)
     np.testing.assert_allclose(head, model(x), rtol=1e-5)
     # weights are shared, not copied: the sub-model follows the original
     single = models.submodel(model, "base/conv2")

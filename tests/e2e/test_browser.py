@@ -1,0 +1,177 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright against `streamlit run`.
+
+Each page is opened as a person would, its main action run, and what shows is asserted (images,
+charts, no error box, no exception). Screenshots go to docs/ (shown in the README).
+"""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run", "--disable-quic"]
+SLOW = 180_000  # ms: the first run of a page traces the model's graph on a 2-core CPU
+
+pytestmark = pytest.mark.slow
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if CHROMIUM is None:
+    pytest.skip("no Chromium on this machine (apt-get install chromium)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    env = {**os.environ, "CNN_AUDIT_DATA": str(tmp_path_factory.mktemp("data")), "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
+             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.terminate()
+        pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
+    yield url, log
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _open(browser, url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(SLOW)
+    page.goto(url)
+    return context, page
+
+
+def _settle(page):
+    """Wait until the script run is over (the running indicator is gone)."""
+    page.wait_for_timeout(500)
+    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=SLOW)
+
+
+def _assert_clean(page):
+    assert page.locator("[data-testid=stException]").count() == 0, page.locator("[data-testid=stException]").all_inner_texts()
+    errors = page.locator("[data-testid=stAlertContentError]")
+    assert errors.count() == 0, errors.all_inner_texts()
+    assert "Traceback" not in page.content()
+
+
+def _screenshot(page, name):
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / name))
+
+
+def test_model_page_on_the_default_model(server, browser):
+    url, _ = server
+    context, page = _open(browser, url)
+    page.get_by_text("Parameters per layer").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Model: demo:shapes").is_visible()
+    assert page.locator("[data-testid=stMetricValue]").first.inner_text() == "15"  # layers
+    _screenshot(page, "model.png")
+    context.close()
+
+
+def test_activations_page_on_vgg16_and_chelsea(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/activations?model=demo:vgg16&image=chelsea")
+    page.get_by_text("One channel over the image").wait_for()
+    _settle(page)
+    assert page.locator("[data-testid=stImage] img").count() >= 4  # montage, image, channel, overlay
+    page.get_by_role("button", name="Compute statistics").click()
+    page.locator(".js-plotly-plot").first.wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Dead filters per layer").is_visible()
+    _screenshot(page, "activations.png")
+    context.close()
+
+
+def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
+    url, _ = server
+    context, page = _open(browser, url)
+    page.get_by_text("Parameters per layer").wait_for()
+    page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").first.click()
+    page.get_by_role("option", name="Upload a .keras / .h5 file…").click()
+    corrupt = tmp_path / "broken.keras"
+    corrupt.write_bytes(b"PK\x03\x04 this zip stops here")
+    page.locator("[data-testid=stSidebar] input[type=file]").set_input_files(str(corrupt))
+    page.get_by_text("corrupt or truncated").wait_for()
+    assert page.locator("[data-testid=stException]").count() == 0
+    context.close()
+
+
+def test_an_undecodable_image_upload_gives_a_clear_message(server, browser, tmp_path):
+    url, _ = server
+    context, page = _open(browser, f"{url}/activations")
+    page.get_by_text("One channel over the image").wait_for()
+    page.locator("[data-testid=stSidebar]").get_by_text("Upload", exact=True).click()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = tmp_path / "red.png"
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((80, 80, 3), (200, 30, 30), np.uint8)).save(buffer, format="PNG")
+    good.write_bytes(buffer.getvalue())
+    page.locator("[data-testid=stSidebar] input[type=file]").set_input_files([str(broken), str(good)])
+    page.get_by_text("broken.png: cannot be read as an image").wait_for()
+    _settle(page)
+    assert page.locator("[data-testid=stException]").count() == 0
+    assert page.get_by_text("One channel over the image").is_visible()  # the good image still works
+    context.close()
+
+
+def test_two_sessions_at_once_do_not_disturb_each_other_and_share_one_model(server, browser):
+    url, log = server
+    first, page_a = _open(browser, f"{url}/?model=demo:shapes")
+    second, page_b = _open(browser, f"{url}/?model=demo:vgg16")
+    page_a.get_by_text("Model: demo:shapes").wait_for()
+    page_b.get_by_text("Model: demo:vgg16").wait_for()
+    _settle(page_a)
+    _settle(page_b)
+    assert page_a.locator("[data-testid=stMetricValue]").nth(2).inner_text() != \
+        page_b.locator("[data-testid=stMetricValue]").nth(2).inner_text()
+    third, page_c = _open(browser, f"{url}/?model=demo:shapes")
+    page_c.get_by_text("Model: demo:shapes").wait_for()
+    _settle(page_c)
+    loads = [line for line in log.read_text().splitlines() if "loaded model demo:shapes" in line]
+    assert len(loads) == 1, loads  # every session shares the one loaded model
+    for context in (first, second, third):
+        context.close()
