@@ -142,7 +142,7 @@ def _load_demo(name: str) -> LoadedModel:
             model=model, source="demo:shapes",
             fingerprint=_fingerprint("demo:shapes", storage.file_sha256(shapes_model.WEIGHTS_PATH)),
             class_names=list(shapes.CLASSES), input_size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE),
-            preprocessing="unit",
+            preprocessing="tf",
             description=("Our demo CNN: VGG-style conv blocks and a dense head, trained by "
                          "`python -m audit.zoo.train` on generated coloured shapes "
                          f"({', '.join(shapes.CLASSES)})."),
