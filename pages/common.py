@@ -103,6 +103,14 @@ class Selection:
 
 def current() -> Selection:
     """The sidebar's selection for this run (set by dashboard.py before the page runs)."""
+    if "_selection" not in st.session_state:
+        # A fresh server's first run of a page URL goes through Streamlit's legacy pages/ folder mode,
+        # which skips the frame. Turn that mode off (st.navigation would, had it run) and rerun: the
+        # frame then runs and routes to this same page.
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+        st.rerun()
     return st.session_state["_selection"]
 
 
@@ -279,15 +287,22 @@ def has_result(key: tuple) -> bool:
         return key in store
 
 
+@contextlib.contextmanager
 def progress_bar(label: str):
-    """A progress callback (done, total) drawing one bar; the Cancel button reruns, which stops the pass."""
-    bar = st.progress(0.0, text=label)
-    st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
+    """A progress callback (done, total) drawing one bar with a Cancel button, both gone when done.
+
+    Cancel reruns the script, which stops the pass at its next update; nothing half-done is kept.
+    """
+    slot = st.empty()
+    with slot.container():
+        bar = st.progress(0.0, text=label)
+        st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
 
     def update(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"{label}: {done} / {total}")
 
-    return update
+    yield update
+    slot.empty()
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -320,17 +335,17 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
     key = stats_key(selection, layers, threshold)
 
     def compute():
-        progress = progress_bar("Statistics over the image set")
         pixels = [item.pixels for item in selection.image_set]
         chunk = 256  # preprocess a chunk at a time and merge the sums: memory stays flat
         sums = None
-        for start in range(0, len(pixels), chunk):
-            x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
-            with loaded.lock, device.scope(selection.device):
-                part = activations.filter_sums(
-                    loaded.model, list(layers), x, threshold,
-                    progress=lambda done, _: progress(start + done, len(pixels)))
-            sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
+        with progress_bar("Statistics over the image set") as progress:
+            for start in range(0, len(pixels), chunk):
+                x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
+                with loaded.lock, device.scope(selection.device):
+                    part = activations.filter_sums(
+                        loaded.model, list(layers), x, threshold,
+                        progress=lambda done, _, start=start: progress(start + done, len(pixels)))
+                sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
         return activations.stats_frame(sums, threshold)
 
     return shared_result(key, compute)

@@ -97,6 +97,27 @@ def _screenshot(page, name):
     page.screenshot(path=str(DOCS / name))
 
 
+def test_activations_page_on_vgg16_and_chelsea(server, browser):
+    # First in the file on purpose: a page URL as a fresh server's first request (Streamlit's legacy
+    # pages/ mode would skip the frame; pages.common.current() recovers).
+    url, _ = server
+    context, page = _open(browser, f"{url}/activations?model=demo:vgg16&image=chelsea")
+    page.get_by_text("One channel over the image").wait_for()
+    _settle(page)
+    assert page.locator("[data-testid=stMain] img").count() >= 4  # montage, image, channel, overlay
+    _assert_clean(page)
+    _screenshot(page, "activations.png")
+    page.get_by_role("button", name="Compute statistics").click()
+    chart = page.locator(".js-plotly-plot").first
+    chart.wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Dead filters per layer").is_visible()
+    chart.scroll_into_view_if_needed()
+    _screenshot(page, "dead_filters.png")
+    context.close()
+
+
 def test_model_page_on_the_default_model(server, browser):
     url, _ = server
     context, page = _open(browser, url)
@@ -107,21 +128,6 @@ def test_model_page_on_the_default_model(server, browser):
     assert page.get_by_text("Model: demo:shapes").is_visible()
     assert page.locator("[data-testid=stMetricValue]").first.inner_text() == "15"  # layers
     _screenshot(page, "model.png")
-    context.close()
-
-
-def test_activations_page_on_vgg16_and_chelsea(server, browser):
-    url, _ = server
-    context, page = _open(browser, f"{url}/activations?model=demo:vgg16&image=chelsea")
-    page.get_by_text("One channel over the image").wait_for()
-    _settle(page)
-    assert page.locator("[data-testid=stImage] img").count() >= 4  # montage, image, channel, overlay
-    page.get_by_role("button", name="Compute statistics").click()
-    page.locator(".js-plotly-plot").first.wait_for()
-    _settle(page)
-    _assert_clean(page)
-    assert page.get_by_text("Dead filters per layer").is_visible()
-    _screenshot(page, "activations.png")
     context.close()
 
 
