@@ -372,23 +372,28 @@ def get_layer(model: keras.Model, name: str):
     raise AssertionError("unreachable")
 
 
-def submodel(model: keras.Model, layers: str | list[str], pre_activation: bool = False) -> keras.Model:
+def submodel(model: keras.Model, layers: str | list[str], pre_activation: bool = False,
+             any_size: bool = False) -> keras.Model:
     """A model from the input to the named layers' outputs, sharing the original's weights.
 
     Keras builds a Functional model from its outputs backwards, so nothing past the requested
     layers is computed. Layers inside nested models are reached by re-running the outer graph on a
     fresh input and the nested model's graph on the tensor that reaches it. With `pre_activation`,
-    layers with a fused activation (Conv2D(activation="relu")) give their output before it.
+    layers with a fused activation (Conv2D(activation="relu")) give their output before it. With
+    `any_size`, the input takes images of any height and width (fine up to a conv layer, not
+    through a Flatten or Dense).
     """
     single = isinstance(layers, str)
     paths = [resolve_layer(model, name) for name in ([layers] if single else layers)]
     if not paths:
         raise AuditError("submodel needs at least one layer name.")
     name = f"{model.name}_to_{paths[-1].replace('/', '_')}"
-    if all("/" not in path for path in paths) and not pre_activation:
+    if all("/" not in path for path in paths) and not pre_activation and not any_size:
         outputs = [model.get_layer(path).output for path in paths]
         return keras.Model(model.inputs[0], outputs[0] if single else outputs, name=name)
-    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    shape = model.inputs[0].shape
+    new_input = keras.Input(batch_shape=(None, None, None, shape[-1]) if any_size else shape,
+                            dtype=model.inputs[0].dtype)
     found = _trace(model, new_input, set(paths), "", pre_activation)
     return keras.Model(new_input, found[paths[0]] if single else [found[p] for p in paths], name=name)
 

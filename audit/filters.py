@@ -1,0 +1,253 @@
+"""Filter galleries: the input that maximises a filter, grown from noise by gradient ascent.
+
+Erhan et al. 2009; the Keras blog "How convolutional neural networks see the world"; Lucid's
+composable objectives, transforms and regularisers (lucid/optvis/render.py). All filters of a
+gallery are optimised together as one batch through the sub-model cut at their layer, inside one
+compiled function per octave. Random transforms are drawn per filter from a generator seeded by
+(seed, filter), so an image does not depend on which other filters share its batch.
+
+Images live in pixel space, floats in [0, 1]; the model's own preprocessing is applied inside the
+graph, so what is optimised is exactly what a photo would go through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from audit import models
+from audit.errors import AuditError
+
+_CAFFE_MEAN = {"caffe": [103.939, 116.779, 123.68], "caffe_bsds": [104.00699, 116.66877, 122.67892]}
+_TORCH_MEAN, _TORCH_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def tf_preprocess(pixels01: tf.Tensor, mode: str) -> tf.Tensor:
+    """audit.images.preprocess inside the graph, from [0, 1] pixels (so gradients flow through it)."""
+    x = pixels01 * 255.0
+    if mode == "unit":
+        return pixels01
+    if mode == "raw":
+        return x
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode in _CAFFE_MEAN:
+        return x[..., ::-1] - tf.constant(_CAFFE_MEAN[mode])
+    if mode == "torch":
+        return (pixels01 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
+    raise AuditError(f"Unknown preprocessing {mode!r}.")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that shapes a gallery; part of its cache key."""
+
+    size: int = 128
+    steps: int = 20
+    learning_rate: float = 0.05
+    octaves: int = 1  # >1: start smaller and upscale between octaves (multi-scale growth)
+    octave_scale: float = 1.4
+    jitter: int = 4  # pixels of random shift per step (0: off)
+    scale: float = 0.05  # random zoom of +-scale per step (0: off)
+    blur_every: int = 0  # Gaussian blur the image every k steps (0: off)
+    blur_sigma: float = 0.5
+    l2_decay: float = 0.0  # shrink the image towards grey each step
+    total_variation: float = 0.0  # weight of the total-variation penalty
+    border: float = 0.1  # share of the map ignored on each side (edge effects)
+    warmup: int = 0  # first steps ascend the pre-activation, so a closed ReLU can open
+    preprocessing: str = "unit"
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_options(model: keras.Model, layer: str, preprocessing: str) -> Options:
+    """Sensible defaults by depth: deeper layers want more steps, octaves and smoothing."""
+    convs = models.conv_layers(model)
+    depth = (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
+    if depth <= 0.34:
+        return Options(steps=20, preprocessing=preprocessing)
+    if depth <= 0.67:
+        return Options(steps=30, octaves=2, blur_every=4, l2_decay=1e-3, preprocessing=preprocessing)
+    return Options(steps=40, octaves=3, blur_every=4, l2_decay=1e-3, total_variation=0.05, warmup=5,
+                   preprocessing=preprocessing)
+
+
+@dataclass
+class Gallery:
+    images: np.ndarray  # uint8 (N, size, size, 3)
+    activations: np.ndarray  # float (N,): final mean activation of each filter on its own image
+    curves: np.ndarray  # float (N, steps): the objective per step
+    responded: np.ndarray  # bool (N,): the filter's activation was above 0 at some step
+
+
+def _transform_table(filters: list[int], seed: int, steps: int, options: Options) -> np.ndarray:
+    """Per filter and step: (dx, dy, zoom). Seeded by (seed, filter) alone: batching cannot change it."""
+    table = np.zeros((steps, len(filters), 3), np.float32)
+    for column, index in enumerate(filters):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
+        table[:, column, 0:2] = rng.integers(-options.jitter, options.jitter + 1, (steps, 2)) if options.jitter else 0
+        table[:, column, 2] = rng.uniform(-options.scale, options.scale, steps) if options.scale else 0
+    return table
+
+
+def _start_images(filters: list[int], seed: int, size: int) -> np.ndarray:
+    """Grey plus a little noise, per filter from its own seed."""
+    return np.stack([
+        0.5 + 0.1 * np.random.default_rng(np.random.SeedSequence([seed, index, 0])).standard_normal((size, size, 3))
+        for index in filters
+    ]).astype(np.float32)
+
+
+def _projective(table_step: tf.Tensor, size: int) -> tf.Tensor:
+    """Batch of (8,) projective transforms: zoom about the centre, then shift."""
+    dx, dy, zoom = table_step[:, 0], table_step[:, 1], 1.0 + table_step[:, 2]
+    centre = (size - 1) / 2.0
+    a = 1.0 / zoom
+    zeros = tf.zeros_like(a)
+    return tf.stack([a, zeros, centre - a * centre - dx, zeros, a, centre - a * centre - dy, zeros, zeros], axis=1)
+
+
+def _blur(images: tf.Tensor, sigma: float) -> tf.Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = np.outer(kernel, kernel) / np.outer(kernel, kernel).sum()
+    depthwise = tf.constant(np.tile(kernel[:, :, None, None], (1, 1, 3, 1)), tf.float32)
+    return tf.nn.depthwise_conv2d(images, depthwise, [1, 1, 1, 1], "SAME")
+
+
+def _objective_fn(cut_post: keras.Model, cut_pre: keras.Model | None, options: Options):
+    """Mean activation of filter k of sample k, border excluded; one value per sample."""
+
+    def objective(pixels, filters, pre: bool):
+        x = tf_preprocess(pixels, options.preprocessing)
+        maps = (cut_pre if pre and cut_pre is not None else cut_post)(x, training=False)
+        if maps.shape.rank == 2:  # a dense layer or class scores: one value per unit
+            return tf.gather(maps, filters, axis=1, batch_dims=1)
+        chosen = tf.gather(maps, filters, axis=-1, batch_dims=1)  # (N, h, w)
+        h, w = chosen.shape[1], chosen.shape[2]
+        bh, bw = int(h * options.border), int(w * options.border)
+        return tf.reduce_mean(chosen[:, bh:h - bh or None, bw:w - bw or None], axis=[1, 2])
+
+    return objective
+
+
+def _ascent(objective, options: Options, size: int):
+    """One compiled gradient-ascent step on a batch, at a fixed image size."""
+
+    @tf.function(reduce_retracing=True)
+    def step(pixels, filters, transform, pre, blur_now):
+        with tf.GradientTape() as tape:
+            tape.watch(pixels)
+            warped = tf.raw_ops.ImageProjectiveTransformV3(
+                images=pixels, transforms=_projective(transform, size), output_shape=tf.constant([size, size]),
+                fill_value=0.5, interpolation="BILINEAR", fill_mode="REFLECT")
+            values = tf.cond(pre, lambda: objective(warped, filters, True), lambda: objective(warped, filters, False))
+            loss = tf.reduce_sum(values)
+            if options.total_variation:
+                loss -= options.total_variation * tf.reduce_sum(tf.image.total_variation(warped)) / (size * size)
+        gradient = tape.gradient(loss, pixels)  # through the warp: the transform is differentiable
+        norm = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=[1, 2, 3], keepdims=True)) + 1e-8
+        pixels = pixels + options.learning_rate * gradient / norm
+        if options.l2_decay:
+            pixels = 0.5 + (pixels - 0.5) * (1.0 - options.l2_decay)
+        pixels = tf.cond(blur_now, lambda: _blur(pixels, options.blur_sigma), lambda: pixels)
+        return tf.clip_by_value(pixels, 0.0, 1.0), values
+
+    return step
+
+
+def gallery(model: keras.Model, layer: str, filters, size: int = 128, steps: int = 20, seed: int = 0,
+            progress: Callable[[int, int], None] | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
+    """Grow one image per filter of `layer`; returns (uint8 images (N, size, size, 3), final activations (N,))."""
+    result = render(model, layer, list(filters), Options(size=size, steps=steps, **options), seed, progress)
+    return result.images, result.activations
+
+
+def render(model: keras.Model, layer: str, filters: list[int], options: Options, seed: int = 0,
+           progress: Callable[[int, int], None] | None = None) -> Gallery:
+    """The gallery with its loss curves and response flags (see `gallery` for the short form)."""
+    path = models.resolve_layer(model, layer)
+    cut_post = models.submodel(model, path)
+    if len(cut_post.outputs[0].shape) == 4:  # maps: any image size works up to a conv layer
+        cut_post = models.submodel(model, path, any_size=True)
+    else:  # through a Flatten/Dense head only the model's own size does
+        size = int(model.inputs[0].shape[1])
+        options = Options(**{**asdict(options), "size": size, "octaves": 1})
+    channels = int(cut_post.outputs[0].shape[-1])
+    if not filters or min(filters) < 0 or max(filters) >= channels:
+        raise AuditError(f"Filters must be between 0 and {channels - 1} for layer {path!r}.")
+    fused = models.has_fused_activation(models.get_layer(model, path))
+    cut_pre = (models.submodel(model, path, pre_activation=True, any_size=cut_post.inputs[0].shape[1] is None)
+               if options.warmup and fused else None)
+    objective = _objective_fn(cut_post, cut_pre, options)
+    table = _transform_table(filters, seed, options.steps, options)
+    index = tf.constant(filters, tf.int32)
+
+    sizes = [max(16, int(round(options.size / options.octave_scale ** k))) for k in range(options.octaves)][::-1]
+    per_octave = np.diff(np.linspace(0, options.steps, options.octaves + 1).round().astype(int))
+    pixels = tf.constant(_start_images(filters, seed, sizes[0]))
+    curves, done = [], 0
+    for size, count in zip(sizes, per_octave):
+        pixels = tf.image.resize(pixels, (size, size), method="bilinear") if pixels.shape[1] != size else pixels
+        step = _ascent(objective, options, size)
+        for _ in range(count):
+            blur_now = bool(options.blur_every) and (done + 1) % options.blur_every == 0 and done + 1 < options.steps
+            pixels, values = step(pixels, index, tf.constant(table[done]), tf.constant(done < options.warmup),
+                                  tf.constant(blur_now))
+            curves.append(values.numpy())
+            done += 1
+            if progress is not None:
+                progress(done, options.steps)
+    final = objective(pixels, index, False).numpy()
+    curve = np.stack(curves, axis=1) if curves else np.zeros((len(filters), 0))
+    post_curve = curve[:, options.warmup:] if cut_pre is not None else curve
+    responded = (np.max(post_curve, axis=1, initial=0.0) > 0) | (final > 0)
+    images = np.round(pixels.numpy() * 255).astype(np.uint8)
+    return Gallery(images, final.astype(np.float64), curve, responded)
+
+
+def first_layer_weights(model: keras.Model) -> tuple[str, np.ndarray]:
+    """The first conv layer's kernels as RGB tiles (N, k, k, 3) in [0, 1]: they act on pixels."""
+    convs = [path for path in models.conv_layers(model)]
+    if not convs:
+        raise AuditError("The model has no convolutional layer.")
+    kernel = np.asarray(models.get_layer(model, convs[0]).get_weights()[0])  # (k, k, in, out)
+    if kernel.ndim != 4 or kernel.shape[2] not in (1, 3):
+        raise AuditError(f"{convs[0]} does not act on RGB pixels (kernel {kernel.shape}).")
+    tiles = np.moveaxis(kernel, 3, 0)
+    if tiles.shape[-1] == 1:
+        tiles = np.repeat(tiles, 3, axis=-1)
+    low = tiles.min(axis=(1, 2, 3), keepdims=True)
+    span = tiles.max(axis=(1, 2, 3), keepdims=True) - low
+    return convs[0], (tiles - low) / np.where(span > 0, span, 1)
+
+
+def linear_head(model: keras.Model) -> keras.Model:
+    """A model whose output is the class score before the softmax, without touching the original.
+
+    The last layer is rebuilt with a linear activation and the same weights (Simonyan et al. 2014:
+    maximising a softmax output can be done by pushing other classes down instead).
+    """
+    last = model.layers[-1]
+    if models._activation_name(last) in (None, "linear"):
+        return model
+    twin = models._linear_twin(last)
+    penultimate = models.submodel(model, model.layers[-2].name) if len(model.layers) > 1 else None
+    if penultimate is None:
+        raise AuditError("The model has no layer before its output.")
+    return keras.Model(penultimate.inputs[0], twin(penultimate.outputs[0]), name=f"{model.name}_logits")
+
+
+def class_images(model: keras.Model, classes: list[int], options: Options, seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> Gallery:
+    """Class-model images: the input that maximises each class score before the softmax."""
+    logits = linear_head(model)
+    return render(logits, logits.layers[-1].name, list(classes), options, seed, progress)
