@@ -9,6 +9,7 @@ from pages import common  # noqa: E402  (after set_page_config, which must come 
 PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
     st.Page("pages/activations.py", title="Activations", icon=":material/grid_view:"),
+    st.Page("pages/filters.py", title="Filters", icon=":material/filter_vintage:"),
 ]
 
 navigation = st.navigation(PAGES)

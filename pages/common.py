@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from audit import activations, device, images, models, storage
+from audit import activations, device, filters, images, models, storage
+from audit.disk_cache import DiskCache
 from audit.errors import AuditError, WeightsUnavailableError
 
 IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
@@ -349,3 +350,36 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
         return activations.stats_frame(sums, threshold)
 
     return shared_result(key, compute)
+
+
+# --- galleries -------------------------------------------------------------------------------
+
+@st.cache_resource
+def gallery_cache() -> DiskCache:
+    """Finished galleries on disk, shared by every session and kept across restarts (512 MB at most)."""
+    return DiskCache(storage.data_dir() / "cache" / "galleries")
+
+
+def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,
+            classes: bool = False) -> filters.Gallery:
+    """A gallery (or class-model images), computed once for (model, layer, filters, options, seed)."""
+    loaded = selection.model
+    key = ("gallery", loaded.fingerprint, layer, indices, options.key(), seed, classes)
+    stored = gallery_cache().get(key)
+    if stored is not None:
+        return filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"])
+    with progress_bar(f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}") as progress:
+        with loaded.lock, device.scope(selection.device):
+            if classes:
+                result = filters.class_images(loaded.model, list(indices), options, seed, progress)
+            else:
+                result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
+    gallery_cache().put(key, {"images": result.images, "activations": result.activations,
+                              "curves": result.curves, "responded": result.responded})
+    return result
+
+
+def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,
+                classes: bool = False) -> bool:
+    key = ("gallery", selection.model.fingerprint, layer, indices, options.key(), seed, classes)
+    return gallery_cache()._path(key).exists()

@@ -78,3 +78,32 @@ def test_activations_page_before_the_activation_on_the_demo_model():
     at.toggle(key="act_before").set_value(True).run()
     assert not at.exception, at.exception
     assert "(before the activation)" in at.subheader[0].value
+
+
+def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights():
+    at = _app().run()
+    at.switch_page("pages/filters.py").run()
+    assert not at.exception, at.exception
+    assert len(at.get("image")) == 32  # the 32 first-layer kernels of demo:shapes
+    at.slider(key="filters_n").set_value(4)
+    at.slider(key="filters_size").set_value(48)
+    _submit(at, "Grow the gallery")
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("block1_conv1: 4 filters, ")
+    assert len(at.get("image")) == 32 + 4
+    assert len(at.get("plotly_chart")) == 1
+    _submit(at, "Compare with and without warm-up")
+    assert not at.exception, at.exception
+    assert {m.label for m in at.metric} >= {"No response, no warm-up", "No response, with warm-up"}
+    _submit(at, "Grow class images")
+    assert not at.exception, at.exception
+    assert len(at.get("image")) == 32 + 4 + 6  # six shape classes
+
+
+def test_filters_page_refuses_bad_indices_with_a_message():
+    at = _app().run()
+    at.switch_page("pages/filters.py").run()
+    at.radio(key="filters_how").set_value("By index").run()
+    at.text_input(key="filters_indices").set_value("1, 99").run()
+    assert not at.exception, at.exception
+    assert "filters 0 to 31" in at.error[0].value

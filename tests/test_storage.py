@@ -23,3 +23,28 @@ def test_upload_size_is_limited(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "MAX_UPLOAD_BYTES", 10)
     with pytest.raises(AuditError, match="limit"):
         storage.save_upload(b"x" * 11, "images")
+
+
+def test_disk_cache_round_trips_arrays_and_evicts_the_least_recently_used(tmp_path):
+    import os
+    import time
+
+    import numpy as np
+
+    from audit.disk_cache import DiskCache
+
+    cache = DiskCache(tmp_path, max_bytes=10**9)
+    first = {"images": np.arange(12, dtype=np.uint8).reshape(2, 2, 3), "scores": np.array([0.5, 1.5])}
+    cache.put(("gallery", "abc", 1), first)
+    got = cache.get(("gallery", "abc", 1))
+    assert set(got) == {"images", "scores"}
+    np.testing.assert_array_equal(got["images"], first["images"])
+    assert cache.get(("gallery", "abc", 2)) is None
+    big = {"x": np.random.default_rng(0).random(5000)}  # about 40 kB, incompressible
+    cache.put(("a",), big)
+    cache.put(("b",), big)
+    old = time.time() - 100
+    os.utime(cache._path(("a",)), (old, old))
+    cache.max_bytes = 60_000
+    cache.evict()
+    assert cache.get(("a",)) is None and cache.get(("b",)) is not None

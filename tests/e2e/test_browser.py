@@ -131,6 +131,21 @@ def test_model_page_on_the_default_model(server, browser):
     context.close()
 
 
+@pytest.mark.parametrize("layer", ["block1_conv1", "block5_conv3"])
+def test_filters_page_grows_vgg16_galleries_with_the_no_response_count(server, browser, layer):
+    url, _ = server
+    context, page = _open(browser, f"{url}/filters?model=demo:vgg16&layer={layer}")
+    page.get_by_role("button", name="Grow the gallery").click()
+    heading = page.get_by_text(f"{layer}: 8 filters, ")
+    heading.wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert "with no response" in heading.inner_text()
+    heading.scroll_into_view_if_needed()
+    _screenshot(page, f"filters_{layer}.png")
+    context.close()
+
+
 def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
     url, _ = server
     context, page = _open(browser, url)

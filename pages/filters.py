@@ -1,0 +1,139 @@
+"""Filters page: what each filter is looking for, grown from noise; first-layer kernels; class images."""
+
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from audit import filters, models
+from pages import common
+
+selection = common.current()
+loaded = selection.model
+st.title("Filters")
+st.caption("Each tile is an input grown from noise by gradient ascent on the mean activation of one filter "
+           "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
+           "on its own image.")
+
+conv = models.conv_layers(loaded.model)
+wanted = st.query_params.get("layer")
+layer = st.selectbox("Layer", conv, index=conv.index(wanted) if wanted in conv else 0,
+                     key=f"filters_layer_{loaded.fingerprint}")
+channels = int(models.get_layer(loaded.model, layer).filters)
+defaults = filters.default_options(loaded.model, layer, selection.preprocessing)
+
+left, right = st.columns([1, 1])
+how = left.radio("Filters", ("First N", "By index", "Top N by mean activation on the image set"),
+                 key="filters_how", horizontal=True)
+if how == "By index":
+    typed = left.text_input("Indices (comma-separated)", "0, 1, 2, 3", key="filters_indices")
+    try:
+        indices = sorted({int(part) for part in typed.replace(" ", "").split(",") if part})
+    except ValueError:
+        st.error("Indices must be whole numbers separated by commas.")
+        st.stop()
+    bad = [i for i in indices if not 0 <= i < channels]
+    if bad or not indices:
+        st.error(f"{layer} has filters 0 to {channels - 1}; {bad or 'none given'} cannot be drawn.")
+        st.stop()
+else:
+    count = left.slider("N", 1, min(64, channels), min(8, channels), key="filters_n")
+    if how == "First N":
+        indices = list(range(count))
+    else:
+        with common.user_errors():
+            stats = common.filter_stats(selection, (layer,), 0.0)
+        indices = list(stats.sort_values("mean", ascending=False)["filter"].head(count).astype(int))
+
+with right.expander("Ascent options", expanded=False):
+    size = st.slider("Image size", 32, 224, defaults.size, 16, key="filters_size")
+    steps = st.slider("Steps", 1, 200, defaults.steps, key=f"filters_steps_{layer}")
+    learning_rate = st.number_input("Learning rate", 0.001, 1.0, defaults.learning_rate, format="%.3f",
+                                    key="filters_lr")
+    octaves = st.slider("Octaves (multi-scale growth)", 1, 4, defaults.octaves, key=f"filters_octaves_{layer}")
+    jitter = st.slider("Jitter (pixels)", 0, 16, defaults.jitter, key="filters_jitter")
+    scale = st.slider("Random scale (±)", 0.0, 0.2, defaults.scale, 0.01, key="filters_scale")
+    blur_every = st.slider("Blur every k steps (0: off)", 0, 20, defaults.blur_every, key=f"filters_blur_{layer}")
+    l2_decay = st.number_input("L2 decay", 0.0, 0.1, defaults.l2_decay, format="%.4f", key=f"filters_l2_{layer}")
+    total_variation = st.number_input("Total variation weight", 0.0, 1.0, defaults.total_variation, format="%.3f",
+                                      key=f"filters_tv_{layer}")
+    warmup = st.slider("Warm-up steps on the pre-activation", 0, 50, defaults.warmup, key=f"filters_warmup_{layer}",
+                       help="A filter whose ReLU never opens from noise gets no gradient; ascending the "
+                            "pre-activation first lets it start (Lucid's redirected ReLU, Xplique's warm-up).")
+    seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="filters_seed")
+options = filters.Options(**{**asdict(defaults), "size": size, "steps": steps, "learning_rate": learning_rate,
+                             "octaves": octaves, "jitter": jitter, "scale": scale, "blur_every": blur_every,
+                             "l2_decay": l2_decay, "total_variation": total_variation, "warmup": warmup})
+key = tuple(int(i) for i in indices)
+if st.button("Grow the gallery", type="primary", key="filters_go") or common.has_gallery(
+        selection, layer, key, options, int(seed)):
+    with common.user_errors():
+        result = common.gallery(selection, layer, key, options, int(seed))
+    silent = int((~result.responded).sum())
+    st.subheader(f"{layer}: {len(key)} filters, {silent} with no response")
+    columns = st.columns(min(8, len(key)))
+    for position, (index, image) in enumerate(zip(key, result.images)):
+        flag = "" if result.responded[position] else " · no response"
+        columns[position % len(columns)].image(image, caption=f"#{index} · {result.activations[position]:.3g}{flag}",
+                                               width="stretch")
+    curves = pd.DataFrame(result.curves.T, columns=[f"#{i}" for i in key]).rename_axis("step").reset_index()
+    figure = px.line(curves, x="step", y=curves.columns[1:], labels={"value": "mean activation", "variable": "filter"})
+    figure.update_layout(height=300, margin=dict(t=10))
+    st.plotly_chart(figure, width="stretch")
+
+    st.markdown("**Dead, or only failed to start?** A zero loss is not proof of a dead filter: from noise the "
+                "ReLU may never open, so no gradient flows.")
+    if st.button("Compare with and without warm-up", key="filters_compare"):
+        other = filters.Options(**{**asdict(options), "warmup": 0 if warmup else 5})
+        with common.user_errors():
+            second = common.gallery(selection, layer, key, other, int(seed))
+        cold, warm = (result, second) if not warmup else (second, result)
+        dead_key = common.stats_key(selection, (layer,), 0.0)
+        dead = (int(common.shared_result(dead_key, lambda: None)["dead"].sum())
+                if common.has_result(dead_key) else None)
+        table = pd.DataFrame({
+            "filter": key,
+            "no response without warm-up": ~cold.responded,
+            "no response with warm-up": ~warm.responded,
+        })
+        counts = st.columns(3)
+        counts[0].metric("No response, no warm-up", int((~cold.responded).sum()))
+        counts[1].metric("No response, with warm-up", int((~warm.responded).sum()))
+        counts[2].metric("Dead on the image set (whole layer)", "compute on Activations" if dead is None else dead)
+        st.dataframe(table, hide_index=True)
+else:
+    st.info("Choose the filters and press **Grow the gallery**: on a CPU a deep layer takes a minute.")
+
+st.divider()
+st.subheader("First-layer weights")
+with common.user_errors():
+    first, tiles = filters.first_layer_weights(loaded.model)
+st.caption(f"The kernels of {first} drawn as RGB tiles (each scaled to [0, 1]): they act on pixels directly.")
+grid = st.columns(16)
+for index, tile in enumerate(tiles[:64]):
+    grid[index % 16].image(np.kron(tile, np.ones((8, 8, 1))), clamp=True, caption=str(index), width="stretch")
+
+st.divider()
+st.subheader("Class-model images")
+output = loaded.model.outputs[0]
+if len(output.shape) != 2 or output.shape[-1] < 2:
+    st.info("The model has no class output, so there are no class-model images (its output is "
+            f"{tuple(output.shape)}).")
+else:
+    names = loaded.class_names or [f"class {i}" for i in range(output.shape[-1])]
+    picked = st.multiselect("Classes", range(len(names)), default=list(range(min(6, len(names)))),
+                            format_func=lambda i: names[i], key="filters_classes")
+    st.caption("The input that maximises the class score before the softmax (Simonyan et al. 2014), on a copy "
+               "of the head with a linear activation.")
+    class_options = filters.Options(**{**asdict(options), "warmup": 0})
+    class_key = tuple(int(i) for i in picked)
+    if picked and (st.button("Grow class images", key="filters_classes_go")
+                   or common.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)):
+        with common.user_errors():
+            result = common.gallery(selection, "", class_key, class_options, int(seed), classes=True)
+        columns = st.columns(min(6, len(class_key)))
+        for position, index in enumerate(class_key):
+            columns[position % len(columns)].image(result.images[position], width="stretch",
+                                                   caption=f"{names[index]} · score {result.activations[position]:.3g}")
