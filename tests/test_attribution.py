@@ -1,0 +1,161 @@
+"""Attribution maps: paper values on a hand-weighted model, independent re-computation, ground truth."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from audit import attribution, models
+from audit.errors import AuditError
+from audit.zoo import shapes as generator
+
+
+def _hand_model() -> keras.Model:
+    """x (2x2x1) -> 1x1 conv with kernels [1, 2] -> global mean -> dense -> softmax."""
+    inputs = keras.Input((2, 2, 1))
+    conv = keras.layers.Conv2D(2, 1, use_bias=False, name="conv")
+    dense = keras.layers.Dense(2, activation="softmax", name="dense")
+    outputs = dense(keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    model = keras.Model(inputs, outputs)
+    conv.set_weights([np.array([[[[1.0, 2.0]]]], np.float32)])
+    dense.set_weights([np.array([[0.5, -1.0], [0.25, 0.25]], np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)[:, :, None]
+
+
+def test_grad_cam_on_a_hand_weighted_model_equals_the_paper():
+    # class 0: dScore/dA_k = W[k, 0] / 4, so weights [0.125, 0.0625]; cam = relu(0.125 x + 0.0625 * 2x) = 0.25 x
+    model = _hand_model()
+    np.testing.assert_allclose(attribution.grad_cam(model, X, 0, "conv", upsample=False),
+                               [[0.25, 0.5], [0.75, 1.0]], rtol=1e-6)
+    # class 1: weights [-0.25, 0.0625]: -0.25 x + 0.125 x < 0 everywhere, so the ReLU leaves nothing
+    np.testing.assert_allclose(attribution.grad_cam(model, X, 1, "conv", upsample=False), np.zeros((2, 2)))
+    np.testing.assert_allclose(attribution.grad_cam(model, X, 0, "conv"), [[0.25, 0.5], [0.75, 1.0]], rtol=1e-6)
+
+
+def test_cam_maths_on_two_by_two_arrays():
+    maps = np.stack([np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 2.0], [2.0, 0.0]])], axis=-1)
+    gradients = np.stack([np.full((2, 2), 0.5), np.full((2, 2), -0.25)], axis=-1)
+    np.testing.assert_allclose(attribution.grad_cam_weights(gradients), [0.5, -0.25])
+    np.testing.assert_allclose(attribution.weighted_maps(maps, np.array([0.5, -0.25])), [[0.5, 0.0], [0.0, 0.5]])
+    np.testing.assert_allclose(attribution.layer_cam_map(maps, gradients), [[0.5, 0.0], [0.0, 0.5]])
+    # Grad-CAM++: alpha = g^2 / (2 g^2 + sum(A) g^3); channel 0: 0.25 / (0.5 + 2 * 0.125) = 1/3, 4 positions
+    np.testing.assert_allclose(attribution.grad_cam_plus_plus_weights(maps, gradients), [4 * (1 / 3) * 0.5, 0.0])
+
+
+@pytest.fixture(scope="module")
+def demo():
+    loaded = models.load("demo:shapes")
+    data = generator.generate(240, seed=2024)
+    x = loaded.preprocess(data.images)
+    predicted = np.asarray(loaded.model.predict(x, verbose=0)).argmax(axis=1)
+    return loaded, data, x, predicted
+
+
+def test_grad_cam_equals_an_independent_recomputation_on_the_demo_model(demo):
+    loaded, data, x, _ = demo
+    model = loaded.model
+    conv = model.get_layer("block3_conv2")
+    kernel, bias = model.get_layer("predictions").get_weights()
+    features = keras.Model(model.inputs[0], [conv.output, model.get_layer("dropout").output])
+    for i in range(3):
+        with tf.GradientTape() as tape:
+            maps, hidden = features(x[i:i + 1])
+            logit = (hidden @ kernel + bias)[0, data.labels[i]]  # the score before the softmax, by hand
+        grads = tape.gradient(logit, maps)[0].numpy()
+        weights = grads.mean(axis=(0, 1))
+        cam = np.maximum((maps[0].numpy() * weights).sum(-1), 0)
+        cam = tf.image.resize(cam[None, :, :, None], (64, 64), method="bilinear").numpy()[0, :, :, 0]
+        expected = cam / cam.max()
+        got = attribution.grad_cam(model, x[i], int(data.labels[i]), "block3_conv2")
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_integrated_gradients_sum_to_the_score_difference(demo):
+    loaded, _, x, _ = demo
+    black = loaded.preprocess(np.zeros((64, 64, 3), np.uint8))[0]
+    scorer = attribution.score_model(loaded.model, 2)
+    for i in (2, 8):  # triangles
+        raw = attribution.integrated_gradients(loaded.model, x[i], 2, "black", steps=64, signed=True, black=black)
+        gap = float(scorer(x[i:i + 1])[0] - scorer(black[None])[0])
+        assert abs(raw.sum() - gap) <= 0.05 * abs(gap), (raw.sum(), gap)
+
+
+def _grad_cam_on_correct_images(demo, count=200):
+    loaded, data, x, predicted = demo
+    correct = np.flatnonzero(predicted == data.labels)[:count]
+    assert len(correct) == count
+    maps = [attribution.grad_cam(loaded.model, x[i], int(data.labels[i])) for i in correct]
+    return maps, data.masks[correct]
+
+
+def test_grad_cam_concentrates_its_mass_on_the_object(demo):
+    maps, masks = _grad_cam_on_correct_images(demo)
+    mass = np.mean([attribution.mass_inside(m, mask) for m, mask in zip(maps, masks)])
+    area = masks.mean()  # what a map spread evenly would put on the object
+    assert mass >= 2 * area, (mass, area)  # measured: 0.39 of the mass on 0.15 of the pixels
+
+
+@pytest.mark.xfail(strict=True, reason="known: on demo:shapes the Grad-CAM peak is on the object for 57% of "
+                                       "images, no better than a fixed centre (57%); the peak sits on corners "
+                                       "and tips just outside the mask (74% within 2 px). Issue #5 stays open.")
+def test_grad_cam_peak_falls_on_the_object_far_more_often_than_a_fixed_centre(demo):
+    maps, masks = _grad_cam_on_correct_images(demo)
+    hits = np.mean([attribution.peak_inside(m, mask) for m, mask in zip(maps, masks)])
+    centre = np.mean([mask[32, 32] for mask in masks])  # the baseline: always point at the centre
+    assert hits >= 0.9 and hits > centre, (hits, centre)
+
+
+def test_every_method_gives_a_unit_map_at_image_size_and_respects_the_target(demo):
+    loaded, data, x, _ = demo
+    image = x[0]
+    for name, method in attribution.METHODS.items():
+        options = {"samples": 8} if name == "SmoothGrad" else {"steps": 8} if name == "Integrated Gradients" else {}
+        result = method(loaded.model, image, None, **options)
+        assert result.shape == (64, 64) and result.dtype == np.float32, name
+        assert result.min() >= 0 and np.isclose(result.max(), 1.0), name
+    a = attribution.smoothgrad(loaded.model, image, 1, samples=8, seed=3)
+    b = attribution.smoothgrad(loaded.model, image, 1, samples=8, seed=3, batch_size=3)
+    np.testing.assert_allclose(a, b, atol=1e-5)  # batching does not change SmoothGrad
+    with pytest.raises(AuditError, match="classes 0 to 5"):
+        attribution.saliency(loaded.model, image, 9)
+
+
+def test_a_filter_target_works_for_models_without_a_class_output():
+    loaded = models.load("demo:vgg16")
+    from audit import images
+
+    image = loaded.preprocess(images.sample("chelsea"))[0]
+    target = attribution.FilterTarget("block5_conv3", 42)
+    cam = attribution.grad_cam(loaded.model, image, target, "block4_conv3")
+    assert cam.shape == (224, 224) and np.isclose(cam.max(), 1.0)
+    default = attribution.resolve_target(loaded.model, image, None)
+    assert isinstance(default, attribution.FilterTarget) and default.layer == "block5_conv3"
+    with pytest.raises(AuditError, match="no class output"):
+        attribution.saliency(loaded.model, image, 3)
+
+
+def test_deletion_curve_falls_faster_for_the_real_map_than_for_its_reverse(demo):
+    loaded, data, x, _ = demo
+    black = loaded.preprocess(np.zeros((64, 64, 3), np.uint8))[0]
+    worse = []
+    for i in range(6):
+        label = int(data.labels[i])
+        cam = attribution.grad_cam(loaded.model, x[i], label)
+        fractions, scores, area = attribution.deletion_curve(loaded.model, x[i], cam, label, fill=black)
+        _, _, reverse = attribution.deletion_curve(loaded.model, x[i], -cam, label, fill=black)
+        assert fractions[0] == 0 and fractions[-1] == 1 and len(scores) == 21
+        worse.append(area < reverse)
+    assert np.mean(worse) >= 5 / 6
+
+
+def test_sanity_check_maps_change_when_the_model_is_randomised(demo):
+    loaded, data, x, _ = demo
+    before = [w.copy() for w in loaded.model.get_weights()]
+    results = attribution.sanity_check(loaded.model, x[0], attribution.grad_cam, int(data.labels[0]))
+    assert [layer for layer, _ in results][:2] == ["predictions", "fc1"]
+    assert results[-1][1] < 0.5  # all layers random: the map no longer matches
+    for a, b in zip(before, loaded.model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the loaded model is untouched
