@@ -10,6 +10,7 @@ PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
     st.Page("pages/activations.py", title="Activations", icon=":material/grid_view:"),
     st.Page("pages/filters.py", title="Filters", icon=":material/filter_vintage:"),
+    st.Page("pages/attribution.py", title="Attribution", icon=":material/center_focus_strong:"),
 ]
 
 navigation = st.navigation(PAGES)

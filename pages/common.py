@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from audit import activations, device, filters, images, models, storage
+from audit import activations, attribution, device, filters, images, models, storage
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError, WeightsUnavailableError
 
@@ -383,3 +383,30 @@ def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], op
                 classes: bool = False) -> bool:
     key = ("gallery", selection.model.fingerprint, layer, indices, options.key(), seed, classes)
     return gallery_cache()._path(key).exists()
+
+
+# --- attribution -----------------------------------------------------------------------------
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def attribution_map(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _black: np.ndarray,
+                    preprocessing: str, target: tuple, method: str, options: tuple, device_name: str) -> np.ndarray:
+    """One method's map, keyed by (fingerprint, image hash, preprocessing, target, method, options).
+
+    `_black` (the black image after preprocessing) is the baseline of Integrated Gradients and the
+    fill of Score-CAM and occlusion; it follows from the preprocessing, which is in the key.
+    """
+    loaded = get_model(source)
+    resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+    extra = {"Integrated Gradients": {"black": _black}, "Score-CAM": {"fill": _black},
+             "Occlusion": {"fill": _black}}.get(method, {})
+    with loaded.lock, device.scope(device_name):
+        return attribution.METHODS[method](loaded.model, _x, resolved, **dict(options), **extra)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _map: np.ndarray, map_key: tuple,
+             target: tuple, _fill: np.ndarray, device_name: str):
+    loaded = get_model(source)
+    resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+    with loaded.lock, device.scope(device_name):
+        return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill)

@@ -107,3 +107,25 @@ def test_filters_page_refuses_bad_indices_with_a_message():
     at.text_input(key="filters_indices").set_value("1, 99").run()
     assert not at.exception, at.exception
     assert "filters 0 to 31" in at.error[0].value
+
+
+def test_attribution_page_on_a_demo_shapes_image_reports_trust():
+    at = _app().run()
+    at.switch_page("pages/attribution.py").run()
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("Why ")
+    assert len(at.get("image")) == 6  # the image and five overlays
+    trust = at.dataframe[1].value
+    assert list(trust.columns) == ["method", "mass on the object", "peak on the object", "deletion AUC (lower is better)"]
+    assert len(trust) == 5 and trust["mass on the object"].between(0, 1).all()
+    _submit(at, "Run the sanity check")
+    assert not at.exception, at.exception
+
+
+def test_attribution_page_with_a_filter_target_on_vgg16():
+    at = _app(model="demo:vgg16", image="chelsea").run()
+    at.switch_page("pages/attribution.py")
+    at.session_state["attr_methods"] = ["Saliency", "Grad-CAM"]
+    at.run()
+    assert not at.exception, at.exception
+    assert "filter" in at.subheader[0].value and "block5_conv3" in at.subheader[0].value

@@ -1,0 +1,140 @@
+"""Attribution page: which pixels made the model say what it said, by several methods side by side."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+from PIL import Image
+
+from audit import attribution, models, render
+from pages import common
+
+selection = common.current()
+loaded = selection.model
+st.title("Attribution")
+st.caption("Gradients are taken on the class score before the softmax, or on the mean activation of one filter "
+           "(the target for models without a class output).")
+
+x = loaded.preprocess(selection.image.pixels, selection.preprocessing, selection.fit)[0]
+shown = common.fitted_image(selection)
+convs = models.conv_layers(loaded.model)
+output = selection.predict()
+
+left, right = st.columns([2, 1])
+if attribution.has_class_output(loaded.model):
+    names = loaded.class_names or [f"class {i}" for i in range(output.size)]
+    top = np.argsort(output)[::-1][:5]
+    right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
+                    column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
+                                                                                   format="%.3f")})
+    chosen = left.selectbox("Target class", range(len(names)), index=int(top[0]),
+                            format_func=lambda i: f"{names[i]}" + (" (top-1)" if i == top[0] else ""),
+                            key=f"attr_class_{loaded.fingerprint}")
+    target = ("class", int(chosen))
+    label = names[chosen]
+else:
+    target_layer = left.selectbox("Target: a filter of layer", convs, index=len(convs) - 1,
+                                  key=f"attr_target_layer_{loaded.fingerprint}")
+    with common.user_errors():
+        maps = common.layer_maps(loaded.fingerprint, loaded.source, target_layer, selection.image_key,
+                                 selection.image.pixels, selection.preprocessing, selection.fit, False,
+                                 selection.device)
+    strongest = int(np.argmax(maps.mean(axis=(0, 1))))
+    index = left.number_input("Filter", 0, maps.shape[-1] - 1, strongest, key=f"attr_filter_{target_layer}",
+                              help=f"Default: the filter with the largest mean activation here ({strongest}).")
+    target = ("filter", target_layer, int(index))
+    label = f"filter {index} of {target_layer}"
+    right.info("This model has no class output: the target is one filter's mean activation.")
+
+cam_layer = left.selectbox("CAM layer", convs, index=len(convs) - 1, key=f"attr_cam_layer_{loaded.fingerprint}")
+methods = st.multiselect("Methods", list(attribution.METHODS), key="attr_methods",
+                         default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
+size = x.shape[0]
+black = loaded.preprocess(np.zeros_like(selection.image.pixels), selection.preprocessing, selection.fit)[0]
+with st.expander("Method options"):
+    c1, c2, c3 = st.columns(3)
+    samples = c1.slider("SmoothGrad samples", 5, 100, 25, key="attr_samples")
+    noise = c1.slider("SmoothGrad noise (share of range)", 0.0, 0.5, 0.15, 0.01, key="attr_noise")
+    steps = c2.slider("Integrated Gradients steps", 8, 128, 32, key="attr_steps")
+    baseline = c2.radio("Baseline", ("black", "blurred"), horizontal=True, key="attr_baseline")
+    channels = c3.slider("Score-CAM channels (cap)", 4, 128, 32, key="attr_channels")
+    patch = c3.slider("Occlusion patch", 2, size // 2, max(2, size // 8), key="attr_patch")
+    stride = c3.slider("Occlusion stride", 1, size // 2, max(1, size // 16), key="attr_stride")
+opacity = st.slider("Opacity", 0.0, 1.0, 0.5, key="attr_opacity")
+colour_map = st.selectbox("Colour map", render.COLOUR_MAPS, index=2, key="attr_cmap")
+
+
+def options_for(method: str) -> tuple:
+    cam = {"layer": cam_layer}
+    return tuple(sorted({
+        "SmoothGrad": {"samples": samples, "noise": noise},
+        "Integrated Gradients": {"steps": steps, "baseline": baseline},
+        "Grad-CAM": cam, "Grad-CAM++": cam, "Layer-CAM": cam,
+        "Score-CAM": {**cam, "max_channels": channels},
+        "Occlusion": {"patch": patch, "stride": stride},
+    }.get(method, {}).items()))
+
+
+if not methods:
+    st.info("Choose at least one method.")
+    st.stop()
+results = {}
+with common.progress_bar("Attribution maps") as progress:
+    for done, method in enumerate(methods):
+        progress(done, len(methods))
+        with common.user_errors():
+            results[method] = common.attribution_map(loaded.fingerprint, loaded.source, selection.image_key, x,
+                                                     black, selection.preprocessing, target, method,
+                                                     options_for(method), selection.device)
+
+st.subheader(f"Why {label}?")
+columns = st.columns(min(4, len(methods) + 1))
+columns[0].image(shown, caption="image", width="stretch")
+for position, (method, values) in enumerate(results.items(), start=1):
+    picture = render.overlay(shown, values, opacity, colour_map)
+    column = columns[position % len(columns)]
+    column.image(picture, caption=method, width="stretch")
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    column.download_button("PNG", buffer.getvalue(), f"{method.replace(' ', '_').lower()}.png", "image/png",
+                           key=f"png_{method}")
+
+st.subheader("Can the maps be trusted?")
+rows = []
+for method, values in results.items():
+    row = {"method": method}
+    if selection.masks is not None:
+        mask = selection.masks[[item.name for item in selection.image_set].index(selection.image.name)]
+        row["mass on the object"] = attribution.mass_inside(values, mask)
+        row["peak on the object"] = attribution.peak_inside(values, mask)
+    fractions, scores, area = common.deletion(loaded.fingerprint, loaded.source, selection.image_key, x, values,
+                                              (method, options_for(method)), target, black, selection.device)
+    row["deletion AUC (lower is better)"] = area
+    rows.append(row)
+    results[method] = (values, fractions, scores)
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+if selection.masks is not None:
+    st.caption(f"The object covers {mask.mean():.0%} of the image: a map spread evenly would put that share of "
+               "its mass on it.")
+curves = pd.concat([pd.DataFrame({"removed": f, "score": s, "method": m}) for m, (_, f, s) in results.items()])
+figure = px.line(curves, x="removed", y="score", color="method",
+                 labels={"removed": "share of pixels removed (most attributed first)", "score": "target score"})
+figure.update_layout(height=320, margin=dict(t=10))
+st.plotly_chart(figure, width="stretch")
+
+with st.expander("Sanity check: randomise the model from the top (Adebayo et al. 2018)"):
+    method = st.selectbox("Method", methods, key="attr_sanity_method")
+    if st.button("Run the sanity check", key="attr_sanity_go"):
+        resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+        options = dict(options_for(method))
+        options.update({"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
+                        "Occlusion": {"fill": black}}.get(method, {}))
+        with st.spinner("Randomising layer after layer…"), common.user_errors(), loaded.lock:
+            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], resolved, **options)
+        frame = pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
+        chart = px.line(frame, x="randomised down to", y="rank correlation", markers=True, range_y=[-1, 1])
+        chart.update_layout(height=300, margin=dict(t=10))
+        st.plotly_chart(chart, width="stretch")
+        st.caption("A map that stays the same while the weights become random explains the image, not the model.")
