@@ -146,6 +146,30 @@ def test_filters_page_grows_vgg16_galleries_with_the_no_response_count(server, b
     context.close()
 
 
+def test_attribution_page_on_a_demo_shape_with_its_trust_table(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/attribution")
+    page.get_by_text("Can the maps be trusted?").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Why ").first.is_visible()
+    assert page.locator("[data-testid=stMain] img").count() >= 6  # the image and five overlays
+    context.close()
+
+
+def test_filters_page_refuses_bad_filter_indices_with_a_message(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/filters")
+    page.get_by_text("First-layer weights").wait_for()
+    page.get_by_text("By index", exact=True).click()
+    field = page.get_by_label("Indices (comma-separated)")
+    field.fill("1, 99")
+    field.press("Enter")
+    page.get_by_text("has filters 0 to 31").wait_for()
+    assert page.locator("[data-testid=stException]").count() == 0
+    context.close()
+
+
 def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
     url, _ = server
     context, page = _open(browser, url)
