@@ -179,8 +179,7 @@ def render(model: keras.Model, layer: str, filters: list[int], options: Options,
     if len(cut_post.outputs[0].shape) == 4:  # maps: any image size works up to a conv layer
         cut_post = models.submodel(model, path, any_size=True)
     else:  # through a Flatten/Dense head only the model's own size does
-        size = int(model.inputs[0].shape[1])
-        options = Options(**{**asdict(options), "size": size, "octaves": 1})
+        options = Options(**{**asdict(options), "size": int(model.inputs[0].shape[1]), "octaves": 1})
     channels = int(cut_post.outputs[0].shape[-1])
     if not filters or min(filters) < 0 or max(filters) >= channels:
         raise AuditError(f"Filters must be between 0 and {channels - 1} for layer {path!r}.")

@@ -39,7 +39,9 @@ if how == "By index":
         st.error(f"{layer} has filters 0 to {channels - 1}; {bad or 'none given'} cannot be drawn.")
         st.stop()
 else:
-    count = left.slider("N", 1, min(64, channels), min(8, channels), key="filters_n")
+    count = left.slider("N", 1, channels, min(8, channels), key="filters_n",
+                        help="All of a layer's filters give its no-response count; on a CPU a deep layer "
+                             "takes about 4 s per filter, so start small.")
     if how == "First N":
         indices = list(range(count))
     else:
