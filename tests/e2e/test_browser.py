@@ -154,6 +154,8 @@ def test_attribution_page_on_a_demo_shape_with_its_trust_table(server, browser):
     _assert_clean(page)
     assert page.get_by_text("Why ").first.is_visible()
     assert page.locator("[data-testid=stMain] img").count() >= 6  # the image and five overlays
+    page.get_by_text("Why ").first.scroll_into_view_if_needed()
+    _screenshot(page, "attribution_shapes.png")
     context.close()
 
 
