@@ -8,20 +8,11 @@ to return, where all 13 layers' maps would be 3.5 GB). Goal: statistics <= 1.3x 
 """
 
 import argparse
-import time
 
 import numpy as np
 
 from audit import activations, images, models
-
-
-def best_of(repeats, fn):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from bench.timing import best_of
 
 
 def main():

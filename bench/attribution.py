@@ -6,21 +6,12 @@ block5_conv3 as the target), in one run. Goals: Grad-CAM <= 1.3x the plain pass.
 """
 
 import argparse
-import time
 
 import numpy as np
 import tensorflow as tf
 
 from audit import attribution, images, models
-
-
-def best_of(repeats, fn):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from bench.timing import best_of
 
 
 def main():
