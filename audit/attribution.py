@@ -3,7 +3,8 @@
 Vanilla gradients (Simonyan et al. 2014), SmoothGrad (Smilkov et al. 2017), Integrated Gradients
 (Sundararajan et al. 2017), Grad-CAM (Selvaraju et al. 2017), Grad-CAM++ (Chattopadhay et al.
 2018), Layer-CAM (Jiang et al. 2021), Score-CAM (Wang et al. 2020, with Faster Score-CAM's channel
-cap) and occlusion (Zeiler & Fergus 2014).
+cap), Guided Backpropagation (Springenberg et al. 2015) and Guided Grad-CAM, and occlusion (Zeiler &
+Fergus 2014).
 
 Gradients are taken on the class score before the softmax (a rebuilt linear head; the loaded model
 is never changed), or on the mean activation of one filter, which is also the target for models
@@ -283,6 +284,76 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
     return normalise(np.where(counts > 0, drops / np.maximum(counts, 1), 0))
 
 
+# --- guided backpropagation ------------------------------------------------------------------
+
+@tf.custom_gradient
+def _guided_relu(x):
+    """ReLU whose backward pass keeps only positive gradients where the input was positive."""
+
+    def backward(dy):
+        return dy * tf.cast(dy > 0, dy.dtype) * tf.cast(x > 0, dy.dtype)
+
+    return tf.nn.relu(x), backward
+
+
+class GuidedReLU(keras.layers.Layer):
+    def call(self, x):
+        return _guided_relu(x)
+
+
+def guided(model: keras.Model) -> keras.Model:
+    """The same graph and weights with every ReLU, fused ones included, made guided (Springenberg 2015)."""
+    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    return keras.Model(new_input, _guided_call(model, new_input), name=f"{model.name}_guided")
+
+
+def _guided_call(model: keras.Model, x):
+    def wrap(layer):
+        if isinstance(layer, keras.Model):
+            return lambda *args, **kwargs: _guided_call(layer, args[0])
+        kind, activation = type(layer).__name__, models._activation_name(layer)
+        if kind == "ReLU" or (kind == "Activation" and activation == "relu"):
+            return lambda *args, **kwargs: GuidedReLU()(args[0])
+        if activation == "relu" and models.has_fused_activation(layer):
+            twin = models._linear_twin(layer)
+            return lambda *args, **kwargs: GuidedReLU()(twin(*args, **kwargs))
+        return layer
+
+    if isinstance(model, keras.Sequential):
+        for layer in model.layers:
+            x = wrap(layer)(x)
+        return x
+    return model._run_through_graph(x, operation_fn=wrap)
+
+
+def guided_gradient(model: keras.Model, image: np.ndarray, target: Target = None) -> np.ndarray:
+    """The raw guided-backpropagation gradient (H, W, C) of the target's score."""
+    image = np.asarray(image, np.float32)
+    resolved = resolve_target(model, image, target)
+    if isinstance(resolved, FilterTarget):
+        cut = guided(models.submodel(model, resolved.layer))
+        maps = cut.outputs[0]
+        reduced = keras.ops.mean(maps[..., resolved.index], axis=tuple(range(1, len(maps.shape) - 1)))
+        scorer = keras.Model(cut.inputs[0], reduced)
+    else:
+        head = guided(_logits(model))
+        scorer = keras.Model(head.inputs[0], head.outputs[0][:, resolved])
+    gradient, _ = _gradients(scorer, image[None])
+    return gradient[0]
+
+
+def guided_backprop(model: keras.Model, image: np.ndarray, target: Target = None) -> np.ndarray:
+    """Guided Backpropagation: max over channels of the positive guided gradient."""
+    return normalise(np.maximum(guided_gradient(model, image, target), 0).max(axis=-1))
+
+
+def guided_grad_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None) -> np.ndarray:
+    """Guided Grad-CAM: the guided map times the upsampled Grad-CAM (Selvaraju et al. 2017)."""
+    image = np.asarray(image, np.float32)
+    resolved = resolve_target(model, image, target)
+    return normalise(guided_backprop(model, image, resolved) * grad_cam(model, image, resolved, layer))
+
+
 METHODS = {
     "Saliency": saliency,
     "SmoothGrad": smoothgrad,
@@ -291,6 +362,8 @@ METHODS = {
     "Grad-CAM++": grad_cam_plus_plus,
     "Layer-CAM": layer_cam,
     "Score-CAM": score_cam,
+    "Guided Backprop": guided_backprop,
+    "Guided Grad-CAM": guided_grad_cam,
     "Occlusion": occlusion,
 }
 """Every method by the name the dashboard shows; each takes (model, image, target, **options)."""

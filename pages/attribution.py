@@ -71,7 +71,7 @@ def options_for(method: str) -> tuple:
     return tuple(sorted({
         "SmoothGrad": {"samples": samples, "noise": noise},
         "Integrated Gradients": {"steps": steps, "baseline": baseline},
-        "Grad-CAM": cam, "Grad-CAM++": cam, "Layer-CAM": cam,
+        "Grad-CAM": cam, "Grad-CAM++": cam, "Layer-CAM": cam, "Guided Grad-CAM": cam,
         "Score-CAM": {**cam, "max_channels": channels},
         "Occlusion": {"patch": patch, "stride": stride},
     }.get(method, {}).items()))

@@ -159,3 +159,26 @@ def test_sanity_check_maps_change_when_the_model_is_randomised(demo):
     assert results[-1][1] < 0.5  # all layers random: the map no longer matches
     for a, b in zip(before, loaded.model.get_weights()):
         np.testing.assert_array_equal(a, b)  # the loaded model is untouched
+
+
+def test_guided_backprop_passes_only_positive_gradients_through_open_relus():
+    # x -> 1x1 conv (kernel 1, fused ReLU) -> flatten -> dense w; score = sum(w * relu(x))
+    inputs = keras.Input((2, 2, 1))
+    conv = keras.layers.Conv2D(1, 1, use_bias=False, activation="relu", name="conv")
+    dense = keras.layers.Dense(1, use_bias=False, name="score")
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(conv(inputs))))
+    conv.set_weights([np.ones((1, 1, 1, 1), np.float32)])
+    dense.set_weights([np.array([[1.0], [-1.0], [2.0], [-2.0]], np.float32)])
+    x = np.array([[1.0, 1.0], [-1.0, 1.0]], np.float32)[:, :, None]
+    # vanilla: w * (x > 0) = [1, -1, 0, -2]; guided also drops the negative w: [1, 0, 0, 0]
+    guided = attribution.guided_gradient(model, x, attribution.FilterTarget("score", 0))
+    np.testing.assert_allclose(guided[:, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+    assert conv.activation.__name__ == "relu"  # the model itself is unchanged
+
+
+def test_guided_grad_cam_is_the_product_of_its_parts(demo):
+    loaded, data, x, _ = demo
+    label = int(data.labels[1])
+    product = attribution.guided_backprop(loaded.model, x[1], label) * attribution.grad_cam(loaded.model, x[1], label)
+    np.testing.assert_allclose(attribution.guided_grad_cam(loaded.model, x[1], label), product / product.max(),
+                               atol=1e-6)
