@@ -1,0 +1,140 @@
+"""Pruning: scores against numpy, surgery equal to masking, exact parameter counts, refusals."""
+
+import keras
+import numpy as np
+import pytest
+
+from audit import pruning
+from audit.pruning import PruningError
+from tests.fixtures import random_images
+
+
+def _sequential_bn(seed=0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((12, 12, 3)),
+        keras.layers.Conv2D(6, 3, padding="same", name="conv1"),
+        keras.layers.BatchNormalization(name="bn1"),
+        keras.layers.ReLU(name="relu1"),
+        keras.layers.MaxPooling2D(name="pool1"),
+        keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="conv2"),
+        keras.layers.MaxPooling2D(name="pool2"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(4, activation="softmax", name="dense"),
+    ])
+    bn = model.get_layer("bn1")  # non-trivial statistics, so slicing them matters
+    rng = np.random.default_rng(seed)
+    bn.set_weights([rng.uniform(0.5, 1.5, 6), rng.normal(0, 0.1, 6), rng.normal(0, 0.1, 6), rng.uniform(0.5, 1.5, 6)])
+    return model
+
+
+def _functional_chain(seed=1) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(7, 3, activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+
+
+@pytest.mark.parametrize("build, selection", [
+    (_sequential_bn, {"conv1": [0, 4], "conv2": [1, 2, 3]}),
+    (_functional_chain, {"c1": [2, 5, 7], "c2": [0]}),
+])
+def test_the_smaller_model_equals_the_masked_one_and_loses_exactly_those_parameters(build, selection):
+    model = build()
+    before = [w.copy() for w in model.get_weights()]
+    smaller = pruning.prune(model, selection)
+    masked = pruning.masked(model, selection)
+    x = random_images(4, model.inputs[0].shape[1:], seed=7)
+    np.testing.assert_allclose(smaller(x), masked(x), atol=1e-5)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the input model is untouched
+    expected = model.count_params()
+    for name, dropped in selection.items():
+        layer = model.get_layer(name)
+        kh, kw, cin, _ = layer.get_weights()[0].shape
+        expected -= len(dropped) * (kh * kw * cin + 1)  # the filters themselves
+    # what reads them: recount by hand per model
+    if build is _sequential_bn:
+        expected -= 2 * 4  # bn1: gamma, beta, mean, variance of 2 channels
+        expected -= 2 * 3 * 3 * (5 - 0)  # conv2 input rows of the 2 removed channels (5 filters before)
+        expected += 2 * 3 * 3 * 3  # ...but conv2's 3 removed filters were counted with 6 inputs, not 4
+        expected -= 3 * 9 * 4  # dense reads 3x3 positions x 3 removed channels x 4 units
+    else:
+        expected -= 3 * 3 * 3 * (7 - 1)  # c2's input rows of the 3 removed c1 channels, for the 6 kept filters
+        expected -= 1 * 3  # the dense row of c2's removed channel
+    assert smaller.count_params() == expected
+
+
+def test_removing_filters_that_are_dead_on_a_set_changes_nothing_on_it():
+    model = _functional_chain()
+    c1 = model.get_layer("c1")
+    kernel, bias = c1.get_weights()
+    bias[[1, 3]] = -100.0  # never fire on inputs in [-1, 1]
+    c1.set_weights([kernel, bias])
+    x = random_images(6, (10, 10, 3), seed=3)
+    from audit import activations
+
+    stats = activations.filter_stats(model, ["c1"], x)
+    dead = list(stats.loc[stats.dead, "filter"])
+    assert dead == [1, 3]
+    smaller = pruning.prune(model, {"c1": dead})
+    np.testing.assert_allclose(smaller(x), model(x), atol=1e-5)
+
+
+def test_a_residual_model_gets_the_explanation_not_a_broken_model():
+    inputs = keras.Input((8, 8, 4))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
+    out = keras.layers.Add(name="add")([a, b])
+    model = keras.Model(inputs, keras.layers.Flatten()(out))
+    with pytest.raises(PruningError, match="branch or a residual"):
+        pruning.prune(model, {"a": [0]})
+    with pytest.raises(PruningError, match="residual add or concat"):
+        pruning.prune(model, {"b": [0]})
+
+
+def test_scores_equal_numpy_recomputations():
+    model = _functional_chain()
+    kernel = model.get_layer("c2").get_weights()[0]
+    flat = kernel.reshape(-1, 7).T
+    np.testing.assert_allclose(pruning.l1_norms(model, "c2"), np.abs(flat).sum(axis=1), rtol=1e-6)
+    similarity, nearest, fpgm = pruning.redundancy(model, "c2")
+    cosine = (flat @ flat.T) / np.outer(np.linalg.norm(flat, axis=1), np.linalg.norm(flat, axis=1))
+    np.fill_diagonal(cosine, -2)
+    np.testing.assert_allclose(similarity, cosine.max(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(nearest, cosine.argmax(axis=1))
+    distances = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+    np.testing.assert_allclose(fpgm, np.linalg.norm(flat - flat[distances.sum(1).argmin()], axis=1), rtol=1e-5)
+
+    x = random_images(5, (10, 10, 3), seed=2)
+    labels = np.array([0, 1, 2, 0, 1])
+    scores = pruning.filter_scores(model, x, labels)
+    assert list(scores.columns[:4]) == ["layer", "filter", "l1", "apoz"]
+    assert len(scores) == 8 + 7
+    assert scores.loc[scores.layer == "c2", "l1"].tolist() == pytest.approx(np.abs(flat).sum(axis=1).tolist(), rel=1e-6)
+
+
+def test_taylor_scores_match_a_tape_on_a_softmax_model():
+    import tensorflow as tf
+
+    model = _sequential_bn()
+    x = random_images(6, (12, 12, 3), seed=4)
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    got = pruning.taylor_scores(model, "conv2", x, labels, batch_size=4)
+    cut = keras.Model(model.inputs[0], [model.get_layer("conv2").output, model.outputs[0]])
+    with tf.GradientTape() as tape:
+        maps, probabilities = cut(x)
+        tape.watch(maps)
+        log_p = tf.reduce_sum(tf.math.log(tf.gather(probabilities, labels, axis=1, batch_dims=1) + 1e-12))
+    expected = np.abs((maps * tape.gradient(log_p, maps)).numpy().mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_flops_fall_when_filters_go():
+    model = _sequential_bn()
+    # conv1 3*3*3*6*144 + conv2 3*3*6*5*36 + dense 45*4
+    assert pruning.flops(model) == 3 * 3 * 3 * 6 * 144 + 3 * 3 * 6 * 5 * 36 + 45 * 4
+    smaller = pruning.prune(model, {"conv1": [0, 1, 2]})
+    assert pruning.flops(smaller) == 3 * 3 * 3 * 3 * 144 + 3 * 3 * 3 * 5 * 36 + 45 * 4
