@@ -11,6 +11,7 @@ PAGES = [
     st.Page("pages/activations.py", title="Activations", icon=":material/grid_view:"),
     st.Page("pages/filters.py", title="Filters", icon=":material/filter_vintage:"),
     st.Page("pages/attribution.py", title="Attribution", icon=":material/center_focus_strong:"),
+    st.Page("pages/pruning.py", title="Pruning", icon=":material/content_cut:"),
 ]
 
 navigation = st.navigation(PAGES)

@@ -46,7 +46,8 @@ def redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, 
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     nearest = similarity.argmax(axis=1)
-    distances = np.linalg.norm(flat[:, None, :] - flat[None, :, :], axis=-1)
+    squared = (flat ** 2).sum(axis=1)  # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, without an (F, F, W) array
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * flat @ flat.T, 0))
     median = flat[distances.sum(axis=1).argmin()]  # the filter closest to all others
     return similarity.max(axis=1), nearest, np.linalg.norm(flat - median, axis=1)
 

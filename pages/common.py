@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from audit import activations, attribution, device, filters, images, models, storage
+from audit import activations, attribution, device, filters, images, models, pruning, storage
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError, WeightsUnavailableError
 
@@ -410,3 +410,55 @@ def deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _map
     resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
     with loaded.lock, device.scope(device_name):
         return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill)
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+def labels_of(selection: "Selection") -> np.ndarray | None:
+    """Class indices of the image set when every image has a label the model knows, else None."""
+    names = selection.model.class_names
+    if not names or any(item.label not in names for item in selection.image_set):
+        return None
+    return np.array([names.index(item.label) for item in selection.image_set])
+
+
+def filter_scores(selection: "Selection"):
+    """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
+    loaded = selection.model
+    key = ("filter_scores", loaded.fingerprint, image_set_key(selection), selection.preprocessing, selection.fit)
+
+    def compute():
+        x = loaded.preprocess([item.pixels for item in selection.image_set], selection.preprocessing, selection.fit)
+        with st.spinner("Scoring every filter (statistics, Taylor, redundancy)…"), loaded.lock, \
+                device.scope(selection.device):
+            return pruning.filter_scores(loaded.model, x, labels_of(selection))
+
+    return shared_result(key, compute)
+
+
+@st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
+def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None]:
+    """The smaller model as .keras bytes, its before/after sizes, and why the masked one is given instead."""
+    import tempfile
+    from pathlib import Path
+
+    loaded = get_model(source)
+    chosen = {layer: list(filters) for layer, filters in selection_key}
+    reason = None
+    with loaded.lock:
+        try:
+            smaller = pruning.prune(loaded.model, chosen)
+        except AuditError as exc:
+            reason = str(exc)
+            smaller = pruning.masked(loaded.model, chosen)
+        with tempfile.TemporaryDirectory() as folder:
+            original, pruned = Path(folder) / "original.keras", Path(folder) / "pruned.keras"
+            loaded.model.save(original)
+            smaller.save(pruned)
+            data = pruned.read_bytes()
+            sizes = {
+                "parameters": (loaded.model.count_params(), smaller.count_params()),
+                "multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
+                "file size (bytes)": (original.stat().st_size, len(data)),
+            }
+    return data, sizes, reason

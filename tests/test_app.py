@@ -129,3 +129,23 @@ def test_attribution_page_with_a_filter_target_on_vgg16():
     at.run()
     assert not at.exception, at.exception
     assert "filter" in at.subheader[0].value and "block5_conv3" in at.subheader[0].value
+
+
+def test_pruning_page_on_the_demo_model_measures_and_exports():
+    at = _app().run()
+    at.switch_page("pages/pruning.py").run()
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.endswith("of 448 filters")
+    labels = [m.label for m in at.metric]
+    assert labels == ["Top-1 agreement", "Mean KL(before ‖ after)", "Accuracy"]
+    export = at.dataframe[-1].value
+    assert export["after"][0] < export["before"][0]  # fewer parameters
+    at.selectbox(key="prune_criterion").set_value("lowest L1 norm (Li et al. 2017)").run()
+    assert not at.exception, at.exception
+
+
+def test_pruning_page_on_vgg16_without_class_output():
+    at = _app(model="demo:vgg16").run()
+    at.switch_page("pages/pruning.py").run()
+    assert not at.exception, at.exception
+    assert [m.label for m in at.metric] == ["Relative feature error"]

@@ -172,6 +172,18 @@ def test_filters_page_refuses_bad_filter_indices_with_a_message(server, browser)
     context.close()
 
 
+def test_pruning_page_on_the_demo_model_offers_a_smaller_model(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/pruning")
+    page.get_by_role("button", name="Download the pruned model (.keras)").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Top-1 agreement").is_visible()
+    assert page.locator(".js-plotly-plot").count() == 2  # candidates per layer, filter scatter
+    _screenshot(page, "pruning.png")
+    context.close()
+
+
 def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
     url, _ = server
     context, page = _open(browser, url)

@@ -1,0 +1,93 @@
+"""Pruning page: which filters the model can lose, the evidence, what cutting them costs, a smaller model."""
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from audit import pruning
+from pages import common
+
+selection = common.current()
+loaded = selection.model
+st.title("Pruning")
+st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
+           "to remove; everything below is measured before any fine-tuning.")
+
+with common.user_errors():
+    scores = common.filter_scores(selection)
+
+criteria = {
+    "dead or near-dead (APoZ)": None,
+    "lowest L1 norm (Li et al. 2017)": "l1",
+    "lowest mean activation": "mean",
+    "lowest Taylor score (Molchanov et al. 2017)": "taylor",
+    "closest to the geometric median (FPGM)": "fpgm",
+}
+if scores["taylor"].isna().all():
+    criteria.pop("lowest Taylor score (Molchanov et al. 2017)")
+criterion = st.sidebar.selectbox("Pruning criterion", list(criteria), key="prune_criterion")
+share = st.sidebar.slider("Share of each layer to cut", 0.0, 0.9, 0.3, 0.05, key="prune_share",
+                          disabled=criteria[criterion] is None)
+column = criteria[criterion]
+if column is None:
+    candidates = scores[scores.dead | scores.near_dead]
+else:
+    rank = scores.groupby("layer")[column].rank(method="first")
+    per_layer = (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
+    candidates = scores[rank <= per_layer]
+selection_map = {layer: sorted(group["filter"].astype(int)) for layer, group in candidates.groupby("layer", sort=False)}
+
+counts = scores.groupby("layer", sort=False).size().rename("total").to_frame()
+counts["candidates"] = candidates.groupby("layer", sort=False).size()
+counts = counts.fillna(0).astype(int).reset_index()
+figure = px.bar(counts, x="layer", y=["candidates", "total"], barmode="overlay", labels={"value": "filters"},
+                color_discrete_map={"candidates": "#d62728", "total": "#c7c7c7"})
+figure.update_layout(height=320, margin=dict(t=10), xaxis_tickangle=-45, legend_title_text="")
+st.subheader(f"{len(candidates)} candidates of {len(scores)} filters")
+st.plotly_chart(figure, width="stretch")
+
+layer_pick = st.selectbox("Filters of layer", list(counts["layer"]), key="prune_scatter_layer")
+shown = scores[scores.layer == layer_pick].assign(candidate=lambda f: f["filter"].isin(selection_map.get(layer_pick, [])))
+scatter = px.scatter(shown, x="l1", y="apoz", color="redundancy", symbol="candidate", hover_data=["filter", "mean",
+                     "nearest", "fpgm", "taylor"], labels={"l1": "L1 norm", "apoz": "APoZ"},
+                     color_continuous_scale="Viridis")
+scatter.update_layout(height=380, margin=dict(t=30), legend=dict(orientation="h", y=1.1, title_text="candidate"))
+st.plotly_chart(scatter, width="stretch")
+st.dataframe(candidates, hide_index=True, width="stretch", height=260)
+st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
+
+st.subheader("What if they were cut?")
+st.caption("The candidates' outputs are zeroed on a copy of the model (the loaded one is untouched) and "
+           "compared with the unpruned model on the image set. Quality before fine-tuning.")
+if not selection_map:
+    st.info("No candidates with this criterion.")
+    st.stop()
+x = loaded.preprocess([item.pixels for item in selection.image_set], selection.preprocessing, selection.fit)
+with st.spinner("Running both models on the image set…"), loaded.lock:
+    masked = pruning.masked(loaded.model, selection_map)
+    before = np.asarray(loaded.model.predict(x, verbose=0))
+    after = np.asarray(masked.predict(x, verbose=0))
+metrics = st.columns(3)
+if before.ndim == 2 and before.shape[-1] > 1:
+    metrics[0].metric("Top-1 agreement", f"{np.mean(before.argmax(1) == after.argmax(1)):.1%}")
+    kl = np.sum(before * (np.log(before + 1e-12) - np.log(after + 1e-12)), axis=1).mean()
+    metrics[1].metric("Mean KL(before ‖ after)", f"{kl:.4f}")
+    labels = common.labels_of(selection)
+    if labels is not None:
+        metrics[2].metric("Accuracy", f"{np.mean(after.argmax(1) == labels):.1%}",
+                          delta=f"{np.mean(after.argmax(1) == labels) - np.mean(before.argmax(1) == labels):+.1%}")
+else:
+    error = np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12)
+    metrics[0].metric("Relative feature error", f"{error:.3f}")
+
+st.subheader("Export a smaller model")
+selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())
+data, sizes, reason = common.pruned_export(loaded.fingerprint, loaded.source, selection_key)
+if reason:
+    st.warning(f"{reason} The masked model is offered instead.")
+table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
+                     columns=["", "before", "after"])
+table["change"] = (table["after"] / table["before"] - 1).map(lambda v: f"{v:+.1%}")
+st.dataframe(table, hide_index=True)
+st.download_button("Download the pruned model (.keras)", data, "pruned.keras", type="primary")
