@@ -132,14 +132,28 @@ def masked(model: keras.Model, selection: dict[str, list[int]]) -> keras.Model:
     return clone
 
 
+def _graph_inputs(model: keras.Model) -> dict[str, list[str]]:
+    """For each layer, the layers whose outputs it reads, in the model's own graph only.
+
+    A layer's `_inbound_nodes` also hold every later call on it (the sub-models the other pages
+    build share the loaded model's layers), so the nodes are taken from the model's graph itself.
+    """
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    sources: dict[str, list[str]] = {}
+    for nodes in graph._nodes_by_depth.values():
+        for node in nodes:
+            if node.operation is None or node.is_input:
+                continue
+            sources[node.operation.name] = [t._keras_history.operation.name for t in node.input_tensors]
+    return sources
+
+
 def _consumers(model: keras.Model) -> dict[str, list[str]]:
-    """Which layers read each layer's output, from the model's own graph."""
+    """Which layers read each layer's output."""
     readers: dict[str, list[str]] = {layer.name: [] for layer in model.layers}
-    for layer in model.layers:
-        for node in layer._inbound_nodes:
-            for tensor in node.input_tensors:
-                source = tensor._keras_history.operation.name
-                readers.setdefault(source, []).append(layer.name)
+    for reader, sources in _graph_inputs(model).items():
+        for source in sources:
+            readers.setdefault(source, []).append(reader)
     return readers
 
 
@@ -225,11 +239,11 @@ def prune(model: keras.Model, selection: dict[str, list[int]]) -> keras.Model:
 
 def _flatten_channels(model: keras.Model, dense: str) -> int:
     """Channels per position of the Flatten feeding a dense layer."""
-    layer = model.get_layer(dense)
-    source = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
-    while type(source).__name__ != "Flatten":
-        source = source._inbound_nodes[0].input_tensors[0]._keras_history.operation
-    return int(source.input.shape[-1])
+    sources = _graph_inputs(model)
+    name = sources[dense][0]
+    while type(model.get_layer(name)).__name__ != "Flatten":
+        name = sources[name][0]
+    return int(model.get_layer(name).input.shape[-1])
 
 
 def flops(model: keras.Model) -> int:

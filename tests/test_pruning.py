@@ -138,3 +138,15 @@ def test_flops_fall_when_filters_go():
     assert pruning.flops(model) == 3 * 3 * 3 * 6 * 144 + 3 * 3 * 6 * 5 * 36 + 45 * 4
     smaller = pruning.prune(model, {"conv1": [0, 1, 2]})
     assert pruning.flops(smaller) == 3 * 3 * 3 * 3 * 144 + 3 * 3 * 3 * 5 * 36 + 45 * 4
+
+
+def test_surgery_ignores_calls_made_on_the_layers_by_other_graphs():
+    # the dashboard builds sub-models on the loaded model's layers; their nodes must not look like branches
+    from audit import models
+
+    model = _sequential_bn()
+    models.submodel(model, "conv2", any_size=True)  # re-calls conv1..conv2 on a new input
+    models.submodel(model, "conv1", pre_activation=True)
+    x = random_images(2, (12, 12, 3), seed=1)
+    smaller = pruning.prune(model, {"conv1": [1]})
+    np.testing.assert_allclose(smaller(x), pruning.masked(model, {"conv1": [1]})(x), atol=1e-5)

@@ -104,7 +104,7 @@ def test_activations_page_on_vgg16_and_chelsea(server, browser):
     context, page = _open(browser, f"{url}/activations?model=demo:vgg16&image=chelsea")
     page.get_by_text("One channel over the image").wait_for()
     _settle(page)
-    assert page.locator("[data-testid=stMain] img").count() >= 4  # montage, image, channel, overlay
+    page.locator("[data-testid=stMain] img").nth(3).wait_for()  # montage, image, channel, overlay
     _assert_clean(page)
     _screenshot(page, "activations.png")
     page.get_by_role("button", name="Compute statistics").click()
@@ -153,7 +153,7 @@ def test_attribution_page_on_a_demo_shape_with_its_trust_table(server, browser):
     _settle(page)
     _assert_clean(page)
     assert page.get_by_text("Why ").first.is_visible()
-    assert page.locator("[data-testid=stMain] img").count() >= 6  # the image and five overlays
+    page.locator("[data-testid=stMain] img").nth(5).wait_for()  # the image and five overlays
     page.get_by_text("Why ").first.scroll_into_view_if_needed()
     _screenshot(page, "attribution_shapes.png")
     context.close()
