@@ -258,3 +258,101 @@ def flops(model: keras.Model) -> int:
         elif kind == "Dense":
             total += int(np.prod(layer.get_weights()[0].shape))
     return int(total)
+
+
+# --- what cutting costs ----------------------------------------------------------------------
+
+def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    """How a pruned model's outputs compare with the unpruned ones on the same images."""
+    if reference.ndim == 2 and reference.shape[-1] > 1:
+        result = {
+            "agreement": float(np.mean(reference.argmax(1) == outputs.argmax(1))),
+            "kl": float(np.mean(np.sum(reference * (np.log(reference + 1e-12) - np.log(outputs + 1e-12)), axis=1))),
+        }
+        if labels is not None:
+            result["accuracy"] = float(np.mean(outputs.argmax(1) == labels))
+        return result
+    return {"feature_error": float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))}
+
+
+class MaskedCopy:
+    """One clone of the model whose filters can be silenced and restored cheaply, step after step."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self.copy = masked(model, {})
+        self.readers = _consumers(model)
+
+    def outputs(self, selection: dict[str, list[int]], images: np.ndarray) -> np.ndarray:
+        touched = []
+        for layer, filters in selection.items():
+            chain = [layer]
+            try:
+                chain += [n for n in _downstream(self.model, layer, self.readers)
+                          if type(self.model.get_layer(n)).__name__ == "BatchNormalization"]
+            except PruningError:
+                pass
+            for name in chain:
+                target = self.copy.get_layer(name)
+                weights = [w.copy() for w in self.model.get_layer(name).get_weights()]
+                if name == layer:
+                    weights[0][..., list(filters)] = 0
+                    if len(weights) > 1:
+                        weights[1][list(filters)] = 0
+                else:
+                    weights[0][list(filters)], weights[1][list(filters)] = 0, 0
+                target.set_weights(weights)
+                touched.append(name)
+        result = np.asarray(self.copy.predict(images, verbose=0, batch_size=64))
+        for name in touched:  # restore
+            self.copy.get_layer(name).set_weights(self.model.get_layer(name).get_weights())
+        return result
+
+
+def ranking(scores: pd.DataFrame, layer: str, criterion: str) -> list[int]:
+    """The layer's filters in pruning order: the lowest score first (dead first for APoZ: highest first)."""
+    part = scores[scores.layer == layer]
+    ascending = criterion != "apoz"
+    return list(part.sort_values(criterion, ascending=ascending, kind="stable")["filter"].astype(int))
+
+
+def curve(copy: MaskedCopy, layer: str, order: list[int], images: np.ndarray, reference: np.ndarray,
+          labels: np.ndarray | None, fractions) -> list[dict]:
+    rows = []
+    for fraction in fractions:
+        cut = order[:int(round(fraction * len(order)))]
+        rows.append({"fraction": float(fraction), **quality(reference, copy.outputs({layer: cut}, images), labels)})
+    return rows
+
+
+def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images: np.ndarray,
+                labels: np.ndarray | None = None, fractions=np.arange(0.1, 0.91, 0.1), progress=None) -> pd.DataFrame:
+    """For each conv layer alone, prune 10%..90% of its filters by the criterion and measure (Li et al. 2017)."""
+    copy = MaskedCopy(model)
+    reference = np.asarray(model.predict(images, verbose=0, batch_size=64))
+    layers = list(dict.fromkeys(scores.layer))
+    rows = []
+    for done, layer in enumerate(layers):
+        rows += [{"layer": layer, **row} for row in
+                 curve(copy, layer, ranking(scores, layer, criterion), images, reference, labels, fractions)]
+        if progress is not None:
+            progress(done + 1, len(layers))
+    return pd.DataFrame(rows)
+
+
+def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str, criterion: str,
+                           images: np.ndarray, labels: np.ndarray | None = None, random_rankings: int = 20,
+                           fractions=np.arange(0.1, 0.91, 0.1), seed: int = 0, progress=None) -> pd.DataFrame:
+    """The measure against the fraction pruned for the chosen ranking, its inverse and random rankings."""
+    copy = MaskedCopy(model)
+    reference = np.asarray(model.predict(images, verbose=0, batch_size=64))
+    order = ranking(scores, layer, criterion)
+    rng = np.random.default_rng(seed)
+    orders = {"chosen": order, "inverted": order[::-1]}
+    orders.update({f"random {i}": list(rng.permutation(order)) for i in range(random_rankings)})
+    rows = []
+    for done, (kind, sequence) in enumerate(orders.items()):
+        rows += [{"ranking": kind, **row} for row in curve(copy, layer, sequence, images, reference, labels, fractions)]
+        if progress is not None:
+            progress(done + 1, len(orders))
+    return pd.DataFrame(rows)

@@ -81,6 +81,41 @@ else:
     error = np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12)
     metrics[0].metric("Relative feature error", f"{error:.3f}")
 
+st.subheader("Which layers can lose how much?")
+ranking_criteria = {"L1 norm": "l1", "mean activation": "mean", "APoZ": "apoz", "FPGM distance": "fpgm"}
+if not scores["taylor"].isna().all():
+    ranking_criteria["Taylor score"] = "taylor"
+rank_by = st.selectbox("Rank filters by", list(ranking_criteria), key="prune_rank_by")
+labels = common.labels_of(selection)
+measure = "accuracy" if labels is not None else "agreement" if before.ndim == 2 and before.shape[-1] > 1 \
+    else "feature_error"
+if st.button("Run the sensitivity analysis", key="prune_sensitivity"):
+    with common.progress_bar("Sensitivity, layer by layer") as progress, loaded.lock:
+        sensitivity = pruning.sensitivity(loaded.model, scores, ranking_criteria[rank_by], x, labels,
+                                          progress=progress)
+    chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
+                    labels={"fraction": "share of the layer's filters pruned (alone)"})
+    chart.update_layout(height=360, margin=dict(t=10))
+    st.plotly_chart(chart, width="stretch")
+    st.caption("Each layer pruned alone, the others intact (Li et al. 2017): flat curves mark robust layers.")
+
+chance_layer = st.selectbox("Does the ranking beat chance? Layer", list(counts["layer"]),
+                            index=len(counts) - 1, key="prune_chance_layer")
+if st.button("Compare with the inverted and 20 random rankings", key="prune_chance"):
+    with common.progress_bar("Rankings") as progress, loaded.lock:
+        runs = pruning.ranking_against_chance(loaded.model, scores, chance_layer, ranking_criteria[rank_by], x,
+                                              labels, progress=progress)
+    random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
+    band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
+    chart = px.line(runs[~runs.ranking.str.startswith("random")], x="fraction", y=measure, color="ranking",
+                    markers=True, labels={"fraction": f"share of {chance_layer}'s filters pruned"})
+    chart.add_scatter(x=band.fraction, y=band.high, mode="lines", line=dict(width=0), showlegend=False)
+    chart.add_scatter(x=band.fraction, y=band.low, mode="lines", line=dict(width=0), fill="tonexty",
+                      fillcolor="rgba(128,128,128,0.3)", name="20 random rankings")
+    chart.update_layout(height=360, margin=dict(t=10))
+    st.plotly_chart(chart, width="stretch")
+    st.caption("Quality before fine-tuning.")
+
 st.subheader("Export a smaller model")
 selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())
 data, sizes, reason = common.pruned_export(loaded.fingerprint, loaded.source, selection_key)

@@ -149,3 +149,13 @@ def test_pruning_page_on_vgg16_without_class_output():
     at.switch_page("pages/pruning.py").run()
     assert not at.exception, at.exception
     assert [m.label for m in at.metric] == ["Relative feature error"]
+
+
+def test_pruning_page_runs_the_sensitivity_analysis_and_the_chance_comparison():
+    at = _app().run()
+    at.switch_page("pages/pruning.py").run()
+    _submit(at, "Run the sensitivity analysis")
+    assert not at.exception, at.exception
+    _submit(at, "Compare with the inverted and 20 random rankings")
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 3

@@ -150,3 +150,26 @@ def test_surgery_ignores_calls_made_on_the_layers_by_other_graphs():
     x = random_images(2, (12, 12, 3), seed=1)
     smaller = pruning.prune(model, {"conv1": [1]})
     np.testing.assert_allclose(smaller(x), pruning.masked(model, {"conv1": [1]})(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_on_the_demo_model_the_l1_ranking_beats_chance_and_its_inverse_loses():
+    from audit import models
+    from audit.zoo import shapes as generator
+
+    loaded = models.load("demo:shapes")
+    data = generator.generate(300, seed=4242)
+    x = loaded.preprocess(data.images)
+    scores = pruning.filter_scores(loaded.model, x, data.labels)
+    result = pruning.ranking_against_chance(loaded.model, scores, "block3_conv2", "l1", x, data.labels, fractions=[0.5])
+    chosen = result.loc[result.ranking == "chosen", "accuracy"].item()
+    inverted = result.loc[result.ranking == "inverted", "accuracy"].item()
+    random = result.loc[result.ranking.str.startswith("random"), "accuracy"]
+    assert len(random) == 20
+    assert (chosen > random).sum() >= 19, (chosen, sorted(random))  # measured: 20 of 20
+    assert inverted < random.min(), (inverted, random.min())  # measured: 0.38 against >= 0.80
+    sensitivity = pruning.sensitivity(loaded.model, scores, "l1", x[:60], data.labels[:60], fractions=[0.1, 0.9])
+    assert set(sensitivity.layer) == set(models.conv_layers(loaded.model)) and len(sensitivity) == 12
+    # cutting 90% hurts more than cutting 10%, in every layer
+    pivot = sensitivity.pivot(index="layer", columns="fraction", values="accuracy")
+    assert (pivot[0.9] <= pivot[0.1]).all()
