@@ -1,16 +1,22 @@
 """Opening untrusted model files: screen everything before Keras deserialises anything.
 
 A shared dashboard loads files from strangers, and Keras's `safe_mode` alone has been bypassed
-several times (CVE-2025-1550, -8747, -9905, -9906, CVE-2026-1462). So we: accept only `.keras`
-(zip) and `.h5` (HDF5) by their magic bytes, never a SavedModel; read the config as plain JSON and
-refuse Lambda layers, anything from modules outside Keras, custom registered objects, serialised
-functions, lookup layers reading files, and HDF5 links or storage outside the file; and only then
-load a copy whose file name we chose, with safe mode on.
+several times (CVE-2025-1550, -8747, -9905, -9906, CVE-2026-1462). So we never rely on it alone:
+
+1. only `.keras` (zip) and `.h5` (HDF5) files, told apart by their magic bytes, never a SavedModel
+   folder (an executable TensorFlow graph);
+2. the model config is read as plain JSON, without building anything, and refused when it asks
+   for code: Lambda and other code-carrying layers, serialised functions, objects from modules
+   outside Keras's model-building namespaces, custom registered objects, files or web addresses;
+3. HDF5 links and storage that reach outside the file, and zip members that point outside the
+   archive, are refused;
+4. only then is a private copy, under a name we chose, loaded with `safe_mode=True`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import zipfile
@@ -20,152 +26,299 @@ from audit.errors import ModelFileError, UnsafeModelError
 
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+MAX_CONFIG_BYTES = 64 * 2**20  # a real config.json is kilobytes; more is a decompression bomb
 
-CODE_LAYERS = {
-    "Lambda": "a Lambda layer carries Python code, which would run when the model is loaded "
-              "(safe mode refuses it); rebuild the model with standard layers",
-    "TFSMLayer": "a TFSMLayer loads a TensorFlow SavedModel, an executable graph we never load",
-    "function": "a serialised Python function is code",
-    "__lambda__": "a serialised Python lambda is code",
+# Classes whose config carries or reaches code that would run when the model is rebuilt.
+CODE_CLASSES = {
+    "Lambda": "a Lambda layer carries Python code, which would run when the model is loaded (safe "
+              "mode refuses it too); rebuild the model without Lambda layers, or replace them with "
+              "standard layers",
+    "TFSMLayer": "a TFSMLayer loads a TensorFlow SavedModel, an executable graph that is never loaded here",
+    "TorchModuleWrapper": "a TorchModuleWrapper unpickles a PyTorch module, and unpickling runs code",
+    "JaxLayer": "a JaxLayer wraps Python functions, which are code",
+    "FlaxLayer": "a FlaxLayer wraps a Flax module, which is Python code",
+    "__lambda__": "a serialised Python lambda is bytecode that would run",
 }
+# Preprocessing layers that accept a file path (or URL) instead of an inline vocabulary.
 FILE_READING_LAYERS = {"StringLookup", "IntegerLookup", "TextVectorization", "Hashing", "Discretization"}
-PATH_KEYS = {"filepath", "path", "vocabulary", "vocabulary_path", "file_path", "url"}
+VOCABULARY_KEYS = ("vocabulary", "idf_weights", "bin_boundaries")
+PATH_KEYS = {"filepath", "file_path", "path", "filename", "vocabulary_path", "url", "uri"}
+# Keras namespaces that hold model-building objects. Others (utils, saving, config, callbacks,
+# datasets, applications, preprocessing, export, backend, ...) download, read or write files,
+# or change global settings: CVE-2025-8747 used keras.utils.get_file from a config.
+MODELLING_NAMESPACES = {"layers", "models", "ops", "activations", "initializers", "regularizers",
+                        "constraints", "losses", "metrics", "optimizers", "dtype_policies",
+                        "quantizers", "random"}
+# Where Keras looks up a function saved as {"module": "builtins", "class_name": "function"}.
+BUILTIN_FUNCTION_MODULES = ("activations", "constraints", "initializers", "losses", "metrics",
+                            "optimizers", "regularizers")
+LAYER_KEYS = {"layers", "layer", "forward_layer", "backward_layer"}
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def load_model_file(path: str | Path):
+    """Screen, then load a .keras or .h5 file in safe mode, from a private copy named by us.
+
+    The bytes are copied first and the copy is what gets screened and loaded, so the file cannot
+    change in between; the user's path string never reaches Keras (which follows remote paths).
+    """
+    import keras
+
+    path = Path(path)
+    _refuse_folder_or_missing(path)
+    with tempfile.TemporaryDirectory(prefix="cnn-audit-") as folder:
+        staged = Path(folder) / "upload"
+        shutil.copyfile(path, staged)
+        kind = _screen(staged, path.name)
+        copy = staged.rename(Path(folder) / f"model.{kind}")
+        try:
+            return keras.saving.load_model(copy, compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises many types on bad files; all mean "cannot load"
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
+                raise UnsafeModelError(f"{path.name} was refused by Keras's safe mode ({detail}).") from exc
+            raise ModelFileError(
+                f"{path.name} passed the checks but could not be loaded as a Keras model (corrupt, "
+                f"truncated or made by an incompatible Keras?): {detail}") from exc
 
 
 def check_model_file(path: str | Path) -> str:
     """Screen a model file without loading it; return its format ("keras" or "h5") or raise."""
     path = Path(path)
+    _refuse_folder_or_missing(path)
+    return _screen(path, path.name)
+
+
+def _refuse_folder_or_missing(path: Path) -> None:
     if path.is_dir():
         raise UnsafeModelError(
-            f"{path.name} is a folder (a TensorFlow SavedModel?). SavedModels are executable graphs and are "
-            "never loaded here; save the model as .keras (model.save('model.keras')).")
+            f"{path.name} is a folder (a TensorFlow SavedModel?). SavedModels are executable graphs "
+            "and are never loaded here; save the model as one .keras file (model.save('model.keras')).")
     if not path.is_file():
         raise ModelFileError(f"No model file at {path}.")
+
+
+def _screen(path: Path, shown: str) -> str:
+    """Format by magic bytes only (the extension is the uploader's claim), then the checks."""
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head.startswith(ZIP_MAGIC):
-        scan_config(_zip_config(path))
+        _screen_zip(path, shown)
         return "keras"
     if head == HDF5_MAGIC:
-        scan_config(_hdf5_config(path))
+        scan_config(_hdf5_config(path, shown))
         return "h5"
     raise ModelFileError(
-        f"{path.name} is not a Keras model file: expected a .keras (zip) or .h5 (HDF5) file, "
-        "and its first bytes are neither.")
+        f"{shown} is not a Keras model file: expected a .keras (zip) or .h5 (HDF5) file, and its "
+        "first bytes are neither.")
 
 
-def _zip_config(path: Path) -> dict:
+def _screen_zip(path: Path, shown: str) -> None:
+    """A .keras archive: members that escape it, then its config, then its checksums and HDF5."""
     try:
         with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                member = PurePosixPath(name)
-                if member.is_absolute() or ".." in member.parts or "\\" in name:
-                    raise UnsafeModelError(f"{path.name}: the archive member {name!r} points outside the archive.")
-            if "config.json" not in archive.namelist():
-                raise ModelFileError(f"{path.name} is a zip archive but not a .keras model (no config.json).")
+            names = archive.namelist()
+            for name in names:
+                member = PurePosixPath(name.replace("\\", "/"))
+                if member.is_absolute() or ".." in member.parts or re.match(r"^[A-Za-z]:", name):
+                    raise UnsafeModelError(f"{shown}: the archive member {name!r} points outside the archive.")
+            if "config.json" not in names:
+                raise ModelFileError(f"{shown} is a zip archive but not a .keras model (it has no config.json).")
+            with archive.open("config.json") as member:
+                raw = member.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise ModelFileError(f"{shown}: its config.json is over {MAX_CONFIG_BYTES >> 20} MiB; refused.")
+            try:
+                config = json.loads(raw)
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                raise ModelFileError(f"{shown}: its config.json is not valid JSON ({exc}).") from exc
+            if not isinstance(config, dict):
+                raise ModelFileError(f"{shown}: its config.json does not describe a model.")
+            scan_config(config)
             broken = archive.testzip()
             if broken is not None:
-                raise ModelFileError(f"{path.name} is corrupt: the member {broken!r} fails its checksum.")
-            return json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise ModelFileError(f"{path.name} is corrupt or truncated: it cannot be read as a zip archive ({exc}).") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path.name}: its config.json is not valid JSON ({exc}).") from exc
+                raise ModelFileError(f"{shown} is corrupt: the archive member {broken!r} fails its checksum.")
+            for name in names:
+                if name.endswith((".h5", ".hdf5")):
+                    _check_inner_hdf5(archive, name, shown)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError, ValueError) as exc:
+        raise ModelFileError(
+            f"{shown} is corrupt or truncated: it cannot be read as a zip archive ({exc}).") from exc
 
 
-def _hdf5_config(path: Path) -> dict:
+def _check_inner_hdf5(archive: zipfile.ZipFile, name: str, shown: str) -> None:
+    """The weights inside a .keras are HDF5 too; h5py would follow their links to other files."""
+    import h5py
+
+    try:
+        with archive.open(name) as member, h5py.File(member, "r") as handle:
+            _check_hdf5_links(handle, f"{shown} ({name})")
+    except OSError as exc:
+        raise ModelFileError(f"{shown} is corrupt or truncated: its {name} cannot be read ({exc}).") from exc
+
+
+def _hdf5_config(path: Path, shown: str) -> dict:
+    """model_config of a legacy .h5 file, after refusing links and storage outside the file."""
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
-            _check_hdf5_links(handle, path.name)
+            _check_hdf5_links(handle, shown)
             config = handle.attrs.get("model_config")
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise ModelFileError(f"{path.name} is corrupt or truncated: it cannot be read as HDF5 ({exc}).") from exc
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise ModelFileError(f"{shown} is corrupt or truncated: it cannot be read as HDF5 ({exc}).") from exc
     if config is None:
         raise ModelFileError(
-            f"{path.name} holds weights only (no model_config): it needs the architecture too; save the "
-            "whole model with model.save('model.keras').")
+            f"{shown} holds weights only (no model_config): it needs the architecture too; save "
+            "the whole model with model.save('model.keras').")
     try:
-        return json.loads(config.decode() if isinstance(config, bytes) else config)
+        config = json.loads(config.decode() if isinstance(config, bytes) else str(config))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path.name}: its model_config is not valid JSON ({exc}).") from exc
+        raise ModelFileError(f"{shown}: its model_config is not valid JSON ({exc}).") from exc
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{shown}: its model_config does not describe a model.")
+    return config
 
 
-def _check_hdf5_links(group, file_name: str, prefix: str = "") -> None:
-    """Refuse external links, virtual datasets and external storage: they read other files."""
+def _check_hdf5_links(group, shown: str, prefix: str = "", seen: set | None = None) -> None:
+    """Refuse external links, virtual datasets and external storage: each reads another file.
+
+    `visititems` skips links, so links are listed one by one; hard links may form cycles, hence
+    `seen`. Soft links point inside this file, whose objects are all visited anyway.
+    """
     import h5py
 
+    seen = set() if seen is None else seen
     for name in group:
         link = group.get(name, getlink=True)
         where = f"{prefix}/{name}"
         if isinstance(link, h5py.ExternalLink):
-            raise UnsafeModelError(f"{file_name}: {where} is an external link to {link.filename!r}; refused.")
+            raise UnsafeModelError(
+                f"{shown}: {where} is an external link to {link.filename!r}, another file; refused.")
         if isinstance(link, h5py.SoftLink):
-            continue  # points inside this file; its target is visited on its own
+            continue
         item = group[name]
+        if item.id in seen:
+            continue
+        seen.add(item.id)
         if isinstance(item, h5py.Dataset):
-            if item.is_virtual or item.external:
-                raise UnsafeModelError(f"{file_name}: the dataset {where} reads data from other files; refused.")
+            if item.is_virtual:
+                raise UnsafeModelError(f"{shown}: the dataset {where} is virtual (reads other files); refused.")
+            if item.external:
+                raise UnsafeModelError(f"{shown}: the dataset {where} stores its data in other files; refused.")
         elif isinstance(item, h5py.Group):
-            _check_hdf5_links(item, file_name, where)
+            _check_hdf5_links(item, shown, where, seen)
 
 
 def scan_config(config) -> None:
-    """Walk a whole model config (nested models too) and refuse anything that is code."""
+    """Walk a whole model config (nested models, wrapped layers, compile configs) and refuse code.
+
+    Raises one UnsafeModelError that lists every problem with where it is. Nested objects'
+    `compile_config` is scanned too: Keras compiles nested models from it even when the outer
+    load passes compile=False.
+    """
     problems: list[str] = []
-    _walk(config, "", problems)
+    _walk(config, "", None, problems)
     if problems:
         unique = list(dict.fromkeys(problems))
         raise UnsafeModelError("This model file is refused: " + "; ".join(unique) + ".")
 
 
-def _is_keras_module(module: str) -> bool:
-    return module == "keras" or module.startswith("keras.")
-
-
-def _walk(node, where: str, problems: list[str]) -> None:
+def _walk(node, where: str, key: str | None, problems: list[str]) -> None:
+    """`where` is the path of layer names so far; `key` the field holding this node."""
     if isinstance(node, list):
         for item in node:
-            _walk(item, where, problems)
+            _walk(item, where, key, problems)
+        return
+    if isinstance(node, str):
+        if URL.match(node.strip()):
+            problems.append(f"{_label(where, key)} holds the web address {node[:120]!r}; models "
+                            "must not fetch anything")
         return
     if not isinstance(node, dict):
         return
     class_name = node.get("class_name")
     config = node.get("config") if isinstance(node.get("config"), dict) else {}
     name = config.get("name") if isinstance(config.get("name"), str) else None
-    here = f"{where}/{name}" if name and class_name else where
-    label = f"layer '{here.lstrip('/')}'" if here else "the model"
-    if isinstance(class_name, str) and class_name in CODE_LAYERS:
-        problems.append(f"{label} is a {class_name}: {CODE_LAYERS[class_name]}")
-    module = node.get("module")
-    if isinstance(module, str) and not _is_keras_module(module):
-        problems.append(f"{label} names the module {module!r}, outside Keras: only Keras's own objects are loaded")
-    registered = node.get("registered_name")
-    if isinstance(registered, str) and class_name and registered != class_name and not registered.startswith("keras"):
-        problems.append(f"{label} is the custom object {registered!r}: custom code cannot be vetted")
+    if class_name is not None and name and (not where or key in LAYER_KEYS):
+        where, key = f"{where}/{name}" if where else name, None
+    label = _label(where, key)
+    if class_name is not None:
+        _check_object(node, class_name, config, label, problems)
+    for field, value in node.items():
+        if field in PATH_KEYS and isinstance(value, str) and value:
+            problems.append(f"{label} names a file or address in {field!r}: {value[:120]!r}")
+        if field == "function_type" and value == "lambda":
+            problems.append(f"{label} holds a serialised Python function (bytecode)")
+        _walk(value, where, field if field != "config" else key, problems)
+
+
+def _label(where: str, key: str | None) -> str:
+    place = f"layer '{where}'" if where else "the model"
+    return f"{place} ({key})" if key else place
+
+
+def _check_object(node: dict, class_name, config: dict, label: str, problems: list[str]) -> None:
+    """One serialised object: its class, the module Keras would import it from, its name."""
+    if not isinstance(class_name, str):
+        problems.append(f"{label} has a class name that is not a string")
+        return
+    if class_name in CODE_CLASSES:
+        problems.append(f"{label} is a {class_name}: {CODE_CLASSES[class_name]}")
     if class_name in FILE_READING_LAYERS:
-        for key in ("vocabulary", "bin_boundaries", "salt"):
-            if isinstance(config.get(key), str):
-                problems.append(f"{label} ({class_name}) reads its {key} from the path {config[key]!r}")
-    for key, value in node.items():
-        if key in PATH_KEYS and isinstance(value, str) and value and class_name not in FILE_READING_LAYERS:
-            problems.append(f"{label} has a file path or address in {key!r}: {value!r}")
-        _walk(value, here, problems)
+        for field in VOCABULARY_KEYS:
+            if isinstance(config.get(field), str):
+                problems.append(f"{label} ({class_name}) would read its {field} from the file or "
+                                f"address {config[field][:120]!r}")
+    registered = node.get("registered_name")
+    if registered is not None and registered != class_name:
+        problems.append(f"{label} is the custom object {registered!r}: custom objects are code that "
+                        "cannot be vetted")
+    if "module" not in node:
+        return  # legacy .h5 configs: Keras looks the class up among its own layers only
+    module = node["module"]
+    # What Keras resolves: `module.class_name`, or `module.<config>` for a saved function,
+    # or `module.<spec_name>` for a TypeSpec.
+    if class_name == "function":
+        target = node.get("config")
+    elif class_name == "__typespec__":
+        target = node.get("spec_name")
+    else:
+        target = class_name
+    problem = _module_problem(module, target, class_name == "function")
+    if problem:
+        problems.append(f"{label} {problem}")
 
 
-def load_model_file(path: str | Path):
-    """Screen, then load a .keras or .h5 file in safe mode from a copy whose name we chose."""
+def _module_problem(module, target, is_function: bool) -> str | None:
+    if not isinstance(module, str):
+        return f"names a module that is not a string ({module!r})"
+    if not isinstance(target, str) or not IDENTIFIER.match(target):
+        return f"names the object {target!r} in {module!r}, which is not a plain name"
+    if module == "builtins" and is_function:
+        if _is_keras_builtin_function(target):
+            return None  # how Keras saves its own functions, e.g. a loss passed as a function
+        return f"names the Python function {target!r}, which is not one of Keras's own functions"
+    if module != "keras" and not module.startswith("keras."):
+        return (f"names the module {module!r}, outside Keras: only Keras's own model-building "
+                "objects are loaded")
+    parts = module.split(".")[1:]
+    if parts[:1] == ["src"]:
+        parts = parts[1:]
+    namespace = parts[0] if parts else ""
+    if namespace and namespace not in MODELLING_NAMESPACES:
+        return (f"names {module}.{target}, which is not a model-building object (Keras's "
+                f"{namespace!r} namespace reads, downloads or changes things)")
+    if namespace in ("", "models") and not target[0].isupper():
+        return f"names the function {module}.{target}, which is not a model-building object"
+    return None
+
+
+def _is_keras_builtin_function(name: str) -> bool:
     import keras
 
-    path = Path(path)
-    kind = check_model_file(path)
-    with tempfile.TemporaryDirectory(prefix="cnn-audit-") as folder:
-        copy = Path(folder) / f"model.{kind}"
-        shutil.copyfile(path, copy)
-        try:
-            return keras.saving.load_model(copy, compile=False, safe_mode=True)
-        except Exception as exc:  # Keras raises many types on bad files; all mean "cannot load"
-            raise ModelFileError(
-                f"{path.name} could not be loaded as a Keras model: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+    if name.startswith("_") or name in ("get", "serialize", "deserialize"):
+        return False
+    return any(callable(getattr(getattr(keras, module), name, None))
+               for module in BUILTIN_FUNCTION_MODULES)
