@@ -19,3 +19,4 @@ st.sidebar.title("CNN Audit")
 if common.sidebar() is None:
     st.stop()
 navigation.run()
+common.share_box()

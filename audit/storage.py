@@ -26,8 +26,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("CNN_AUDIT_DATA", default)).resolve()
 
 
-def save_upload(data: bytes, kind: str) -> str:
-    """Store uploaded bytes under their SHA-256 and return the digest (the name a link uses)."""
+def save_upload(data: bytes, kind: str, name: str | None = None) -> str:
+    """Store uploaded bytes under their SHA-256 and return the digest (the name a link uses).
+
+    `name` (the uploader's file name) is kept beside it for display only, never used as a path.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown upload kind {kind!r}")
     if len(data) > MAX_UPLOAD_BYTES:
@@ -41,12 +44,26 @@ def save_upload(data: bytes, kind: str) -> str:
         partial = path.with_suffix(".part")
         partial.write_bytes(data)
         partial.replace(path)  # atomic: a reader never sees half a file
+    if name:
+        path.with_suffix(".name").write_text(Path(name).name[:200], encoding="utf-8")
     return digest
+
+
+def upload_name(kind: str, digest: str) -> str:
+    """The file name an upload was made with, or the start of its digest."""
+    try:
+        return upload_path(kind, digest).with_suffix(".name").read_text(encoding="utf-8")
+    except OSError:
+        return digest[:12]
+
+
+def is_digest(text: str) -> bool:
+    return isinstance(text, str) and _DIGEST.fullmatch(text) is not None
 
 
 def upload_path(kind: str, digest: str, must_exist: bool = True) -> Path:
     """The file of a stored upload, refusing anything that is not a plain SHA-256 digest."""
-    if kind not in KINDS or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+    if kind not in KINDS or not is_digest(digest):
         raise AuditError(f"{digest!r} is not the SHA-256 name of an upload.")
     path = data_dir() / "uploads" / kind / digest
     if must_exist and not path.is_file():

@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import activations, models, render
-from pages import common
+from pages import common, links
 
 selection = common.current()
 loaded = selection.model
@@ -15,11 +15,11 @@ table = common.layer_table(loaded.fingerprint, loaded.source)
 map_layers = [row.path for row in table.itertuples() if row.output_shape is not None
               and len(row.output_shape) == 4 and not row.is_container and row.type != "InputLayer"]
 conv = [row.path for row in table.itertuples() if row.is_conv]
-default_layer = st.query_params.get("layer", conv[0] if conv else map_layers[0])
-layer = st.selectbox("Layer", map_layers, index=map_layers.index(default_layer) if default_layer in map_layers else 0,
-                     key=f"act_layer_{loaded.fingerprint}")
+default_layer = conv[0] if conv else map_layers[0]
+layer = links.selectbox(st, "Layer", map_layers, index=map_layers.index(default_layer), param="layer",
+                        key=f"act_layer_{loaded.fingerprint}")
 fused = models.has_fused_activation(models.get_layer(loaded.model, layer))
-before = st.toggle("Before the activation", key="act_before", disabled=not fused,
+before = links.toggle(st, "Before the activation", param="before", key="act_before", disabled=not fused,
                    help="For layers with a fused activation such as Conv2D(activation='relu'): "
                         "the map before it, as MATLAB shows conv5 against relu5.")
 
@@ -37,10 +37,10 @@ st.image(activations.montage(maps), clamp=True, width="stretch")
 st.subheader("One channel over the image")
 strongest = activations.strongest_channel(maps)
 left, right = st.columns([1, 3])
-channel = left.number_input("Channel", 0, channels - 1, strongest, key=f"act_channel_{layer}")
+channel = links.number(left, "Channel", 0, channels - 1, strongest, param="channel", key=f"act_channel_{layer}")
 left.caption(f"Strongest channel: **{strongest}** (max {maps[..., strongest].max():.3g}).")
-opacity = left.slider("Opacity", 0.0, 1.0, 0.5, key="act_opacity")
-colour_map = left.selectbox("Colour map", render.COLOUR_MAPS, key="act_cmap")
+opacity = links.number(left, "Opacity", 0.0, 1.0, 0.5, slider=True, param="opacity", key="act_opacity")
+colour_map = links.selectbox(left, "Colour map", render.COLOUR_MAPS, param="cmap", key="act_cmap")
 shown = common.fitted_image(selection)
 upsampled = activations.upsample(maps[..., channel], shown.shape[:2])
 columns = right.columns(3)
@@ -58,13 +58,16 @@ st.subheader("Filter statistics over the image set")
 st.caption(f"{len(selection.image_set)} images. Dead: never above the threshold on any image; near-dead: "
            "APoZ (average percentage of zeros, Hu et al. 2016) above the bound.")
 with st.form("stats_form"):
-    chosen = st.multiselect("Layers", map_layers, default=conv or map_layers[:1], key=f"stats_layers_{loaded.fingerprint}")
+    chosen = links.multiselect(st, "Layers", map_layers, default=conv or map_layers[:1], param="stats_layers",
+                               key=f"stats_layers_{loaded.fingerprint}")
     c1, c2 = st.columns(2)
-    threshold = c1.number_input("Dead threshold", value=0.0, step=0.01, format="%.3f", key="stats_threshold")
-    near = c2.slider("Near-dead APoZ above", 0.5, 1.0, 0.99, 0.005, key="stats_apoz")
+    threshold = links.number(c1, "Dead threshold", None, None, 0.0, step=0.01, format="%.3f", param="threshold",
+                             key="stats_threshold")
+    near = links.number(c2, "Near-dead APoZ above", 0.5, 1.0, 0.99, step=0.005, slider=True, param="apoz",
+                        key="stats_apoz")
     run = st.form_submit_button("Compute statistics", type="primary")
 key_layers = tuple(chosen)
-if chosen and (run or common.has_result(common.stats_key(selection, key_layers, threshold))):
+if chosen and links.shown("stats", run, (key_layers, float(threshold), common.image_set_key(selection))):
     with common.user_errors():
         stats = common.filter_stats(selection, key_layers, float(threshold))
     counts = activations.dead_counts(stats, near)

@@ -9,7 +9,7 @@ import streamlit as st
 from PIL import Image
 
 from audit import attribution, models, render
-from pages import common
+from pages import common, links
 
 selection = common.current()
 loaded = selection.model
@@ -29,41 +29,49 @@ if attribution.has_class_output(loaded.model):
     right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
                     column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
                                                                                    format="%.3f")})
-    chosen = left.selectbox("Target class", range(len(names)), index=int(top[0]),
-                            format_func=lambda i: f"{names[i]}" + (" (top-1)" if i == top[0] else ""),
-                            key=f"attr_class_{loaded.fingerprint}")
+    chosen = links.selectbox(left, "Target class", range(len(names)), index=int(top[0]),
+                             format_func=lambda i: f"{names[i]}" + (" (top-1)" if i == top[0] else ""),
+                             show=names.__getitem__, param="target", key=f"attr_class_{loaded.fingerprint}")
     target = ("class", int(chosen))
     label = names[chosen]
 else:
-    target_layer = left.selectbox("Target: a filter of layer", convs, index=len(convs) - 1,
-                                  key=f"attr_target_layer_{loaded.fingerprint}")
+    target_layer = links.selectbox(left, "Target: a filter of layer", convs, index=len(convs) - 1,
+                                   param="target_layer", key=f"attr_target_layer_{loaded.fingerprint}")
     with common.user_errors():
         maps = common.layer_maps(loaded.fingerprint, loaded.source, target_layer, selection.image_key,
                                  selection.image.pixels, selection.preprocessing, selection.fit, False,
                                  selection.device)
     strongest = int(np.argmax(maps.mean(axis=(0, 1))))
-    index = left.number_input("Filter", 0, maps.shape[-1] - 1, strongest, key=f"attr_filter_{target_layer}",
+    index = links.number(left, "Filter", 0, maps.shape[-1] - 1, strongest, param="filter",
+                         key=f"attr_filter_{target_layer}",
                               help=f"Default: the filter with the largest mean activation here ({strongest}).")
     target = ("filter", target_layer, int(index))
     label = f"filter {index} of {target_layer}"
     right.info("This model has no class output: the target is one filter's mean activation.")
 
-cam_layer = left.selectbox("CAM layer", convs, index=len(convs) - 1, key=f"attr_cam_layer_{loaded.fingerprint}")
-methods = st.multiselect("Methods", list(attribution.METHODS), key="attr_methods",
-                         default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
+cam_layer = links.selectbox(left, "CAM layer", convs, index=len(convs) - 1, param="cam_layer",
+                            key=f"attr_cam_layer_{loaded.fingerprint}")
+methods = links.multiselect(st, "Methods", list(attribution.METHODS), param="methods", key="attr_methods",
+                            default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
 size = x.shape[0]
 black = loaded.preprocess(np.zeros_like(selection.image.pixels), selection.preprocessing, selection.fit)[0]
 with st.expander("Method options"):
     c1, c2, c3 = st.columns(3)
-    samples = c1.slider("SmoothGrad samples", 5, 100, 25, key="attr_samples")
-    noise = c1.slider("SmoothGrad noise (share of range)", 0.0, 0.5, 0.15, 0.01, key="attr_noise")
-    steps = c2.slider("Integrated Gradients steps", 8, 128, 32, key="attr_steps")
-    baseline = c2.radio("Baseline", ("black", "blurred"), horizontal=True, key="attr_baseline")
-    channels = c3.slider("Score-CAM channels (cap)", 4, 128, 32, key="attr_channels")
-    patch = c3.slider("Occlusion patch", 2, size // 2, max(2, size // 8), key="attr_patch")
-    stride = c3.slider("Occlusion stride", 1, size // 2, max(1, size // 16), key="attr_stride")
-opacity = st.slider("Opacity", 0.0, 1.0, 0.5, key="attr_opacity")
-colour_map = st.selectbox("Colour map", render.COLOUR_MAPS, index=2, key="attr_cmap")
+    samples = links.number(c1, "SmoothGrad samples", 5, 100, 25, slider=True, param="samples", key="attr_samples")
+    noise = links.number(c1, "SmoothGrad noise (share of range)", 0.0, 0.5, 0.15, step=0.01, slider=True,
+                         param="noise", key="attr_noise")
+    steps = links.number(c2, "Integrated Gradients steps", 8, 128, 32, slider=True, param="ig_steps",
+                         key="attr_steps")
+    baseline = links.selectbox(c2, "Baseline", ("black", "blurred"), radio=True, horizontal=True, param="baseline",
+                               key="attr_baseline")
+    channels = links.number(c3, "Score-CAM channels (cap)", 4, 128, 32, slider=True, param="channels",
+                            key="attr_channels")
+    patch = links.number(c3, "Occlusion patch", 2, size // 2, max(2, size // 8), slider=True, param="patch",
+                         key="attr_patch")
+    stride = links.number(c3, "Occlusion stride", 1, size // 2, max(1, size // 16), slider=True, param="stride",
+                          key="attr_stride")
+opacity = links.number(st, "Opacity", 0.0, 1.0, 0.5, slider=True, param="opacity", key="attr_opacity")
+colour_map = links.selectbox(st, "Colour map", render.COLOUR_MAPS, index=2, param="cmap", key="attr_cmap")
 
 
 def options_for(method: str) -> tuple:
@@ -79,7 +87,7 @@ def options_for(method: str) -> tuple:
 
 if not methods:
     st.info("Choose at least one method.")
-    st.stop()
+    common.stop()
 results = {}
 with common.progress_bar("Attribution maps") as progress:
     for done, method in enumerate(methods):

@@ -21,8 +21,10 @@ import streamlit as st
 from audit import activations, attribution, device, filters, images, models, pruning, storage
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError, WeightsUnavailableError
+from pages import links
 
 IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
+IMAGE_PARAM = {"Sample photos": "photos", "Demo shapes": "shapes", "Upload": "upload"}
 
 log = logging.getLogger("cnn_audit")
 if not log.handlers:  # the server log says when a model is really loaded (once per process)
@@ -55,10 +57,11 @@ def sample_photo(name: str) -> np.ndarray:
 
 
 @st.cache_data(show_spinner="Decoding images…", max_entries=8)
-def decode_upload(digest: str, name: str) -> list[images.LabelledImage]:
-    """Decode a stored upload (one image or a zip of images) by its content hash."""
+def decode_upload(digest: str) -> list[images.LabelledImage]:
+    """Decode a stored upload (one image, or a zip of images) by its content hash."""
     data = storage.upload_path("images", digest).read_bytes()
-    if name.lower().endswith(".zip"):
+    name = storage.upload_name("images", digest)
+    if data[:4] == b"PK\x03\x04":
         return images.read_zip(data)
     return [images.LabelledImage(name, images.decode(data, name))]
 
@@ -78,7 +81,13 @@ def user_errors():
         yield
     except AuditError as exc:
         st.error(str(exc), icon=":material/error:")
-        st.stop()
+        stop()
+
+
+def stop() -> None:
+    """End the page here (as st.stop does), still giving the link to what is shown."""
+    share_box()
+    st.stop()
 
 
 @dataclass
@@ -181,60 +190,89 @@ def _uploaded_model_source(initial: str) -> str | None:
     return None
 
 
-def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None] | None:
+def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None]:
     st.sidebar.header("Images")
     default_source = "Demo shapes" if loaded.source == "demo:shapes" else "Sample photos"
-    kind = st.sidebar.radio("Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
-                            horizontal=True, key=f"image_source_{loaded.source}")
-    if kind == "Sample photos":
-        return [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS], None
+    kind = links.selectbox(st.sidebar, "Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
+                           param="images", key=f"image_source_{loaded.source}", radio=True, horizontal=True,
+                           show=lambda k: IMAGE_PARAM[k])
     if kind == "Demo shapes":
-        count = st.sidebar.number_input("How many", 6, 2048, 60, step=6, key="demo_count")
-        seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 12345, key="demo_seed")
+        count = links.number(st.sidebar, "How many", 6, 2048, 60, step=6, param="count", key="demo_count")
+        seed = links.number(st.sidebar, "Seed", 0, 2**31 - 1, 12345, param="seed", key="demo_seed")
         data = demo_images(int(count), int(seed))
         from audit.zoo.shapes import CLASSES
 
         return [images.LabelledImage(f"shape {i}", data.images[i], CLASSES[data.labels[i]])
                 for i in range(len(data.labels))], data.masks
+    photos = [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS]
+    if kind == "Sample photos":
+        return photos, None
     files = st.sidebar.file_uploader("Images or a zip (one folder per class)", accept_multiple_files=True,
                                      type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "zip"],
                                      key="image_upload")
-    decoded: list[images.LabelledImage] = []
+    digests = []
     for file in files or []:
         try:
-            decoded += decode_upload(storage.save_upload(file.getvalue(), "images"), file.name)
+            digests.append(storage.save_upload(file.getvalue(), "images", file.name))
         except AuditError as exc:
             st.sidebar.error(str(exc))
+    if not files:  # a link names earlier uploads on this server by their content hash
+        digests = links.from_link("uploads") or st.session_state.get("_linked_uploads", [])
+        st.session_state["_linked_uploads"] = digests
+    decoded: list[images.LabelledImage] = []
+    for digest in dict.fromkeys(digests):
+        try:
+            decoded += decode_upload(digest)
+        except AuditError as exc:
+            st.sidebar.error(str(exc))
+    links.write("uploads", [d for d in dict.fromkeys(digests) if storage.is_digest(d)])
     if not decoded:
         st.sidebar.info("Upload images to use them; meanwhile the sample photos are used.")
-        return [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS], None
+        return photos, None
     return decoded, None
 
 
 def sidebar() -> Selection | None:
     """Draw the sidebar and return the selection, or None when no model could be opened."""
+    links.opened()
+    notices = st.sidebar.container()  # the link's problems, if any, go on top
     loaded = _model_picker()
     if loaded is None:
+        _show_link_warnings(notices)
         return None
-    picked = _image_picker(loaded)
-    image_set, masks = picked
+    image_set, masks = _image_picker(loaded)
     names = [item.name for item in image_set]
-    wanted = st.query_params.get("image", names[0])
-    index = st.sidebar.selectbox("Current image", range(len(names)), format_func=lambda i: names[i],
-                                 index=names.index(wanted) if wanted in names else 0,
-                                 key=f"current_image_{len(names)}_{names[0]}")
+    index = links.selectbox(st.sidebar, "Current image", range(len(names)), show=names.__getitem__,
+                            param="image", key=f"current_image_{len(names)}_{names[0]}")
     with st.sidebar.expander("Preprocessing and device"):
-        modes = list(images.PREPROCESSING)
-        preprocessing = st.selectbox("Preprocessing", modes, index=modes.index(loaded.preprocessing),
-                                     format_func=lambda m: f"{m}: {images.PREPROCESSING[m]}",
-                                     key=f"preprocessing_{loaded.source}")
-        fit = st.radio("Resize", ("crop", "squash"), horizontal=True, key="fit",
-                       help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
+        preprocessing = links.selectbox(st, "Preprocessing", list(images.PREPROCESSING),
+                                        index=list(images.PREPROCESSING).index(loaded.preprocessing),
+                                        format_func=lambda m: f"{m}: {images.PREPROCESSING[m]}",
+                                        param="preprocessing", key=f"preprocessing_{loaded.source}")
+        fit = links.selectbox(st, "Resize", ("crop", "squash"), param="fit", key="fit", radio=True,
+                              horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
         devices = device.available()
         device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
     selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks)
     st.session_state["_selection"] = selection
+    st.session_state["_link_notices"] = notices
     return selection
+
+
+def _show_link_warnings(where) -> None:
+    for message in links.warnings():
+        where.warning(message, icon=":material/link_off:")
+
+
+def share_box() -> None:
+    """The link to this view, with a copy button; drawn last, when every widget has written its value."""
+    notices = st.session_state.get("_link_notices")
+    if notices is not None:
+        _show_link_warnings(notices)
+    with st.sidebar.popover("Share this view", icon=":material/link:", width="stretch"):
+        st.caption("Anyone on this server who opens the link sees this page with the same choices "
+                   "(uploads are named by their content hash).")
+        st.code(links.url(), language=None, wrap_lines=True)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -425,15 +463,62 @@ def labels_of(selection: "Selection") -> np.ndarray | None:
 def filter_scores(selection: "Selection"):
     """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
     loaded = selection.model
-    key = ("filter_scores", loaded.fingerprint, image_set_key(selection), selection.preprocessing, selection.fit)
+    key = _set_key(selection, "filter_scores")
 
     def compute():
-        x = loaded.preprocess([item.pixels for item in selection.image_set], selection.preprocessing, selection.fit)
+        x = image_set_input(selection)
         with st.spinner("Scoring every filter (statistics, Taylor, redundancy)…"), loaded.lock, \
                 device.scope(selection.device):
             return pruning.filter_scores(loaded.model, x, labels_of(selection))
 
     return shared_result(key, compute)
+
+
+def _set_key(selection: "Selection", *parts) -> tuple:
+    return (selection.model.fingerprint, image_set_key(selection), selection.preprocessing, selection.fit, *parts)
+
+
+def image_set_input(selection: "Selection") -> np.ndarray:
+    return selection.model.preprocess([item.pixels for item in selection.image_set], selection.preprocessing,
+                                      selection.fit)
+
+
+def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs of the model and of its masked copy on the image set, once per (model, images, filters)."""
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with st.spinner("Running both models on the image set…"), loaded.lock, device.scope(selection.device):
+            masked = pruning.masked(loaded.model, chosen)
+            return np.asarray(loaded.model.predict(x, verbose=0)), np.asarray(masked.predict(x, verbose=0))
+
+    return shared_result(_set_key(selection, "what_if", tuple((k, tuple(v)) for k, v in chosen.items())), compute)
+
+
+def sensitivity(selection: "Selection", scores, criterion: str):
+    """Each conv layer pruned alone from 10% to 90%, once per (model, images, criterion)."""
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with progress_bar("Sensitivity, layer by layer") as progress, loaded.lock, device.scope(selection.device):
+            return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress)
+
+    return shared_result(_set_key(selection, "sensitivity", criterion), compute)
+
+
+def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str):
+    """One layer pruned by the ranking, its inverse and 20 random rankings, once per (model, images, layer)."""
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with progress_bar("Rankings") as progress, loaded.lock, device.scope(selection.device):
+            return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels_of(selection),
+                                                  progress=progress)
+
+    return shared_result(_set_key(selection, "chance", layer, criterion), compute)
 
 
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)

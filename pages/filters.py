@@ -8,7 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import filters, models
-from pages import common
+from pages import common, links
 
 selection = common.current()
 loaded = selection.model
@@ -17,29 +17,28 @@ st.caption("Each tile is an input grown from noise by gradient ascent on the mea
            "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
            "on its own image.")
 
+PICKS = {"First N": "first", "By index": "index", "Top N by mean activation on the image set": "top"}
 conv = models.conv_layers(loaded.model)
-wanted = st.query_params.get("layer")
-layer = st.selectbox("Layer", conv, index=conv.index(wanted) if wanted in conv else 0,
-                     key=f"filters_layer_{loaded.fingerprint}")
+layer = links.selectbox(st, "Layer", conv, param="layer", key=f"filters_layer_{loaded.fingerprint}")
 channels = int(models.get_layer(loaded.model, layer).filters)
 defaults = filters.default_options(loaded.model, layer, selection.preprocessing)
 
 left, right = st.columns([1, 1])
-how = left.radio("Filters", ("First N", "By index", "Top N by mean activation on the image set"),
-                 key="filters_how", horizontal=True)
+how = links.selectbox(left, "Filters", PICKS, param="pick", key="filters_how", radio=True, horizontal=True,
+                     show=PICKS.get)
 if how == "By index":
-    typed = left.text_input("Indices (comma-separated)", "0, 1, 2, 3", key="filters_indices")
+    typed = links.text(left, "Indices (comma-separated)", "0, 1, 2, 3", param="filters", key="filters_indices")
     try:
         indices = sorted({int(part) for part in typed.replace(" ", "").split(",") if part})
     except ValueError:
         st.error("Indices must be whole numbers separated by commas.")
-        st.stop()
+        common.stop()
     bad = [i for i in indices if not 0 <= i < channels]
     if bad or not indices:
         st.error(f"{layer} has filters 0 to {channels - 1}; {bad or 'none given'} cannot be drawn.")
-        st.stop()
+        common.stop()
 else:
-    count = left.slider("N", 1, channels, min(8, channels), key="filters_n",
+    count = links.number(left, "N", 1, channels, min(8, channels), slider=True, param="n", key="filters_n",
                         help="All of a layer's filters give its no-response count; on a CPU a deep layer "
                              "takes about 4 s per filter, so start small.")
     if how == "First N":
@@ -50,26 +49,34 @@ else:
         indices = list(stats.sort_values("mean", ascending=False)["filter"].head(count).astype(int))
 
 with right.expander("Ascent options", expanded=False):
-    size = st.slider("Image size", 32, 224, defaults.size, 16, key="filters_size")
-    steps = st.slider("Steps", 1, 200, defaults.steps, key=f"filters_steps_{layer}")
-    learning_rate = st.number_input("Learning rate", 0.001, 1.0, defaults.learning_rate, format="%.3f",
-                                    key="filters_lr")
-    octaves = st.slider("Octaves (multi-scale growth)", 1, 4, defaults.octaves, key=f"filters_octaves_{layer}")
-    jitter = st.slider("Jitter (pixels)", 0, 16, defaults.jitter, key="filters_jitter")
-    scale = st.slider("Random scale (±)", 0.0, 0.2, defaults.scale, 0.01, key="filters_scale")
-    blur_every = st.slider("Blur every k steps (0: off)", 0, 20, defaults.blur_every, key=f"filters_blur_{layer}")
-    l2_decay = st.number_input("L2 decay", 0.0, 0.1, defaults.l2_decay, format="%.4f", key=f"filters_l2_{layer}")
-    total_variation = st.number_input("Total variation weight", 0.0, 1.0, defaults.total_variation, format="%.3f",
-                                      key=f"filters_tv_{layer}")
-    warmup = st.slider("Warm-up steps on the pre-activation", 0, 50, defaults.warmup, key=f"filters_warmup_{layer}",
-                       help="A filter whose ReLU never opens from noise gets no gradient; ascending the "
-                            "pre-activation first lets it start (Lucid's redirected ReLU, Xplique's warm-up).")
-    seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="filters_seed")
+    size = links.number(st, "Image size", 32, 224, defaults.size, step=16, slider=True, param="size",
+                        key="filters_size")
+    steps = links.number(st, "Steps", 1, 200, defaults.steps, slider=True, param="steps", key=f"filters_steps_{layer}")
+    learning_rate = links.number(st, "Learning rate", 0.001, 1.0, defaults.learning_rate, format="%.3f", param="lr",
+                                 key="filters_lr")
+    octaves = links.number(st, "Octaves (multi-scale growth)", 1, 4, defaults.octaves, slider=True, param="octaves",
+                           key=f"filters_octaves_{layer}")
+    jitter = links.number(st, "Jitter (pixels)", 0, 16, defaults.jitter, slider=True, param="jitter",
+                          key="filters_jitter")
+    scale = links.number(st, "Random scale (±)", 0.0, 0.2, defaults.scale, step=0.01, slider=True, param="scale",
+                         key="filters_scale")
+    blur_every = links.number(st, "Blur every k steps (0: off)", 0, 20, defaults.blur_every, slider=True,
+                              param="blur", key=f"filters_blur_{layer}")
+    l2_decay = links.number(st, "L2 decay", 0.0, 0.1, defaults.l2_decay, format="%.4f", param="l2",
+                            key=f"filters_l2_{layer}")
+    total_variation = links.number(st, "Total variation weight", 0.0, 1.0, defaults.total_variation, format="%.3f",
+                                   param="tv", key=f"filters_tv_{layer}")
+    warmup = links.number(st, "Warm-up steps on the pre-activation", 0, 50, defaults.warmup, slider=True,
+                          param="warmup", key=f"filters_warmup_{layer}",
+                          help="A filter whose ReLU never opens from noise gets no gradient; ascending the "
+                               "pre-activation first lets it start (Lucid's redirected ReLU, Xplique's warm-up).")
+    seed = links.number(st, "Seed", 0, 2**31 - 1, 0, param="ascent_seed", key="filters_seed")
 options = filters.Options(**{**asdict(defaults), "size": size, "steps": steps, "learning_rate": learning_rate,
                              "octaves": octaves, "jitter": jitter, "scale": scale, "blur_every": blur_every,
                              "l2_decay": l2_decay, "total_variation": total_variation, "warmup": warmup})
 key = tuple(int(i) for i in indices)
-if st.button("Grow the gallery", type="primary", key="filters_go") or common.has_gallery(
+grow = st.button("Grow the gallery", type="primary", key="filters_go")
+if links.shown("gallery", grow, (layer, key, options, int(seed))) or common.has_gallery(
         selection, layer, key, options, int(seed)):
     with common.user_errors():
         result = common.gallery(selection, layer, key, options, int(seed))
@@ -125,13 +132,15 @@ if len(output.shape) != 2 or output.shape[-1] < 2:
             f"{tuple(output.shape)}).")
 else:
     names = loaded.class_names or [f"class {i}" for i in range(output.shape[-1])]
-    picked = st.multiselect("Classes", range(len(names)), default=list(range(min(6, len(names)))),
-                            format_func=lambda i: names[i], key="filters_classes")
+    picked = links.multiselect(st, "Classes", range(len(names)), default=list(range(min(6, len(names)))),
+                               format_func=names.__getitem__, show=names.__getitem__, param="classes",
+                               key="filters_classes")
     st.caption("The input that maximises the class score before the softmax (Simonyan et al. 2014), on a copy "
                "of the head with a linear activation.")
     class_options = filters.Options(**{**asdict(options), "warmup": 0})
     class_key = tuple(int(i) for i in picked)
-    if picked and (st.button("Grow class images", key="filters_classes_go")
+    grow_classes = st.button("Grow class images", key="filters_classes_go")
+    if picked and (links.shown("class_images", grow_classes, (class_key, class_options, int(seed)))
                    or common.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)):
         with common.user_errors():
             result = common.gallery(selection, "", class_key, class_options, int(seed), classes=True)

@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from pages import common
+from pages import common, links
 
 selection = common.current()
 loaded = selection.model
@@ -24,7 +24,7 @@ columns[3].metric("Input", "×".join(str(s) for s in model.inputs[0].shape[1:]))
 columns[4].metric("Preprocessing", selection.preprocessing)
 
 st.subheader("Layers")
-show_conv_only = st.toggle("Convolutional layers only", key="model_conv_only")
+show_conv_only = links.toggle(st, "Convolutional layers only", param="conv_only", key="model_conv_only")
 shown = table[table.is_conv] if show_conv_only else table
 st.dataframe(
     common.displayable(shown), hide_index=True, width="stretch",
@@ -39,7 +39,7 @@ st.download_button("Download the layer table (CSV)", common.displayable(table).t
 
 st.subheader("Parameters per layer")
 with_params = leaves[leaves.params > 0]
-figure = px.bar(with_params, x="path", y="params", color="type", log_y=st.toggle("Log scale", key="model_log"),
+figure = px.bar(with_params, x="path", y="params", color="type", log_y=links.toggle(st, "Log scale", param="log", key="model_log"),
                 labels={"path": "layer", "params": "parameters"}, hover_data=["output_shape", "filters"])
 figure.update_layout(xaxis_tickangle=-45, height=420, margin=dict(t=10))
 st.plotly_chart(figure, width="stretch")

@@ -5,8 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import pruning
-from pages import common
+from pages import common, links
 
 selection = common.current()
 loaded = selection.model
@@ -26,9 +25,10 @@ criteria = {
 }
 if scores["taylor"].isna().all():
     criteria.pop("lowest Taylor score (Molchanov et al. 2017)")
-criterion = st.sidebar.selectbox("Pruning criterion", list(criteria), key="prune_criterion")
-share = st.sidebar.slider("Share of each layer to cut", 0.0, 0.9, 0.3, 0.05, key="prune_share",
-                          disabled=criteria[criterion] is None)
+criterion = links.selectbox(st.sidebar, "Pruning criterion", list(criteria), param="criterion", key="prune_criterion",
+                            show=lambda name: criteria[name] or "apoz")
+share = links.number(st.sidebar, "Share of each layer to cut", 0.0, 0.9, 0.3, step=0.05, slider=True, param="share",
+                     key="prune_share", disabled=criteria[criterion] is None)
 column = criteria[criterion]
 if column is None:
     candidates = scores[scores.dead | scores.near_dead]
@@ -47,7 +47,8 @@ figure.update_layout(height=320, margin=dict(t=10), xaxis_tickangle=-45, legend_
 st.subheader(f"{len(candidates)} candidates of {len(scores)} filters")
 st.plotly_chart(figure, width="stretch")
 
-layer_pick = st.selectbox("Filters of layer", list(counts["layer"]), key="prune_scatter_layer")
+layer_pick = links.selectbox(st, "Filters of layer", list(counts["layer"]), param="scatter_layer",
+                             key="prune_scatter_layer")
 shown = scores[scores.layer == layer_pick].assign(candidate=lambda f: f["filter"].isin(selection_map.get(layer_pick, [])))
 scatter = px.scatter(shown, x="l1", y="apoz", color="redundancy", symbol="candidate", hover_data=["filter", "mean",
                      "nearest", "fpgm", "taylor"], labels={"l1": "L1 norm", "apoz": "APoZ"},
@@ -62,12 +63,8 @@ st.caption("The candidates' outputs are zeroed on a copy of the model (the loade
            "compared with the unpruned model on the image set. Quality before fine-tuning.")
 if not selection_map:
     st.info("No candidates with this criterion.")
-    st.stop()
-x = loaded.preprocess([item.pixels for item in selection.image_set], selection.preprocessing, selection.fit)
-with st.spinner("Running both models on the image set…"), loaded.lock:
-    masked = pruning.masked(loaded.model, selection_map)
-    before = np.asarray(loaded.model.predict(x, verbose=0))
-    after = np.asarray(masked.predict(x, verbose=0))
+    common.stop()
+before, after = common.what_if(selection, selection_map)
 metrics = st.columns(3)
 if before.ndim == 2 and before.shape[-1] > 1:
     metrics[0].metric("Top-1 agreement", f"{np.mean(before.argmax(1) == after.argmax(1)):.1%}")
@@ -85,26 +82,25 @@ st.subheader("Which layers can lose how much?")
 ranking_criteria = {"L1 norm": "l1", "mean activation": "mean", "APoZ": "apoz", "FPGM distance": "fpgm"}
 if not scores["taylor"].isna().all():
     ranking_criteria["Taylor score"] = "taylor"
-rank_by = st.selectbox("Rank filters by", list(ranking_criteria), key="prune_rank_by")
+rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="rank_by", key="prune_rank_by",
+                          show=ranking_criteria.get)
 labels = common.labels_of(selection)
 measure = "accuracy" if labels is not None else "agreement" if before.ndim == 2 and before.shape[-1] > 1 \
     else "feature_error"
-if st.button("Run the sensitivity analysis", key="prune_sensitivity"):
-    with common.progress_bar("Sensitivity, layer by layer") as progress, loaded.lock:
-        sensitivity = pruning.sensitivity(loaded.model, scores, ranking_criteria[rank_by], x, labels,
-                                          progress=progress)
+pressed = st.button("Run the sensitivity analysis", key="prune_sensitivity")
+if links.shown("sensitivity", pressed, (rank_by, common.image_set_key(selection))):
+    sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by])
     chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
                     labels={"fraction": "share of the layer's filters pruned (alone)"})
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
     st.caption("Each layer pruned alone, the others intact (Li et al. 2017): flat curves mark robust layers.")
 
-chance_layer = st.selectbox("Does the ranking beat chance? Layer", list(counts["layer"]),
-                            index=len(counts) - 1, key="prune_chance_layer")
-if st.button("Compare with the inverted and 20 random rankings", key="prune_chance"):
-    with common.progress_bar("Rankings") as progress, loaded.lock:
-        runs = pruning.ranking_against_chance(loaded.model, scores, chance_layer, ranking_criteria[rank_by], x,
-                                              labels, progress=progress)
+chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
+                               index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
+pressed = st.button("Compare with the inverted and 20 random rankings", key="prune_chance")
+if links.shown("chance", pressed, (rank_by, chance_layer, common.image_set_key(selection))):
+    runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by])
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
     chart = px.line(runs[~runs.ranking.str.startswith("random")], x="fraction", y=measure, color="ranking",
