@@ -195,7 +195,7 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
     default_source = "Demo shapes" if loaded.source == "demo:shapes" else "Sample photos"
     kind = links.selectbox(st.sidebar, "Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
                            param="images", key=f"image_source_{loaded.source}", radio=True, horizontal=True,
-                           show=lambda k: IMAGE_PARAM[k])
+                           show=IMAGE_PARAM.get, format_func=str)
     if kind == "Demo shapes":
         count = links.number(st.sidebar, "How many", 6, 2048, 60, step=6, param="count", key="demo_count")
         seed = links.number(st.sidebar, "Seed", 0, 2**31 - 1, 12345, param="seed", key="demo_seed")

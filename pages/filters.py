@@ -25,7 +25,7 @@ defaults = filters.default_options(loaded.model, layer, selection.preprocessing)
 
 left, right = st.columns([1, 1])
 how = links.selectbox(left, "Filters", PICKS, param="pick", key="filters_how", radio=True, horizontal=True,
-                     show=PICKS.get)
+                     show=PICKS.get, format_func=str)
 if how == "By index":
     typed = links.text(left, "Indices (comma-separated)", "0, 1, 2, 3", param="filters", key="filters_indices")
     try:

@@ -144,6 +144,7 @@ def selectbox(where, label: str, options: Sequence, *, param: str, key: str, ind
     options = list(options)
     _seed(param, key, _one_of(options, show))
     draw = where.radio if radio else where.selectbox
+    kwargs.setdefault("format_func", show)
     value = draw(label, options, index=index, key=key, **kwargs)
     write(param, None if value is None or value == options[index] else show(value))
     return value
@@ -159,6 +160,7 @@ def multiselect(where, label: str, options: Sequence, *, param: str, key: str, d
         return [options[names.index(v)] for v in dict.fromkeys(values)]
 
     _seed(param, key, read)
+    kwargs.setdefault("format_func", show)
     value = where.multiselect(label, options, default=list(default), key=key, **kwargs)
     write(param, None if value == list(default) else [show(v) for v in value])
     return value

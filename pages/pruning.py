@@ -26,7 +26,7 @@ criteria = {
 if scores["taylor"].isna().all():
     criteria.pop("lowest Taylor score (Molchanov et al. 2017)")
 criterion = links.selectbox(st.sidebar, "Pruning criterion", list(criteria), param="criterion", key="prune_criterion",
-                            show=lambda name: criteria[name] or "apoz")
+                            show=lambda name: criteria[name] or "apoz", format_func=str)
 share = links.number(st.sidebar, "Share of each layer to cut", 0.0, 0.9, 0.3, step=0.05, slider=True, param="share",
                      key="prune_share", disabled=criteria[criterion] is None)
 column = criteria[criterion]
@@ -83,7 +83,7 @@ ranking_criteria = {"L1 norm": "l1", "mean activation": "mean", "APoZ": "apoz", 
 if not scores["taylor"].isna().all():
     ranking_criteria["Taylor score"] = "taylor"
 rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="rank_by", key="prune_rank_by",
-                          show=ranking_criteria.get)
+                          show=ranking_criteria.get, format_func=str)
 labels = common.labels_of(selection)
 measure = "accuracy" if labels is not None else "agreement" if before.ndim == 2 and before.shape[-1] > 1 \
     else "feature_error"

@@ -4,3 +4,22 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Uploads and cached results of the tests go to a throwaway folder, never the repository's data/.
 os.environ.setdefault("CNN_AUDIT_DATA", tempfile.mkdtemp(prefix="cnn-audit-tests-"))
+
+import pytest  # noqa: E402
+from streamlit.runtime.pages_manager import PagesManager  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _app_test_runs_like_a_warm_server(monkeypatch):
+    """AppTest resets Streamlit's "legacy pages/ folder app" flag before every run, so each rerun would
+    execute the page file alone, skipping the frame (and the button press that caused the rerun).
+    A server clears that flag for good on its first run (st.navigation does it); do the same here.
+    The first-run path itself is covered by the browser tests on a fresh server.
+    """
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
