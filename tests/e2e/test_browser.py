@@ -234,3 +234,48 @@ def test_two_sessions_at_once_do_not_disturb_each_other_and_share_one_model(serv
     assert len(loads) == 1, loads  # every session shares the one loaded model
     for context in (first, second, third):
         context.close()
+
+
+def _pick(page, label, option):
+    """Choose an option of a Streamlit selectbox by its label, as a person would."""
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    _settle(page)
+
+
+def _main_pixels(page, path):
+    """The page's main area once every element and image has been drawn."""
+    _settle(page)
+    page.wait_for_function("!document.querySelector('[data-testid=stSkeleton]') && "
+                           "[...document.images].every(image => image.complete)", timeout=SLOW)
+    page.wait_for_timeout(1000)
+    page.mouse.move(0, 0)
+    page.locator("[data-testid=stMain]").screenshot(path=str(path))
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_a_link_made_in_one_browser_opens_the_same_view_in_another(server, browser, tmp_path):
+    url, _ = server
+    first, page_a = _open(browser, f"{url}/activations?model=demo:shapes")
+    page_a.get_by_text("One channel over the image").wait_for()
+    _settle(page_a)
+    _pick(page_a, "Layer", "block2_conv1")
+    _pick(page_a, "Current image", "shape 9")
+    page_a.get_by_text("All 64 channels of block2_conv1").wait_for()
+    page_a.get_by_role("button", name="Share this view").click()
+    link = page_a.locator("[data-testid=stCode] code").last.inner_text().strip()
+    assert link == page_a.url, (link, page_a.url)  # the address bar is the link too
+    assert "/activations?" in link and "layer=block2_conv1" in link and "image=shape+9" in link
+    page_a.keyboard.press("Escape")
+    before = _main_pixels(page_a, tmp_path / "a.png")
+
+    second, page_b = _open(browser, link)  # another browser context: no shared cookies or state
+    page_b.get_by_text("All 64 channels of block2_conv1").wait_for()
+    _settle(page_b)
+    after = _main_pixels(page_b, tmp_path / "b.png")
+    assert before.shape == after.shape
+    differing = np.mean(np.abs(before - after).max(axis=-1) > 16)
+    assert differing < 0.005, f"{differing:.2%} of the pixels differ"
+    _screenshot(page_b, "link_reopened.png")
+    for context in (first, second):
+        context.close()
