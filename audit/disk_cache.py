@@ -1,8 +1,8 @@
-"""A bounded on-disk cache of arrays, so expensive results survive restarts and serve every viewer.
+"""A bounded on-disk cache of arrays and tables, so expensive results survive restarts and serve every viewer.
 
-Entries are `.npz` files named by the SHA-256 of their key and read with `allow_pickle=False`, so a
-cache file can never run code. When the folder grows past its limit, the least recently used
-entries go first.
+Entries are named by the SHA-256 of their key: arrays as `.npz` read with `allow_pickle=False`, tables
+as Parquet (pyarrow, already a Streamlit dependency), so a cache file can never run code. When the
+folder grows past its limit, the least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 
 class DiskCache:
@@ -20,8 +21,11 @@ class DiskCache:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
 
-    def _path(self, key: tuple) -> Path:
-        return self.folder / (hashlib.sha256(repr(key).encode()).hexdigest() + ".npz")
+    def _path(self, key: tuple, suffix: str = ".npz") -> Path:
+        return self.folder / (hashlib.sha256(repr(key).encode()).hexdigest() + suffix)
+
+    def has(self, key: tuple) -> bool:
+        return self._path(key).exists() or self._path(key, ".parquet").exists()
 
     def get(self, key: tuple) -> dict[str, np.ndarray] | None:
         path = self._path(key)
@@ -34,14 +38,29 @@ class DiskCache:
         return arrays
 
     def put(self, key: tuple, arrays: dict[str, np.ndarray]) -> None:
+        self._write(self._path(key), lambda handle: np.savez_compressed(handle, **arrays))
+
+    def get_table(self, key: tuple) -> pd.DataFrame | None:
+        path = self._path(key, ".parquet")
+        try:
+            table = pd.read_parquet(path)
+        except (OSError, ValueError):
+            return None
+        os.utime(path)
+        return table
+
+    def put_table(self, key: tuple, table: pd.DataFrame) -> None:
+        self._write(self._path(key, ".parquet"), lambda handle: table.to_parquet(handle, index=False))
+
+    def _write(self, path: Path, save) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".part", delete=False) as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(handle.name, self._path(key))  # atomic: readers never see half a file
+            save(handle)
+        os.replace(handle.name, path)  # atomic: readers never see half a file
         self.evict()
 
     def evict(self) -> None:
-        entries = sorted(self.folder.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+        entries = sorted([*self.folder.glob("*.npz"), *self.folder.glob("*.parquet")], key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in entries)
         while entries and total > self.max_bytes:
             oldest = entries.pop(0)

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from audit import activations, attribution, device, filters, images, models, pruning, storage
@@ -301,18 +302,43 @@ def _results() -> tuple[dict, threading.Lock]:
     return OrderedDict(), threading.Lock()
 
 
-def shared_result(key: tuple, compute, limit: int = 64):
-    """A finished result computed once per server for its key (fingerprint, images, options).
+@st.cache_resource
+def results_cache() -> DiskCache:
+    """Finished tables and arrays on disk, shared by every session and kept across restarts (512 MB at most)."""
+    return DiskCache(storage.data_dir() / "cache" / "results")
 
-    Long passes are not wrapped in st.cache_data because they draw a progress bar as they go;
-    the value is stored only when the pass finishes, so a cancelled pass leaves nothing behind.
+
+def _from_disk(key: tuple):
+    table = results_cache().get_table(key)
+    if table is not None:
+        return table
+    arrays = results_cache().get(key)
+    return None if arrays is None else tuple(arrays[f"part{i}"] for i in range(len(arrays)))
+
+
+def _to_disk(key: tuple, value) -> None:
+    if isinstance(value, pd.DataFrame):
+        results_cache().put_table(key, value)
+    elif isinstance(value, tuple) and all(isinstance(part, np.ndarray) for part in value):
+        results_cache().put(key, {f"part{i}": part for i, part in enumerate(value)})
+
+
+def shared_result(key: tuple, compute, limit: int = 64):
+    """A finished result computed once for its key (fingerprint, images, options), for every session.
+
+    Kept in memory (the last `limit`) and on disk, so a shared link opens fast for the second viewer,
+    even after a restart. Long passes are not wrapped in st.cache_data because they draw a progress
+    bar as they go; the value is stored only when the pass finishes, so a cancelled pass leaves nothing.
     """
     store, lock = _results()
     with lock:
         if key in store:
             store.move_to_end(key)
             return store[key]
-    value = compute()
+    value = _from_disk(key)
+    if value is None:
+        value = compute()
+        _to_disk(key, value)
     with lock:
         store[key] = value
         while len(store) > limit:
@@ -323,7 +349,7 @@ def shared_result(key: tuple, compute, limit: int = 64):
 def has_result(key: tuple) -> bool:
     store, lock = _results()
     with lock:
-        return key in store
+        return key in store or results_cache().has(key)
 
 
 @contextlib.contextmanager
@@ -420,7 +446,7 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
 def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,
                 classes: bool = False) -> bool:
     key = ("gallery", selection.model.fingerprint, layer, indices, options.key(), seed, classes)
-    return gallery_cache()._path(key).exists()
+    return gallery_cache().has(key)
 
 
 # --- attribution -----------------------------------------------------------------------------

@@ -48,3 +48,20 @@ def test_disk_cache_round_trips_arrays_and_evicts_the_least_recently_used(tmp_pa
     cache.max_bytes = 60_000
     cache.evict()
     assert cache.get(("a",)) is None and cache.get(("b",)) is not None
+
+
+def test_disk_cache_keeps_tables_with_their_types(tmp_path):
+    import pandas as pd
+
+    from audit.disk_cache import DiskCache
+
+    cache = DiskCache(tmp_path)
+    table = pd.DataFrame({"layer": ["conv1", "conv1", "conv2"], "filter": [0, 1, 0], "apoz": [0.25, 1.0, 0.5],
+                          "dead": [False, True, False]})
+    key = ("filter_stats", "f1ngerprint", ("conv1", "conv2"), 0.0)
+    assert cache.get_table(key) is None and not cache.has(key)
+    cache.put_table(key, table)
+    assert cache.has(key)
+    pd.testing.assert_frame_equal(cache.get_table(key), table)
+    (tmp_path / next(p.name for p in tmp_path.glob("*.parquet"))).write_bytes(b"not parquet")
+    assert cache.get_table(key) is None  # a damaged entry is a miss, not an error
