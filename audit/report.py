@@ -1,0 +1,200 @@
+"""A self-contained HTML report of an audit, for people who will not open the dashboard.
+
+One file: the layer table, dead-filter chart, filter galleries, attribution overlays and pruning
+candidates, with images as inline PNG and charts as Plotly with its script inlined once, so it opens
+offline and can be attached to a ticket. The dashboard's Report page and `python -m audit report`
+both call `build`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+from PIL import Image
+
+from audit import attribution, filters, images, models, pruning, render
+from audit.errors import AuditError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    gallery_layers: tuple[str, ...] = ()  # empty: the first and the last conv layer
+    gallery_filters: int = 8
+    gallery_steps: int = 0  # 0: each layer's default
+    attribution_images: int = 4
+    methods: tuple[str, ...] = ("Grad-CAM", "Saliency")
+    prune_share: float = 0.3  # the lowest-L1 share of each layer listed as candidates
+    near_dead_apoz: float = 0.99
+    fit: str = "crop"
+    preprocessing: str = ""  # empty: the model's own
+
+
+@dataclass
+class _Stages:
+    """Counts finished steps of the whole report for one progress bar."""
+
+    total: int
+    progress: Progress | None
+    done: int = field(default=0)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _png(pixels: np.ndarray, width: int = 160) -> str:
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img src="data:image/png;base64,{data}" width="{width}" alt="">'
+
+
+def _figure(fig, first: bool) -> str:
+    fig.update_layout(height=360, margin=dict(t=20, b=10), template="plotly_white")
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, classes="data", float_format=lambda v: f"{v:.4g}", na_rep="")
+
+
+def _figure_cell(pixels: np.ndarray, caption: str) -> str:
+    return f"<figure>{_png(pixels)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def _candidates(scores: pd.DataFrame, share: float) -> pd.DataFrame:
+    rank = scores.groupby("layer")["l1"].rank(method="first")
+    lowest = rank <= (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
+    why = np.where(scores.dead, "dead", np.where(scores.near_dead, "near-dead", np.where(lowest, "low L1", "")))
+    table = scores.assign(why=why)[lambda f: f.why != ""]
+    return table[["layer", "filter", "why", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]]
+
+
+def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], options: ReportOptions = ReportOptions(),
+          progress: Progress | None = None) -> str:
+    """The report as one HTML string. Raises AuditError for an empty image set or unknown layers."""
+    if not image_set:
+        raise AuditError("The report needs at least one image.")
+    model = loaded.model
+    convs = models.conv_layers(model)
+    if not convs:
+        raise AuditError("The model has no convolutional layer to audit.")
+    gallery_layers = [models.resolve_layer(model, name) for name in options.gallery_layers] or \
+        list(dict.fromkeys([convs[0], convs[-1]]))
+    preprocessing = options.preprocessing or loaded.preprocessing
+    shown = image_set[:options.attribution_images]
+    stages = _Stages(2 + len(gallery_layers) + len(shown), progress)
+
+    x = loaded.preprocess([item.pixels for item in image_set], preprocessing, options.fit)
+    names = loaded.class_names
+    labels = None
+    if names and all(item.label in names for item in image_set):
+        labels = np.array([names.index(item.label) for item in image_set])
+    with loaded.lock:
+        outputs = np.asarray(model.predict(x, verbose=0))
+        stages.step()
+        scores = pruning.filter_scores(model, x, labels, near_dead_apoz=options.near_dead_apoz)
+    stages.step()
+    sections = []
+
+    table = models.layer_table(model)
+    leaves = table[~table.is_container]
+    summary = {
+        "Model": loaded.title, "Fingerprint": loaded.fingerprint, "Layers": len(leaves),
+        "Conv layers": len(convs), "Parameters": f"{int(leaves.params.sum()):,}",
+        "Multiply-adds per image": f"{pruning.flops(model):,}", "Images": len(image_set),
+        "Preprocessing": preprocessing,
+    }
+    if labels is not None and outputs.ndim == 2:
+        summary["Accuracy on the images"] = f"{np.mean(outputs.argmax(1) == labels):.1%}"
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    sections.append(f"<h2>Model</h2><p>{html.escape(loaded.description)}</p><table class='summary'>{rows}</table>")
+    layers = table.assign(output_shape=table.output_shape.map(str), kernel_size=table.kernel_size.map(str),
+                          strides=table.strides.map(str))
+    sections.append(f"<details><summary>Layer table ({len(table)} rows)</summary>{_table(layers)}</details>")
+
+    counts = scores.assign(alive=~scores.dead & ~scores.near_dead).groupby("layer", sort=False)[
+        ["dead", "near_dead", "alive"]].sum().reset_index()
+    chart = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"], labels={"value": "filters", "variable": ""},
+                   color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"})
+    sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images. Dead: never above zero; near-dead: "
+                    f"APoZ above {options.near_dead_apoz}.</p>{_figure(chart, first=True)}{_table(counts)}")
+
+    galleries = []
+    for layer in gallery_layers:
+        count = min(options.gallery_filters, int(models.get_layer(model, layer).filters))
+        settings = filters.default_options(model, layer, preprocessing)
+        if options.gallery_steps:
+            settings = filters.Options(**{**settings.__dict__, "steps": options.gallery_steps})
+        with loaded.lock:
+            result = filters.render(model, layer, list(range(count)), settings)
+        cells = "".join(_figure_cell(image, f"#{i} · {value:.3g}" + ("" if ok else " · no response"))
+                        for i, (image, value, ok) in enumerate(zip(result.images, result.activations,
+                                                                   result.responded)))
+        galleries.append(f"<h3>{html.escape(layer)}: first {count} filters</h3><div class='grid'>{cells}</div>")
+        stages.step()
+    sections.append("<h2>Filter galleries</h2><p>Inputs grown from noise by gradient ascent on each filter's mean "
+                    "activation; under each tile its final activation.</p>" + "".join(galleries))
+
+    fitted = [images.fit(item.pixels, loaded.input_size, options.fit) for item in shown]
+    classes = attribution.has_class_output(model)
+    rows = []
+    for item, picture, xi in zip(shown, fitted, x[:len(shown)]):
+        with loaded.lock:
+            if classes:
+                target = int(np.argmax(outputs[len(rows)]))
+                said = (names[target] if names else f"class {target}") + f" ({outputs[len(rows)][target]:.2f})"
+            else:
+                maps = np.asarray(models.submodel(model, convs[-1])(xi[None]))[0]
+                target = attribution.FilterTarget(convs[-1], int(np.argmax(maps.mean(axis=(0, 1)))))
+                said = f"filter {target.index} of {target.layer}"
+            cells = [_figure_cell(picture, f"{item.name}: {said}")]
+            for method in options.methods:
+                values = attribution.METHODS[method](model, xi, target)
+                cells.append(_figure_cell(render.overlay(picture, values, 0.5, "Jet"), method))
+        rows.append(f"<div class='grid'>{''.join(cells)}</div>")
+        stages.step()
+    sections.append("<h2>Attribution</h2><p>For the top-1 class (score before the softmax) or, without a class "
+                    "output, the most active filter of the last conv layer.</p>" + "".join(rows))
+
+    candidates = _candidates(scores, options.prune_share)
+    per_layer = candidates.groupby(["layer", "why"], sort=False).size().rename("filters").reset_index()
+    chart = px.bar(per_layer, x="layer", y="filters", color="why", barmode="stack",
+                   color_discrete_map={"dead": "#d62728", "near-dead": "#ff7f0e", "low L1": "#1f77b4"})
+    sections.append(f"<h2>Pruning candidates</h2><p>{len(candidates)} of {len(scores)} filters: dead, near-dead, or "
+                    f"among the lowest {options.prune_share:.0%} of their layer by L1 norm. Check them on the "
+                    f"dashboard's Pruning page before cutting.</p>{_figure(chart, first=False)}"
+                    f"<details><summary>Candidates table</summary>{_table(candidates)}</details>")
+
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, body="\n".join(sections))
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }}
+h1 {{ margin-bottom: 0; }} .made {{ color: #777; }}
+table.data, table.summary {{ border-collapse: collapse; font-size: 0.85rem; }}
+table.data td, table.data th, table.summary td, table.summary th {{ padding: 2px 8px; border-bottom: 1px solid #eee;
+  text-align: left; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 8px; }} figure {{ margin: 0; }}
+figcaption {{ font-size: 0.75rem; color: #555; max-width: 160px; }}
+img {{ image-rendering: pixelated; border-radius: 4px; }}
+</style></head><body>
+<h1>{title}</h1><p class="made">Made {made} by CNN Audit.</p>
+{body}
+</body></html>
+"""

@@ -1,0 +1,76 @@
+"""The command line: a report on demo:shapes, statistics equal to numpy's, clear failures with exit codes."""
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from audit import cli, models
+from audit.zoo import shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_report_on_demo_shapes_is_one_self_contained_file(tmp_path, capsys):
+    out = tmp_path / "report.html"
+    code = cli.main(["report", "--model", "demo:shapes", "--images", "shapes:12", "--out", str(out), "--steps", "2",
+                     "--gallery-filters", "3", "--attribution-images", "2", "--quiet"])
+    assert code == 0
+    page = out.read_text()
+    assert "wrote" in capsys.readouterr().err
+    for heading in ("Model", "Dead filters", "Filter galleries", "Attribution", "Pruning candidates"):
+        assert f"<h2>{heading}</h2>" in page
+    assert "<th>Parameters</th><td>418,534</td>" in page
+    assert "<th>Images</th><td>12</td>" in page
+    # 2 galleries x 3 filters, 2 images x (image + Grad-CAM + Saliency): every picture is inline
+    assert page.count('src="data:image/png;base64,') == 2 * 3 + 2 * 3
+    assert "block1_conv1: first 3 filters" in page and "block3_conv2: first 3 filters" in page
+    # Plotly's script is inlined once, and nothing is fetched from the network when the file is opened
+    assert page.count("plotly.js v") == 1
+    assert not re.search(r'<script[^>]+src="http', page)
+
+
+def test_stats_csv_equals_a_numpy_recomputation(capsys):
+    code = cli.main(["stats", "--images", "shapes:6", "--layers", "block2_conv1", "--csv", "-", "--quiet"])
+    assert code == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    loaded = models.load("demo:shapes")
+    maps = np.asarray(models.submodel(loaded.model, "block2_conv1")(loaded.preprocess(shapes.generate(6, 12345).images)))
+    assert list(table["filter"]) == list(range(64))
+    np.testing.assert_allclose(table["mean"], maps.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(table["max"], maps.max(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(table["apoz"], (maps <= 0).mean(axis=(0, 1, 2)), atol=1e-6)
+    assert list(table["dead"]) == list(maps.max(axis=(0, 1, 2)) <= 0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["stats", "--images", "shapes:6", "--layers", "no_such_layer"], "no_such_layer"),
+    (["stats", "--images", "/no/such/folder"], "not a folder"),
+    (["stats", "--images", "shapes:many"], "shapes:N"),
+    (["report", "--images", "photos", "--out", "x.html", "--methods", "Magic"], "Unknown attribution method"),
+])
+def test_bad_input_exits_1_with_the_dashboards_message(argv, message, capsys):
+    assert cli.main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_bad_model_file_exits_non_zero_with_a_clear_message(tmp_path):
+    bad = tmp_path / "model.keras"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    result = subprocess.run([sys.executable, "-m", "audit", "report", "--model", str(bad), "--images", "photos",
+                             "--out", str(tmp_path / "r.html")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: " in result.stderr and "model.keras" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_bad_usage_exits_2():
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["report", "--images", "photos"])  # no --out
+    assert stop.value.code == 2
