@@ -489,7 +489,7 @@ def labels_of(selection: "Selection") -> np.ndarray | None:
 def filter_scores(selection: "Selection"):
     """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
     loaded = selection.model
-    key = _set_key(selection, "filter_scores")
+    key = set_key(selection, "filter_scores")
 
     def compute():
         x = image_set_input(selection)
@@ -500,7 +500,7 @@ def filter_scores(selection: "Selection"):
     return shared_result(key, compute)
 
 
-def _set_key(selection: "Selection", *parts) -> tuple:
+def set_key(selection: "Selection", *parts) -> tuple:
     return (selection.model.fingerprint, image_set_key(selection), selection.preprocessing, selection.fit, *parts)
 
 
@@ -519,7 +519,7 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
             masked = pruning.masked(loaded.model, chosen)
             return np.asarray(loaded.model.predict(x, verbose=0)), np.asarray(masked.predict(x, verbose=0))
 
-    return shared_result(_set_key(selection, "what_if", tuple((k, tuple(v)) for k, v in chosen.items())), compute)
+    return shared_result(set_key(selection, "what_if", tuple((k, tuple(v)) for k, v in chosen.items())), compute)
 
 
 def sensitivity(selection: "Selection", scores, criterion: str):
@@ -531,7 +531,7 @@ def sensitivity(selection: "Selection", scores, criterion: str):
         with progress_bar("Sensitivity, layer by layer") as progress, loaded.lock, device.scope(selection.device):
             return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress)
 
-    return shared_result(_set_key(selection, "sensitivity", criterion), compute)
+    return shared_result(set_key(selection, "sensitivity", criterion), compute)
 
 
 def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str):
@@ -544,7 +544,7 @@ def ranking_against_chance(selection: "Selection", scores, layer: str, criterion
             return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels_of(selection),
                                                   progress=progress)
 
-    return shared_result(_set_key(selection, "chance", layer, criterion), compute)
+    return shared_result(set_key(selection, "chance", layer, criterion), compute)
 
 
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)

@@ -77,6 +77,14 @@ PARAMS = {
     "chance_layer": "layer of the chance comparison",
     "sensitivity": "the sensitivity analysis is shown",
     "chance": "the chance comparison is shown",
+    # Report page
+    "report_layers": "gallery layers of the report (repeated)",
+    "report_filters": "filters per gallery",
+    "report_steps": "ascent steps of the report",
+    "report_images": "images with attribution overlays",
+    "report_methods": "attribution methods of the report (repeated)",
+    "report_share": "lowest-L1 share listed per layer",
+    "report": "the report is built",
 }
 
 _OPENED = "_link_opened"  # the query parameters the session was opened with

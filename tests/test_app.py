@@ -160,3 +160,14 @@ def test_pruning_page_runs_the_sensitivity_analysis_and_the_chance_comparison():
     _submit(at, "Compare with the inverted and 20 random rankings")
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 4  # the sensitivity chart stays (cached), the chance chart joins it
+
+
+def test_report_page_builds_the_report_named_by_a_link():
+    at = _app(report_steps="2", report_filters="2", report_images="1", report="1", count="12")
+    at.run()
+    at.switch_page("pages/report.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.success[0].value.startswith("The report is ready:") and "12 images" in at.success[0].value
+    assert [b.label for b in at.get("download_button")] == ["Download the report (HTML)"]
+    assert at.slider(key="report_steps").value == 2 and at.slider(key="report_filters").value == 2

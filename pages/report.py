@@ -1,0 +1,47 @@
+"""Report page: the whole audit in one self-contained HTML file to attach to a ticket or send by mail."""
+
+import streamlit as st
+
+from audit import attribution, device, models, report
+from pages import common, links
+
+selection = common.current()
+loaded = selection.model
+st.title("Report")
+st.caption("One HTML file that opens offline: the model and its layer table, dead filters over the image set, "
+           "filter galleries, attribution overlays and pruning candidates. The same file as "
+           "`python -m audit report`.")
+
+convs = models.conv_layers(loaded.model)
+left, right = st.columns(2)
+layers = links.multiselect(left, "Gallery layers", convs, default=list(dict.fromkeys([convs[0], convs[-1]])),
+                           param="report_layers", key=f"report_layers_{loaded.fingerprint}")
+count = links.number(left, "Filters per gallery", 1, 32, 8, slider=True, param="report_filters",
+                     key="report_filters")
+steps = links.number(left, "Ascent steps (0: each layer's default)", 0, 200, 0, slider=True, param="report_steps",
+                     key="report_steps", help="On a CPU a deep layer takes seconds per filter and step count.")
+shown = links.number(right, "Images with attribution overlays", 1, 16, 4, slider=True, param="report_images",
+                     key="report_images")
+methods = links.multiselect(right, "Attribution methods", list(attribution.METHODS), default=["Grad-CAM", "Saliency"],
+                            param="report_methods", key="report_methods")
+share = links.number(right, "Lowest-L1 share listed per layer", 0.0, 0.9, 0.3, step=0.05, slider=True,
+                     param="report_share", key="report_share")
+options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int(count), gallery_steps=int(steps),
+                               attribution_images=int(shown), methods=tuple(methods), prune_share=float(share),
+                               fit=selection.fit, preprocessing=selection.preprocessing)
+key = common.set_key(selection, "report", options)
+pressed = st.button("Build the report", type="primary", key="report_go")
+if links.shown("report", pressed, key):
+    def build():
+        with common.progress_bar("Building the report") as progress, device.scope(selection.device):
+            return report.build(loaded, selection.image_set, options, progress)
+
+    with common.user_errors():
+        page = common.shared_result(key, build)
+    name = f"cnn_audit_{loaded.source.replace(':', '_')}.html"
+    st.success(f"The report is ready: {len(page.encode()) / 2**20:.1f} MB, {len(selection.image_set)} images.")
+    st.download_button("Download the report (HTML)", page, name, "text/html", type="primary", key="report_download")
+    if st.toggle("Preview here", key="report_preview"):
+        st.components.v1.html(page, height=900, scrolling=True)
+else:
+    st.info("Choose what goes in and press **Build the report**.")
