@@ -356,3 +356,54 @@ def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str,
         if progress is not None:
             progress(done + 1, len(orders))
     return pd.DataFrame(rows)
+
+
+# --- do the scores predict the real cost? ----------------------------------------------------
+
+IMPORTANCE = {"l1": 1, "mean": 1, "taylor": 1, "fpgm": 1, "apoz": -1}
+"""Each criterion as an importance (higher: more needed); APoZ counts zeros, so its sign flips."""
+
+
+def leave_one_out(model: keras.Model, layer: str, images: np.ndarray, labels: np.ndarray | None = None,
+                  progress=None) -> np.ndarray:
+    """The true cost of each filter of a layer: the loss increase when it alone is zeroed.
+
+    Loss: cross-entropy against the labels (else the unpruned model's top-1) for classifiers; the
+    relative feature error for models without a class output. One forward pass per filter.
+    """
+    copy = MaskedCopy(model)
+    reference = np.asarray(model.predict(images, verbose=0, batch_size=64))
+    filters = int(model.get_layer(layer).filters)
+    classifier = reference.ndim == 2 and reference.shape[-1] > 1
+    if classifier:
+        target = labels if labels is not None else reference.argmax(1)
+
+        def loss(outputs):
+            return float(-np.mean(np.log(outputs[np.arange(len(target)), target] + 1e-12)))
+    else:
+        def loss(outputs):
+            return float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))
+    base = loss(reference)
+    changes = np.empty(filters)
+    for index in range(filters):
+        changes[index] = loss(copy.outputs({layer: [index]}, images)) - base
+        if progress is not None:
+            progress(index + 1, filters)
+    return changes
+
+
+def importance_correlation(scores: pd.DataFrame, changes: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per layer, the Spearman rank correlation of each criterion (as an importance) with the true cost.
+
+    Positive: the criterion ranks the filters the way removing them really hurts.
+    """
+    rows = []
+    for layer, cost in changes.items():
+        part = scores[scores.layer == layer].sort_values("filter")
+        truth = pd.Series(cost).rank()
+        row = {"layer": layer}
+        for criterion, sign in IMPORTANCE.items():
+            if criterion in part and part[criterion].notna().all():
+                row[criterion] = float((sign * part[criterion].reset_index(drop=True)).rank().corr(truth))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -547,6 +547,24 @@ def ranking_against_chance(selection: "Selection", scores, layer: str, criterion
     return shared_result(set_key(selection, "chance", layer, criterion), compute)
 
 
+def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
+    """The true cost of every filter of the layers on the first `count` images, once per (model, images)."""
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)[:count]
+        labels = labels_of(selection)
+        frames = []
+        with progress_bar("Leave-one-filter-out") as progress, loaded.lock, device.scope(selection.device):
+            for done, layer in enumerate(layers):
+                changes = pruning.leave_one_out(loaded.model, layer, x, None if labels is None else labels[:count],
+                                                progress=lambda i, n, done=done: progress(done * n + i, len(layers) * n))
+                frames.append(pd.DataFrame({"layer": layer, "filter": np.arange(len(changes)), "cost": changes}))
+        return pd.concat(frames, ignore_index=True)
+
+    return shared_result(set_key(selection, "leave_one_out", layers, count), compute)
+
+
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
 def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None]:
     """The smaller model as .keras bytes, its before/after sizes, and why the masked one is given instead."""

@@ -77,6 +77,10 @@ PARAMS = {
     "chance_layer": "layer of the chance comparison",
     "sensitivity": "the sensitivity analysis is shown",
     "chance": "the chance comparison is shown",
+    "loo_layers": "layers of the leave-one-filter-out check (repeated)",
+    "loo_images": "images used by the leave-one-filter-out check",
+    "loo": "the leave-one-filter-out check is shown",
+    "loo_criterion": "criterion plotted against the true cost",
     # Report page
     "report_layers": "gallery layers of the report (repeated)",
     "report_filters": "filters per gallery",

@@ -5,6 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from audit import pruning
 from pages import common, links
 
 selection = common.current()
@@ -111,6 +112,38 @@ if links.shown("chance", pressed, (rank_by, chance_layer, common.image_set_key(s
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
     st.caption("Quality before fine-tuning.")
+
+st.subheader("Do the scores predict the real cost?")
+st.caption("Leave-one-filter-out: each filter alone is zeroed and the loss on the images measured (cross-entropy "
+           "against the labels, else the model's own top-1; relative feature error without a class output). "
+           "The table gives, per layer, the Spearman rank correlation of each criterion (as an importance: "
+           "APoZ counts zeros, so its sign is flipped) with that true cost. Positive: the criterion ranks "
+           "filters the way cutting them really hurts. One forward pass per filter.")
+all_layers = list(counts["layer"])
+default_layers = all_layers if int(counts["total"].sum()) <= 512 else all_layers[-1:]
+loo_layers = links.multiselect(st, "Layers", all_layers, default=default_layers, param="loo_layers",
+                               key=f"loo_layers_{loaded.fingerprint}")
+loo_count = links.number(st, "Images used", 1, len(selection.image_set), min(100, len(selection.image_set)),
+                         param="loo_images", key="loo_images")
+pressed = st.button("Measure leave-one-filter-out", key="prune_loo")
+loo_inputs = (tuple(loo_layers), int(loo_count), common.image_set_key(selection))
+if loo_layers and links.shown("loo", pressed, loo_inputs):
+    with common.user_errors():
+        costs = common.leave_one_out(selection, tuple(loo_layers), int(loo_count))
+    changes = {layer: group.sort_values("filter")["cost"].to_numpy() for layer, group in costs.groupby("layer", sort=False)}
+    correlation = pruning.importance_correlation(scores, changes)
+    heatmap = px.imshow(correlation.set_index("layer"), text_auto=".2f", zmin=-1, zmax=1, aspect="auto",
+                        color_continuous_scale="RdBu", labels={"x": "criterion", "y": "", "color": "Spearman"})
+    heatmap.update_layout(height=80 + 40 * len(correlation), margin=dict(t=10))
+    st.plotly_chart(heatmap, width="stretch")
+    pick = links.selectbox(st, "Cost against", [c for c in correlation.columns[1:]], param="loo_criterion",
+                           key="loo_criterion")
+    merged = costs.merge(scores[["layer", "filter", pick]], on=["layer", "filter"])
+    chart = px.scatter(merged, x=pick, y="cost", color="layer", hover_data=["filter"],
+                       labels={"cost": "loss increase when removed alone"})
+    chart.update_layout(height=360, margin=dict(t=10))
+    st.plotly_chart(chart, width="stretch")
+    st.download_button("Download the costs (CSV)", costs.to_csv(index=False), "leave_one_out.csv", "text/csv")
 
 st.subheader("Export a smaller model")
 selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())

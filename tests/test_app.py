@@ -171,3 +171,14 @@ def test_report_page_builds_the_report_named_by_a_link():
     assert at.success[0].value.startswith("The report is ready:") and "12 images" in at.success[0].value
     assert [b.label for b in at.get("download_button")] == ["Download the report (HTML)"]
     assert at.slider(key="report_steps").value == 2 and at.slider(key="report_filters").value == 2
+
+
+def test_pruning_page_reports_how_each_criterion_tracks_the_true_cost():
+    at = _app(count="12", loo="1", loo_layers="block1_conv1", loo_images="12")
+    at.run()
+    at.switch_page("pages/pruning.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert "Do the scores predict the real cost?" in [s.value for s in at.subheader]
+    assert "Download the costs (CSV)" in [b.label for b in at.get("download_button")]
+    assert at.selectbox(key="loo_criterion").options == ["l1", "mean", "taylor", "fpgm", "apoz"]
