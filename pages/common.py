@@ -431,7 +431,10 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
     key = ("gallery", loaded.fingerprint, layer, indices, options.key(), seed, classes)
     stored = gallery_cache().get(key)
     if stored is not None:
-        return filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"])
+        result = filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"])
+        if not classes:
+            _note_responses(loaded.fingerprint, layer, indices, result)
+        return result
     with progress_bar(f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}") as progress:
         with loaded.lock, device.scope(selection.device):
             if classes:
@@ -440,7 +443,31 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
                 result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
     gallery_cache().put(key, {"images": result.images, "activations": result.activations,
                               "curves": result.curves, "responded": result.responded})
+    if not classes:
+        _note_responses(loaded.fingerprint, layer, indices, result)
     return result
+
+
+@st.cache_resource
+def _responses() -> tuple[dict, threading.Lock]:
+    return {}, threading.Lock()
+
+
+def _note_responses(fingerprint: str, layer: str, indices: tuple[int, ...], result: filters.Gallery) -> None:
+    """Remember each filter's gradient-ascent response, so the pruning scores can show it."""
+    store, lock = _responses()
+    with lock:
+        known = store.setdefault((fingerprint, layer), {})
+        for index, value in zip(indices, result.activations):
+            known[int(index)] = float(value)
+
+
+def ascent_responses(fingerprint: str) -> dict[tuple[str, int], float]:
+    """(layer, filter) -> the final activation of its gallery tile, for every gallery drawn on this server."""
+    store, lock = _responses()
+    with lock:
+        return {(layer, index): value for (owner, layer), known in store.items() if owner == fingerprint
+                for index, value in known.items()}
 
 
 def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,

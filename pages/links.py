@@ -73,6 +73,7 @@ PARAMS = {
     "criterion": "pruning criterion",
     "share": "share of each layer to cut",
     "scatter_layer": "layer of the filter scatter",
+    "evidence": "filter whose evidence is shown",
     "rank_by": "ranking for sensitivity and chance",
     "chance_layer": "layer of the chance comparison",
     "sensitivity": "the sensitivity analysis is shown",

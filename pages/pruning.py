@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import pruning
+from audit import activations, filters, models, pruning, render
 from pages import common, links
 
 selection = common.current()
@@ -48,14 +48,62 @@ figure.update_layout(height=320, margin=dict(t=10), xaxis_tickangle=-45, legend_
 st.subheader(f"{len(candidates)} candidates of {len(scores)} filters")
 st.plotly_chart(figure, width="stretch")
 
+responses = common.ascent_responses(loaded.fingerprint)
+scores = scores.assign(ascent=[responses.get((layer, int(index)), np.nan) for layer, index in
+                               zip(scores["layer"], scores["filter"])])
+candidates = scores.loc[candidates.index]
 layer_pick = links.selectbox(st, "Filters of layer", list(counts["layer"]), param="scatter_layer",
                              key="prune_scatter_layer")
 shown = scores[scores.layer == layer_pick].assign(candidate=lambda f: f["filter"].isin(selection_map.get(layer_pick, [])))
-scatter = px.scatter(shown, x="l1", y="apoz", color="redundancy", symbol="candidate", hover_data=["filter", "mean",
-                     "nearest", "fpgm", "taylor"], labels={"l1": "L1 norm", "apoz": "APoZ"},
+scatter = px.scatter(shown, x="l1", y="apoz", color="redundancy", symbol="candidate", custom_data=["filter"],
+                     hover_data=["filter", "mean", "nearest", "fpgm", "taylor", "ascent"],
+                     labels={"l1": "L1 norm", "apoz": "APoZ", "ascent": "gallery response"},
                      color_continuous_scale="Viridis")
 scatter.update_layout(height=380, margin=dict(t=30), legend=dict(orientation="h", y=1.1, title_text="candidate"))
-st.plotly_chart(scatter, width="stretch")
+st.caption("Click a filter to see its evidence below. The gallery response is known for filters whose "
+           "gallery was drawn (Filters page, or the button below).")
+event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_mode="points",
+                        key=f"prune_scatter_{layer_pick}")
+evidence_key = f"evidence_{loaded.fingerprint}_{layer_pick}"
+points = event.selection.points if event is not None else []
+clicked = int(points[0]["customdata"][0]) if points else None
+if clicked is not None and clicked != st.session_state.get("_last_click"):
+    st.session_state[evidence_key] = clicked  # a new click chooses the filter; typing still works after
+st.session_state["_last_click"] = clicked
+layer_filters = int(shown["filter"].max()) + 1
+first_candidate = selection_map.get(layer_pick, [0])[0]
+index = links.number(st, "Evidence for filter", 0, layer_filters - 1, int(first_candidate), param="evidence",
+                     key=evidence_key)
+row = shown[shown["filter"] == index].iloc[0]
+st.caption(f"Filter {index} of {layer_pick}: L1 {row.l1:.3g}, APoZ {row.apoz:.1%}, mean {row['mean']:.3g}, "
+           f"most similar to filter {int(row.nearest)} (cosine {row.redundancy:.2f})"
+           + (", a candidate" if row.candidate else "") + ".")
+weights_col, map_col, tile_col = st.columns(3)
+kernel = models.get_layer(loaded.model, layer_pick).get_weights()[0][..., index]
+if kernel.shape[-1] == 3:
+    picture, what = render.scale01(kernel), "its kernel as an RGB tile"
+else:
+    picture, what = activations.montage(kernel), f"its kernel, one {kernel.shape[0]}×{kernel.shape[1]} slice per input channel"
+weights_col.image(np.kron(picture, np.ones((8, 8) + (1,) * (picture.ndim - 2))), clamp=True, width="stretch",
+                  caption=f"Weights: {what}")
+with common.user_errors():
+    maps = common.layer_maps(loaded.fingerprint, loaded.source, layer_pick, selection.image_key,
+                             selection.image.pixels, selection.preprocessing, selection.fit, False, selection.device)
+fitted = common.fitted_image(selection)
+values = activations.upsample(maps[..., index], fitted.shape[:2])
+map_col.image(render.overlay(fitted, render.scale01(values), 0.5, "Inferno"), width="stretch",
+              caption=f"On {selection.image.name}: max {maps[..., index].max():.3g}")
+tile_options = filters.default_options(loaded.model, layer_pick, selection.preprocessing)
+if common.has_gallery(selection, layer_pick, (index,), tile_options, 0) or \
+        tile_col.button("Grow its gallery tile", key="evidence_tile"):
+    with common.user_errors():
+        tile = common.gallery(selection, layer_pick, (index,), tile_options, 0)
+    tile_col.image(tile.images[0], width="stretch")
+    tile_col.caption(f"Gallery tile: response {tile.activations[0]:.3g}" + ("" if tile.responded[0] else
+                                                                            " (no response)"))
+else:
+    tile_col.caption("The input that maximises this filter (gradient ascent, the Filters page's defaults).")
+
 st.dataframe(candidates, hide_index=True, width="stretch", height=260)
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
 

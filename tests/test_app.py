@@ -182,3 +182,21 @@ def test_pruning_page_reports_how_each_criterion_tracks_the_true_cost():
     assert "Do the scores predict the real cost?" in [s.value for s in at.subheader]
     assert "Download the costs (CSV)" in [b.label for b in at.get("download_button")]
     assert at.selectbox(key="loo_criterion").options == ["l1", "mean", "taylor", "fpgm", "apoz"]
+
+
+def test_pruning_page_shows_a_filters_evidence_and_its_gallery_response():
+    at = _app(count="12", evidence="3")
+    at.run()
+    at.switch_page("pages/pruning.py").run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Filter 3 of block1_conv1: L1 ") for c in at.caption)
+    assert at.number_input(key=next(n.key for n in at.number_input if n.label == "Evidence for filter")).value == 3
+    table = at.dataframe[0].value
+    assert table["ascent"].isna().all()  # no gallery drawn yet
+    _submit(at, "Grow its gallery tile")
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Gallery tile: response") for c in at.caption)
+    from pages import common
+
+    fingerprint = common.get_model("demo:shapes").fingerprint
+    assert ("block1_conv1", 3) in common.ascent_responses(fingerprint)  # the scores' "ascent" column
