@@ -66,7 +66,8 @@ event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_m
                         key=f"prune_scatter_{layer_pick}")
 evidence_key = f"evidence_{loaded.fingerprint}_{layer_pick}"
 points = event.selection.points if event is not None else []
-clicked = int(points[0]["customdata"][0]) if points else None
+custom = points[0].get("customdata") if points else None  # the filter index (a list, or a dict by position)
+clicked = None if custom is None else int(custom[0] if isinstance(custom, list) else custom["0"])
 if clicked is not None and clicked != st.session_state.get("_last_click"):
     st.session_state[evidence_key] = clicked  # a new click chooses the filter; typing still works after
 st.session_state["_last_click"] = clicked
@@ -164,7 +165,7 @@ if links.shown("chance", pressed, (rank_by, chance_layer, common.image_set_key(s
 st.subheader("Do the scores predict the real cost?")
 st.caption("Leave-one-filter-out: each filter alone is zeroed and the loss on the images measured (cross-entropy "
            "against the labels, else the model's own top-1; relative feature error without a class output). "
-           "The table gives, per layer, the Spearman rank correlation of each criterion (as an importance: "
+           "The heat map gives, per layer, the Spearman rank correlation of each criterion (as an importance: "
            "APoZ counts zeros, so its sign is flipped) with that true cost. Positive: the criterion ranks "
            "filters the way cutting them really hurts. One forward pass per filter.")
 all_layers = list(counts["layer"])
@@ -182,7 +183,7 @@ if loo_layers and links.shown("loo", pressed, loo_inputs):
     correlation = pruning.importance_correlation(scores, changes)
     heatmap = px.imshow(correlation.set_index("layer"), text_auto=".2f", zmin=-1, zmax=1, aspect="auto",
                         color_continuous_scale="RdBu", labels={"x": "criterion", "y": "", "color": "Spearman"})
-    heatmap.update_layout(height=80 + 40 * len(correlation), margin=dict(t=10))
+    heatmap.update_layout(height=180 + 40 * len(correlation), margin=dict(t=10))
     st.plotly_chart(heatmap, width="stretch")
     pick = links.selectbox(st, "Cost against", [c for c in correlation.columns[1:]], param="loo_criterion",
                            key="loo_criterion")
