@@ -184,6 +184,46 @@ def test_pruning_page_on_the_demo_model_offers_a_smaller_model(server, browser):
     context.close()
 
 
+def test_pruning_page_on_vgg16_with_a_filters_evidence(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/pruning?model=demo:vgg16&scatter_layer=block5_conv3&evidence=441")
+    page.get_by_text("Relative feature error", exact=True).wait_for()
+    page.get_by_text("Filter 441 of block5_conv3").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    page.get_by_text("Evidence for filter").scroll_into_view_if_needed()
+    _screenshot(page, "pruning_vgg16.png")
+    context.close()
+
+
+def test_attribution_page_for_a_vgg16_filter_on_chelsea(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/attribution?model=demo:vgg16&image=chelsea&filter=441"
+                                   "&methods=Saliency&methods=Grad-CAM&methods=Grad-CAM%2B%2B")
+    page.get_by_text("Why filter 441 of block5_conv3?").wait_for()
+    page.locator("[data-testid=stMain] img").nth(3).wait_for()  # the image and three overlays
+    _settle(page)
+    _assert_clean(page)
+    page.get_by_text("Why filter 441").scroll_into_view_if_needed()
+    _screenshot(page, "attribution_vgg16.png")
+    context.close()
+
+
+def test_report_page_builds_a_report_to_download(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/report?count=12&report_steps=3&report_filters=4&report_images=2&report=1")
+    page.get_by_role("button", name="Download the report (HTML)").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the report (HTML)").click()
+    saved = download.value.path()
+    text = Path(saved).read_text()
+    assert "<h2>Pruning candidates</h2>" in text and "<th>Images</th><td>12</td>" in text
+    _screenshot(page, "report.png")
+    context.close()
+
+
 def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
     url, _ = server
     context, page = _open(browser, url)
