@@ -44,3 +44,29 @@ def overlay(image: np.ndarray, values: np.ndarray, opacity: float = 0.5, colour_
         raise ValueError(f"map {values.shape} and image {image.shape[:2]} differ in size")
     heat = colourise(values, colour_map).astype(np.float32)
     return np.round(image.astype(np.float32) * (1 - opacity) + heat * opacity).astype(np.uint8)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """A picture as PNG bytes (floats taken as [0, 1]), for downloads and the HTML report."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        pixels = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiles(pictures: list[np.ndarray], columns: int = 8, gap: int = 2) -> np.ndarray:
+    """Same-size uint8 RGB pictures in one grid with white gaps (a gallery as one PNG)."""
+    height, width = pictures[0].shape[:2]
+    rows = -(-len(pictures) // columns)
+    columns = min(columns, len(pictures))
+    grid = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, np.uint8)
+    for index, picture in enumerate(pictures):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        grid[top:top + height, left:left + width] = picture
+    return grid

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,7 +17,6 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 import plotly.express as px
-from PIL import Image
 
 from audit import attribution, filters, images, models, pruning, render
 from audit.errors import AuditError
@@ -54,10 +52,7 @@ class _Stages:
 
 
 def _png(pixels: np.ndarray, width: int = 160) -> str:
-    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode()
+    data = base64.b64encode(render.png(np.asarray(pixels, dtype=np.uint8))).decode()
     return f'<img src="data:image/png;base64,{data}" width="{width}" alt="">'
 
 

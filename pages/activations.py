@@ -32,7 +32,9 @@ rows, cols = activations.grid_shape(channels)
 st.subheader(f"All {channels} channels of {layer}" + (" (before the activation)" if before and fused else ""))
 st.caption(f"{maps.shape[0]}×{maps.shape[1]} maps in a {rows}×{cols} grid, each scaled to [0, 1] on its own "
            "(black: its minimum, white: its maximum).")
-st.image(activations.montage(maps), clamp=True, width="stretch")
+grid = activations.montage(maps)
+st.image(grid, clamp=True, width="stretch")
+st.download_button("Montage (PNG)", render.png(grid), f"{layer}_channels.png", "image/png", key="act_montage_png")
 
 st.subheader("One channel over the image")
 strongest = activations.strongest_channel(maps)
@@ -47,8 +49,10 @@ columns = right.columns(3)
 columns[0].image(shown, caption="input (as the model sees it)", width="stretch")
 columns[1].image(render.colourise(upsampled, colour_map), caption=f"channel {channel}, resized",
                  width="stretch")
-columns[2].image(render.overlay(shown, render.scale01(upsampled), opacity, colour_map), caption="overlay",
-                 width="stretch")
+picture = render.overlay(shown, render.scale01(upsampled), opacity, colour_map)
+columns[2].image(picture, caption="overlay", width="stretch")
+columns[2].download_button("Overlay (PNG)", render.png(picture), f"{layer}_channel{channel}.png", "image/png",
+                           key="act_overlay_png")
 values = maps[..., channel]
 st.caption(f"Channel {channel}: mean {values.mean():.3g}, max {values.max():.3g}, "
            f"zeros {np.mean(values <= 0):.0%} of positions.")

@@ -1,12 +1,9 @@
 """Attribution page: which pixels made the model say what it said, by several methods side by side."""
 
-import io
-
 import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
-from PIL import Image
 
 from audit import attribution, models, render
 from pages import common, links
@@ -104,9 +101,7 @@ for position, (method, values) in enumerate(results.items(), start=1):
     picture = render.overlay(shown, values, opacity, colour_map)
     column = columns[position % len(columns)]
     column.image(picture, caption=method, width="stretch")
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG")
-    column.download_button("PNG", buffer.getvalue(), f"{method.replace(' ', '_').lower()}.png", "image/png",
+    column.download_button("PNG", render.png(picture), f"{method.replace(' ', '_').lower()}.png", "image/png",
                            key=f"png_{method}")
 
 st.subheader("Can the maps be trusted?")

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import filters, models
+from audit import filters, models, render
 from pages import common, links
 
 selection = common.current()
@@ -87,6 +87,12 @@ if links.shown("gallery", grow, (layer, key, options, int(seed))) or common.has_
         flag = "" if result.responded[position] else " · no response"
         columns[position % len(columns)].image(image, caption=f"#{index} · {result.activations[position]:.3g}{flag}",
                                                width="stretch")
+    downloads = st.columns(2)
+    downloads[0].download_button("Gallery (PNG)", render.png(render.tiles(list(result.images))), f"{layer}_gallery.png",
+                                 "image/png", key="filters_png")
+    responses = pd.DataFrame({"filter": key, "activation": result.activations, "responded": result.responded})
+    downloads[1].download_button("Responses (CSV)", responses.to_csv(index=False), f"{layer}_gallery.csv", "text/csv",
+                                 key="filters_csv")
     curves = pd.DataFrame(result.curves.T, columns=[f"#{i}" for i in key]).rename_axis("step").reset_index()
     figure = px.line(curves, x="step", y=curves.columns[1:], labels={"value": "mean activation", "variable": "filter"})
     figure.update_layout(height=300, margin=dict(t=10))

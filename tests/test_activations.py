@@ -112,3 +112,22 @@ def test_statistics_on_the_demo_vgg16_conv_layers_on_a_photo():
     stats = activations.filter_stats(loaded.model, layers, x)
     assert len(stats) == 128 and set(stats.layer) == set(layers)
     assert (stats["std"] >= 0).all() and ((stats.apoz >= 0) & (stats.apoz <= 1)).all()
+
+
+def test_png_and_tiles_keep_every_pixel():
+    import io
+
+    from PIL import Image
+
+    from audit import render
+
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8) for _ in range(3)]
+    grid = render.tiles(pictures, columns=2, gap=1)
+    assert grid.shape == (9, 11, 3)
+    np.testing.assert_array_equal(grid[5:9, 0:5], pictures[2])
+    assert (grid[4] == 255).all() and (grid[5:, 6:] == 255).all()  # gaps and the empty cell are white
+    decoded = np.asarray(Image.open(io.BytesIO(render.png(grid))))
+    np.testing.assert_array_equal(decoded, grid)
+    half = np.asarray(Image.open(io.BytesIO(render.png(np.full((2, 2), 0.5)))))
+    assert (half == 128).all()

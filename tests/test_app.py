@@ -63,6 +63,7 @@ def test_activations_page_shows_maps_and_the_dead_filter_chart_for_vgg16_on_chel
     assert not at.exception, at.exception
     assert [s.value for s in at.subheader][:2] == ["All 64 channels of block1_conv1", "One channel over the image"]
     assert len(at.get("image")) == 4  # montage, image, channel, overlay
+    assert [b.label for b in at.get("download_button")] == ["Montage (PNG)", "Overlay (PNG)"]
     at.multiselect(key=at.multiselect[0].key).set_value(["block1_conv1", "block5_conv3"])
     _submit(at, "Compute statistics")
     assert not at.exception, at.exception
@@ -92,6 +93,7 @@ def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights
     assert at.subheader[0].value.startswith("block1_conv1: 4 filters, ")
     assert len(at.get("image")) == 32 + 4
     assert len(at.get("plotly_chart")) == 1
+    assert [b.label for b in at.get("download_button")] == ["Gallery (PNG)", "Responses (CSV)"]
     _submit(at, "Compare with and without warm-up")
     assert not at.exception, at.exception
     assert {m.label for m in at.metric} >= {"No response, no warm-up", "No response, with warm-up"}
