@@ -9,6 +9,7 @@ warning and the default, never an exception, and no value becomes a path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -169,7 +170,8 @@ def multiselect(where, label: str, options: Sequence, *, param: str, key: str, d
     names = [show(option) for option in options]
 
     def read(raw: list[str]) -> list:
-        values = [part for item in raw for part in item.split(",") if part]
+        # repeated parameters (what we write), or one comma-separated value (handier to type)
+        values = [part for item in raw for part in ([item] if item in names else item.split(",")) if part]
         return [options[names.index(v)] for v in dict.fromkeys(values)]
 
     _seed(param, key, read)
@@ -185,7 +187,7 @@ def number(where, label: str, low, high, value, *, param: str, key: str, slider:
 
     def read(raw: list[str]):
         parsed = kind(raw[-1])
-        if not (low is None or parsed >= low) or not (high is None or parsed <= high):
+        if not math.isfinite(parsed) or not (low is None or parsed >= low) or not (high is None or parsed <= high):
             raise ValueError(parsed)
         return parsed
 

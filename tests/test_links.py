@@ -151,6 +151,7 @@ def test_hostile_link_parameters_warn_and_fall_back_to_defaults():
     assert any("Unknown link parameter 'junk'" in text for text in shown), shown
     assert any("layer=" in text and "default" in text for text in shown), shown
     assert any("channel='abc'" in text for text in shown), shown
+    assert any("threshold='nan'" in text for text in shown), shown  # NaN or infinity is no number here
     assert any("not the SHA-256 name" in text for text in shown), shown
     assert any("upload the file again" in text for text in shown), shown
     # the view is the default one: the first conv layer, the sample photos (the uploads do not exist)
