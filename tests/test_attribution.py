@@ -100,7 +100,8 @@ def test_grad_cam_concentrates_its_mass_on_the_object(demo):
 
 @pytest.mark.xfail(strict=True, reason="known: on demo:shapes the Grad-CAM peak is on the object for 57% of "
                                        "images, no better than a fixed centre (57%); the peak sits on corners "
-                                       "and tips just outside the mask (74% within 2 px). Issue #5 stays open.")
+                                       "and tips just outside the mask (74% within 2 px). A GAP head reaches 95% "
+                                       "but fails #6's ranking check (stop-10 note). Issue #5 stays open.")
 def test_grad_cam_peak_falls_on_the_object_far_more_often_than_a_fixed_centre(demo):
     maps, masks = _grad_cam_on_correct_images(demo)
     hits = np.mean([attribution.peak_inside(m, mask) for m, mask in zip(maps, masks)])
