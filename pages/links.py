@@ -105,6 +105,8 @@ def opened() -> dict[str, list[str]]:
         st.session_state[_USED] = set()
         unknown = sorted(set(st.session_state[_OPENED]) - set(PARAMS))
         st.session_state[_WARNINGS] = [f"Unknown link parameter {name!r} ignored." for name in unknown[:10]]
+        for name in unknown:  # the link this session hands on is clean
+            del st.query_params[name]
     return st.session_state[_OPENED]
 
 

@@ -158,7 +158,7 @@ def test_hostile_link_parameters_warn_and_fall_back_to_defaults():
     assert at.subheader[0].value.startswith("All 32 channels of block1_conv1")
     assert at.slider(key="act_opacity").value == 0.5
     # nothing outside the data folder was read or named back in the link
-    assert "passwd" not in str(_link(at)) and "shadow" not in str(_link(at))
+    assert "passwd" not in str(_link(at)) and "shadow" not in str(_link(at)) and "junk" not in _link(at)
 
 
 def test_a_link_to_uploaded_images_opens_them_by_content_hash(tmp_path):
