@@ -37,9 +37,7 @@ def read_images(spec: str):
             count = int(spec.split(":", 1)[1])
         except ValueError:
             raise AuditError(f"{spec!r}: expected shapes:N with N a whole number.") from None
-        data = shapes.generate(count, 12345)
-        return [images.LabelledImage(f"shape {i}", data.images[i], shapes.CLASSES[data.labels[i]])
-                for i in range(count)]
+        return shapes.labelled(shapes.generate(count, 12345))
     path = Path(spec)
     if path.is_file() and path.suffix.lower() == ".zip":
         return images.read_zip(path.read_bytes())

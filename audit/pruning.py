@@ -309,6 +309,12 @@ class MaskedCopy:
         return result
 
 
+def lowest_share(scores: pd.DataFrame, criterion: str, share: float) -> pd.Series:
+    """Rows among the lowest `share` of their layer by a score (ties in row order): the candidates."""
+    rank = scores.groupby("layer")[criterion].rank(method="first")
+    return rank <= (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
+
+
 def ranking(scores: pd.DataFrame, layer: str, criterion: str) -> list[int]:
     """The layer's filters in pruning order: the lowest score first (dead first for APoZ: highest first)."""
     part = scores[scores.layer == layer]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from audit import attribution, filters, images, models, pruning, render
+from audit import activations, attribution, filters, images, models, pruning, render
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -70,8 +70,7 @@ def _figure_cell(pixels: np.ndarray, caption: str) -> str:
 
 
 def _candidates(scores: pd.DataFrame, share: float) -> pd.DataFrame:
-    rank = scores.groupby("layer")["l1"].rank(method="first")
-    lowest = rank <= (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
+    lowest = pruning.lowest_share(scores, "l1", share)
     why = np.where(scores.dead, "dead", np.where(scores.near_dead, "near-dead", np.where(lowest, "low L1", "")))
     table = scores.assign(why=why)[lambda f: f.why != ""]
     return table[["layer", "filter", "why", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]]
@@ -120,8 +119,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                           strides=table.strides.map(str))
     sections.append(f"<details><summary>Layer table ({len(table)} rows)</summary>{_table(layers)}</details>")
 
-    counts = scores.assign(alive=~scores.dead & ~scores.near_dead).groupby("layer", sort=False)[
-        ["dead", "near_dead", "alive"]].sum().reset_index()
+    counts = activations.dead_counts(scores, options.near_dead_apoz)
     chart = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"], labels={"value": "filters", "variable": ""},
                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"})
     sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images. Dead: never above zero; near-dead: "

@@ -71,7 +71,7 @@ with st.form("stats_form"):
                         key="stats_apoz")
     run = st.form_submit_button("Compute statistics", type="primary")
 key_layers = tuple(chosen)
-if chosen and links.shown("stats", run, (key_layers, float(threshold), common.image_set_key(selection))):
+if chosen and links.shown("stats", run, common.stats_key(selection, key_layers, threshold)):
     with common.user_errors():
         stats = common.filter_stats(selection, key_layers, float(threshold))
     counts = activations.dead_counts(stats, near)

@@ -201,10 +201,9 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
         count = links.number(st.sidebar, "How many", 6, 2048, 60, step=6, param="count", key="demo_count")
         seed = links.number(st.sidebar, "Seed", 0, 2**31 - 1, 12345, param="seed", key="demo_seed")
         data = demo_images(int(count), int(seed))
-        from audit.zoo.shapes import CLASSES
+        from audit.zoo import shapes
 
-        return [images.LabelledImage(f"shape {i}", data.images[i], CLASSES[data.labels[i]])
-                for i in range(len(data.labels))], data.masks
+        return shapes.labelled(data), data.masks
     photos = [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS]
     if kind == "Sample photos":
         return photos, None
@@ -385,8 +384,7 @@ def image_set_key(selection: "Selection") -> str:
 
 
 def stats_key(selection: "Selection", layers: tuple[str, ...], threshold: float) -> tuple:
-    return ("filter_stats", selection.model.fingerprint, layers, image_set_key(selection), float(threshold),
-            selection.preprocessing, selection.fit)
+    return set_key(selection, "filter_stats", layers, float(threshold))
 
 
 def fitted_image(selection: "Selection") -> np.ndarray:

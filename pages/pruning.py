@@ -34,9 +34,7 @@ column = criteria[criterion]
 if column is None:
     candidates = scores[scores.dead | scores.near_dead]
 else:
-    rank = scores.groupby("layer")[column].rank(method="first")
-    per_layer = (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
-    candidates = scores[rank <= per_layer]
+    candidates = scores[pruning.lowest_share(scores, column, share)]
 selection_map = {layer: sorted(group["filter"].astype(int)) for layer, group in candidates.groupby("layer", sort=False)}
 
 counts = scores.groupby("layer", sort=False).size().rename("total").to_frame()
@@ -138,7 +136,7 @@ labels = common.labels_of(selection)
 measure = "accuracy" if labels is not None else "agreement" if before.ndim == 2 and before.shape[-1] > 1 \
     else "feature_error"
 pressed = st.button("Run the sensitivity analysis", key="prune_sensitivity")
-if links.shown("sensitivity", pressed, (rank_by, common.image_set_key(selection))):
+if links.shown("sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by)):
     sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by])
     chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
                     labels={"fraction": "share of the layer's filters pruned (alone)"})
@@ -149,7 +147,7 @@ if links.shown("sensitivity", pressed, (rank_by, common.image_set_key(selection)
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
                                index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
 pressed = st.button("Compare with the inverted and 20 random rankings", key="prune_chance")
-if links.shown("chance", pressed, (rank_by, chance_layer, common.image_set_key(selection))):
+if links.shown("chance", pressed, common.set_key(selection, "chance", chance_layer, rank_by)):
     runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by])
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
@@ -175,8 +173,8 @@ loo_layers = links.multiselect(st, "Layers", all_layers, default=default_layers,
 loo_count = links.number(st, "Images used", 1, len(selection.image_set), min(100, len(selection.image_set)),
                          param="loo_images", key="loo_images")
 pressed = st.button("Measure leave-one-filter-out", key="prune_loo")
-loo_inputs = (tuple(loo_layers), int(loo_count), common.image_set_key(selection))
-if loo_layers and links.shown("loo", pressed, loo_inputs):
+if loo_layers and links.shown("loo", pressed, common.set_key(selection, "leave_one_out", tuple(loo_layers),
+                                                            int(loo_count))):
     with common.user_errors():
         costs = common.leave_one_out(selection, tuple(loo_layers), int(loo_count))
     changes = {layer: group.sort_values("filter")["cost"].to_numpy() for layer, group in costs.groupby("layer", sort=False)}

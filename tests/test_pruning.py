@@ -238,3 +238,13 @@ def test_on_the_demo_model_l1_and_fpgm_rank_filters_like_their_true_cost():
     correlation = pruning.importance_correlation(scores, costs).set_index("layer")
     assert (correlation["l1"] > 0.15).all(), correlation
     assert (correlation["fpgm"] > 0.15).all(), correlation
+
+
+def test_lowest_share_takes_the_lowest_whole_number_of_each_layer():
+    import pandas as pd
+
+    scores = pd.DataFrame({"layer": ["a"] * 4 + ["b"] * 3, "filter": [0, 1, 2, 3, 0, 1, 2],
+                           "l1": [4.0, 1.0, 3.0, 1.0, 9.0, 8.0, 7.0]})
+    # a: 4 x 0.5 = 2 lowest (the tie at 1.0 both); b: 3 x 0.5 = 1.5 -> 1 lowest
+    assert list(pruning.lowest_share(scores, "l1", 0.5)) == [False, True, False, True, False, False, True]
+    assert not pruning.lowest_share(scores, "l1", 0.2).any()  # under one filter per layer: none

@@ -21,6 +21,13 @@ class ShapesData(NamedTuple):
     masks: np.ndarray  # bool (N, H, W): True on the object's pixels
 
 
+def labelled(data: ShapesData) -> list:
+    """The shapes as audit.images.LabelledImage ("shape i", pixels, class name)."""
+    from audit.images import LabelledImage
+
+    return [LabelledImage(f"shape {i}", data.images[i], CLASSES[data.labels[i]]) for i in range(len(data.labels))]
+
+
 def _polygon_mask(x: np.ndarray, y: np.ndarray, corners: np.ndarray) -> np.ndarray:
     """Pixels inside a polygon (even-odd rule), vectorised over the grid."""
     inside = np.zeros(x.shape, bool)
