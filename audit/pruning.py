@@ -364,6 +364,21 @@ def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str,
     return pd.DataFrame(rows)
 
 
+
+LOWER_IS_BETTER = {"kl", "feature_error"}
+"""Columns of quality() where a smaller value means the pruned model stayed closer to the original."""
+
+
+def verdict_against_chance(runs: pd.DataFrame, measure: str, fraction: float = 0.5) -> dict:
+    """At one fraction of ranking_against_chance: how many random rankings the chosen one beats (ties do
+    not count) and whether the inverted ranking is worse than every random one."""
+    part = runs[np.isclose(runs.fraction, fraction)]
+    sign = -1 if measure in LOWER_IS_BETTER else 1
+    random = sign * part.loc[part.ranking.str.startswith("random"), measure].to_numpy()
+    chosen = sign * part.loc[part.ranking == "chosen", measure].item()
+    inverted = sign * part.loc[part.ranking == "inverted", measure].item()
+    return {"beaten": int((chosen > random).sum()), "random": len(random), "inverted_worst": bool(inverted < random.min())}
+
 # --- do the scores predict the real cost? ----------------------------------------------------
 
 IMPORTANCE = {"l1": 1, "mean": 1, "taylor": 1, "fpgm": 1, "apoz": -1}

@@ -129,6 +129,7 @@ def _model_picker() -> models.LoadedModel | None:
     st.sidebar.header("Model")
     choices = {
         "demo:shapes": "Demo CNN on shapes (ours, trained)",
+        "demo:shapes-gap": "Demo CNN on shapes, global-pooling head",
         "demo:vgg16": "VGG16 conv base, HED edge weights",
         "keras": "keras.applications…",
         "upload": "Upload a .keras / .h5 file…",
@@ -193,7 +194,7 @@ def _uploaded_model_source(initial: str) -> str | None:
 
 def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None]:
     st.sidebar.header("Images")
-    default_source = "Demo shapes" if loaded.source == "demo:shapes" else "Sample photos"
+    default_source = "Demo shapes" if loaded.source in models.SHAPES_DEMOS else "Sample photos"
     kind = links.selectbox(st.sidebar, "Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
                            param="images", key=f"image_source_{loaded.source}", radio=True, horizontal=True,
                            show=IMAGE_PARAM.get, format_func=str)

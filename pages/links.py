@@ -18,7 +18,7 @@ import streamlit as st
 
 PARAMS = {
     # frame (sidebar)
-    "model": "model source: demo:shapes, demo:vgg16, keras:<Name>[:untrained], upload:<sha256>",
+    "model": "model source: demo:shapes, demo:shapes-gap, demo:vgg16, keras:<Name>[:untrained], upload:<sha256>",
     "images": "image source: photos, shapes or upload",
     "uploads": "uploaded images or zips by SHA-256 (repeated)",
     "count": "how many demo shapes",
@@ -76,6 +76,7 @@ PARAMS = {
     "scatter_layer": "layer of the filter scatter",
     "evidence": "filter whose evidence is shown",
     "rank_by": "ranking for sensitivity and chance",
+    "measure": "measure of the sensitivity and chance charts",
     "chance_layer": "layer of the chance comparison",
     "sensitivity": "the sensitivity analysis is shown",
     "chance": "the chance comparison is shown",

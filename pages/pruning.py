@@ -8,6 +8,10 @@ import streamlit as st
 from audit import activations, filters, models, pruning, render
 from pages import common, links
 
+MEASURES = {"top-1 agreement": "agreement", "KL divergence": "kl"}
+"""Ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality."""
+MEASURES_WITH_LABELS = {"accuracy": "accuracy", **MEASURES}
+
 selection = common.current()
 loaded = selection.model
 st.title("Pruning")
@@ -133,13 +137,18 @@ if not scores["taylor"].isna().all():
 rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="rank_by", key="prune_rank_by",
                           show=ranking_criteria.get, format_func=str)
 labels = common.labels_of(selection)
-measure = "accuracy" if labels is not None else "agreement" if before.ndim == 2 and before.shape[-1] > 1 \
-    else "feature_error"
+measures = (MEASURES_WITH_LABELS if labels is not None else MEASURES if before.ndim == 2 and before.shape[-1] > 1
+            else {"relative feature error": "feature_error"})
+measure_name = links.selectbox(st, "Measure", list(measures), param="measure", key=f"prune_measure_{len(measures)}",
+                               radio=True, horizontal=True)
+measure = measures[measure_name]
+st.caption("Accuracy stops at 100% on a robust model; the KL divergence from the unpruned outputs still "
+           "tells rankings apart there.")
 pressed = st.button("Run the sensitivity analysis", key="prune_sensitivity")
 if links.shown("sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by)):
     sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by])
     chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
-                    labels={"fraction": "share of the layer's filters pruned (alone)"})
+                    labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
     st.caption("Each layer pruned alone, the others intact (Li et al. 2017): flat curves mark robust layers.")
@@ -152,13 +161,17 @@ if links.shown("chance", pressed, common.set_key(selection, "chance", chance_lay
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
     chart = px.line(runs[~runs.ranking.str.startswith("random")], x="fraction", y=measure, color="ranking",
-                    markers=True, labels={"fraction": f"share of {chance_layer}'s filters pruned"})
+                    markers=True, labels={"fraction": f"share of {chance_layer}'s filters pruned", measure: measure_name})
     chart.add_scatter(x=band.fraction, y=band.high, mode="lines", line=dict(width=0), showlegend=False)
     chart.add_scatter(x=band.fraction, y=band.low, mode="lines", line=dict(width=0), fill="tonexty",
                       fillcolor="rgba(128,128,128,0.3)", name="20 random rankings")
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
-    st.caption("Quality before fine-tuning.")
+    verdict = pruning.verdict_against_chance(runs, measure, 0.5)
+    st.caption(f"At 50% of {chance_layer} pruned, by {measure_name}: the chosen ranking beats "
+               f"{verdict['beaten']} of {verdict['random']} random rankings (a tie is not a win); the inverted "
+               f"ranking is {'worse than every' if verdict['inverted_worst'] else 'not worse than every'} random "
+               "one. Quality before fine-tuning.")
 
 st.subheader("Do the scores predict the real cost?")
 st.caption("Leave-one-filter-out: each filter alone is zeroed and the loss on the images measured (cross-entropy "

@@ -162,6 +162,11 @@ def test_pruning_page_runs_the_sensitivity_analysis_and_the_chance_comparison():
     _submit(at, "Compare with the inverted and 20 random rankings")
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) == 4  # the sensitivity chart stays (cached), the chance chart joins it
+    verdicts = [c.value for c in at.caption if c.value.startswith("At 50% of")]
+    assert len(verdicts) == 1 and verdicts[0].startswith("At 50% of block3_conv2 pruned, by accuracy"), verdicts
+    at.radio(key="prune_measure_3").set_value("KL divergence").run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("At 50% of block3_conv2 pruned, by KL divergence") for c in at.caption)
 
 
 def test_report_page_builds_the_report_named_by_a_link():

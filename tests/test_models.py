@@ -57,8 +57,11 @@ def test_vgg16_carries_the_hed_weights_not_random_ones(vgg16):
 def test_fingerprint_is_stable_and_differs_between_models(vgg16):
     again = models.load("demo:vgg16")
     shapes = models.load("demo:shapes")
+    gap = models.load("demo:shapes-gap")
     assert again.fingerprint == vgg16.fingerprint
-    assert shapes.fingerprint != vgg16.fingerprint
+    assert len({shapes.fingerprint, gap.fingerprint, vgg16.fingerprint}) == 3
+    assert gap.class_names == shapes.class_names and gap.source == "demo:shapes-gap"
+    assert "GlobalAveragePooling2D" in set(models.layer_table(gap.model).type)
     assert len(vgg16.fingerprint) == 16
 
 

@@ -1,7 +1,9 @@
 import numpy as np
 
 from audit.zoo import shapes
-from audit.zoo.model import WEIGHTS_PATH, build_model
+import pytest
+
+from audit.zoo.model import HEADS, WEIGHTS, build_model
 
 
 def test_generator_is_deterministic_by_seed_and_index():
@@ -37,16 +39,20 @@ def test_masks_cover_the_object_and_only_the_object():
         assert np.abs(image[ring] - inside).sum(axis=1).mean() > 60
 
 
-def test_the_demo_model_is_vgg_style_and_small():
-    model = build_model()
+@pytest.mark.parametrize("head", HEADS)
+def test_the_demo_models_are_vgg_style_and_small(head):
+    model = build_model(head=head)
     assert 200_000 < model.count_params() < 800_000
     conv = [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
     assert conv == [f"block{b}_conv{i}" for b in (1, 2, 3) for i in (1, 2)]
+    pooled = model.get_layer("block3_conv2").output.shape[1]
+    assert pooled == 16 and (type(model.layers[-3]).__name__ == "GlobalAveragePooling2D") == (head == "gap")
 
 
-def test_trained_weights_reach_95_percent_on_fresh_images():
-    model = build_model()
-    model.load_weights(WEIGHTS_PATH)
+@pytest.mark.parametrize("head", HEADS)
+def test_trained_weights_reach_95_percent_on_fresh_images(head):
+    model = build_model(head=head)
+    model.load_weights(WEIGHTS[head])
     test = shapes.generate(600, seed=12345)  # a seed the training script never uses
     predicted = model.predict(test.images / np.float32(127.5) - 1, batch_size=100, verbose=0).argmax(axis=1)
     accuracy = (predicted == test.labels).mean()

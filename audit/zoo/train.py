@@ -1,4 +1,4 @@
-"""Train the demo CNN on generated shapes and save its weights: `python -m audit.zoo.train`.
+"""Train a demo CNN on generated shapes and save its weights: `python -m audit.zoo.train [--head gap]`.
 
 Seeded and deterministic, so the committed weights can be reproduced. Images are generated with
 seed 1 (training) and 2 (validation); the test in tests/test_zoo.py uses seed 12345, never seen here.
@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from audit.zoo import shapes
-from audit.zoo.model import WEIGHTS_PATH, build_model
+from audit.zoo.model import HEADS, WEIGHTS, build_model
 
 TRAIN_SEED, VALIDATION_SEED = 1, 2
 
@@ -33,14 +33,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-size", type=int, default=14000)
-    parser.add_argument("--out", default=str(WEIGHTS_PATH))
+    parser.add_argument("--head", choices=HEADS, default="dense", help="dense: demo:shapes, gap: demo:shapes-gap")
+    parser.add_argument("--out", help="weights file (default: the one the demo loads)")
     args = parser.parse_args()
+    out = args.out or str(WEIGHTS[args.head])
 
     keras.utils.set_random_seed(0)
     tf.config.experimental.enable_op_determinism()
     train = shapes.generate(args.train_size, TRAIN_SEED)
     validation = shapes.generate(1200, VALIDATION_SEED)
-    model = build_model(len(shapes.CLASSES))
+    model = build_model(len(shapes.CLASSES), args.head)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     rng = np.random.default_rng(0)
@@ -54,10 +56,10 @@ def main() -> None:
         loss, accuracy = model.evaluate(x_val, validation.labels, verbose=0)
         print(f"epoch {epoch + 1}/{args.epochs}: validation accuracy {accuracy:.4f}, loss {loss:.4f} "
               f"({time.time() - start:.0f} s)", flush=True)
-    clean = build_model(len(shapes.CLASSES))  # without the optimizer's state: a third of the size
+    clean = build_model(len(shapes.CLASSES), args.head)  # without the optimizer's state: a third of the size
     clean.set_weights(model.get_weights())
-    clean.save_weights(args.out)
-    print(f"saved {args.out}")
+    clean.save_weights(out)
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":
