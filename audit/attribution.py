@@ -264,8 +264,13 @@ def _scaled01(values: np.ndarray) -> np.ndarray:
 
 def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patch: int = 8, stride: int = 4,
               fill: np.ndarray | float = 0.0, batch_size: int = 64) -> np.ndarray:
-    """How much the score drops when a patch is covered, averaged over the patches covering each pixel."""
+    """How much the score drops when a patch is covered, averaged over the patches covering each pixel.
+
+    `fill`: a value, one per channel, or a whole image of the input's shape (e.g. the preprocessed black
+    image) whose pixels under the patch replace the covered ones.
+    """
     image = np.asarray(image, np.float32)
+    fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
     scorer = score_model(model, resolve_target(model, image, target))
     height, width = image.shape[:2]
     base = float(np.asarray(scorer(image[None], training=False))[0])
@@ -276,7 +281,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
         chunk = corners[start:start + batch_size]
         batch = np.repeat(image[None], len(chunk), axis=0)
         for i, (y, x) in enumerate(chunk):
-            batch[i, y:y + patch, x:x + patch] = fill
+            batch[i, y:y + patch, x:x + patch] = fill[y:y + patch, x:x + patch]
         scores = np.asarray(scorer(batch, training=False))
         for (y, x), score in zip(chunk, scores):
             drops[y:y + patch, x:x + patch] += base - score

@@ -95,11 +95,14 @@ with common.progress_bar("Attribution maps") as progress:
                                                      options_for(method), selection.device)
 
 st.subheader(f"Why {label}?")
-columns = st.columns(min(4, len(methods) + 1))
+per_row = min(4, len(methods) + 1)
+columns = st.columns(per_row)
 columns[0].image(shown, caption="image", width="stretch")
 for position, (method, values) in enumerate(results.items(), start=1):
     picture = render.overlay(shown, values, opacity, colour_map)
-    column = columns[position % len(columns)]
+    if position % per_row == 0:  # a new row of columns, so every row starts level
+        columns = st.columns(per_row)
+    column = columns[position % per_row]
     column.image(picture, caption=method, width="stretch")
     column.download_button("PNG", render.png(picture), f"{method.replace(' ', '_').lower()}.png", "image/png",
                            key=f"png_{method}")

@@ -124,6 +124,21 @@ def test_attribution_page_on_a_demo_shapes_image_reports_trust():
     assert not at.exception, at.exception
 
 
+def test_attribution_page_draws_every_method_on_the_global_pooling_demo():
+    from audit import attribution
+
+    at = _app(model="demo:shapes-gap", samples="4", ig_steps="4").run()
+    at.switch_page("pages/attribution.py")
+    at.session_state["attr_methods"] = list(attribution.METHODS)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) == 1 + len(attribution.METHODS)
+    trust = at.dataframe[1].value
+    assert list(trust["method"]) == list(attribution.METHODS)
+    assert trust["deletion AUC (lower is better)"].notna().all()
+
+
 def test_attribution_page_with_a_filter_target_on_vgg16():
     at = _app(model="demo:vgg16", image="chelsea").run()
     at.switch_page("pages/attribution.py")

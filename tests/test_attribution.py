@@ -10,13 +10,14 @@ from audit.errors import AuditError
 from audit.zoo import shapes as generator
 
 
-def _hand_model() -> keras.Model:
-    """x (2x2x1) -> 1x1 conv with kernels [1, 2] -> global mean -> dense -> softmax."""
-    inputs = keras.Input((2, 2, 1))
+def _hand_model(size: int = 2) -> keras.Model:
+    """x (size x size x 1) -> 1x1 conv with kernels [1, 2] -> global mean -> dense -> softmax.
+
+    Class 0's score (before the softmax) is 0.5 mean(x) + 0.25 mean(2x) = mean(x)."""
+    inputs = keras.Input((size, size, 1))
     conv = keras.layers.Conv2D(2, 1, use_bias=False, name="conv")
     dense = keras.layers.Dense(2, activation="softmax", name="dense")
-    outputs = dense(keras.layers.GlobalAveragePooling2D()(conv(inputs)))
-    model = keras.Model(inputs, outputs)
+    model = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(conv(inputs))))
     conv.set_weights([np.array([[[[1.0, 2.0]]]], np.float32)])
     dense.set_weights([np.array([[0.5, -1.0], [0.25, 0.25]], np.float32), np.zeros(2, np.float32)])
     return model
@@ -33,6 +34,25 @@ def test_grad_cam_on_a_hand_weighted_model_equals_the_paper():
     # class 1: weights [-0.25, 0.0625]: -0.25 x + 0.125 x < 0 everywhere, so the ReLU leaves nothing
     np.testing.assert_allclose(attribution.grad_cam(model, X, 1, "conv", upsample=False), np.zeros((2, 2)))
     np.testing.assert_allclose(attribution.grad_cam(model, X, 0, "conv"), [[0.25, 0.5], [0.75, 1.0]], rtol=1e-6)
+
+
+def test_occlusion_on_a_hand_weighted_model_equals_the_paper():
+    # the class-0 score is mean(x): covering pixel p with f lowers it by (x_p - f) / 4
+    model = _hand_model()
+    np.testing.assert_allclose(attribution.occlusion(model, X, 0, patch=1, stride=1), X[..., 0] / 4, rtol=1e-6)
+    fill = np.array([[0.0, 2.0], [0.0, 4.0]], np.float32)[:, :, None]  # a whole fill image: its own pixels go in
+    np.testing.assert_allclose(attribution.occlusion(model, X, 0, patch=1, stride=1, fill=fill),
+                               [[1 / 3, 0.0], [1.0, 0.0]], rtol=1e-6)  # drops [.25, 0, .75, 0] over their max
+    # 2x2 patches with stride 1 on 3x3: the centre pixel is under all four patches, a corner under one
+    image = np.arange(9, dtype=np.float32).reshape(3, 3, 1)
+    conv_model = _hand_model(3)
+    drops = attribution.occlusion(conv_model, image, 0, patch=2, stride=1)
+    patch_drop = {(y, x): image[y:y + 2, x:x + 2].sum() / 9 for y in (0, 1) for x in (0, 1)}
+    expected = np.zeros((3, 3))
+    for (y, x), drop in patch_drop.items():
+        expected[y:y + 2, x:x + 2] += drop
+    expected /= np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]])
+    np.testing.assert_allclose(drops, expected / expected.max(), rtol=1e-5)
 
 
 def test_cam_maths_on_two_by_two_arrays():
