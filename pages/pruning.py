@@ -8,8 +8,9 @@ import streamlit as st
 from audit import activations, filters, models, pruning, render
 from pages import common, links
 
+# ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality
+# (a bare string here would be drawn on the page by Streamlit's magic)
 MEASURES = {"top-1 agreement": "agreement", "KL divergence": "kl"}
-"""Ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality."""
 MEASURES_WITH_LABELS = {"accuracy": "accuracy", **MEASURES}
 
 selection = common.current()

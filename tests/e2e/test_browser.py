@@ -150,13 +150,13 @@ def test_filters_page_grows_vgg16_galleries_with_the_no_response_count(server, b
 
 def test_attribution_page_on_a_demo_shape_with_its_trust_table(server, browser):
     url, _ = server
-    context, page = _open(browser, f"{url}/attribution")
+    context, page = _open(browser, f"{url}/attribution?model=demo:shapes-gap&image=shape+3")
     page.get_by_text("Can the maps be trusted?").wait_for()
     _settle(page)
     _assert_clean(page)
-    assert page.get_by_text("Why ").first.is_visible()
+    assert page.get_by_text("Why star?").first.is_visible()
     page.locator("[data-testid=stMain] img").nth(5).wait_for()  # the image and five overlays
-    page.get_by_text("Why ").first.scroll_into_view_if_needed()
+    page.get_by_text("Can the maps be trusted?").first.scroll_into_view_if_needed()  # the overlays above it
     _screenshot(page, "attribution_shapes.png")
     context.close()
 
