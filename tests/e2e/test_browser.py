@@ -180,7 +180,7 @@ def test_pruning_page_on_the_demo_model_offers_a_smaller_model(server, browser):
     page.get_by_role("button", name="Download the pruned model (.keras)").wait_for()
     _settle(page)
     _assert_clean(page)
-    assert page.get_by_text("Top-1 agreement").is_visible()
+    assert page.get_by_text("Top-1 agreement", exact=True).is_visible()
     assert page.locator(".js-plotly-plot").count() == 2  # candidates per layer, filter scatter
     _screenshot(page, "pruning.png")
     context.close()
@@ -272,7 +272,7 @@ def test_two_sessions_at_once_do_not_disturb_each_other_and_share_one_model(serv
     third, page_c = _open(browser, f"{url}/?model=demo:shapes")
     page_c.get_by_text("Model: demo:shapes").wait_for()
     _settle(page_c)
-    loads = [line for line in log.read_text().splitlines() if "loaded model demo:shapes" in line]
+    loads = [line for line in log.read_text().splitlines() if "loaded model demo:shapes (" in line]
     assert len(loads) == 1, loads  # every session shares the one loaded model
     for context in (first, second, third):
         context.close()
