@@ -18,7 +18,6 @@ from audit.zoo.shapes import CLASSES, IMAGE_SIZE
 HEADS = ("dense", "gap")
 WEIGHTS = {"dense": Path(__file__).resolve().parent / "shapes.weights.h5",
            "gap": Path(__file__).resolve().parent / "shapes_gap.weights.h5"}
-WEIGHTS_PATH = WEIGHTS["dense"]
 
 
 def build_model(num_classes: int = len(CLASSES), head: str = "dense") -> keras.Model:
