@@ -364,7 +364,6 @@ def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str,
     return pd.DataFrame(rows)
 
 
-
 LOWER_IS_BETTER = {"kl", "feature_error"}
 """Columns of quality() where a smaller value means the pruned model stayed closer to the original."""
 
@@ -377,7 +376,9 @@ def verdict_against_chance(runs: pd.DataFrame, measure: str, fraction: float = 0
     random = sign * part.loc[part.ranking.str.startswith("random"), measure].to_numpy()
     chosen = sign * part.loc[part.ranking == "chosen", measure].item()
     inverted = sign * part.loc[part.ranking == "inverted", measure].item()
-    return {"beaten": int((chosen > random).sum()), "random": len(random), "inverted_worst": bool(inverted < random.min())}
+    return {"beaten": int((chosen > random).sum()), "random": len(random),
+            "inverted_worst": bool(inverted < random.min())}
+
 
 # --- do the scores predict the real cost? ----------------------------------------------------
 

@@ -162,7 +162,8 @@ if links.shown("chance", pressed, common.set_key(selection, "chance", chance_lay
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
     chart = px.line(runs[~runs.ranking.str.startswith("random")], x="fraction", y=measure, color="ranking",
-                    markers=True, labels={"fraction": f"share of {chance_layer}'s filters pruned", measure: measure_name})
+                    markers=True,
+                    labels={"fraction": f"share of {chance_layer}'s filters pruned", measure: measure_name})
     chart.add_scatter(x=band.fraction, y=band.high, mode="lines", line=dict(width=0), showlegend=False)
     chart.add_scatter(x=band.fraction, y=band.low, mode="lines", line=dict(width=0), fill="tonexty",
                       fillcolor="rgba(128,128,128,0.3)", name="20 random rankings")

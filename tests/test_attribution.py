@@ -65,13 +65,18 @@ def test_cam_maths_on_two_by_two_arrays():
     np.testing.assert_allclose(attribution.grad_cam_plus_plus_weights(maps, gradients), [4 * (1 / 3) * 0.5, 0.0])
 
 
-@pytest.fixture(scope="module")
-def demo():
-    loaded = models.load("demo:shapes")
+def _shapes_on(source: str):
+    """A shapes demo model with 240 generated images (seed 2024), their inputs and its predictions."""
+    loaded = models.load(source)
     data = generator.generate(240, seed=2024)
     x = loaded.preprocess(data.images)
     predicted = np.asarray(loaded.model.predict(x, verbose=0)).argmax(axis=1)
     return loaded, data, x, predicted
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return _shapes_on("demo:shapes")
 
 
 def test_grad_cam_equals_an_independent_recomputation_on_the_demo_model(demo):
@@ -120,11 +125,7 @@ def test_grad_cam_concentrates_its_mass_on_the_object(demo):
 
 @pytest.fixture(scope="module")
 def gap_demo():
-    loaded = models.load("demo:shapes-gap")
-    data = generator.generate(240, seed=2024)
-    x = loaded.preprocess(data.images)
-    predicted = np.asarray(loaded.model.predict(x, verbose=0)).argmax(axis=1)
-    return loaded, data, x, predicted
+    return _shapes_on("demo:shapes-gap")
 
 
 def test_grad_cam_peak_falls_on_the_object_far_more_often_than_a_fixed_centre(gap_demo):

@@ -1,8 +1,7 @@
 import numpy as np
-
-from audit.zoo import shapes
 import pytest
 
+from audit.zoo import shapes
 from audit.zoo.model import HEADS, WEIGHTS, build_model
 
 
@@ -45,8 +44,8 @@ def test_the_demo_models_are_vgg_style_and_small(head):
     assert 200_000 < model.count_params() < 800_000
     conv = [layer.name for layer in model.layers if type(layer).__name__ == "Conv2D"]
     assert conv == [f"block{b}_conv{i}" for b in (1, 2, 3) for i in (1, 2)]
-    pooled = model.get_layer("block3_conv2").output.shape[1]
-    assert pooled == 16 and (type(model.layers[-3]).__name__ == "GlobalAveragePooling2D") == (head == "gap")
+    cam_size = model.get_layer("block3_conv2").output.shape[1]  # the Grad-CAM layer: 16 x 16
+    assert cam_size == 16 and (type(model.layers[-3]).__name__ == "GlobalAveragePooling2D") == (head == "gap")
 
 
 @pytest.mark.parametrize("head", HEADS)
