@@ -19,5 +19,6 @@ navigation = st.navigation(PAGES)
 st.sidebar.title("CNN Audit")
 if common.sidebar() is None:
     st.stop()
-navigation.run()
+with common.user_errors("This page", stop_page=False):  # what was drawn stays; the error is shown below it
+    navigation.run()
 common.share_box()

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import models
+from audit import heads, models
 from audit.errors import AuditError
 
 
@@ -37,51 +37,56 @@ Target = int | FilterTarget | None
 
 # --- targets and scores ----------------------------------------------------------------------
 
-def has_class_output(model: keras.Model) -> bool:
-    return len(model.outputs[0].shape) == 2 and model.outputs[0].shape[-1] > 1
+def has_class_output(model: keras.Model, output: int | None = None) -> bool:
+    return heads.find_head(model, output).is_classifier
 
 
 def last_conv_layer(model: keras.Model) -> str:
-    """The last convolutional layer, also inside nested models (the Grad-CAM default)."""
-    convs = models.conv_layers(model)
-    if not convs:
-        raise AuditError("The model has no convolutional layer to take a class activation map from.")
-    return convs[-1]
+    """The Grad-CAM default: the last convolutional layer with a spatial map, also inside nested models."""
+    return models.cam_layer(model)
 
 
-def resolve_target(model: keras.Model, image: np.ndarray, target: Target) -> int | FilterTarget:
+def resolve_target(model: keras.Model, image: np.ndarray, target: Target, output: int | None = None
+                   ) -> int | FilterTarget:
     """None means the top-1 class, or for models without a class output, the strongest last-conv filter."""
+    if isinstance(target, FilterTarget):
+        return FilterTarget(models.resolve_layer(model, target.layer), int(target.index))
+    head = heads.find_head(model, output)
     if target is not None:
-        if isinstance(target, FilterTarget):
-            return FilterTarget(models.resolve_layer(model, target.layer), int(target.index))
-        if not has_class_output(model):
-            raise AuditError("The model has no class output: choose a filter of a layer as the target.")
-        classes = model.outputs[0].shape[-1]
-        if not 0 <= int(target) < classes:
-            raise AuditError(f"Class {target} is out of range: the model has classes 0 to {classes - 1}.")
+        if not head.is_classifier:
+            raise AuditError(f"The model has no class output ({head.description}): choose a filter of a layer "
+                             "as the target.")
+        if not 0 <= int(target) < head.classes:
+            raise AuditError(f"Class {target} is out of range: the model has classes 0 to {head.classes - 1}.")
         return int(target)
-    if has_class_output(model):
-        return int(np.argmax(np.asarray(model(image[None], training=False))[0]))
+    if head.is_classifier:
+        scores = np.asarray(heads.scores_model(model, head)(image[None], training=False))[0]
+        return int(np.argmax(scores))
     layer = last_conv_layer(model)
     maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
     return FilterTarget(layer, int(np.argmax(maps.mean(axis=(0, 1)))))
 
 
-def _logits(model: keras.Model) -> keras.Model:
-    from audit.filters import linear_head
+def _score_of(target: int | FilterTarget):
+    """The scalar per sample that a target names, from the last tensor of a graph model's outputs."""
+    if isinstance(target, FilterTarget):  # keras.ops: works on symbolic and on real tensors
+        return lambda maps: keras.ops.mean(maps[..., target.index], axis=tuple(range(1, len(maps.shape) - 1)))
+    return lambda scores: scores[:, target]
 
-    return linear_head(model)
 
-
-def score_model(model: keras.Model, target: int | FilterTarget) -> keras.Model:
-    """A model from the image to one score per sample: the class logit or the filter's mean activation."""
+def _graph_with_score(model: keras.Model, target: int | FilterTarget, points: list[models.Point] = (),
+                      output: int | None = None, replace=None) -> keras.Model:
+    """A model from the image to [tensors at `points`..., the target's tensor], in one pass."""
+    points = list(points)
     if isinstance(target, FilterTarget):
-        cut = models.submodel(model, target.layer)
-        maps = cut.outputs[0]
-        reduced = keras.ops.mean(maps[..., target.index], axis=tuple(range(1, len(maps.shape) - 1)))
-        return keras.Model(cut.inputs[0], reduced)
-    head = _logits(model)
-    return keras.Model(head.inputs[0], head.outputs[0][:, target])
+        return models.graph_model(model, points + [models.Point(target.layer)], replace=replace)
+    return heads.scores_model(model, heads.find_head(model, output), points, replace=replace)
+
+
+def score_model(model: keras.Model, target: int | FilterTarget, output: int | None = None) -> keras.Model:
+    """A model from the image to one score per sample: the class score or the filter's mean activation."""
+    graph = _graph_with_score(model, target, output=output)
+    return keras.Model(graph.inputs[0], _score_of(target)(graph.outputs[-1]))
 
 
 def _gradients(scorer: keras.Model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,19 +110,19 @@ def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # --- gradient methods ------------------------------------------------------------------------
 
-def saliency(model: keras.Model, image: np.ndarray, target: Target = None) -> np.ndarray:
+def saliency(model: keras.Model, image: np.ndarray, target: Target = None, output: int | None = None) -> np.ndarray:
     """Vanilla gradient: max over channels of |d score / d pixel|."""
     image = np.asarray(image, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target))
+    scorer = score_model(model, resolve_target(model, image, target, output), output)
     gradient, _ = _gradients(scorer, image[None])
     return normalise(np.abs(gradient[0]).max(axis=-1))
 
 
 def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, samples: int = 25,
-               noise: float = 0.15, seed: int = 0, batch_size: int = 25) -> np.ndarray:
+               noise: float = 0.15, seed: int = 0, batch_size: int = 25, output: int | None = None) -> np.ndarray:
     """Mean |gradient| over noisy copies (noise std as a share of the input's range), batched."""
     image = np.asarray(image, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target))
+    scorer = score_model(model, resolve_target(model, image, target, output), output)
     sigma = noise * float(image.max() - image.min() or 1.0)
     rng = np.random.default_rng(seed)
     total = np.zeros(image.shape, np.float64)
@@ -138,7 +143,8 @@ def blurred(image: np.ndarray, sigma: float = 10.0) -> np.ndarray:
 
 def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target = None,
                          baseline: np.ndarray | str = "black", steps: int = 32, batch_size: int = 32,
-                         signed: bool = False, black: np.ndarray | None = None) -> np.ndarray:
+                         signed: bool = False, black: np.ndarray | None = None, output: int | None = None
+                         ) -> np.ndarray:
     """(x - x') times the mean gradient along the straight path from the baseline x' (trapezoid rule).
 
     `baseline` is an array, "black" (`black`: the preprocessed black image; zeros when not given) or
@@ -153,7 +159,7 @@ def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target =
         else:
             raise AuditError(f"Unknown baseline {baseline!r}: use 'black', 'blurred' or an array.")
     baseline = np.asarray(baseline, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target))
+    scorer = score_model(model, resolve_target(model, image, target, output), output)
     alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
     gradients = []
     for start in range(0, len(alphas), batch_size):
@@ -191,60 +197,60 @@ def layer_cam_map(maps: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     return np.maximum((np.maximum(gradients, 0) * maps).sum(axis=-1), 0)
 
 
-def _maps_and_gradients(model, image, target, layer):
-    target = resolve_target(model, image, target)
+def _maps_and_gradients(model, image, target, layer, output=None):
+    """The layer's maps and the gradient of the target's score with respect to them, from one pass."""
+    target = resolve_target(model, image, target, output)
     layer = models.resolve_layer(model, layer or last_conv_layer(model))
-    if isinstance(target, FilterTarget):
-        cut = models.submodel(model, [layer, target.layer])
-        reduce_axes = tuple(range(1, len(cut.outputs[1].shape) - 1))
-        score = lambda outputs: tf.reduce_mean(outputs[1][..., target.index], axis=reduce_axes)  # noqa: E731
-    else:
-        head = _logits(model)
-        cut = models.submodel(head, [layer, head.layers[-1].name])
-        score = lambda outputs: outputs[1][:, target]  # noqa: E731
+    graph = _graph_with_score(model, target, [models.Point(layer)], output)
+    x = tf.convert_to_tensor(image[None], tf.float32)
     with tf.GradientTape() as tape:
-        outputs = cut(tf.convert_to_tensor(image[None], tf.float32), training=False)
-        outputs = list(outputs)
-        tape.watch(outputs[0])
-        scores = score(outputs)
-    return outputs[0].numpy()[0], tape.gradient(scores, outputs[0]).numpy()[0]
+        tape.watch(x)  # records every op after the input, also in a frozen base (no trainable weights)
+        maps, last = graph(x, training=False)
+        scores = _score_of(target)(last)
+    gradients = tape.gradient(scores, maps)
+    if gradients is None:
+        raise AuditError(f"The target's score does not depend on layer {layer!r}: choose a layer before it.")
+    return maps.numpy()[0], gradients.numpy()[0]
 
 
-def _cam(model, image, target, layer, combine, upsample: bool):
+def _cam(model, image, target, layer, combine, upsample: bool, output=None):
     image = np.asarray(image, np.float32)
-    maps, gradients = _maps_and_gradients(model, image, target, layer)
+    maps, gradients = _maps_and_gradients(model, image, target, layer, output)
+    if maps.ndim != 3:
+        raise AuditError(f"Layer {layer!r} gives no spatial map (shape {maps.shape}); choose a conv layer.")
     cam = combine(maps, gradients)
     return normalise(_resize(cam, image.shape[:2])) if upsample else cam
 
 
 def grad_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
-             upsample: bool = True) -> np.ndarray:
+             upsample: bool = True, output: int | None = None) -> np.ndarray:
     """Grad-CAM on a conv layer (default: the last one); `upsample=False` gives the raw layer-size map."""
-    return _cam(model, image, target, layer, lambda a, g: weighted_maps(a, grad_cam_weights(g)), upsample)
+    return _cam(model, image, target, layer, lambda a, g: weighted_maps(a, grad_cam_weights(g)), upsample, output)
 
 
 def grad_cam_plus_plus(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
-                       upsample: bool = True) -> np.ndarray:
+                       upsample: bool = True, output: int | None = None) -> np.ndarray:
     return _cam(model, image, target, layer, lambda a, g: weighted_maps(a, grad_cam_plus_plus_weights(a, g)),
-                upsample)
+                upsample, output)
 
 
 def layer_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
-              upsample: bool = True) -> np.ndarray:
-    return _cam(model, image, target, layer, layer_cam_map, upsample)
+              upsample: bool = True, output: int | None = None) -> np.ndarray:
+    return _cam(model, image, target, layer, layer_cam_map, upsample, output)
 
 
 def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
-              max_channels: int = 32, batch_size: int = 32, fill: np.ndarray | None = None) -> np.ndarray:
+              max_channels: int = 32, batch_size: int = 32, fill: np.ndarray | None = None,
+              output: int | None = None) -> np.ndarray:
     """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the image; the target's score on
     the masked image weighs the channel (softmax over channels). Only the `max_channels` channels with
     the largest mean activation are used (Faster Score-CAM)."""
     image = np.asarray(image, np.float32)
-    resolved = resolve_target(model, image, target)
+    resolved = resolve_target(model, image, target, output)
     layer = models.resolve_layer(model, layer or last_conv_layer(model))
     maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
     keep = np.argsort(maps.mean(axis=(0, 1)))[::-1][:max_channels]
-    scorer = score_model(model, resolved)
+    scorer = score_model(model, resolved, output)
     fill = np.zeros_like(image) if fill is None else np.broadcast_to(fill, image.shape)
     masks = np.stack([_scaled01(_resize(maps[:, :, k], image.shape[:2])) for k in keep])
     scores = []
@@ -263,7 +269,7 @@ def _scaled01(values: np.ndarray) -> np.ndarray:
 
 
 def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patch: int = 8, stride: int = 4,
-              fill: np.ndarray | float = 0.0, batch_size: int = 64) -> np.ndarray:
+              fill: np.ndarray | float = 0.0, batch_size: int = 64, output: int | None = None) -> np.ndarray:
     """How much the score drops when a patch is covered, averaged over the patches covering each pixel.
 
     `fill`: a value, one per channel, or a whole image of the input's shape (e.g. the preprocessed black
@@ -271,7 +277,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
     """
     image = np.asarray(image, np.float32)
     fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
-    scorer = score_model(model, resolve_target(model, image, target))
+    scorer = score_model(model, resolve_target(model, image, target, output), output)
     height, width = image.shape[:2]
     base = float(np.asarray(scorer(image[None], training=False))[0])
     corners = [(y, x) for y in range(0, max(height - patch, 0) + 1, stride)
@@ -291,72 +297,81 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
 
 # --- guided backpropagation ------------------------------------------------------------------
 
-@tf.custom_gradient
-def _guided_relu(x):
-    """ReLU whose backward pass keeps only positive gradients where the input was positive."""
+def _guided_relu(negative_slope: float = 0.0, max_value: float | None = None, threshold: float = 0.0):
+    """The ReLU as it is on the way forward; backward, only positive gradients, and only where the ReLU
+    itself lets gradients through (above the threshold, below a cap such as ReLU6's)."""
 
-    def backward(dy):
-        return dy * tf.cast(dy > 0, dy.dtype) * tf.cast(x > 0, dy.dtype)
+    @tf.custom_gradient
+    def relu(x):
+        def backward(dy):
+            local = tf.where(x > threshold, 1.0, negative_slope)
+            if max_value is not None:
+                local = tf.where(x < max_value, local, 0.0)
+            return tf.nn.relu(dy) * tf.cast(local, dy.dtype)
 
-    return tf.nn.relu(x), backward
+        return keras.activations.relu(x, negative_slope=negative_slope, max_value=max_value,
+                                      threshold=threshold), backward
+
+    return relu
 
 
 class GuidedReLU(keras.layers.Layer):
+    """Guided backpropagation's ReLU (Springenberg et al. 2015) with the forward pass of the original."""
+
+    def __init__(self, negative_slope=0.0, max_value=None, threshold=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.relu = _guided_relu(float(negative_slope), None if max_value is None else float(max_value),
+                                 float(threshold))
+
     def call(self, x):
-        return _guided_relu(x)
+        return self.relu(x)
 
 
-def guided(model: keras.Model) -> keras.Model:
-    """The same graph and weights with every ReLU, fused ones included, made guided (Springenberg 2015)."""
-    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    return keras.Model(new_input, _guided_call(model, new_input), name=f"{model.name}_guided")
+def _guided_replacement(layer):
+    """A guided stand-in for a ReLU-family layer (ReLU, ReLU6, fused relu), else None (kept as is)."""
+    kind, activation = type(layer).__name__, models._activation_name(layer)
+    if kind == "ReLU":
+        config = layer.get_config()
+        return GuidedReLU(config.get("negative_slope", 0.0), config.get("max_value"), config.get("threshold", 0.0))
+    caps = {"relu": None, "relu6": 6.0}
+    if activation not in caps:
+        return None
+    if kind == "Activation":
+        return GuidedReLU(max_value=caps[activation])
+    if models.has_fused_activation(layer):
+        guided_relu = GuidedReLU(max_value=caps[activation])
+
+        def call(*args, **kwargs):
+            return guided_relu(models._linear_twin(layer, args[0].shape)(*args, **kwargs))
+
+        return call
+    return None
 
 
-def _guided_call(model: keras.Model, x):
-    def wrap(layer):
-        if isinstance(layer, keras.Model):
-            return lambda *args, **kwargs: _guided_call(layer, args[0])
-        kind, activation = type(layer).__name__, models._activation_name(layer)
-        if kind == "ReLU" or (kind == "Activation" and activation == "relu"):
-            return lambda *args, **kwargs: GuidedReLU()(args[0])
-        if activation == "relu" and models.has_fused_activation(layer):
-            twin = models._linear_twin(layer)
-            return lambda *args, **kwargs: GuidedReLU()(twin(*args, **kwargs))
-        return layer
-
-    if isinstance(model, keras.Sequential):
-        for layer in model.layers:
-            x = wrap(layer)(x)
-        return x
-    return model._run_through_graph(x, operation_fn=wrap)
-
-
-def guided_gradient(model: keras.Model, image: np.ndarray, target: Target = None) -> np.ndarray:
+def guided_gradient(model: keras.Model, image: np.ndarray, target: Target = None, output: int | None = None
+                    ) -> np.ndarray:
     """The raw guided-backpropagation gradient (H, W, C) of the target's score."""
     image = np.asarray(image, np.float32)
-    resolved = resolve_target(model, image, target)
-    if isinstance(resolved, FilterTarget):
-        cut = guided(models.submodel(model, resolved.layer))
-        maps = cut.outputs[0]
-        reduced = keras.ops.mean(maps[..., resolved.index], axis=tuple(range(1, len(maps.shape) - 1)))
-        scorer = keras.Model(cut.inputs[0], reduced)
-    else:
-        head = guided(_logits(model))
-        scorer = keras.Model(head.inputs[0], head.outputs[0][:, resolved])
+    resolved = resolve_target(model, image, target, output)
+    graph = _graph_with_score(model, resolved, output=output, replace=_guided_replacement)
+    scorer = keras.Model(graph.inputs[0], _score_of(resolved)(graph.outputs[-1]))
     gradient, _ = _gradients(scorer, image[None])
     return gradient[0]
 
 
-def guided_backprop(model: keras.Model, image: np.ndarray, target: Target = None) -> np.ndarray:
+def guided_backprop(model: keras.Model, image: np.ndarray, target: Target = None, output: int | None = None
+                    ) -> np.ndarray:
     """Guided Backpropagation: max over channels of the positive guided gradient."""
-    return normalise(np.maximum(guided_gradient(model, image, target), 0).max(axis=-1))
+    return normalise(np.maximum(guided_gradient(model, image, target, output), 0).max(axis=-1))
 
 
-def guided_grad_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None) -> np.ndarray:
+def guided_grad_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
+                    output: int | None = None) -> np.ndarray:
     """Guided Grad-CAM: the guided map times the upsampled Grad-CAM (Selvaraju et al. 2017)."""
     image = np.asarray(image, np.float32)
-    resolved = resolve_target(model, image, target)
-    return normalise(guided_backprop(model, image, resolved) * grad_cam(model, image, resolved, layer))
+    resolved = resolve_target(model, image, target, output)
+    return normalise(guided_backprop(model, image, resolved, output) * grad_cam(model, image, resolved, layer,
+                                                                                output=output))
 
 
 METHODS = {
@@ -388,14 +403,15 @@ def peak_inside(attribution: np.ndarray, mask: np.ndarray) -> bool:
 
 
 def deletion_curve(model: keras.Model, image: np.ndarray, attribution_map: np.ndarray, target: Target = None,
-                   steps: int = 20, fill: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+                   steps: int = 20, fill: np.ndarray | float = 0.0, output: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """Remove the most-attributed pixels first and watch the score fall (Petsiuk et al. 2018).
 
     Returns (fractions removed, scores, area under the curve of the score normalised by the full
     image's score); a lower area means the map found what the score depends on.
     """
     image = np.asarray(image, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target))
+    scorer = score_model(model, resolve_target(model, image, target, output), output)
     order = np.argsort(attribution_map.ravel())[::-1]
     fractions = np.linspace(0, 1, steps + 1)
     fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
@@ -412,31 +428,59 @@ def deletion_curve(model: keras.Model, image: np.ndarray, attribution_map: np.nd
 
 def randomised_copies(model: keras.Model, seed: int = 0):
     """Cascading randomisation (Adebayo et al. 2018): yield (layers randomised so far, model copy),
-    re-initialising the weighted layers from the top down on a clone; the original is untouched."""
+    re-initialising the weighted layers from the top down on a clone, each with its own initialisers
+    (a BatchNormalization gets its identity statistics back, never a negative variance); the original
+    is untouched. Keras's global random seed is set from `seed` for each layer, so copies repeat."""
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    rng = np.random.default_rng(seed)
-    weighted = [(path, layer) for path, layer, _ in models.iter_layers(clone)
-                if layer.get_weights() and not isinstance(layer, keras.Model)]
+    weighted = [(path, models.get_layer(clone, path)) for path in models.weighted_layers(clone)]
     done = []
-    for path, layer in reversed(weighted):
-        layer.set_weights([rng.normal(0, np.std(w) or 0.05, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    for step, (path, layer) in enumerate(reversed(weighted)):
+        keras.utils.set_random_seed(seed * 100_003 + step)
+        layer.set_weights(_fresh_weights(layer, np.random.default_rng([seed, step])))
         done.append(path)
         yield list(done), clone
 
 
+def _fresh_weights(layer, rng: np.random.Generator) -> list[np.ndarray]:
+    """The weights a new copy of the layer starts with (its initialisers); a layer that cannot be rebuilt
+    from its config gets a normal draw with each weight's own spread."""
+    old = layer.get_weights()
+    try:
+        fresh = type(layer).from_config(layer.get_config())
+        if not fresh.built:
+            fresh.build(layer.input.shape)
+        new = fresh.get_weights()
+    except Exception:  # noqa: BLE001 (any layer Keras cannot rebuild alone: fall back, below)
+        new = []
+    if [w.shape for w in new] == [w.shape for w in old]:
+        return new
+    return [rng.normal(0, np.std(w) or 0.05, w.shape).astype(w.dtype) for w in old]
+
+
 def sanity_check(model: keras.Model, image: np.ndarray, method, target: Target = None, seed: int = 0,
-                 **options) -> list[tuple[str, float]]:
+                 limit: int | None = None, output: int | None = None, **options) -> list[tuple[str, float]]:
     """Spearman rank correlation between the map of the trained model and of copies with more and
-    more top layers randomised: a map that does not change explains the image, not the model."""
+    more top layers randomised (at most `limit` of them): a map that does not change explains the
+    image, not the model. A copy whose target score is not finite raises an error, never a number."""
     from scipy.stats import spearmanr
 
     image = np.asarray(image, np.float32)
-    resolved = resolve_target(model, image, target)
-    reference = method(model, image, resolved, **options).ravel()
+    resolved = resolve_target(model, image, target, output)
+    extra = {} if output is None else {"output": output}
+    reference = method(model, image, resolved, **extra, **options).ravel()
+    if reference.std() == 0:
+        raise AuditError("The map of the trained model is flat (every pixel equal), so there is nothing to compare "
+                         "its randomised copies with; choose another method or target.")
     results = []
     for done, clone in randomised_copies(model, seed):
-        other = method(clone, image, resolved, **options).ravel()
+        score = np.asarray(score_model(clone, resolved, output)(image[None], training=False))
+        if not np.all(np.isfinite(score)):
+            raise AuditError(f"Randomising {done[-1]} made the model's output non-finite ({score.ravel()[0]}); "
+                             "the sanity check stops there.")
+        other = method(clone, image, resolved, **extra, **options).ravel()
         correlation = spearmanr(reference, other).statistic if other.std() > 0 else 0.0
         results.append((done[-1], float(np.nan_to_num(correlation))))
+        if limit is not None and len(results) >= limit:
+            break
     return results

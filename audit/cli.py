@@ -2,9 +2,11 @@
 
     python -m audit report --model demo:shapes --images shapes:60 --out report.html
     python -m audit stats --model path/to/model.keras --images photos/ --csv stats.csv
+    python -m audit check --model path/to/model.keras
 
 Exit codes: 0 done, 1 the audit refused the input (the message is the dashboard's), 2 bad usage,
-130 interrupted. A progress bar goes to stderr, so stdout stays clean for `--csv -`.
+3 `check` found a capability that failed (a bug of ours), 130 interrupted. A progress bar goes to
+stderr, so stdout stays clean for `--csv -`.
 """
 
 from __future__ import annotations
@@ -94,6 +96,20 @@ def _stats(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    """Every capability on the user's model, one line each: what works, what is refused and why."""
+    from audit import conformance, models
+
+    loaded = models.load(_source(args.model))
+    print(f"{loaded.title}: preprocessing {loaded.preprocessing} ({loaded.preprocessing_reason or 'as named'}); "
+          f"{loaded.head().description}")
+    with progress_bar("Checking every capability", args.quiet) as progress, loaded.lock:
+        cells = conformance.check(loaded, progress)
+    for cell in cells:
+        print(f"{cell.status:8} {cell.capability:40} {cell.seconds:6.1f} s  {cell.detail}")
+    return 3 if any(cell.status == "failed" for cell in cells) else 0
+
+
 def _methods() -> list[str]:
     from audit import attribution
 
@@ -129,6 +145,11 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--near-dead", type=float, default=0.99, help="near-dead: APoZ above this")
     stats.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     stats.set_defaults(run=_stats)
+
+    check = commands.add_parser("check", help="run every capability once on a model: ok, refused (why), failed")
+    check.add_argument("--model", required=True, help="a .keras/.h5 file or a model source")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(run=_check)
     return main
 
 

@@ -21,15 +21,25 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import models
+from audit import heads, models
 from audit.errors import AuditError
 
 _CAFFE_MEAN = {"caffe": [103.939, 116.779, 123.68], "caffe_bsds": [104.00699, 116.66877, 122.67892]}
 _TORCH_MEAN, _TORCH_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+_LUMINANCE = [0.299, 0.587, 0.114]
+
+
 def tf_preprocess(pixels01: tf.Tensor, mode: str) -> tf.Tensor:
-    """audit.images.preprocess inside the graph, from [0, 1] pixels (so gradients flow through it)."""
+    """audit.images.preprocess inside the graph, from [0, 1] pixels (so gradients flow through it).
+
+    Grey pixels (one channel) go as LoadedModel.preprocess takes them: as a grey RGB image, then its
+    luminance, so a gallery and a photo see the same preprocessing.
+    """
+    if pixels01.shape[-1] == 1:
+        rgb = tf.repeat(pixels01, 3, axis=-1)
+        return tf.reduce_sum(tf_preprocess(rgb, mode) * tf.constant(_LUMINANCE), axis=-1, keepdims=True)
     x = pixels01 * 255.0
     if mode == "unit":
         return pixels01
@@ -81,7 +91,7 @@ def default_options(model: keras.Model, layer: str, preprocessing: str) -> Optio
 
 @dataclass
 class Gallery:
-    images: np.ndarray  # uint8 (N, size, size, 3)
+    images: np.ndarray  # uint8 (N, size, size, channels of the model's input)
     activations: np.ndarray  # float (N,): final mean activation of each filter on its own image
     curves: np.ndarray  # float (N, steps): the objective per step
     responded: np.ndarray  # bool (N,): the filter's activation was above 0 at some step
@@ -97,18 +107,19 @@ def _transform_table(filters: list[int], seed: int, steps: int, options: Options
     return table
 
 
-def _start_images(filters: list[int], seed: int, size: int) -> np.ndarray:
-    """Grey plus a little noise, per filter from its own seed."""
+def _start_images(filters: list[int], seed: int, size: int, channels: int = 3) -> np.ndarray:
+    """Grey plus a little noise, per filter from its own seed, with the model's input channels."""
     return np.stack([
-        0.5 + 0.1 * np.random.default_rng(np.random.SeedSequence([seed, index, 0])).standard_normal((size, size, 3))
+        0.5 + 0.1 * np.random.default_rng(np.random.SeedSequence([seed, index, 0])).standard_normal(
+            (size, size, 3))[..., :channels]
         for index in filters
     ]).astype(np.float32)
 
 
-def _projective(table_step: tf.Tensor, size: int) -> tf.Tensor:
+def _projective(table_step: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     """Batch of (8,) projective transforms: zoom about the centre, then shift."""
     dx, dy, zoom = table_step[:, 0], table_step[:, 1], 1.0 + table_step[:, 2]
-    centre = (size - 1) / 2.0
+    centre = (tf.cast(size, tf.float32) - 1.0) / 2.0
     a = 1.0 / zoom
     zeros = tf.zeros_like(a)
     return tf.stack([a, zeros, centre - a * centre - dx, zeros, a, centre - a * centre - dy, zeros, zeros], axis=1)
@@ -119,12 +130,12 @@ def _blur(images: tf.Tensor, sigma: float) -> tf.Tensor:
     offsets = np.arange(-radius, radius + 1, dtype=np.float32)
     kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
     kernel = np.outer(kernel, kernel) / np.outer(kernel, kernel).sum()
-    depthwise = tf.constant(np.tile(kernel[:, :, None, None], (1, 1, 3, 1)), tf.float32)
+    depthwise = tf.constant(np.tile(kernel[:, :, None, None], (1, 1, images.shape[-1], 1)), tf.float32)
     return tf.nn.depthwise_conv2d(images, depthwise, [1, 1, 1, 1], "SAME")
 
 
 def _objective_fn(cut_post: keras.Model, cut_pre: keras.Model | None, options: Options):
-    """Mean activation of filter k of sample k, border excluded; one value per sample."""
+    """Mean activation of filter k of sample k, border excluded; one value per sample (any image size)."""
 
     def objective(pixels, filters, pre: bool):
         x = tf_preprocess(pixels, options.preprocessing)
@@ -132,27 +143,30 @@ def _objective_fn(cut_post: keras.Model, cut_pre: keras.Model | None, options: O
         if maps.shape.rank == 2:  # a dense layer or class scores: one value per unit
             return tf.gather(maps, filters, axis=1, batch_dims=1)
         chosen = tf.gather(maps, filters, axis=-1, batch_dims=1)  # (N, h, w)
-        h, w = chosen.shape[1], chosen.shape[2]
-        bh, bw = int(h * options.border), int(w * options.border)
-        return tf.reduce_mean(chosen[:, bh:h - bh or None, bw:w - bw or None], axis=[1, 2])
+        h, w = tf.shape(chosen)[1], tf.shape(chosen)[2]
+        bh = tf.cast(tf.floor(tf.cast(h, tf.float64) * options.border), tf.int32)
+        bw = tf.cast(tf.floor(tf.cast(w, tf.float64) * options.border), tf.int32)
+        return tf.reduce_mean(chosen[:, bh:h - bh, bw:w - bw], axis=[1, 2])
 
     return objective
 
 
-def _ascent(objective, options: Options, size: int):
-    """One compiled gradient-ascent step on a batch, at a fixed image size."""
+def _ascent(objective, options: Options, pixels_spec: tf.TensorSpec, pre: bool):
+    """One compiled gradient-ascent step on a batch. Traced once for every image size (the octaves), and
+    once more only when a warm-up ascends the pre-activation."""
 
-    @tf.function(reduce_retracing=True)
-    def step(pixels, filters, transform, pre, blur_now):
+    def step(pixels, filters, transform, blur_now):
+        size = tf.shape(pixels)[1]
         with tf.GradientTape() as tape:
             tape.watch(pixels)
             warped = tf.raw_ops.ImageProjectiveTransformV3(
-                images=pixels, transforms=_projective(transform, size), output_shape=tf.constant([size, size]),
+                images=pixels, transforms=_projective(transform, size), output_shape=tf.shape(pixels)[1:3],
                 fill_value=0.5, interpolation="BILINEAR", fill_mode="REFLECT")
-            values = tf.cond(pre, lambda: objective(warped, filters, True), lambda: objective(warped, filters, False))
+            values = objective(warped, filters, pre)
             loss = tf.reduce_sum(values)
             if options.total_variation:
-                loss -= options.total_variation * tf.reduce_sum(tf.image.total_variation(warped)) / (size * size)
+                area = tf.cast(size * size, tf.float32)
+                loss -= options.total_variation * tf.reduce_sum(tf.image.total_variation(warped)) / area
         gradient = tape.gradient(loss, pixels)  # through the warp: the transform is differentiable
         norm = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=[1, 2, 3], keepdims=True)) + 1e-8
         pixels = pixels + options.learning_rate * gradient / norm
@@ -161,12 +175,14 @@ def _ascent(objective, options: Options, size: int):
         pixels = tf.cond(blur_now, lambda: _blur(pixels, options.blur_sigma), lambda: pixels)
         return tf.clip_by_value(pixels, 0.0, 1.0), values
 
-    return step
+    signature = [pixels_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 3], tf.float32),
+                 tf.TensorSpec([], tf.bool)]
+    return tf.function(step, input_signature=signature)
 
 
 def gallery(model: keras.Model, layer: str, filters, size: int = 128, steps: int = 20, seed: int = 0,
             progress: Callable[[int, int], None] | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
-    """Grow one image per filter of `layer`; returns (uint8 images (N, size, size, 3), final activations (N,))."""
+    """Grow one image per filter of `layer`; returns (uint8 images (N, size, size, C), final activations (N,))."""
     result = render(model, layer, list(filters), Options(size=size, steps=steps, **options), seed, progress)
     return result.images, result.activations
 
@@ -178,29 +194,71 @@ def render(model: keras.Model, layer: str, filters: list[int], options: Options,
     cut_post = models.submodel(model, path)
     if len(cut_post.outputs[0].shape) == 4:  # maps: any image size works up to a conv layer
         cut_post = models.submodel(model, path, any_size=True)
-    else:  # through a Flatten/Dense head only the model's own size does
-        options = Options(**{**asdict(options), "size": int(model.inputs[0].shape[1]), "octaves": 1})
-    channels = int(cut_post.outputs[0].shape[-1])
-    if not filters or min(filters) < 0 or max(filters) >= channels:
-        raise AuditError(f"Filters must be between 0 and {channels - 1} for layer {path!r}.")
     fused = models.has_fused_activation(models.get_layer(model, path))
     cut_pre = (models.submodel(model, path, pre_activation=True, any_size=cut_post.inputs[0].shape[1] is None)
                if options.warmup and fused else None)
+    return _grow(model, cut_post, cut_pre, path, filters, options, seed, progress)
+
+
+def class_images(model: keras.Model, classes: list[int], options: Options, seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None, output: int | None = None) -> Gallery:
+    """Class-model images: the input that maximises each class score before the softmax (Simonyan et al.
+    2014: maximising a probability can be done by pushing the other classes down instead)."""
+    head = heads.find_head(model, output)
+    return _grow(model, heads.scores_model(model, head), None, "the class scores", list(classes), options, seed,
+                 progress)
+
+
+def minimum_size(cut: keras.Model, largest: int) -> int:
+    """The smallest square input (up to `largest`) for which the cut still gives a map of at least 1 x 1.
+
+    Deep layers of InceptionV3 or Xception need tens of pixels (valid convolutions and strides shrink
+    the map); the multi-scale octaves never start below this.
+    """
+    channels = cut.inputs[0].shape[-1]
+
+    def fits(size: int) -> bool:
+        try:
+            shape = cut.compute_output_spec(keras.KerasTensor((1, size, size, channels))).shape
+        except Exception:  # noqa: BLE001 (Keras raises several types for a negative dimension)
+            return False
+        return all(d is None or d >= 1 for d in shape[1:-1])
+
+    low, high = 1, largest
+    if not fits(high):
+        return largest
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle + 1, high)
+    return low
+
+
+def _grow(model, cut_post, cut_pre, what: str, filters: list[int], options: Options, seed: int, progress) -> Gallery:
+    if cut_post.inputs[0].shape[1] is not None:  # through a Flatten/Dense only the model's own size does
+        options = Options(**{**asdict(options), "size": int(cut_post.inputs[0].shape[1]), "octaves": 1})
+    channels = int(cut_post.outputs[0].shape[-1])
+    if not filters or min(filters) < 0 or max(filters) >= channels:
+        raise AuditError(f"Filters must be between 0 and {channels - 1} for {what}.")
     objective = _objective_fn(cut_post, cut_pre, options)
     table = _transform_table(filters, seed, options.steps, options)
     index = tf.constant(filters, tf.int32)
 
-    sizes = [max(16, int(round(options.size / options.octave_scale ** k))) for k in range(options.octaves)][::-1]
+    floor = minimum_size(cut_post, options.size) if options.octaves > 1 else options.size
+    sizes = [max(min(16, options.size), floor, int(round(options.size / options.octave_scale ** k)))
+             for k in range(options.octaves)]
+    sizes = sizes[::-1]
     per_octave = np.diff(np.linspace(0, options.steps, options.octaves + 1).round().astype(int))
-    pixels = tf.constant(_start_images(filters, seed, sizes[0]))
+    channels_in = int(cut_post.inputs[0].shape[-1])
+    pixels = tf.constant(_start_images(filters, seed, sizes[0], channels_in))
+    spec = tf.TensorSpec([None, *cut_post.inputs[0].shape[1:3], channels_in], tf.float32)
+    steps = {pre: _ascent(objective, options, spec, pre) for pre in {False, cut_pre is not None and options.warmup > 0}}
     curves, done = [], 0
     for size, count in zip(sizes, per_octave):
         pixels = tf.image.resize(pixels, (size, size), method="bilinear") if pixels.shape[1] != size else pixels
-        step = _ascent(objective, options, size)
         for _ in range(count):
             blur_now = bool(options.blur_every) and (done + 1) % options.blur_every == 0 and done + 1 < options.steps
-            pixels, values = step(pixels, index, tf.constant(table[done]), tf.constant(done < options.warmup),
-                                  tf.constant(blur_now))
+            step = steps[cut_pre is not None and done < options.warmup]
+            pixels, values = step(pixels, index, tf.constant(table[done]), tf.constant(blur_now))
             curves.append(values.numpy())
             done += 1
             if progress is not None:
@@ -227,26 +285,3 @@ def first_layer_weights(model: keras.Model) -> tuple[str, np.ndarray]:
     low = tiles.min(axis=(1, 2, 3), keepdims=True)
     span = tiles.max(axis=(1, 2, 3), keepdims=True) - low
     return convs[0], (tiles - low) / np.where(span > 0, span, 1)
-
-
-def linear_head(model: keras.Model) -> keras.Model:
-    """A model whose output is the class score before the softmax, without touching the original.
-
-    The last layer is rebuilt with a linear activation and the same weights (Simonyan et al. 2014:
-    maximising a softmax output can be done by pushing other classes down instead).
-    """
-    last = model.layers[-1]
-    if models._activation_name(last) in (None, "linear"):
-        return model
-    twin = models._linear_twin(last)
-    penultimate = models.submodel(model, model.layers[-2].name) if len(model.layers) > 1 else None
-    if penultimate is None:
-        raise AuditError("The model has no layer before its output.")
-    return keras.Model(penultimate.inputs[0], twin(penultimate.outputs[0]), name=f"{model.name}_logits")
-
-
-def class_images(model: keras.Model, classes: list[int], options: Options, seed: int = 0,
-                 progress: Callable[[int, int], None] | None = None) -> Gallery:
-    """Class-model images: the input that maximises each class score before the softmax."""
-    logits = linear_head(model)
-    return render(logits, logits.layers[-1].name, list(classes), options, seed, progress)

@@ -307,12 +307,32 @@ def _module_problem(module, target, is_function: bool) -> str | None:
     if parts[:1] == ["src"]:
         parts = parts[1:]
     namespace = parts[0] if parts else ""
-    if namespace and namespace not in MODELLING_NAMESPACES:
+    if namespace and namespace not in MODELLING_NAMESPACES and not (
+            namespace == "applications" and _is_keras_layer_class(module, target)):
         return (f"names {module}.{target}, which is not a model-building object (Keras's "
                 f"{namespace!r} namespace reads, downloads or changes things)")
     if namespace in ("", "models") and not target[0].isupper():
         return f"names the function {module}.{target}, which is not a model-building object"
     return None
+
+
+def _is_keras_layer_class(module: str, name: str) -> bool:
+    """A layer class that Keras itself defines outside its layers namespace (ConvNeXt's LayerScale in
+    keras.src.applications.convnext): model-building, and loaded by Keras's safe mode."""
+    import importlib
+    import importlib.util
+    import inspect
+
+    import keras
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return False
+        candidate = getattr(importlib.import_module(module), name, None)
+    except (ImportError, ValueError):
+        return False
+    return inspect.isclass(candidate) and issubclass(candidate, keras.layers.Layer) \
+        and candidate.__module__ == module
 
 
 def _is_keras_builtin_function(name: str) -> bool:

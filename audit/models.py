@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,19 +80,38 @@ class LoadedModel:
     preprocessing: str
     description: str
     untrained: bool = False
+    preprocessing_reason: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    _outputs: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def title(self) -> str:
         """The name shown to users; untrained weights are always said so."""
         return f"{self.source} (untrained)" if self.untrained and "untrained" not in self.source else self.source
 
-    def predict(self, x: np.ndarray, device_name: str | None = None) -> np.ndarray:
-        """The model's output on a preprocessed batch, one caller at a time."""
+    def head(self, output: int | None = None):
+        """The output that is explained (audit.heads): the classifier, or the one asked for."""
+        return self._outputs_of(output).head
+
+    def predict(self, x: np.ndarray, device_name: str | None = None, output: int | None = None) -> np.ndarray:
+        """Class probabilities of the explained output on a preprocessed batch (also for a logits or a
+        single-unit head), or that output as it is when it has no classes; one caller at a time."""
         from audit import device
 
         with self.lock, device.scope(device_name):
-            return np.asarray(self.model(x, training=False))
+            outputs = self._outputs_of(output)
+            values = np.asarray(outputs.graph(np.asarray(x, np.float32), training=False))
+        from audit import heads
+
+        return heads.probabilities(values, outputs.head) if outputs.head.is_classifier else values
+
+    def _outputs_of(self, output: int | None):
+        from audit import heads
+
+        with self.lock:
+            if output not in self._outputs:
+                self._outputs[output] = heads.Outputs(self.model, output)
+            return self._outputs[output]
 
     def preprocess(self, images, preprocessing: str | None = None, fit: str = "crop") -> np.ndarray:
         """uint8 RGB images (one (H, W, 3) or a batch or list) to this model's float input batch."""
@@ -257,12 +277,90 @@ def _load_file(path: Path, source: str) -> LoadedModel:
     digest = storage.file_sha256(path)
     check_image_model(model)
     size = model.inputs[0].shape[1:3]
+    mode, reason = detect_preprocessing(model)
     return LoadedModel(
         model=model, source=source, fingerprint=_fingerprint("file", digest), class_names=None,
-        input_size=tuple(s or 224 for s in size), preprocessing="unit",
+        input_size=tuple(s or 224 for s in size), preprocessing=mode, preprocessing_reason=reason,
         description=f"A model file ({path.name if source.startswith('file:') else 'upload'}, "
-                    f"SHA-256 {digest[:12]}…). Check the preprocessing: files do not record it.",
+                    f"SHA-256 {digest[:12]}…).",
     )
+
+
+# Layers at the input that leave pixel values as they are (at inference) or only move them.
+_VALUE_KEEPING = ("InputLayer", "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomCrop",
+                  "RandomContrast", "RandomBrightness", "Resizing", "CenterCrop")
+# keras.applications model names (they keep them in files) and the preprocessing each was trained with.
+_FAMILIES = (
+    (r"vgg1[69]$", "caffe", "VGG"), (r"resnet\d+$", "caffe", "ResNet (v1)"), (r"resnet\d+v2$", "tf", "ResNetV2"),
+    (r"mobilenet_\d", "tf", "MobileNet"), (r"mobilenetv2_", "tf", "MobileNetV2"),
+    (r"densenet\d+$", "torch", "DenseNet"), (r"inception_v3$", "tf", "InceptionV3"),
+    (r"inception_resnet_v2$", "tf", "InceptionResNetV2"), (r"xception$", "tf", "Xception"),
+    (r"nasnet_", "tf", "NASNet"),
+)
+
+
+def detect_preprocessing(model: keras.Model) -> tuple[str, str]:
+    """The preprocessing a model file expects, and why we think so.
+
+    Files do not record their preprocessing. A model that rescales or normalises inside, right after
+    its input (`Rescaling(1/255)`, the tutorials' `Rescaling(1/127.5, offset=-1)`, EfficientNet's and
+    ConvNeXt's own layers), takes pixel values 0-255; a keras.applications network, on its own or as a
+    transfer-learning base, is recognised by its name and gets its family's preprocessing; anything
+    else is assumed to take [0, 1].
+    """
+    first = _first_value_layer(model)
+    if first is not None:
+        kind = type(first).__name__
+        if kind == "Rescaling":
+            scale, offset = first.get_config()["scale"], first.get_config()["offset"]
+            return "raw", (f"the model starts with a Rescaling layer ({first.name}: x * {scale:.6g} + {offset:.6g}), "
+                           "so it takes pixel values 0-255")
+        if kind == "Normalization":
+            return "raw", f"the model starts with a Normalization layer ({first.name}), so it takes pixel values 0-255"
+    for name in [model.name] + [layer.name for _, layer, _ in iter_layers(model) if isinstance(layer, keras.Model)]:
+        for pattern, mode, family in _FAMILIES:
+            if re.match(pattern, name.lower()):
+                where = "the model" if name == model.name else f"its base {name!r}"
+                return mode, f"{where} is keras.applications' {family}, trained with this preprocessing"
+    return "unit", "no rescaling layer at the input and no known architecture: assumed to take [0, 1]; check it"
+
+
+def _first_value_layer(model: keras.Model):
+    """The first layer after the input that changes pixel values, entering nested models and skipping
+    augmentation (inactive at inference); None when the input branches."""
+    layer = model
+    while isinstance(layer, keras.Model):
+        following = _readers_of_input(layer)
+        while following is not None and (type(following).__name__ in _VALUE_KEEPING or _is_augmentation(following)):
+            following = _next_layer(layer, following)
+        if following is None:
+            return None
+        layer = following
+    return layer
+
+
+def _is_augmentation(layer) -> bool:
+    return isinstance(layer, keras.Model) and all(type(inner).__name__ in _VALUE_KEEPING for inner in layer.layers)
+
+
+def _readers_of_input(model: keras.Model):
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    return layers[0] if layers else None
+
+
+def _next_layer(model: keras.Model, layer):
+    """The layer after `layer` when the graph is a chain there (Sequential, or one reader), else None."""
+    if isinstance(model, keras.Sequential):
+        index = model.layers.index(layer)
+        return model.layers[index + 1] if index + 1 < len(model.layers) else None
+    readers = [node.operation for node in _graph_nodes(model)
+               if any(t._keras_history.operation is layer for t in node.input_tensors)]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _graph_nodes(model: keras.Model) -> list:
+    return [node for nodes in model._nodes_by_depth.values() for node in nodes
+            if node.operation is not None and not node.is_input]
 
 
 def _fingerprint(kind: str, digest: str) -> str:
@@ -352,9 +450,20 @@ def layer_table(model: keras.Model) -> pd.DataFrame:
     return table
 
 
+def weighted_layers(model: keras.Model) -> list[str]:
+    """Paths of the layers that carry weights (nested models themselves left out), in order."""
+    return [path for path, layer, _ in iter_layers(model) if layer.weights and not isinstance(layer, keras.Model)]
+
+
 def conv_layers(model: keras.Model) -> list[str]:
     """Paths of all convolutional layers, in order."""
     return [path for path, layer, _ in iter_layers(model) if type(layer).__name__ in CONV_TYPES]
+
+
+def output_channels(model: keras.Model, name: str) -> int:
+    """Channels (filters, units) of a layer's output: a DepthwiseConv2D has inputs x multiplier of them."""
+    output = get_layer(model, name).output
+    return int((output[0] if isinstance(output, (list, tuple)) else output).shape[-1])
 
 
 def resolve_layer(model: keras.Model, name: str) -> str:
@@ -381,30 +490,64 @@ def get_layer(model: keras.Model, name: str):
     raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class Point:
+    """One tensor of a model's graph, named by layer path: the layer's output, its output before its own
+    (fused) activation, or its input (what a separate Softmax or Activation layer receives)."""
+
+    path: str
+    where: str = "output"  # "output", "pre_activation" or "input"
+
+
 def submodel(model: keras.Model, layers: str | list[str], pre_activation: bool = False,
              any_size: bool = False) -> keras.Model:
     """A model from the input to the named layers' outputs, sharing the original's weights.
 
     Keras builds a Functional model from its outputs backwards, so nothing past the requested
-    layers is computed. Layers inside nested models are reached by re-running the outer graph on a
-    fresh input and the nested model's graph on the tensor that reaches it. With `pre_activation`,
-    layers with a fused activation (Conv2D(activation="relu")) give their output before it. With
-    `any_size`, the input takes images of any height and width (fine up to a conv layer, not
-    through a Flatten or Dense).
+    layers is computed. With `pre_activation`, layers with a fused activation (Conv2D(activation=
+    "relu")) give their output before it. With `any_size`, the input takes images of any height and
+    width (fine up to a conv layer, not through a Flatten or Dense).
     """
     single = isinstance(layers, str)
-    paths = [resolve_layer(model, name) for name in ([layers] if single else layers)]
-    if not paths:
+    names = [layers] if single else list(layers)
+    if not names:
         raise AuditError("submodel needs at least one layer name.")
-    name = f"{model.name}_to_{paths[-1].replace('/', '_')}"
-    if all("/" not in path for path in paths) and not pre_activation and not any_size:
-        outputs = [model.get_layer(path).output for path in paths]
-        return keras.Model(model.inputs[0], outputs[0] if single else outputs, name=name)
+    where = "pre_activation" if pre_activation else "output"
+    cut = graph_model(model, [Point(name, where) for name in names], any_size=any_size)
+    return keras.Model(cut.inputs[0], cut.outputs[0], name=cut.name) if single else cut
+
+
+def graph_model(model: keras.Model, points: list[Point], any_size: bool = False,
+                extra=None, replace=None) -> keras.Model:
+    """A model from a fresh input to the tensors at `points`, in one run of the model's own graph.
+
+    The graph is re-run on a new input rather than read from `layer.output`: a Sequential model
+    loaded from a file keeps a stale partial graph there (node 0), and a nested model's layers have
+    their own separate graph. Nested models are entered, so a layer inside a pretrained base and the
+    head that reads the base come from the same pass, and gradients flow from one to the other.
+    `extra(tensors) -> tensors` may add computations on the found tensors (e.g. the class scores);
+    `replace(layer) -> callable or None` swaps layers for others in the new graph (guided ReLUs), the
+    loaded model itself unchanged.
+    """
+    points = [Point(resolve_layer(model, point.path), point.where) for point in points]
+    wanted: dict[str, set[str]] = {}
+    for point in points:
+        wanted.setdefault(point.path, set()).add(point.where)
     shape = model.inputs[0].shape
     new_input = keras.Input(batch_shape=(None, None, None, shape[-1]) if any_size else shape,
                             dtype=model.inputs[0].dtype)
-    found = _trace(model, new_input, set(paths), "", pre_activation)
-    return keras.Model(new_input, found[paths[0]] if single else [found[p] for p in paths], name=name)
+    found: dict[Point, object] = {}
+    _trace(model, new_input, wanted, "", found, replace)
+    missing = [point.path for point in points if point not in found]
+    if missing:
+        raise AuditError(f"The layers {', '.join(missing)} are not on the path from the model's input to its "
+                         "outputs (a layer the graph never calls, or one inside a nested model with several "
+                         "inputs).")
+    outputs = [found[point] for point in points]
+    if extra is not None:
+        outputs = extra(outputs)
+    name = f"{model.name}_to_{points[-1].path.replace('/', '_')}"
+    return keras.Model(new_input, outputs, name=name)
 
 
 def has_fused_activation(layer) -> bool:
@@ -413,29 +556,37 @@ def has_fused_activation(layer) -> bool:
         and "activation" in layer.get_config()
 
 
-def _linear_twin(layer):
+def _linear_twin(layer, input_shape=None):
     """A copy of a layer with its activation removed, carrying the same weights."""
     config = {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"}
     twin = type(layer).from_config(config)
-    twin.build(layer.input.shape)
+    twin.build(input_shape if input_shape is not None else layer.input.shape)
     twin.set_weights(layer.get_weights())
     return twin
 
 
-def _trace(model: keras.Model, x, wanted: set[str], prefix: str, pre_activation: bool = False) -> dict:
-    """Call `model`'s layers on symbolic `x`, returning the output tensors of the wanted paths."""
-    found = {}
+def _trace(model: keras.Model, x, wanted: dict[str, set[str]], prefix: str, found: dict, replace=None):
+    """Call `model`'s layers on symbolic `x`, entering nested models that hold a wanted layer (all of them
+    with `replace`); store the wanted tensors in `found` and return the model's output."""
 
     def wrap(layer):
         path = prefix + layer.name
 
         def call(*args, **kwargs):
-            if isinstance(layer, keras.Model) and any(w.startswith(path + "/") for w in wanted):
-                found.update(_trace(layer, args[0], wanted, path + "/", pre_activation))
-            output = layer(*args, **kwargs)
-            if path in wanted:
-                twin = pre_activation and has_fused_activation(layer)
-                found[path] = _linear_twin(layer)(*args, **kwargs) if twin else output
+            inside = isinstance(layer, keras.Model) and len(layer.inputs) == 1 \
+                and (replace is not None or any(w.startswith(path + "/") for w in wanted))
+            swapped = None if inside or replace is None else replace(layer)
+            if inside:
+                output = _trace(layer, args[0], wanted, path + "/", found, replace)
+            else:
+                output = (swapped or layer)(*args, **kwargs)
+            for where in wanted.get(path, ()):
+                if where == "input":
+                    found[Point(path, where)] = args[0]
+                elif where == "pre_activation" and has_fused_activation(layer):
+                    found[Point(path, where)] = _linear_twin(layer, args[0].shape)(*args, **kwargs)
+                else:
+                    found[Point(path, where)] = output
             return output
 
         return call
@@ -443,6 +594,18 @@ def _trace(model: keras.Model, x, wanted: set[str], prefix: str, pre_activation:
     if isinstance(model, keras.Sequential):
         for layer in model.layers:
             x = wrap(layer)(x)
-    else:
-        model._run_through_graph(x, operation_fn=wrap)  # Keras 3's own graph walk (Functional.call uses it)
-    return found
+        return x
+    return model._run_through_graph(x, operation_fn=wrap)  # Keras 3's own graph walk (Functional.call uses it)
+
+
+def cam_layer(model: keras.Model) -> str:
+    """The last convolutional layer whose output still has a spatial map (more than 1 x 1): the default
+    layer of Grad-CAM and its family. (MobileNetV3's last conv is a 1 x 1 classifier, a flat map.)"""
+    convs = conv_layers(model)
+    if not convs:
+        raise AuditError("The model has no convolutional layer to take a class activation map from.")
+    cut = graph_model(model, [Point(path) for path in convs])
+    for path, output in zip(reversed(convs), reversed(cut.outputs)):
+        if len(output.shape) == 4 and (output.shape[1] or 2) * (output.shape[2] or 2) > 1:
+            return path
+    return convs[-1]

@@ -97,7 +97,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     if names and all(item.label in names for item in image_set):
         labels = np.array([names.index(item.label) for item in image_set])
     with loaded.lock:
-        outputs = np.asarray(model.predict(x, verbose=0))
+        outputs = loaded.predict(x)
         stages.step()
         scores = pruning.filter_scores(model, x, labels, near_dead_apoz=options.near_dead_apoz)
     stages.step()
@@ -111,7 +111,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         "Multiply-adds per image": f"{pruning.flops(model):,}", "Images": len(image_set),
         "Preprocessing": preprocessing,
     }
-    if labels is not None and outputs.ndim == 2:
+    if labels is not None and loaded.head().is_classifier:
         summary["Accuracy on the images"] = f"{np.mean(outputs.argmax(1) == labels):.1%}"
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     sections.append(f"<h2>Model</h2><p>{html.escape(loaded.description)}</p><table class='summary'>{rows}</table>")
@@ -127,7 +127,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
 
     galleries = []
     for layer in gallery_layers:
-        count = min(options.gallery_filters, int(models.get_layer(model, layer).filters))
+        count = min(options.gallery_filters, models.output_channels(model, layer))
         settings = filters.default_options(model, layer, preprocessing)
         if options.gallery_steps:
             settings = filters.Options(**{**settings.__dict__, "steps": options.gallery_steps})
@@ -142,7 +142,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                     "activation; under each tile its final activation.</p>" + "".join(galleries))
 
     fitted = [images.fit(item.pixels, loaded.input_size, options.fit) for item in shown]
-    classes = attribution.has_class_output(model)
+    classes = loaded.head().is_classifier
     rows = []
     for item, picture, xi in zip(shown, fitted, x[:len(shown)]):
         with loaded.lock:
@@ -150,8 +150,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                 target = int(np.argmax(outputs[len(rows)]))
                 said = (names[target] if names else f"class {target}") + f" ({outputs[len(rows)][target]:.2f})"
             else:
-                maps = np.asarray(models.submodel(model, convs[-1])(xi[None]))[0]
-                target = attribution.FilterTarget(convs[-1], int(np.argmax(maps.mean(axis=(0, 1)))))
+                target = attribution.resolve_target(model, xi, None)
                 said = f"filter {target.index} of {target.layer}"
             cells = [_figure_cell(picture, f"{item.name}: {said}")]
             for method in options.methods:

@@ -11,17 +11,19 @@ from pages import common, links
 selection = common.current()
 loaded = selection.model
 st.title("Attribution")
-st.caption("Gradients are taken on the class score before the softmax, or on the mean activation of one filter "
-           "(the target for models without a class output).")
+st.caption("Gradients are taken on the class score before the softmax or sigmoid, or on the mean activation of "
+           "one filter (the target for models without a class output).")
 
 x = loaded.preprocess(selection.image.pixels, selection.preprocessing, selection.fit)[0]
 shown = common.fitted_image(selection)
 convs = models.conv_layers(loaded.model)
-output = selection.predict()
+with common.user_errors("The prediction"):
+    output = selection.predict()
+    cam_default = models.cam_layer(loaded.model)
 
 left, right = st.columns([2, 1])
-if attribution.has_class_output(loaded.model):
-    names = loaded.class_names or [f"class {i}" for i in range(output.size)]
+if selection.head.is_classifier:
+    names = selection.class_names()
     top = np.argsort(output)[::-1][:5]
     right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
                     column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
@@ -46,8 +48,9 @@ else:
     label = f"filter {index} of {target_layer}"
     right.info("This model has no class output: the target is one filter's mean activation.")
 
-cam_layer = links.selectbox(left, "CAM layer", convs, index=len(convs) - 1, param="cam_layer",
-                            key=f"attr_cam_layer_{loaded.fingerprint}")
+cam_layer = links.selectbox(left, "CAM layer", convs, index=convs.index(cam_default), param="cam_layer",
+                            key=f"attr_cam_layer_{loaded.fingerprint}",
+                            help="Default: the last conv layer whose map is larger than 1 x 1.")
 methods = links.multiselect(st, "Methods", list(attribution.METHODS), param="methods", key="attr_methods",
                             default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
 size = x.shape[0]
@@ -73,13 +76,14 @@ colour_map = links.selectbox(st, "Colour map", render.COLOUR_MAPS, index=2, para
 
 def options_for(method: str) -> tuple:
     cam = {"layer": cam_layer}
-    return tuple(sorted({
+    chosen_output = {} if selection.output is None else {"output": selection.output}
+    return tuple(sorted({**chosen_output, **{
         "SmoothGrad": {"samples": samples, "noise": noise},
         "Integrated Gradients": {"steps": steps, "baseline": baseline},
         "Grad-CAM": cam, "Grad-CAM++": cam, "Layer-CAM": cam, "Guided Grad-CAM": cam,
         "Score-CAM": {**cam, "max_channels": channels},
         "Occlusion": {"patch": patch, "stride": stride},
-    }.get(method, {}).items()))
+    }.get(method, {})}.items()))
 
 
 if not methods:
@@ -89,7 +93,7 @@ results = {}
 with common.progress_bar("Attribution maps") as progress:
     for done, method in enumerate(methods):
         progress(done, len(methods))
-        with common.user_errors():
+        with common.section(method):
             results[method] = common.attribution_map(loaded.fingerprint, loaded.source, selection.image_key, x,
                                                      black, selection.preprocessing, target, method,
                                                      options_for(method), selection.device)
@@ -116,7 +120,8 @@ for method, values in results.items():
         row["mass on the object"] = attribution.mass_inside(values, mask)
         row["peak on the object"] = attribution.peak_inside(values, mask)
     fractions, scores, area = common.deletion(loaded.fingerprint, loaded.source, selection.image_key, x, values,
-                                              (method, options_for(method)), target, black, selection.device)
+                                              (method, options_for(method)), target, black, selection.device,
+                                              selection.output)
     row["deletion AUC (lower is better)"] = area
     rows.append(row)
     results[method] = (values, fractions, scores)
@@ -132,13 +137,18 @@ st.plotly_chart(figure, width="stretch")
 
 with st.expander("Sanity check: randomise the model from the top (Adebayo et al. 2018)"):
     method = st.selectbox("Method", methods, key="attr_sanity_method")
+    weighted = len(models.weighted_layers(loaded.model))
+    limit = st.number_input("Layers to randomise, from the top", 1, max(weighted, 1), min(weighted, 8),
+                            key="attr_sanity_limit", help="Each step re-initialises one more weighted layer and "
+                                                          "computes the map again.")
     if st.button("Run the sanity check", key="attr_sanity_go"):
         resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
         options = dict(options_for(method))
         options.update({"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
                         "Occlusion": {"fill": black}}.get(method, {}))
-        with st.spinner("Randomising layer after layer…"), common.user_errors(), loaded.lock:
-            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], resolved, **options)
+        with st.spinner("Randomising layer after layer…"), common.user_errors("The sanity check"), loaded.lock:
+            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], resolved,
+                                              limit=int(limit), **options)
         frame = pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
         chart = px.line(frame, x="randomised down to", y="rank correlation", markers=True, range_y=[-1, 1])
         chart.update_layout(height=300, margin=dict(t=10))

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from audit import activations, attribution, device, filters, images, models, pru
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError, WeightsUnavailableError
 from pages import links
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
 IMAGE_PARAM = {"Sample photos": "photos", "Demo shapes": "shapes", "Upload": "upload"}
@@ -69,20 +71,39 @@ def decode_upload(digest: str) -> list[images.LabelledImage]:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def predictions(fingerprint: str, source: str, image_key: str, _pixels: np.ndarray, preprocessing: str,
-                fit: str, device_name: str) -> np.ndarray:
-    """The model's output for one image; keyed by the model fingerprint and the image hash."""
+                fit: str, device_name: str, output: int | None = None) -> np.ndarray:
+    """Class probabilities (or the output as it is) for one image; keyed by fingerprint and image hash."""
     loaded = get_model(source)
-    return loaded.predict(loaded.preprocess(_pixels, preprocessing, fit), device_name)[0]
+    return loaded.predict(loaded.preprocess(_pixels, preprocessing, fit), device_name, output)[0]
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Show an AuditError as one clear message and stop drawing the page, never a traceback."""
+def user_errors(what: str = "This part of the page", stop_page: bool = True):
+    """Show any error as a short message, never a traceback page: an AuditError as it is (it is written
+    for the user), anything else as what failed, with the details in an expander and the traceback
+    in the server log. With `stop_page`, the page ends there; otherwise it goes on, keeping the rest."""
     try:
         yield
+    except ScriptControlException:  # st.stop and st.rerun
+        raise
     except AuditError as exc:
         st.error(str(exc), icon=":material/error:")
-        stop()
+        if stop_page:
+            stop()
+    except Exception as exc:  # noqa: BLE001 (the last line of defence of a page)
+        log.exception("%s failed", what)
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        st.error(f"{what} failed: {type(exc).__name__}{': ' + first if first else ''}. This is a bug of CNN "
+                 "Audit, not of your model; the details below help us fix it.", icon=":material/bug_report:")
+        with st.expander("Details"):
+            st.code("".join(traceback.format_exception(exc)), language=None)
+        if stop_page:
+            stop()
+
+
+def section(what: str):
+    """A part of the page whose failure is shown in place while the rest of the page is still drawn."""
+    return user_errors(what, stop_page=False)
 
 
 def stop() -> None:
@@ -102,6 +123,7 @@ class Selection:
     fit: str
     device: str
     masks: np.ndarray | None = None  # object masks of demo shapes, aligned with image_set
+    output: int | None = None  # the output explained (None: the classifier heads.find_head picks)
 
     @property
     def image_key(self) -> str:
@@ -109,7 +131,18 @@ class Selection:
 
     def predict(self) -> np.ndarray:
         return predictions(self.model.fingerprint, self.model.source, self.image_key, self.image.pixels,
-                           self.preprocessing, self.fit, self.device)
+                           self.preprocessing, self.fit, self.device, self.output)
+
+    @property
+    def head(self):
+        """The explained output (audit.heads.Head): classifier or not, its classes, where its scores are."""
+        return self.model.head(self.output)
+
+    def class_names(self) -> list[str]:
+        """Names of the explained output's classes (class i when the model does not say)."""
+        head = self.head
+        names = self.model.class_names
+        return names if names and len(names) == head.classes else [f"class {i}" for i in range(head.classes)]
 
 
 def current() -> Selection:
@@ -241,6 +274,7 @@ def sidebar() -> Selection | None:
     if loaded is None:
         _show_link_warnings(notices)
         return None
+    output = _output_picker(loaded)
     image_set, masks = _image_picker(loaded)
     names = [item.name for item in image_set]
     index = links.selectbox(st.sidebar, "Current image", range(len(names)), show=names.__getitem__,
@@ -250,14 +284,32 @@ def sidebar() -> Selection | None:
                                         index=list(images.PREPROCESSING).index(loaded.preprocessing),
                                         format_func=lambda m: f"{m}: {images.PREPROCESSING[m]}",
                                         param="preprocessing", key=f"preprocessing_{loaded.source}")
+        if loaded.preprocessing_reason:
+            st.caption(f"Default **{loaded.preprocessing}**: {loaded.preprocessing_reason}.")
         fit = links.selectbox(st, "Resize", ("crop", "squash"), param="fit", key="fit", radio=True,
                               horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
         devices = device.available()
         device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
-    selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks)
+    selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks, output)
     st.session_state["_selection"] = selection
     st.session_state["_link_notices"] = notices
     return selection
+
+
+def _output_picker(loaded: models.LoadedModel) -> int | None:
+    """For models with several outputs, which one to explain (default: the classifier); None for one output."""
+    from audit import heads
+
+    described = heads.outputs(loaded.model)
+    if len(described) == 1:
+        st.sidebar.caption(described[0].description[0].upper() + described[0].description[1:] + ".")
+        return None
+    chosen = loaded.head().output
+    output = links.selectbox(st.sidebar, "Explain output", range(len(described)), index=chosen, param="output",
+                             key=f"output_{loaded.fingerprint}", show=lambda i: described[i].path,
+                             format_func=lambda i: f"{described[i].path} ({'classes' if described[i].is_classifier else 'no classes'})")
+    st.sidebar.caption(described[output].description[0].upper() + described[output].description[1:] + ".")
+    return int(output)
 
 
 def _show_link_warnings(where) -> None:
@@ -427,7 +479,8 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
             classes: bool = False) -> filters.Gallery:
     """A gallery (or class-model images), computed once for (model, layer, filters, options, seed)."""
     loaded = selection.model
-    key = ("gallery", loaded.fingerprint, layer, indices, options.key(), seed, classes)
+    key = ("gallery", loaded.fingerprint, layer, indices, options.key(), seed, classes,
+           selection.output if classes else None)
     stored = gallery_cache().get(key)
     if stored is not None:
         result = filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"])
@@ -437,7 +490,7 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
     with progress_bar(f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}") as progress:
         with loaded.lock, device.scope(selection.device):
             if classes:
-                result = filters.class_images(loaded.model, list(indices), options, seed, progress)
+                result = filters.class_images(loaded.model, list(indices), options, seed, progress, selection.output)
             else:
                 result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
     gallery_cache().put(key, {"images": result.images, "activations": result.activations,
@@ -471,7 +524,8 @@ def ascent_responses(fingerprint: str) -> dict[tuple[str, int], float]:
 
 def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,
                 classes: bool = False) -> bool:
-    key = ("gallery", selection.model.fingerprint, layer, indices, options.key(), seed, classes)
+    key = ("gallery", selection.model.fingerprint, layer, indices, options.key(), seed, classes,
+           selection.output if classes else None)
     return gallery_cache().has(key)
 
 
@@ -495,11 +549,11 @@ def attribution_map(fingerprint: str, source: str, image_key: str, _x: np.ndarra
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _map: np.ndarray, map_key: tuple,
-             target: tuple, _fill: np.ndarray, device_name: str):
+             target: tuple, _fill: np.ndarray, device_name: str, output: int | None = None):
     loaded = get_model(source)
     resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
     with loaded.lock, device.scope(device_name):
-        return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill)
+        return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill, output=output)
 
 
 # --- pruning ---------------------------------------------------------------------------------
@@ -515,13 +569,13 @@ def labels_of(selection: "Selection") -> np.ndarray | None:
 def filter_scores(selection: "Selection"):
     """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
     loaded = selection.model
-    key = set_key(selection, "filter_scores")
+    key = set_key(selection, "filter_scores", selection.output)
 
     def compute():
         x = image_set_input(selection)
         with st.spinner("Scoring every filter (statistics, Taylor, redundancy)…"), loaded.lock, \
                 device.scope(selection.device):
-            return pruning.filter_scores(loaded.model, x, labels_of(selection))
+            return pruning.filter_scores(loaded.model, x, labels_of(selection), output=selection.output)
 
     return shared_result(key, compute)
 
@@ -536,16 +590,21 @@ def image_set_input(selection: "Selection") -> np.ndarray:
 
 
 def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs of the model and of its masked copy on the image set, once per (model, images, filters)."""
+    """Class probabilities (or outputs without classes) of the model and of its masked copy on the image
+    set, once per (model, images, filters, output)."""
+    from audit import heads
+
     loaded = selection.model
 
     def compute():
         x = image_set_input(selection)
         with st.spinner("Running both models on the image set…"), loaded.lock, device.scope(selection.device):
             masked = pruning.masked(loaded.model, chosen)
-            return np.asarray(loaded.model.predict(x, verbose=0)), np.asarray(masked.predict(x, verbose=0))
+            head = loaded.head(selection.output)
+            return heads.Outputs(loaded.model, head=head)(x), heads.Outputs(masked, head=head)(x)
 
-    return shared_result(set_key(selection, "what_if", tuple((k, tuple(v)) for k, v in chosen.items())), compute)
+    return shared_result(set_key(selection, "what_if", selection.output,
+                                 tuple((k, tuple(v)) for k, v in chosen.items())), compute)
 
 
 def sensitivity(selection: "Selection", scores, criterion: str):
@@ -555,9 +614,10 @@ def sensitivity(selection: "Selection", scores, criterion: str):
     def compute():
         x = image_set_input(selection)
         with progress_bar("Sensitivity, layer by layer") as progress, loaded.lock, device.scope(selection.device):
-            return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress)
+            return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress,
+                                       output=selection.output)
 
-    return shared_result(set_key(selection, "sensitivity", criterion), compute)
+    return shared_result(set_key(selection, "sensitivity", criterion, selection.output), compute)
 
 
 def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str):
@@ -568,9 +628,9 @@ def ranking_against_chance(selection: "Selection", scores, layer: str, criterion
         x = image_set_input(selection)
         with progress_bar("Rankings") as progress, loaded.lock, device.scope(selection.device):
             return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels_of(selection),
-                                                  progress=progress)
+                                                  progress=progress, output=selection.output)
 
-    return shared_result(set_key(selection, "chance", layer, criterion), compute)
+    return shared_result(set_key(selection, "chance", layer, criterion, selection.output), compute)
 
 
 def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
@@ -584,11 +644,12 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
         with progress_bar("Leave-one-filter-out") as progress, loaded.lock, device.scope(selection.device):
             for done, layer in enumerate(layers):
                 changes = pruning.leave_one_out(loaded.model, layer, x, None if labels is None else labels[:count],
-                                                progress=lambda i, n, done=done: progress(done * n + i, len(layers) * n))
+                                                progress=lambda i, n, done=done: progress(done * n + i, len(layers) * n),
+                                                output=selection.output)
                 frames.append(pd.DataFrame({"layer": layer, "filter": np.arange(len(changes)), "cost": changes}))
         return pd.concat(frames, ignore_index=True)
 
-    return shared_result(set_key(selection, "leave_one_out", layers, count), compute)
+    return shared_result(set_key(selection, "leave_one_out", layers, count, selection.output), compute)
 
 
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)

@@ -20,7 +20,7 @@ st.caption("Each tile is an input grown from noise by gradient ascent on the mea
 PICKS = {"First N": "first", "By index": "index", "Top N by mean activation on the image set": "top"}
 conv = models.conv_layers(loaded.model)
 layer = links.selectbox(st, "Layer", conv, param="layer", key=f"filters_layer_{loaded.fingerprint}")
-channels = int(models.get_layer(loaded.model, layer).filters)
+channels = models.output_channels(loaded.model, layer)
 defaults = filters.default_options(loaded.model, layer, selection.preprocessing)
 
 left, right = st.columns([1, 1])
@@ -132,17 +132,17 @@ for index, tile in enumerate(tiles[:64]):
 
 st.divider()
 st.subheader("Class-model images")
-output = loaded.model.outputs[0]
-if len(output.shape) != 2 or output.shape[-1] < 2:
-    st.info("The model has no class output, so there are no class-model images (its output is "
-            f"{tuple(output.shape)}).")
+if not selection.head.is_classifier:
+    st.info(f"The model has no class output, so there are no class-model images ({selection.head.description}).")
 else:
-    names = loaded.class_names or [f"class {i}" for i in range(output.shape[-1])]
+    names = selection.class_names()
     picked = links.multiselect(st, "Classes", range(len(names)), default=list(range(min(6, len(names)))),
                                format_func=names.__getitem__, show=names.__getitem__, param="classes",
                                key="filters_classes")
-    st.caption("The input that maximises the class score before the softmax (Simonyan et al. 2014), on a copy "
-               "of the head with a linear activation.")
+    st.caption("The input that maximises the class score before the softmax or sigmoid (Simonyan et al. "
+               "2014), read from the model's own graph; the model is not changed."
+               + (" Random weights: these images show the architecture, not anything learnt." if loaded.untrained
+                  else ""))
     class_options = filters.Options(**{**asdict(options), "warmup": 0})
     class_key = tuple(int(i) for i in picked)
     grow_classes = st.button("Grow class images", key="filters_classes_go")

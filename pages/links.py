@@ -26,6 +26,7 @@ PARAMS = {
     "image": "the current image, by name",
     "preprocessing": "preprocessing mode",
     "fit": "crop or squash",
+    "output": "the output explained, for models with several",
     # Model page
     "conv_only": "layer table: convolutional layers only",
     "log": "parameters chart on a log scale",

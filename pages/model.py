@@ -48,16 +48,19 @@ st.subheader("On the current image")
 left, right = st.columns([1, 2])
 left.image(selection.image.pixels, caption=selection.image.name + (f" ({selection.image.label})"
                                                                     if selection.image.label else ""))
-with common.user_errors():
+with common.user_errors("The prediction"):
     output = selection.predict()
-if loaded.class_names is not None or (output.ndim == 1 and output.size > 1):
-    names = loaded.class_names or [f"class {i}" for i in range(output.size)]
+head = selection.head
+if head.is_classifier:
+    names = selection.class_names()
     top = np.argsort(output)[::-1][:5]
-    right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "score": output[top]}), hide_index=True,
-                    column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0,
-                                                                            max_value=1.0, format="%.3f")})
+    right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
+                    column_config={"probability": st.column_config.ProgressColumn(
+                        "probability", min_value=0.0, max_value=1.0, format="%.3f")})
+    right.caption(head.description[0].upper() + head.description[1:] + ".")
     if loaded.untrained:
-        right.caption("Random weights: these scores mean nothing.")
+        right.caption("Random weights: these probabilities mean nothing.")
 else:
     right.write(f"Output shape {tuple(output.shape)}: the model has no class output "
-                f"(mean {output.mean():.3g}, max {output.max():.3g}).")
+                f"(mean {output.mean():.3g}, max {output.max():.3g}). {head.description[0].upper()}"
+                f"{head.description[1:]}.")

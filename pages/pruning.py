@@ -19,7 +19,7 @@ st.title("Pruning")
 st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
            "to remove; everything below is measured before any fine-tuning.")
 
-with common.user_errors():
+with common.user_errors("Scoring the filters"):
     scores = common.filter_scores(selection)
 
 criteria = {
@@ -83,7 +83,9 @@ st.caption(f"Filter {index} of {layer_pick}: L1 {row.l1:.3g}, APoZ {row.apoz:.1%
            f"most similar to filter {int(row.nearest)} (cosine {row.redundancy:.2f})"
            + (", a candidate" if row.candidate else "") + ".")
 weights_col, map_col, tile_col = st.columns(3)
-kernel = models.get_layer(loaded.model, layer_pick).get_weights()[0][..., index]
+# the filter as a plain conv would hold it (depthwise and separable filters composed: pruning.filter_kernels)
+kernel_size = getattr(models.get_layer(loaded.model, layer_pick), "kernel_size", (1, 1))
+kernel = pruning.filter_kernels(loaded.model, layer_pick)[:, index].reshape(*kernel_size, -1)
 if kernel.shape[-1] == 3:
     picture, what = render.scale01(kernel), "its kernel as an RGB tile"
 else:
@@ -117,19 +119,20 @@ st.caption("The candidates' outputs are zeroed on a copy of the model (the loade
 if not selection_map:
     st.info("No candidates with this criterion.")
     common.stop()
-before, after = common.what_if(selection, selection_map)
+with common.user_errors("What-if pruning"):
+    before, after = common.what_if(selection, selection_map)
 metrics = st.columns(3)
-if before.ndim == 2 and before.shape[-1] > 1:
-    metrics[0].metric("Top-1 agreement", f"{np.mean(before.argmax(1) == after.argmax(1)):.1%}")
-    kl = np.sum(before * (np.log(before + 1e-12) - np.log(after + 1e-12)), axis=1).mean()
-    metrics[1].metric("Mean KL(before ‖ after)", f"{kl:.4f}")
-    labels = common.labels_of(selection)
+head = selection.head
+labels = common.labels_of(selection)
+measured = pruning.quality(before, after, labels, head.distribution == "sigmoid" and not head.binary)
+if head.is_classifier:
+    metrics[0].metric("Top-1 agreement", f"{measured['agreement']:.1%}")
+    metrics[1].metric("Mean KL(before ‖ after)", f"{measured['kl']:.4f}")
     if labels is not None:
-        metrics[2].metric("Accuracy", f"{np.mean(after.argmax(1) == labels):.1%}",
-                          delta=f"{np.mean(after.argmax(1) == labels) - np.mean(before.argmax(1) == labels):+.1%}")
+        unpruned = np.mean(before.argmax(1) == labels)
+        metrics[2].metric("Accuracy", f"{measured['accuracy']:.1%}", delta=f"{measured['accuracy'] - unpruned:+.1%}")
 else:
-    error = np.linalg.norm(after - before) / max(np.linalg.norm(before), 1e-12)
-    metrics[0].metric("Relative feature error", f"{error:.3f}")
+    metrics[0].metric("Relative feature error", f"{measured['feature_error']:.3f}")
 
 st.subheader("Which layers can lose how much?")
 ranking_criteria = {"L1 norm": "l1", "mean activation": "mean", "APoZ": "apoz", "FPGM distance": "fpgm"}
@@ -137,8 +140,7 @@ if not scores["taylor"].isna().all():
     ranking_criteria["Taylor score"] = "taylor"
 rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="rank_by", key="prune_rank_by",
                           show=ranking_criteria.get, format_func=str)
-labels = common.labels_of(selection)
-measures = (MEASURES_WITH_LABELS if labels is not None else MEASURES if before.ndim == 2 and before.shape[-1] > 1
+measures = (MEASURES_WITH_LABELS if labels is not None else MEASURES if head.is_classifier
             else {"relative feature error": "feature_error"})
 measure_name = links.selectbox(st, "Measure", list(measures), param="measure", key=f"prune_measure_{len(measures)}",
                                radio=True, horizontal=True)

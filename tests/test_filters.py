@@ -86,7 +86,9 @@ def test_warmup_opens_a_filter_whose_relu_never_opens_from_noise():
 
 def test_class_images_use_the_score_before_the_softmax_and_leave_the_model_alone(shapes):
     before = [w.copy() for w in shapes.model.get_weights()]
-    logits = filters.linear_head(shapes.model)
+    from audit import heads
+
+    logits = heads.scores_model(shapes.model, heads.find_head(shapes.model))
     assert shapes.model.layers[-1].activation.__name__ == "softmax"
     x = shapes.preprocess(np.zeros((1, 64, 64, 3), np.uint8) + 128)
     probabilities = np.asarray(shapes.model(x))[0]
