@@ -168,9 +168,13 @@ def _group_cell(cells: list[Cell], capabilities: tuple[str, ...]) -> str:
     if ok == len(chosen):
         return f"ok ({ok})" if len(chosen) > 1 else "ok"
     problems = [cell for cell in chosen if cell.status != "ok"]
-    reasons = "; ".join(dict.fromkeys(
-        f"{cell.status}: {cell.detail.split('. ')[0].split(': ')[0][:90]}" for cell in problems))
+    reasons = "; ".join(dict.fromkeys(f"{cell.status}: {_first_sentence(cell.detail)}" for cell in problems))
     return (f"{ok} of {len(chosen)} ok; " if len(chosen) > 1 else "") + reasons.replace("|", "/")
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    sentence = text.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def markdown_table(summaries: dict[str, Summary]) -> str:

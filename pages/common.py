@@ -301,8 +301,7 @@ def _output_picker(loaded: models.LoadedModel) -> int | None:
     from audit import heads
 
     described = heads.outputs(loaded.model)
-    if len(described) == 1:
-        st.sidebar.caption(described[0].description[0].upper() + described[0].description[1:] + ".")
+    if len(described) == 1:  # the Model page says how its output is read
         return None
     chosen = loaded.head().output
     output = links.selectbox(st.sidebar, "Explain output", range(len(described)), index=chosen, param="output",

@@ -139,6 +139,26 @@ def test_attribution_page_draws_every_method_on_the_global_pooling_demo():
     assert trust["deletion AUC (lower is better)"].notna().all()
 
 
+def test_an_unexpected_error_in_one_method_is_a_message_and_the_other_maps_stay(monkeypatch):
+    import streamlit as st
+
+    from audit import attribution
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug deep in a method")
+
+    monkeypatch.setitem(attribution.METHODS, "Grad-CAM", broken)
+    st.cache_data.clear()  # a map cached by another test would not call the broken method
+    at = _app(model="demo:shapes-gap", methods=["Saliency", "Grad-CAM"]).run()
+    at.switch_page("pages/attribution.py").run()
+    assert not at.exception, at.exception
+    messages = [e.value for e in at.error]
+    assert any("Grad-CAM failed: RuntimeError: simulated bug" in m for m in messages), messages
+    assert any(expander.label == "Details" for expander in at.expander)
+    assert len(at.get("image")) == 2  # the image and the Saliency map: the rest of the page is drawn
+    assert list(at.dataframe[1].value["method"]) == ["Saliency"]
+
+
 def test_attribution_page_with_a_filter_target_on_vgg16():
     at = _app(model="demo:vgg16", image="chelsea").run()
     at.switch_page("pages/attribution.py")

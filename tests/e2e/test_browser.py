@@ -226,15 +226,21 @@ def test_report_page_builds_a_report_to_download(server, browser):
     context.close()
 
 
-def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
-    url, _ = server
+def _upload_model(browser, url, path):
+    """Open the dashboard and upload a model file in the sidebar, as a person would."""
     context, page = _open(browser, url)
     page.get_by_text("Parameters per layer").wait_for()
     page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").first.click()
     page.get_by_role("option", name="Upload a .keras / .h5 file…").click()
+    page.locator("[data-testid=stSidebar] input[type=file]").set_input_files(str(path))
+    return context, page
+
+
+def test_a_corrupt_model_upload_gives_a_clear_message(server, browser, tmp_path):
+    url, _ = server
     corrupt = tmp_path / "broken.keras"
     corrupt.write_bytes(b"PK\x03\x04 this zip stops here")
-    page.locator("[data-testid=stSidebar] input[type=file]").set_input_files(str(corrupt))
+    context, page = _upload_model(browser, url, corrupt)
     page.get_by_text("corrupt or truncated").wait_for()
     assert page.locator("[data-testid=stException]").count() == 0
     context.close()
@@ -321,3 +327,31 @@ def test_a_link_made_in_one_browser_opens_the_same_view_in_another(server, brows
     _screenshot(page_b, "link_reopened.png")
     for context in (first, second):
         context.close()
+
+
+def test_an_uploaded_transfer_learning_model_gets_grad_cam_for_a_class_and_the_pruning_page(server, browser,
+                                                                                             tmp_path):
+    from audit.zoo import architectures
+
+    model_file = tmp_path / "cats_vs_dogs.keras"  # TF's transfer-learning tutorial: a frozen MobileNetV2 base
+    architectures.build("Transfer-learning tutorial").save(model_file)
+    url, _ = server
+    context, page = _upload_model(browser, url, model_file)
+    page.get_by_text("Model: upload:").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    source = page.url.split("model=")[1].split("&")[0]
+    assert source.startswith("upload")
+    page.goto(f"{url}/attribution?model={source}&image=chelsea&target=class+0&methods=Grad-CAM&methods=Saliency")
+    page.get_by_text("Why class 0?").wait_for()
+    page.locator("[data-testid=stMain] img").nth(2).wait_for()  # the image and two overlays
+    _settle(page)
+    _assert_clean(page)
+    page.get_by_text("Why class 0?").scroll_into_view_if_needed()
+    _screenshot(page, "attribution_upload.png")
+    page.goto(f"{url}/pruning?model={source}")
+    page.get_by_role("button", name="Download the pruned model (.keras)").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Top-1 agreement", exact=True).is_visible()
+    context.close()
