@@ -3,9 +3,9 @@
 Scores follow the literature: the L1 norm of a filter's weights (Li et al. 2017), APoZ and mean
 activation on data (Hu et al. 2016), a first-order Taylor estimate of the loss change (Molchanov et
 al. 2017), and redundancy, the largest cosine similarity to another filter of the layer and the
-distance to the layer's geometric median (He et al. 2019, FPGM). Surgery rebuilds the model with
-fewer filters and slices every weight that reads them (the next conv or dense layer, a following
-BatchNormalization, through pooling and Flatten); graphs it cannot follow are refused with the reason.
+distance to the layer's geometric median (He et al. 2019, FPGM). Masks and surgery follow the
+dependency groups of audit.groups: a selection grows to every channel that must go with it, and the
+surgery rebuilds the model without them, slicing every weight that reads them.
 """
 
 from __future__ import annotations
@@ -15,16 +15,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import activations, heads, models
+from audit import activations, groups, heads, models
 from audit.errors import AuditError
-
-# Layers a channel passes through unchanged (same channel count, channel order kept).
-CHANNEL_PRESERVING = {
-    "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Dropout", "SpatialDropout2D", "GaussianNoise",
-    "MaxPooling2D", "AveragePooling2D", "ZeroPadding2D", "Cropping2D", "UpSampling2D", "BatchNormalization",
-    "LayerNormalization", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
-}
-
 
 class PruningError(AuditError):
     """The model's graph cannot be cut as asked (a residual add or concat, a nested model, ...)."""
@@ -93,8 +85,9 @@ def _gram(model: keras.Model, layer: str) -> np.ndarray:
 
 
 def redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per filter: largest cosine similarity to another filter, which one, and distance to the
-    layer's geometric median (small: replaceable by the others, He et al. 2019).
+    """Per filter: largest cosine similarity to another filter, which one, and the FPGM criterion of
+    He et al. 2019: the filter's summed distance to all the other filters of its layer (small: near the
+    geometric median, so the others can stand in for it).
 
     All three come from the filters' inner products: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b.
     """
@@ -105,8 +98,8 @@ def redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, 
     np.fill_diagonal(similarity, -np.inf)
     nearest = similarity.argmax(axis=1)
     distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * gram, 0))
-    median = distances.sum(axis=1).argmin()  # the filter closest to all others
-    return similarity.max(axis=1), nearest, distances[median]
+    np.fill_diagonal(distances, 0)
+    return similarity.max(axis=1), nearest, distances.sum(axis=1)
 
 
 def taylor_scores(model: keras.Model, layer: str, images: np.ndarray, labels: np.ndarray | None = None,
@@ -177,15 +170,20 @@ def filter_scores(model: keras.Model, images: np.ndarray, labels: np.ndarray | N
 
 # --- masks and surgery -----------------------------------------------------------------------
 
-def silence(weights: list[np.ndarray], kind: str, channels: list[int]) -> list[np.ndarray]:
+def silence(weights: list[np.ndarray], kind: str, channels) -> list[np.ndarray]:
     """A layer's weights with the given output channels made to output zero (before any activation).
 
     Per output channel whatever the layer: a DepthwiseConv2D's channel c * m + j is its kernel's
-    (c, j) slice, not the multiplier axis; a SeparableConv2D's is a pointwise column.
+    (c, j) slice, not the multiplier axis; a SeparableConv2D's is a pointwise column; a
+    BatchNormalization's or LayerScale's are its gamma and beta.
     """
     weights = [w.copy() for w in weights]
-    channels = list(channels)
-    if kind in ("DepthwiseConv2D", "DepthwiseConv1D"):
+    channels = np.asarray(channels)
+    if kind in ("BatchNormalization", "LayerScale"):
+        for index in range(min(2, len(weights))):  # gamma, beta (LayerScale: its one scale)
+            weights[index][..., channels] = 0
+        return weights
+    if kind in groups.DEPTHWISE:
         kernel = weights[0]
         flat = kernel.reshape(*kernel.shape[:-2], -1)  # a view: (kh, kw, in * multiplier)
         flat[..., channels] = 0
@@ -195,180 +193,139 @@ def silence(weights: list[np.ndarray], kind: str, channels: list[int]) -> list[n
         weights[0][..., channels, :] = 0
     else:
         weights[0][..., channels] = 0
-    bias = {"SeparableConv2D": 2, "SeparableConv1D": 2}.get(kind, 1)
+    bias = 2 if kind in ("SeparableConv2D", "SeparableConv1D") else 1
     if len(weights) > bias:
         weights[bias][channels] = 0
     return weights
 
 
-def _following_norms(model: keras.Model, path: str) -> list[str]:
-    """Paths of the BatchNormalization layers that normalise a layer's channels before any mixing.
-
-    Zeroing a filter is not enough when a BN follows: it would turn the zeros into beta - gamma *
-    mean / std. Followed through channel-preserving layers in the graph that holds the layer.
-    """
-    container, name, prefix = _container(model, path)
-    readers = _consumers(container)
-    found, current = [], name
-    while len(readers.get(current, [])) == 1:
-        layer = container.get_layer(readers[current][0])
-        kind = type(layer).__name__
-        if kind == "BatchNormalization":
-            found.append(prefix + layer.name)
-        elif kind not in CHANNEL_PRESERVING:
-            break
-        current = layer.name
-    return found
+SILENCED = groups.SOURCES | groups.DEPTHWISE | {"BatchNormalization", "LayerScale"}
+"""Layers whose per-channel parameters make a channel zero (the others pass a zero on as zero)."""
 
 
-def _container(model: keras.Model, path: str) -> tuple[keras.Model, str, str]:
-    """The (nested) model that holds a layer, the layer's name in it, and that model's path prefix."""
-    path = models.resolve_layer(model, path)
-    *outer, name = path.split("/")
-    container = model
-    for part in outer:
-        container = container.get_layer(part)
-    return container, name, "".join(f"{part}/" for part in outer)
+def _silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selection: dict[str, list[int]]
+                      ) -> dict[str, list[np.ndarray]]:
+    """The weights that silence the selection: whole groups where they can go; a filter whose group is
+    locked alone (a what-if the smaller model cannot express), with the normalisation right after it."""
+    chosen, _ = graph.expand(selection)
+    zeroed: dict[int, np.ndarray] = {}  # tensor id -> channels forced to zero
+    for call in graph.calls:
+        output = groups._list(call.output)[0]
+        zeroed[id(output)] = graph.removed(output, chosen)
+    for layer, channels in selection.items():  # locked filters: silenced alone, on through a following BN
+        path = models.resolve_layer(model, layer)
+        tensor = groups._list(graph.producers()[path].output)[0]
+        alone = np.zeros(len(graph.elements(tensor)), bool)
+        alone[list(channels)] = True
+        while tensor is not None:
+            zeroed[id(tensor)] = zeroed[id(tensor)] | alone
+            readers = [call for call in graph.calls if any(t is tensor for t in call.inputs)]
+            tensor = (groups._list(readers[0].output)[0] if len(readers) == 1 and readers[0].kind
+                      in groups.PASS and readers[0].kind != "Flatten" else None)
+    weights = {}
+    for call in graph.calls:
+        mask = zeroed[id(groups._list(call.output)[0])]
+        if call.kind in SILENCED and mask.any() and call.layer.weights:
+            weights[call.path] = silence(call.layer.get_weights(), call.kind, np.flatnonzero(mask))
+    return weights
 
 
-def masked(model: keras.Model, selection: dict[str, list[int]]) -> keras.Model:
+def masked(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
+           ) -> keras.Model:
     """A clone whose selected filters output zero: what-if pruning, the model untouched.
 
-    Layers are named by path, inside nested models too; channels are output channels of any conv
-    type. A BatchNormalization that follows gets those channels' gamma and beta zeroed as well.
+    The selection is expanded to whole dependency groups as `prune` expands it (a filter on a residual
+    stream silences that channel in every layer of the stream), so the smaller model computes what
+    this one computes. A filter whose group is locked (it reaches the model's output, say) is silenced
+    alone: a what-if that surgery cannot make real.
     """
+    graph = graph or groups.DependencyGraph(model)
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    for layer, filters in selection.items():
-        _silence_in(clone, model, models.resolve_layer(model, layer), list(filters))
+    for path, weights in _silenced_weights(model, graph, selection).items():
+        models.get_layer(clone, path).set_weights(weights)
     return clone
 
 
-def _silence_in(copy: keras.Model, model: keras.Model, path: str, channels: list[int]) -> list[str]:
-    """Silence `channels` of `path` in `copy` (a clone of `model`); returns the paths whose weights changed."""
-    target = models.get_layer(model, path)
-    models.get_layer(copy, path).set_weights(silence(target.get_weights(), type(target).__name__, channels))
-    touched = [path]
-    for norm in _following_norms(model, path):
-        gamma, beta, *rest = [w.copy() for w in models.get_layer(model, norm).get_weights()]
-        gamma[channels], beta[channels] = 0, 0
-        models.get_layer(copy, norm).set_weights([gamma, beta, *rest])
-        touched.append(norm)
-    return touched
+def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
+         ) -> pd.DataFrame:
+    """What pruning the selection does, per layer: channels before, removed, after, and why any
+    selected filter is kept (its group is locked)."""
+    graph = graph or groups.DependencyGraph(model)
+    chosen, kept = graph.expand(selection)
+    rows = []
+    for path, call in graph.producers().items():
+        mask = graph.removed(groups._list(call.output)[0], chosen)
+        if mask.any() or path in kept or path in selection:
+            rows.append({"layer": path, "channels": len(mask), "selected": len(selection.get(path, [])),
+                         "removed": int(mask.sum()), "kept because": kept.get(path, "")})
+    return pd.DataFrame(rows, columns=["layer", "channels", "selected", "removed", "kept because"])
 
 
-def _graph_inputs(model: keras.Model) -> dict[str, list[str]]:
-    """For each layer, the layers whose outputs it reads, in the model's own graph only.
+def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
+          ) -> keras.Model:
+    """A new, smaller model without the selected filters' groups; the input model is untouched.
 
-    A layer's `_inbound_nodes` also hold every later call on it (the sub-models the other pages
-    build share the loaded model's layers), so the nodes are taken from the model's graph itself.
+    Every group that can go goes: its filters, and every weight that reads its channels (the next
+    convs and denses, batch norms, depthwise kernels, the rows of a Dense after Flatten, the other
+    side of a residual add, a concatenation's slice). Filters whose group is locked stay (see `plan`).
+    Nested models keep their structure: a smaller base inside the same head.
     """
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    sources: dict[str, list[str]] = {}
-    for nodes in graph._nodes_by_depth.values():
-        for node in nodes:
-            if node.operation is None or node.is_input:
-                continue
-            sources[node.operation.name] = [t._keras_history.operation.name for t in node.input_tensors]
-    return sources
-
-
-def _consumers(model: keras.Model) -> dict[str, list[str]]:
-    """Which layers read each layer's output."""
-    readers: dict[str, list[str]] = {layer.name: [] for layer in model.layers}
-    for reader, sources in _graph_inputs(model).items():
-        for source in sources:
-            readers.setdefault(source, []).append(reader)
-    return readers
-
-
-def _downstream(model: keras.Model, start: str, readers: dict[str, list[str]]) -> list[str]:
-    """The chain from a pruned layer to the first layer that mixes channels (conv or dense)."""
-    chain, current = [], start
-    while True:
-        following = readers.get(current, [])
-        if len(following) != 1:
-            if not following:
-                raise PruningError(f"{start}'s filters feed the model's output directly; removing them would "
-                                   "change the output's shape.")
-            raise PruningError(f"{start}'s output is read by {len(following)} layers ({', '.join(following)}): "
-                               "a branch or a residual connection. Removing filters there would need the same "
-                               "cut in every branch; use the masked model instead.")
-        layer = model.get_layer(following[0])
-        kind = type(layer).__name__
-        chain.append(layer.name)
-        if kind in ("Conv2D", "Dense"):
-            return chain
-        if kind in ("Add", "Concatenate", "Multiply", "Average", "Subtract", "Maximum", "Minimum"):
-            raise PruningError(f"{start}'s output goes into {kind} layer {layer.name!r} (a residual add or "
-                               "concat): its channels must line up with another branch, so the surgery cannot "
-                               "remove them alone. Use the masked model instead.")
-        if kind not in CHANNEL_PRESERVING:
-            raise PruningError(f"The surgery cannot follow {start}'s channels through {kind} layer {layer.name!r}.")
-        current = layer.name
-
-
-def prune(model: keras.Model, selection: dict[str, list[int]]) -> keras.Model:
-    """A new, smaller model without the selected filters; the input model is untouched."""
-    if any(isinstance(layer, keras.Model) for layer in model.layers):
-        raise PruningError("The model contains a nested model; flatten it before pruning (surgery works on one "
-                           "graph level).")
-    readers = _consumers(model)
-    keep_out: dict[str, np.ndarray] = {}  # layer -> output channels kept (for pruned conv layers)
-    keep_in: dict[str, tuple[str, np.ndarray]] = {}  # layer -> (how, kept input channels)
-    for name, filters in selection.items():
-        layer = model.get_layer(models.resolve_layer(model, name))
-        if type(layer).__name__ != "Conv2D":
-            raise PruningError(f"{layer.name} is a {type(layer).__name__}; only Conv2D filters can be removed.")
-        drop = set(int(f) for f in filters)
-        keep = np.array([c for c in range(layer.filters) if c not in drop])
-        if len(keep) == 0:
-            raise PruningError(f"Removing all {layer.filters} filters of {layer.name} would cut the model in two.")
-        keep_out[layer.name] = keep
-        chain = _downstream(model, layer.name, readers)
-        flatten = any(type(model.get_layer(n)).__name__ == "Flatten" for n in chain)
-        for passed in chain[:-1]:
-            if type(model.get_layer(passed)).__name__ == "BatchNormalization":
-                keep_in[passed] = ("batchnorm", keep)
-        keep_in[chain[-1]] = ("flatten" if flatten else "channels", keep)
+    graph = graph or groups.DependencyGraph(model)
+    chosen, kept = graph.expand(selection)
+    if not chosen:
+        reasons = "; ".join(f"{layer}: {why}" for layer, why in kept.items())
+        raise PruningError(f"None of the selected filters can be removed: {reasons or 'nothing was selected'}.")
+    configs, weights = {}, {}
+    for call in graph.calls:
+        output = groups._list(call.output)[0]
+        out_keep = ~graph.removed(output, chosen)
+        in_keep = ~graph.removed(call.inputs[0], chosen) if call.inputs else None
+        if not out_keep.any():
+            raise PruningError(f"Removing these groups would take every channel of {call.path}; keep some.")
+        if out_keep.all() and (in_keep is None or in_keep.all()):
+            continue
+        config, sliced = _cut(call, in_keep, out_keep)
+        if config:
+            configs[call.path] = config
+        if sliced is not None:
+            weights[call.path] = sliced
+    paths = {id(layer): path for path, layer, _ in models.iter_layers(model)}
 
     def clone_layer(layer):
-        config = layer.get_config()
-        if layer.name in keep_out:
-            config["filters"] = int(len(keep_out[layer.name]))
-        return type(layer).from_config(config)
+        return type(layer).from_config({**layer.get_config(), **configs.get(paths.get(id(layer)), {})})
 
-    smaller = keras.models.clone_model(model, clone_function=clone_layer)
-    for old in model.layers:
-        weights = [np.asarray(w) for w in old.get_weights()]
-        if not weights:  # (the clone renames its input layer, which has no weights)
-            continue
-        new = smaller.get_layer(old.name)
-        if old.name in keep_in:
-            how, keep = keep_in[old.name]
-            if how == "batchnorm":
-                weights = [w[keep] for w in weights]
-            elif how == "flatten":  # a Dense after Flatten reads (h, w, c) flattened channels-last
-                kernel = weights[0].reshape(-1, _flatten_channels(model, old.name), weights[0].shape[-1])
-                weights[0] = kernel[:, keep, :].reshape(-1, weights[0].shape[-1])
-            else:  # the next conv reads them on its input axis, a dense after global pooling on its rows
-                weights[0] = weights[0][..., keep, :] if weights[0].ndim == 4 else weights[0][keep]
-        if old.name in keep_out:
-            keep = keep_out[old.name]
-            weights[0] = weights[0][..., keep]
-            if len(weights) > 1:
-                weights[1] = weights[1][keep]
-        new.set_weights(weights)
+    smaller = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    for path in models.weighted_layers(model):
+        models.get_layer(smaller, path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
     return smaller
 
 
-def _flatten_channels(model: keras.Model, dense: str) -> int:
-    """Channels per position of the Flatten feeding a dense layer."""
-    sources = _graph_inputs(model)
-    name = sources[dense][0]
-    while type(model.get_layer(name)).__name__ != "Flatten":
-        name = sources[name][0]
-    return int(model.get_layer(name).input.shape[-1])
+def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray) -> tuple[dict, list | None]:
+    """The config changes and the sliced weights of one layer (None: its weights stay as they are)."""
+    kind, layer = call.kind, call.layer
+    old = [np.asarray(w) for w in layer.get_weights()]
+    count = int(out_keep.sum())
+    if kind == "Dense":
+        return {"units": count}, [old[0][in_keep][:, out_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in ("SeparableConv1D", "SeparableConv2D"):
+        multiplier = old[0].shape[-1]
+        rows = np.repeat(in_keep, multiplier)
+        return {"filters": count}, [old[0][..., in_keep, :], old[1][..., rows, :][..., out_keep],
+                                    *[b[out_keep] for b in old[2:]]]
+    if kind.endswith("Transpose"):
+        return {"filters": count}, [old[0][..., out_keep, :][..., in_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in groups.SOURCES:
+        return {"filters": count}, [old[0][..., in_keep, :][..., out_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in groups.DEPTHWISE:
+        return {}, [old[0][..., in_keep, :], *[b[out_keep] for b in old[1:]]]
+    if kind == "LayerScale":
+        return {"projection_dim": count}, [w[..., out_keep] for w in old]
+    if kind == "Reshape":
+        return {"target_shape": (*layer.get_config()["target_shape"][:-1], count)}, None
+    if old:  # BatchNormalization, PReLU: per-channel parameters on the last axis
+        return {}, [w[..., out_keep] for w in old]
+    return {}, None
 
 
 def flops(model: keras.Model) -> int:
@@ -414,11 +371,12 @@ def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | Non
 
 
 class MaskedCopy:
-    """One clone of the model whose filters can be silenced and restored cheaply, step after step."""
+    """One clone of the model whose filters (with their groups) can be silenced and restored cheaply."""
 
     def __init__(self, model: keras.Model, output: int | None = None):
         self.model = model
-        self.copy = masked(model, {})
+        self.graph = groups.DependencyGraph(model)
+        self.copy = masked(model, {}, self.graph)
         self.reference = heads.Outputs(model, output)
         self.outputs_of_copy = heads.Outputs(self.copy, head=self.reference.head)
 
@@ -426,9 +384,9 @@ class MaskedCopy:
         return quality(reference, outputs, labels, self.reference.independent)
 
     def outputs(self, selection: dict[str, list[int]], images: np.ndarray) -> np.ndarray:
-        touched = []
-        for layer, filters in selection.items():
-            touched += _silence_in(self.copy, self.model, models.resolve_layer(self.model, layer), list(filters))
+        touched = _silenced_weights(self.model, self.graph, selection)
+        for path, weights in touched.items():
+            models.get_layer(self.copy, path).set_weights(weights)
         try:
             return self.outputs_of_copy(images)
         finally:

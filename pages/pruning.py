@@ -27,7 +27,7 @@ criteria = {
     "lowest L1 norm (Li et al. 2017)": "l1",
     "lowest mean activation": "mean",
     "lowest Taylor score (Molchanov et al. 2017)": "taylor",
-    "closest to the geometric median (FPGM)": "fpgm",
+    "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)": "fpgm",
 }
 if scores["taylor"].isna().all():
     criteria.pop("lowest Taylor score (Molchanov et al. 2017)")

@@ -83,16 +83,30 @@ def test_removing_filters_that_are_dead_on_a_set_changes_nothing_on_it():
     np.testing.assert_allclose(smaller(x), model(x), atol=1e-5)
 
 
-def test_a_residual_model_gets_the_explanation_not_a_broken_model():
+def test_a_residual_group_goes_from_both_sides_of_the_add():
+    keras.utils.set_random_seed(3)
     inputs = keras.Input((8, 8, 4))
     a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
     b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
     out = keras.layers.Add(name="add")([a, b])
-    model = keras.Model(inputs, keras.layers.Flatten()(out))
-    with pytest.raises(PruningError, match="branch or a residual"):
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(out)))
+    smaller = pruning.prune(model, {"a": [0]})
+    # by hand: a loses filter 0 (3*3*4 + 1); b loses filter 0 (its channel is added to a's) and, in its 3
+    # other filters, the input rows of a's channel 0 (3*3*1*3); the head loses the row of channel 0 (3)
+    assert model.count_params() - smaller.count_params() == 37 + 37 + 27 + 3
+    x = random_images(3, (8, 8, 4), seed=2)
+    np.testing.assert_allclose(smaller(x), pruning.masked(model, {"b": [0]})(x), rtol=1e-4, atol=1e-6)
+    assert list(pruning.plan(model, {"a": [0]})["removed"]) == [1, 1]  # a and b, one channel each
+
+
+def test_channels_that_are_the_models_output_are_kept_with_the_reason():
+    inputs = keras.Input((8, 8, 4))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
+    model = keras.Model(inputs, keras.layers.Flatten()(keras.layers.Add(name="add")([a, b])))
+    with pytest.raises(PruningError, match="model's output"):
         pruning.prune(model, {"a": [0]})
-    with pytest.raises(PruningError, match="residual add or concat"):
-        pruning.prune(model, {"b": [0]})
+    assert "model's output" in pruning.plan(model, {"b": [1]})["kept because"].item()
 
 
 def test_scores_equal_numpy_recomputations():
@@ -105,8 +119,8 @@ def test_scores_equal_numpy_recomputations():
     np.fill_diagonal(cosine, -2)
     np.testing.assert_allclose(similarity, cosine.max(axis=1), rtol=1e-5)
     np.testing.assert_array_equal(nearest, cosine.argmax(axis=1))
-    distances = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
-    np.testing.assert_allclose(fpgm, np.linalg.norm(flat - flat[distances.sum(1).argmin()], axis=1), rtol=1e-5)
+    distances = np.linalg.norm(flat[:, None] - flat[None], axis=-1)  # FPGM: summed distance to the others
+    np.testing.assert_allclose(fpgm, distances.sum(axis=1), rtol=1e-5)
 
     x = random_images(5, (10, 10, 3), seed=2)
     labels = np.array([0, 1, 2, 0, 1])
@@ -258,3 +272,17 @@ def test_lowest_share_takes_the_lowest_whole_number_of_each_layer():
     # a: 4 x 0.5 = 2 lowest (the tie at 1.0 both); b: 3 x 0.5 = 1.5 -> 1 lowest
     assert list(pruning.lowest_share(scores, "l1", 0.5)) == [False, True, False, True, False, False, True]
     assert not pruning.lowest_share(scores, "l1", 0.2).any()  # under one filter per layer: none
+
+
+def test_fpgm_ranks_like_the_summed_distance_of_the_paper_on_the_demo_model():
+    from scipy.stats import spearmanr
+
+    from audit import models
+
+    model = models.load("demo:shapes").model
+    kernel = model.get_layer("block3_conv1").get_weights()[0]
+    flat = kernel.reshape(-1, kernel.shape[-1]).T.astype(np.float64)
+    summed = np.linalg.norm(flat[:, None] - flat[None], axis=-1).sum(axis=1)  # He et al. 2019, eq. 4
+    _, _, fpgm = pruning.redundancy(model, "block3_conv1")
+    assert spearmanr(fpgm, summed).statistic > 0.99
+    np.testing.assert_allclose(fpgm, summed, rtol=1e-6)
