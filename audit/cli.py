@@ -2,6 +2,7 @@
 
     python -m audit report --model demo:shapes --images shapes:60 --out report.html
     python -m audit stats --model path/to/model.keras --images photos/ --csv stats.csv
+    python -m audit prune --model demo:shapes --images shapes:480 --share 0.5 --fine-tune 1 --out pruned.keras
     python -m audit check --model path/to/model.keras
 
 Exit codes: 0 done, 1 the audit refused the input (the message is the dashboard's), 2 bad usage,
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import numpy as np
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,6 +113,43 @@ def _check(args) -> int:
     return 3 if any(cell.status == "failed" for cell in cells) else 0
 
 
+def _prune(args) -> int:
+    """Score, choose the lowest share of each layer, cut by dependency groups, optionally fine-tune; save."""
+    from audit import models, pruning
+
+    loaded = models.load(_source(args.model))
+    image_set = read_images(args.images)
+    x = loaded.preprocess([item.pixels for item in image_set])
+    names = loaded.class_names
+    labels = (np.array([names.index(item.label) for item in image_set])
+              if names and all(item.label in names for item in image_set) else None)
+    with progress_bar("Scoring every filter", args.quiet), loaded.lock:
+        scores = pruning.filter_scores(loaded.model, x, labels)
+    if args.criterion not in scores or scores[args.criterion].isna().all():
+        raise AuditError(f"No {args.criterion} scores for this model (Taylor needs a class output).")
+    layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or list(dict.fromkeys(scores.layer))
+    part = scores[scores.layer.isin(layers)]
+    ranked = part.assign(apoz=-part.apoz) if args.criterion == "apoz" else part  # APoZ: most zeros first
+    chosen = part[pruning.lowest_share(ranked, args.criterion, args.share)]
+    selection = {layer: sorted(group["filter"].astype(int)) for layer, group in chosen.groupby("layer", sort=False)}
+    with loaded.lock:
+        plan = pruning.plan(loaded.model, selection)
+        print(plan.to_string(index=False))
+        if args.fine_tune:
+            if labels is None:
+                raise AuditError("--fine-tune needs labelled images (one subfolder per class named like the "
+                                 "model's classes, or shapes:N for the demo models).")
+            with progress_bar("Fine-tuning", args.quiet) as progress:
+                table, smaller = pruning.recovery(loaded.model, selection, x, labels, args.fine_tune, args.lr,
+                                                  progress=progress)
+            print(table.to_string(index=False))
+        else:
+            smaller = pruning.prune(loaded.model, selection)
+    smaller.save(args.out)
+    print(f"{args.out}: {smaller.count_params():,} parameters (from {loaded.model.count_params():,})")
+    return 0
+
+
 def _methods() -> list[str]:
     from audit import attribution
 
@@ -145,6 +185,18 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--near-dead", type=float, default=0.99, help="near-dead: APoZ above this")
     stats.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     stats.set_defaults(run=_stats)
+
+    prune = commands.add_parser("prune", help="remove the lowest-scored filters by dependency groups; save the model")
+    common(prune)
+    prune.add_argument("--out", required=True, help="the .keras file to write")
+    prune.add_argument("--criterion", default="l1", choices=["l1", "mean", "taylor", "fpgm", "apoz"],
+                       help="rank filters by this score (lowest first; APoZ: highest first)")
+    prune.add_argument("--share", type=float, default=0.3, help="share of each layer's filters to remove")
+    prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
+    prune.add_argument("--fine-tune", type=int, default=0, metavar="EPOCHS",
+                       help="fine-tune for this many epochs and compare with a random ranking (needs labels)")
+    prune.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    prune.set_defaults(run=_prune)
 
     check = commands.add_parser("check", help="run every capability once on a model: ok, refused (why), failed")
     check.add_argument("--model", required=True, help="a .keras/.h5 file or a model source")

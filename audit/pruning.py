@@ -262,6 +262,25 @@ def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.Depe
     return pd.DataFrame(rows, columns=["layer", "channels", "selected", "removed", "kept because"])
 
 
+def group_table(graph: groups.DependencyGraph, scores: pd.DataFrame, criterion: str = "l1") -> pd.DataFrame:
+    """Groups that tie several layers' channels together, with their score: the sum of their filters'
+    scores by the criterion (a group goes as one, so its members' costs add up)."""
+    by_filter = scores.set_index(["layer", "filter"])[criterion] if criterion in scores else None
+    rows = []
+    for group in graph.groups():
+        if len(group.filters) < 2 and not group.coupled_by:
+            continue
+        members = [(layer, channel) for layer, channels in group.filters.items() for channel in channels]
+        score = (float(sum(by_filter.get(member, np.nan) for member in members)) if by_filter is not None
+                 else np.nan)
+        rows.append({"group": group.index, "filters": group.size, f"{criterion} (sum)": score,
+                     "can go": not group.locked, "coupled by": ", ".join(group.coupled_by),
+                     "layers": ", ".join(f"{layer}[{','.join(map(str, channels))}]"
+                                         for layer, channels in group.filters.items()),
+                     "locked because": group.locked})
+    return pd.DataFrame(rows)
+
+
 def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
           ) -> keras.Model:
     """A new, smaller model without the selected filters' groups; the input model is untouched.
@@ -343,6 +362,103 @@ def flops(model: keras.Model) -> int:
         elif kind == "Dense":
             total += int(np.prod(layer.get_weights()[0].shape))
     return int(total)
+
+
+# --- recovery ----------------------------------------------------------------------------------
+
+def fine_tune(model: keras.Model, images: np.ndarray, labels: np.ndarray, epochs: int = 2,
+              learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0, output: int | None = None,
+              progress=None, train_all: bool = True) -> tuple[keras.Model, dict]:
+    """Train a (pruned) model for a few epochs on labelled images; returns it and its loss history.
+
+    Every pruning paper reports its numbers after such a run. The loss is the cross-entropy on the
+    explained output's class scores (softmax, or sigmoid for binary and sigmoid heads), so logits,
+    softmax and single-unit heads all train correctly. With `train_all`, frozen layers (a transfer
+    model's base) are unfrozen: the pruned layers are the ones that must adapt. The model is changed
+    in place (pass the pruned copy, never the loaded model); seeded for repeatable runs.
+    """
+    head = heads.find_head(model, output)
+    if not head.is_classifier:
+        raise AuditError(f"Fine-tuning needs a class output ({head.description}).")
+    keras.utils.set_random_seed(seed)
+    if train_all:
+        model.trainable = True
+    scorer = heads.scores_model(model, head)
+    if head.distribution == "sigmoid":
+        targets = np.eye(head.classes, dtype=np.float32)[labels]
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    else:
+        targets, loss = np.asarray(labels), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    scorer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
+    callbacks = []
+    if progress is not None:
+        steps = epochs * int(np.ceil(len(images) / batch_size))
+        done = [0]
+
+        class Report(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                done[0] += 1
+                progress(done[0], steps)
+
+        callbacks.append(Report())
+    history = scorer.fit(np.asarray(images, np.float32), targets, epochs=epochs, batch_size=batch_size,
+                         shuffle=True, verbose=0, callbacks=callbacks)
+    return model, history.history
+
+
+def accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray, output: int | None = None) -> dict:
+    """Top-1 accuracy and mean cross-entropy of the explained output on labelled images (the loss still
+    moves when the accuracy stands at 100%)."""
+    probabilities = heads.Outputs(model, output)(images)
+    chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
+            "cross-entropy": float(-np.mean(np.log(chosen)))}
+
+
+def random_selection(selection: dict[str, list[int]], model: keras.Model, seed: int = 0) -> dict[str, list[int]]:
+    """As many filters per layer as the selection, drawn at random (seeded): the baseline every ranking
+    has to beat (Mittal et al. 2018)."""
+    rng = np.random.default_rng(seed)
+    return {layer: sorted(rng.choice(filter_kernels(model, layer).shape[-1], len(channels), replace=False).tolist())
+            for layer, channels in selection.items()}
+
+
+def recovery(model: keras.Model, selection: dict[str, list[int]], images: np.ndarray, labels: np.ndarray,
+             epochs: int = 1, learning_rate: float = 1e-3, held_out: float = 0.25, seed: int = 0,
+             output: int | None = None, progress=None) -> tuple[pd.DataFrame, keras.Model]:
+    """Accuracy and cross-entropy on held-out images before pruning, after pruning, after fine-tuning, and for a random
+    selection of the same size per layer pruned and fine-tuned the same way; and the fine-tuned model.
+
+    The images are split once (seeded): fine-tuning sees the rest, accuracy is measured on the
+    held-out share only.
+    """
+    order = np.random.default_rng(seed).permutation(len(images))
+    cut = int(round(len(images) * held_out))
+    test, train = order[:cut], order[cut:]
+    if cut == 0 or len(train) == 0:
+        raise AuditError("Recovery needs more labelled images: some to fine-tune on and some held out.")
+    graph = groups.DependencyGraph(model)
+    steps = [0]
+
+    def step(done, total):
+        if progress is not None:
+            progress(steps[0] + done, 2 * total)
+
+    rows = [{"model": "before pruning", **accuracy(model, images[test], labels[test], output),
+             "parameters": model.count_params()}]
+    tuned = None
+    for name, chosen in (("chosen ranking", selection), ("random ranking", random_selection(selection, model, seed))):
+        smaller = prune(model, chosen, graph)
+        rows.append({"model": f"{name}, pruned", **accuracy(smaller, images[test], labels[test], output),
+                     "parameters": smaller.count_params()})
+        fine_tune(smaller, images[train], labels[train], epochs, learning_rate, seed=seed, output=output,
+                  progress=step)
+        steps[0] += epochs * int(np.ceil(len(train) / 32))
+        rows.append({"model": f"{name}, fine-tuned", **accuracy(smaller, images[test], labels[test], output),
+                     "parameters": smaller.count_params()})
+        if tuned is None:
+            tuned = smaller
+    return pd.DataFrame(rows), tuned
 
 
 # --- what cutting costs ----------------------------------------------------------------------

@@ -598,7 +598,7 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
     def compute():
         x = image_set_input(selection)
         with st.spinner("Running both models on the image set…"), loaded.lock, device.scope(selection.device):
-            masked = pruning.masked(loaded.model, chosen)
+            masked = pruning.masked(loaded.model, chosen, dependency_graph(loaded.fingerprint, loaded.source))
             head = loaded.head(selection.output)
             return heads.Outputs(loaded.model, head=head)(x), heads.Outputs(masked, head=head)(x)
 
@@ -651,21 +651,58 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
     return shared_result(set_key(selection, "leave_one_out", layers, count, selection.output), compute)
 
 
+def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, learning_rate: float):
+    """Prune, fine-tune and compare with a random ranking of the same size, once per (model, images,
+    filters, settings): the table and the fine-tuned model as .keras bytes (kept in memory)."""
+    import tempfile
+    from pathlib import Path
+
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with progress_bar("Fine-tuning the pruned model and a random one") as progress, loaded.lock, \
+                device.scope(selection.device):
+            table, tuned = pruning.recovery(loaded.model, chosen, x, labels_of(selection), epochs, learning_rate,
+                                            output=selection.output, progress=progress)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "fine_tuned.keras"
+            tuned.save(path)
+            return table, path.read_bytes()
+
+    key = set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
+                  tuple((k, tuple(v)) for k, v in chosen.items()))
+    return shared_result(key, compute)
+
+
+@st.cache_resource(show_spinner="Reading the dependency groups…", max_entries=4)
+def dependency_graph(fingerprint: str, source: str):
+    """The model's dependency groups (audit.groups), once per model for every session."""
+    from audit import groups
+
+    loaded = get_model(source)
+    with loaded.lock:
+        return groups.DependencyGraph(loaded.model)
+
+
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
-def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None]:
-    """The smaller model as .keras bytes, its before/after sizes, and why the masked one is given instead."""
+def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None, pd.DataFrame]:
+    """The smaller model as .keras bytes, its before/after sizes, why the masked one is given instead (when
+    no selected group can go), and per layer what was removed and what was kept and why."""
     import tempfile
     from pathlib import Path
 
     loaded = get_model(source)
+    graph = dependency_graph(fingerprint, source)
     chosen = {layer: list(filters) for layer, filters in selection_key}
     reason = None
     with loaded.lock:
+        plan = pruning.plan(loaded.model, chosen, graph)
         try:
-            smaller = pruning.prune(loaded.model, chosen)
+            smaller = pruning.prune(loaded.model, chosen, graph)
         except AuditError as exc:
             reason = str(exc)
-            smaller = pruning.masked(loaded.model, chosen)
+            smaller = pruning.masked(loaded.model, chosen, graph)
         with tempfile.TemporaryDirectory() as folder:
             original, pruned = Path(folder) / "original.keras", Path(folder) / "pruned.keras"
             loaded.model.save(original)
@@ -676,4 +713,4 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[
                 "multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
                 "file size (bytes)": (original.stat().st_size, len(data)),
             }
-    return data, sizes, reason
+    return data, sizes, reason, plan

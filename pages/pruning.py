@@ -113,6 +113,21 @@ else:
 st.dataframe(candidates, hide_index=True, width="stretch", height=260)
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
 
+st.subheader("Dependency groups")
+graph = common.dependency_graph(loaded.fingerprint, loaded.source)
+group_criterion = criteria[criterion] or "l1"
+coupled = pruning.group_table(graph, scores, group_criterion)
+st.caption("Channels that must go together (Fang et al. 2023, DepGraph): the two sides of a residual add, a "
+           "concatenation's slices, a depthwise layer's channel and the filter that makes it, a "
+           "squeeze-and-excitation gate. Removing any filter removes its whole group, in the masks and in the "
+           f"smaller model alike; a group's score is the sum of its filters' {group_criterion}. Groups reaching the "
+           "model's output or a layer the rule does not follow are locked. Groups of a single filter in a plain "
+           f"chain are not listed ({len(graph.groups())} groups in all).")
+if coupled.empty:
+    st.info("Every filter of this model is its own group: a plain chain of layers.")
+else:
+    st.dataframe(coupled, hide_index=True, width="stretch", height=260)
+
 st.subheader("What if they were cut?")
 st.caption("The candidates' outputs are zeroed on a copy of the model (the loaded one is untouched) and "
            "compared with the unpruned model on the image set. Quality before fine-tuning.")
@@ -211,11 +226,43 @@ if loo_layers and links.shown("loo", pressed, common.set_key(selection, "leave_o
 
 st.subheader("Export a smaller model")
 selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())
-data, sizes, reason = common.pruned_export(loaded.fingerprint, loaded.source, selection_key)
+with common.user_errors("Building the smaller model"):
+    data, sizes, reason, plan = common.pruned_export(loaded.fingerprint, loaded.source, selection_key)
 if reason:
     st.warning(f"{reason} The masked model is offered instead.")
+removed, held = plan[plan.removed > 0], plan[plan["kept because"] != ""]
+st.caption(f"The {len(candidates)} candidates grow to their dependency groups: {int(removed.removed.sum())} "
+           f"channels leave {len(removed)} layers" + (f"; {len(held)} layers keep their selected filters "
+                                                       "(see why below)" if len(held) else "") + ".")
+with st.expander(f"Per layer: removed and kept ({len(plan)} layers)"):
+    st.dataframe(plan, hide_index=True, width="stretch")
 table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
                      columns=["", "before", "after"])
 table["change"] = (table["after"] / table["before"] - 1).map(lambda v: f"{v:+.1%}")
 st.dataframe(table, hide_index=True)
 st.download_button("Download the pruned model (.keras)", data, "pruned.keras", type="primary")
+
+st.subheader("Recovery by fine-tuning")
+st.caption("Pruning papers report accuracy after a short retraining, and random rankings often catch up then "
+           "(Mittal et al. 2018). The labelled images are split once (25% held out, seeded); the smaller model is "
+           "fine-tuned on the rest, and so is a random choice of the same number of filters per layer, pruned "
+           "the same way. Accuracy and cross-entropy on the held-out images.")
+labels = common.labels_of(selection)
+if labels is None or not selection.head.is_classifier:
+    st.info("Fine-tuning needs labelled images the model's classes name: demo shapes, or an uploaded zip with one "
+            "folder per class.")
+elif reason:
+    st.info("No selected group can be removed, so there is no smaller model to fine-tune.")
+else:
+    c1, c2 = st.columns(2)
+    epochs = links.number(c1, "Epochs", 1, 20, 1, param="tune_epochs", key="prune_tune_epochs")
+    learning_rate = links.number(c2, "Learning rate", 1e-5, 1e-1, 1e-3, format="%.5f", param="tune_lr",
+                                 key="prune_tune_lr")
+    pressed = st.button("Fine-tune and compare", key="prune_tune")
+    if links.shown("recovery", pressed, common.set_key(selection, "recovery", selection_key, epochs, learning_rate)):
+        with common.user_errors("Fine-tuning"):
+            table, tuned = common.recovery(selection, selection_map, int(epochs), float(learning_rate))
+        st.dataframe(table, hide_index=True, column_config={
+            "accuracy": st.column_config.NumberColumn(format="percent"),
+            "cross-entropy": st.column_config.NumberColumn(format="%.4f")})
+        st.download_button("Download the fine-tuned model (.keras)", tuned, "pruned_fine_tuned.keras")

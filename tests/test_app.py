@@ -179,6 +179,12 @@ def test_pruning_page_on_the_demo_model_measures_and_exports():
     assert export["after"][0] < export["before"][0]  # fewer parameters
     at.selectbox(key="prune_criterion").set_value("lowest L1 norm (Li et al. 2017)").run()
     assert not at.exception, at.exception
+    _submit(at, "Fine-tune and compare")
+    assert not at.exception, at.exception
+    recovery = at.dataframe[-1].value
+    assert list(recovery["model"]) == ["before pruning", "chosen ranking, pruned", "chosen ranking, fine-tuned",
+                                       "random ranking, pruned", "random ranking, fine-tuned"]
+    assert recovery["accuracy"].between(0, 1).all()
 
 
 def test_pruning_page_on_vgg16_without_class_output():

@@ -74,3 +74,18 @@ def test_bad_usage_exits_2():
     with pytest.raises(SystemExit) as stop:
         cli.main(["report", "--images", "photos"])  # no --out
     assert stop.value.code == 2
+
+
+def test_prune_writes_a_smaller_model_and_check_reports_every_capability(tmp_path, capsys):
+    out = tmp_path / "pruned.keras"
+    code = cli.main(["prune", "--model", "demo:shapes", "--images", "shapes:24", "--share", "0.25",
+                     "--layers", "block3_conv1", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "block3_conv1" in printed and "32" in printed  # a quarter of 128 filters
+    smaller = models.load(f"file:{out}")
+    # block3_conv1 loses 32 filters (3*3*64 + 1 each) and block3_conv2 their input rows (3*3*32*128)
+    assert 418_534 - smaller.model.count_params() == 32 * (3 * 3 * 64 + 1) + 3 * 3 * 32 * 128
+    assert cli.main(["check", "--model", str(out), "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "failed" not in report and report.count("ok ") >= 30

@@ -354,4 +354,20 @@ def test_an_uploaded_transfer_learning_model_gets_grad_cam_for_a_class_and_the_p
     _settle(page)
     _assert_clean(page)
     assert page.get_by_text("Top-1 agreement", exact=True).is_visible()
+    assert page.get_by_text("Dependency groups", exact=True).is_visible()
+    assert page.get_by_text("The masked model is offered instead").count() == 0  # a smaller base in the same head
+    context.close()
+
+
+def test_pruning_page_on_resnet50_shows_groups_what_if_and_a_smaller_model(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/pruning?model=keras:ResNet50:untrained")
+    page.get_by_role("button", name="Download the pruned model (.keras)").wait_for()
+    _settle(page)
+    _assert_clean(page)
+    assert page.get_by_text("Dependency groups", exact=True).is_visible()
+    assert page.get_by_text("Top-1 agreement", exact=True).is_visible()
+    assert page.get_by_text("The masked model is offered instead").count() == 0  # a real cut, not a mask
+    page.get_by_text("Dependency groups", exact=True).scroll_into_view_if_needed()
+    _screenshot(page, "pruning_resnet50.png")
     context.close()
