@@ -113,6 +113,25 @@ class FilterSums:
         })
 
 
+def batch_sums(a, threshold: float = 0.0) -> FilterSums:
+    """The partial sums of one batch of one layer's output (N, ..., C); traceable inside tf.function."""
+    a = tf.cast(a, tf.float32)
+    axes = list(range(a.shape.rank - 1))
+    per_image = tf.reduce_max(a, axis=axes[1:]) if len(axes) > 1 else a
+    positions = int(np.prod(a.shape[1:-1])) if a.shape.rank > 2 else 1
+    return FilterSums(tf.cast(tf.shape(a)[0] * positions, tf.float64), tf.shape(a)[0],
+                      tf.reduce_sum(a, axes), tf.reduce_sum(tf.square(a), axes), tf.reduce_max(a, axes),
+                      tf.reduce_sum(tf.cast(a <= 0, tf.float32), axes),
+                      tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0))
+
+
+def to_numpy(sums: FilterSums) -> FilterSums:
+    """Partial sums from tensors to float64 numpy, ready to merge."""
+    return FilterSums(float(sums.count), int(sums.images),
+                      *(np.asarray(part, np.float64) for part in (sums.total, sums.squares, sums.maximum,
+                                                                  sums.zeros, sums.firing)))
+
+
 def _reducer(cut: keras.Model, threshold: float):
     """One compiled function: a batch in, per-filter sums of every output layer out."""
 
@@ -120,17 +139,7 @@ def _reducer(cut: keras.Model, threshold: float):
     def reduce(x):
         outputs = cut(x, training=False)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        results = []
-        for a in outputs:
-            a = tf.cast(a, tf.float32)
-            axes = list(range(a.shape.rank - 1))
-            per_image = tf.reduce_max(a, axis=axes[1:]) if len(axes) > 1 else a
-            results.append((
-                tf.reduce_sum(a, axes), tf.reduce_sum(tf.square(a), axes), tf.reduce_max(a, axes),
-                tf.reduce_sum(tf.cast(a <= 0, tf.float32), axes),
-                tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0),
-            ))
-        return results
+        return [tuple(vars(batch_sums(a, threshold)).values()) for a in outputs]  # tf.function returns tensors
 
     return reduce
 
@@ -141,16 +150,12 @@ def filter_sums(model: keras.Model, layers: list[str], images: np.ndarray, thres
     paths = [models.resolve_layer(model, name) for name in layers]
     cut = models.submodel(model, paths)
     reduce = _reducer(cut, threshold)
-    outputs = cut.outputs
-    sums = {path: FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, outputs)}
+    sums = {path: FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
     total = len(images)
     for start in range(0, total, batch_size):
         batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], np.float32))
-        for path, out, parts in zip(paths, outputs, reduce(batch)):
-            total_, squares, maximum, zeros, firing = (np.asarray(p, np.float64) for p in parts)
-            positions = int(np.prod(out.shape[1:-1])) if len(out.shape) > 2 else 1
-            sums[path] = sums[path].merge(FilterSums(
-                float(len(batch) * positions), len(batch), total_, squares, maximum, zeros, firing))
+        for path, parts in zip(paths, reduce(batch)):
+            sums[path] = sums[path].merge(to_numpy(FilterSums(*parts)))
         if progress is not None:
             progress(min(start + batch_size, total), total)
     return sums

@@ -80,8 +80,8 @@ def _gram(model: keras.Model, layer: str) -> np.ndarray:
             block = kernel[..., c, :].reshape(-1, multiplier)
             gram[c * multiplier:(c + 1) * multiplier, c * multiplier:(c + 1) * multiplier] = block.T @ block
         return gram
-    flat = filter_kernels(model, layer).astype(np.float64)
-    return flat.T @ flat
+    flat = filter_kernels(model, layer)
+    return (flat.T @ flat).astype(np.float64)  # float32 products, as the weights are stored
 
 
 def redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,12 +117,20 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
     The log-probability comes from the class scores (log-softmax, or log-sigmoid for sigmoid and
     binary heads), so a logits head gives the same numbers as its softmax twin, never log(logit).
     """
+    return _scores_pass(model, layers, images, labels, batch_size, output)[1]
+
+
+def _scores_pass(model: keras.Model, layers: list[str], images: np.ndarray, labels: np.ndarray | None = None,
+                 batch_size: int = 32, output: int | None = None, threshold: float = 0.0
+                 ) -> tuple[dict[str, activations.FilterSums], dict[str, np.ndarray]]:
+    """Activation sums and Taylor scores of every layer from the same forward and backward pass."""
     head = heads.find_head(model, output)
     paths = [models.resolve_layer(model, layer) for layer in layers]
     cut = heads.scores_model(model, head, [models.Point(path) for path in paths])
     per_image = sum(int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
     batch_size = max(1, min(batch_size, (64 * 2**20) // max(per_image, 1)))  # maps and gradients within ~512 MB
     totals = {path: 0.0 for path in paths}
+    sums = {path: activations.FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
     count = 0
     for start in range(0, len(images), batch_size):
         x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
@@ -137,9 +145,11 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
             g = tf.zeros_like(a) if g is None else g
             contribution = tf.reduce_sum(a * g, axis=list(range(0, len(a.shape) - 1)))  # (C,)
             totals[path] = totals[path] + np.asarray(contribution, np.float64)
+            sums[path] = sums[path].merge(activations.to_numpy(activations.batch_sums(a, threshold)))
         count += len(x)
-    return {path: np.abs(totals[path] / (count * int(np.prod(out.shape[1:-1]))))
-            for path, out in zip(paths, cut.outputs[:-1])}
+    taylor = {path: np.abs(totals[path] / (count * int(np.prod(out.shape[1:-1]))))
+              for path, out in zip(paths, cut.outputs[:-1])}
+    return sums, taylor
 
 
 def filter_scores(model: keras.Model, images: np.ndarray, labels: np.ndarray | None = None,
@@ -148,9 +158,11 @@ def filter_scores(model: keras.Model, images: np.ndarray, labels: np.ndarray | N
     near_dead, and per-layer normalised copies (`*_norm`, divided by the layer's maximum) to compare
     across layers. Depthwise and separable layers are scored per output channel (see filter_kernels)."""
     layers = models.conv_layers(model)
-    stats = activations.filter_stats(model, layers, images, threshold)
-    has_classes = heads.find_head(model, output).is_classifier
-    taylor = taylor_scores_of_layers(model, layers, images, labels, output=output) if has_classes else {}
+    if heads.find_head(model, output).is_classifier:  # statistics and Taylor scores from one pass
+        sums, taylor = _scores_pass(model, layers, images, labels, output=output, threshold=threshold)
+        stats = activations.stats_frame(sums, threshold)
+    else:
+        stats, taylor = activations.filter_stats(model, layers, images, threshold), {}
     frames = []
     for layer in layers:
         similarity, nearest, fpgm = redundancy(model, layer)
