@@ -105,3 +105,11 @@ def test_groups_cut_from_a_block_and_a_coupled_group_equal_the_masked_model(name
                             "print(m.count_params())", str(path)], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert int(fresh.stdout.split()[-1]) == smaller.count_params()
+
+
+def test_the_readme_lists_what_the_groups_follow():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for layers, role in groups.SUPPORTED.items():
+        assert f"| {layers} | {role} |" in readme, layers
