@@ -483,6 +483,13 @@ def resolve_layer(model: keras.Model, name: str) -> str:
 
 def get_layer(model: keras.Model, name: str):
     """The layer object at a path (or unique bare name)."""
+    layer = model
+    try:  # a full path: one lookup per nesting level
+        for part in name.split("/"):
+            layer = layer.get_layer(part)
+        return layer
+    except (ValueError, AttributeError):
+        pass
     path = resolve_layer(model, name)
     for candidate, layer, _ in iter_layers(model):
         if candidate == path:

@@ -10,6 +10,8 @@ surgery rebuilds the model without them, slicing every weight that reads them.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import pandas as pd
@@ -93,13 +95,18 @@ def redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, 
     """
     gram = _gram(model, layer)
     squared = np.diag(gram).copy()
-    norms = np.sqrt(squared)
-    similarity = gram / np.maximum(np.outer(norms, norms), 1e-24)
+    norms = np.sqrt(squared).astype(np.float32)
+    similarity = gram.astype(np.float32) / np.maximum(np.outer(norms, norms), 1e-30)  # cosines: float32 is plenty
     np.fill_diagonal(similarity, -np.inf)
     nearest = similarity.argmax(axis=1)
-    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * gram, 0))
+    distances = gram  # in place, float64: |a|^2 + |b|^2 - 2 a.b cancels for close filters
+    distances *= -2
+    distances += squared[:, None]
+    distances += squared[None, :]
+    np.maximum(distances, 0, out=distances)
+    np.sqrt(distances, out=distances)
     np.fill_diagonal(distances, 0)
-    return similarity.max(axis=1), nearest, distances.sum(axis=1)
+    return similarity.max(axis=1).astype(np.float64), nearest, distances.sum(axis=1)
 
 
 def taylor_scores(model: keras.Model, layer: str, images: np.ndarray, labels: np.ndarray | None = None,
@@ -120,32 +127,57 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
     return _scores_pass(model, layers, images, labels, batch_size, output)[1]
 
 
+_PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head):
+    """A compiled step, kept per model while it lives: a batch in; per layer its Taylor sums and activation
+    sums out, from one forward and backward pass. Traced once; later image sets reuse it."""
+    cache = _PASSES.setdefault(model, {})
+    if (paths, head) not in cache:
+        cut = heads.scores_model(model, head, [models.Point(path) for path in paths])
+        signature = [tf.TensorSpec([None, *cut.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32),
+                     tf.TensorSpec([], tf.float32)]
+
+        @tf.function(input_signature=signature)
+        def step(x, labels, threshold):
+            with tf.GradientTape() as tape:
+                tape.watch(x)  # records every op after the input, also in a frozen base (no trainable weights)
+                *maps, scores = cut(x, training=False)
+                top = tf.cast(tf.argmax(scores, axis=-1), tf.int32)
+                chosen = tf.where(labels >= 0, labels, top)  # -1: the model's own top-1
+                score = tf.reduce_sum(tf.gather(heads.log_probability(scores, head), chosen, axis=1, batch_dims=1))
+            gradients = tape.gradient(score, maps)
+            results = []
+            for a, g in zip(maps, gradients):
+                g = tf.zeros_like(a) if g is None else g
+                contribution = tf.reduce_sum(a * g, axis=list(range(len(a.shape) - 1)))  # (C,)
+                results.append((contribution, *vars(activations.batch_sums(a, threshold)).values()))
+            return results
+
+        cache[(paths, head)] = (cut, step)
+    return cache[(paths, head)]
+
+
 def _scores_pass(model: keras.Model, layers: list[str], images: np.ndarray, labels: np.ndarray | None = None,
                  batch_size: int = 32, output: int | None = None, threshold: float = 0.0
                  ) -> tuple[dict[str, activations.FilterSums], dict[str, np.ndarray]]:
     """Activation sums and Taylor scores of every layer from the same forward and backward pass."""
     head = heads.find_head(model, output)
-    paths = [models.resolve_layer(model, layer) for layer in layers]
-    cut = heads.scores_model(model, head, [models.Point(path) for path in paths])
+    paths = tuple(models.resolve_layer(model, layer) for layer in layers)
+    cut, step = _compiled_pass(model, paths, head)
     per_image = sum(int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
     batch_size = max(1, min(batch_size, (64 * 2**20) // max(per_image, 1)))  # maps and gradients within ~512 MB
     totals = {path: 0.0 for path in paths}
     sums = {path: activations.FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
+    targets = np.full(len(images), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
     count = 0
     for start in range(0, len(images), batch_size):
         x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
-        with tf.GradientTape() as tape:
-            tape.watch(x)  # records every op after the input, also in a frozen base (no trainable weights)
-            *maps, scores = cut(x, training=False)
-            chosen = labels[start:start + batch_size] if labels is not None else tf.argmax(scores, axis=-1)
-            log_p = tf.gather(heads.log_probability(scores, head), chosen, axis=1, batch_dims=1)
-            score = tf.reduce_sum(log_p)
-        gradients = tape.gradient(score, maps)
-        for path, a, g in zip(paths, maps, gradients):
-            g = tf.zeros_like(a) if g is None else g
-            contribution = tf.reduce_sum(a * g, axis=list(range(0, len(a.shape) - 1)))  # (C,)
+        results = step(x, tf.constant(targets[start:start + batch_size]), tf.constant(float(threshold)))
+        for path, (contribution, *parts) in zip(paths, results):
             totals[path] = totals[path] + np.asarray(contribution, np.float64)
-            sums[path] = sums[path].merge(activations.to_numpy(activations.batch_sums(a, threshold)))
+            sums[path] = sums[path].merge(activations.to_numpy(activations.FilterSums(*parts)))
         count += len(x)
     taylor = {path: np.abs(totals[path] / (count * int(np.prod(out.shape[1:-1]))))
               for path, out in zip(paths, cut.outputs[:-1])}
