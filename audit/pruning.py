@@ -20,6 +20,10 @@ import tensorflow as tf
 from audit import activations, groups, heads, models
 from audit.errors import AuditError
 
+_PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+"""Per model, while it lives: compiled score passes and weight-only results (audit never changes weights)."""
+
+
 class PruningError(AuditError):
     """The model's graph cannot be cut as asked (a residual add or concat, a nested model, ...)."""
 
@@ -91,8 +95,22 @@ def redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, 
     He et al. 2019: the filter's summed distance to all the other filters of its layer (small: near the
     geometric median, so the others can stand in for it).
 
-    All three come from the filters' inner products: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b.
+    All three come from the filters' inner products: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b. They depend on
+    the weights alone, so they are kept per model, checked against a checksum of the weights.
     """
+    weights = [np.asarray(w) for w in models.get_layer(model, layer).weights]
+    checksum = tuple((w.shape, float(np.sum(w, dtype=np.float64)), float(np.abs(w).sum(dtype=np.float64)))
+                     for w in weights)
+    cache = _PASSES.setdefault(model, {})
+    known = cache.get(("redundancy", layer))
+    if known is not None and known[0] == checksum:
+        return known[1]
+    result = _redundancy(model, layer)
+    cache[("redundancy", layer)] = (checksum, result)
+    return result
+
+
+def _redundancy(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     gram = _gram(model, layer)
     squared = np.diag(gram).copy()
     norms = np.sqrt(squared).astype(np.float32)
@@ -125,9 +143,6 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
     binary heads), so a logits head gives the same numbers as its softmax twin, never log(logit).
     """
     return _scores_pass(model, layers, images, labels, batch_size, output)[1]
-
-
-_PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 
 
 def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head):

@@ -308,3 +308,16 @@ def test_fine_tuning_recovers_what_pruning_half_of_two_layers_lost_on_the_demo_m
     assert row.loc["random ranking, fine-tuned", "accuracy"] > row.loc["random ranking, pruned", "accuracy"]
     assert row.loc["chosen ranking, pruned", "accuracy"] > row.loc["random ranking, pruned", "accuracy"]
     assert tuned.count_params() == row.loc["chosen ranking, pruned", "parameters"] < loaded.model.count_params()
+
+
+def test_weight_scores_kept_per_model_follow_a_change_of_the_weights():
+    model = _functional_chain()
+    first = pruning.redundancy(model, "c2")[2].copy()
+    layer = model.get_layer("c2")
+    kernel, bias = layer.get_weights()
+    kernel[..., 0] *= 3.0
+    layer.set_weights([kernel, bias])
+    flat = kernel.reshape(-1, 7).T.astype(np.float64)
+    summed = np.linalg.norm(flat[:, None] - flat[None], axis=-1).sum(axis=1)
+    np.testing.assert_allclose(pruning.redundancy(model, "c2")[2], summed, rtol=1e-5)
+    assert not np.allclose(first, summed)
