@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from audit.errors import StorageError
+
 
 class DiskCache:
     def __init__(self, folder: str | Path, max_bytes: int = 512 * 2**20):
@@ -34,7 +36,7 @@ class DiskCache:
                 arrays = {name: data[name] for name in data.files}
         except (OSError, ValueError):
             return None
-        os.utime(path)  # mark as recently used
+        _touch(path)
         return arrays
 
     def put(self, key: tuple, arrays: dict[str, np.ndarray]) -> None:
@@ -46,23 +48,50 @@ class DiskCache:
             table = pd.read_parquet(path)
         except (OSError, ValueError):
             return None
-        os.utime(path)
+        _touch(path)
         return table
 
     def put_table(self, key: tuple, table: pd.DataFrame) -> None:
         self._write(self._path(key, ".parquet"), lambda handle: table.to_parquet(handle, index=False))
 
     def _write(self, path: Path, save) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".part", delete=False) as handle:
-            save(handle)
-        os.replace(handle.name, path)  # atomic: readers never see half a file
+        """Write to a part file, then rename it: readers never see half a file, and a failed write
+        leaves nothing behind. Several threads or processes may write the same entry at once."""
+        part = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".part", delete=False) as handle:
+                part = Path(handle.name)
+                save(handle)
+            os.replace(part, path)
+        except OSError as exc:
+            if part is not None:
+                part.unlink(missing_ok=True)
+            raise StorageError(f"The results cache {self.folder} cannot be written ({exc.strerror or exc}); "
+                               "the result is shown but not kept.") from exc
         self.evict()
 
     def evict(self) -> None:
-        entries = sorted([*self.folder.glob("*.npz"), *self.folder.glob("*.parquet")], key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in entries)
-        while entries and total > self.max_bytes:
-            oldest = entries.pop(0)
-            total -= oldest.stat().st_size
-            oldest.unlink(missing_ok=True)
+        """Drop the least recently used entries past the limit (others may be evicting at the same time)."""
+        entries = []
+        for path in [*self.folder.glob("*.npz"), *self.folder.glob("*.parquet")]:
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((info.st_mtime, info.st_size, path))
+        entries.sort()
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as recently used (it may have been evicted meanwhile)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        pass

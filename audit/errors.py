@@ -39,3 +39,7 @@ class UnknownLayerError(AuditError, KeyError):
 
 class ImageError(AuditError):
     """An image cannot be decoded, is too large, or has an unusable shape."""
+
+
+class StorageError(AuditError):
+    """The data folder cannot be written (full, read-only): the result stays on screen, uncached."""

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from audit import limits
 from audit.errors import ImageError
 
-MAX_PIXELS = 50_000_000
-"""Largest image we decode (about 7000 x 7000): a small PNG can expand to gigabytes otherwise."""
+MAX_PIXELS = limits.IMAGE_PIXELS.default
+"""Largest image we decode by default (about 7000 x 7000): a small PNG can expand to gigabytes otherwise."""
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -86,23 +88,29 @@ def sample(name: str) -> np.ndarray:
 
 
 def decode(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to uint8 RGB, refusing files that are not images or are too large."""
+    """Decode PNG/JPEG/... bytes to uint8 RGB, refusing files that are not images or too large.
+
+    The size and shape are checked from the header, before any pixel is decoded; the EXIF orientation
+    is applied (a phone's portrait photo stands up); 16-bit images are scaled to 8 bits, not clipped.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"{name}: {width} x {height} pixels is more than the {MAX_PIXELS:,} we decode; "
-                    "resize it first."
-                )
+            limits.IMAGE_PIXELS.check(width * height, f"{name} ({width} x {height})", ImageError)
+            limits.ASPECT_RATIO.check(max(width, height) / max(1, min(width, height)),
+                                      f"{name} ({width} x {height})", ImageError)
             img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey: 0..65535 to 0..255
+                return to_rgb(np.round(np.asarray(img, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
             if img.mode not in ("L", "LA", "RGB", "RGBA"):
                 img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
             return to_rgb(np.asarray(img))
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name}: cannot be read as an image ({exc}).") from exc
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
+        raise ImageError(f"{name}: cannot be read as an image ({detail}).") from exc
 
 
 def read(path: str | Path) -> np.ndarray:
@@ -141,33 +149,52 @@ def read_folder(folder: str | Path, limit: int | None = None) -> list[LabelledIm
     return images
 
 
-def read_zip(data: bytes, limit: int | None = None) -> list[LabelledImage]:
+def read_zip(data: bytes, limit: int | None = None, name: str = "the zip archive") -> list[LabelledImage]:
     """Every image inside a zip archive; members are only read into memory, never extracted."""
+    return read_zip_report(data, limit, name)[0]
+
+
+def read_zip_report(data: bytes, limit: int | None = None, name: str = "the zip archive"
+                    ) -> tuple[list[LabelledImage], list[str]]:
+    """The images of a zip archive and, for each member skipped, which and why.
+
+    Sizes are read from the archive's directory before a member is decompressed; a member that cannot
+    be read is skipped (said so), not a reason to refuse the whole archive; the archive's total pixels
+    are bounded too.
+    """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        names = sorted(n for n in archive.namelist() if not n.endswith("/") and _accept(Path(n)))
-        images = [
-            LabelledImage(name, decode(archive.read(name), name), _class_label(Path(name)))
-            for name in names[:limit]
-        ]
+        infos = sorted((i for i in archive.infolist() if not i.is_dir() and _accept(Path(i.filename))),
+                       key=lambda i: i.filename)
     except zipfile.BadZipFile as exc:
-        raise ImageError(f"Not a readable zip archive ({exc}).") from exc
+        raise ImageError(f"{name}: not a readable zip archive ({exc}).") from exc
+    limits.ARCHIVE_MEMBERS.check(len(infos), name, ImageError)
+    images, skipped, pixels = [], [], 0
+    for info in infos[:limit]:
+        try:
+            limits.ZIP_IMAGE_BYTES.check(info.file_size, info.filename, ImageError)
+            image = decode(archive.read(info), info.filename)
+        except (ImageError, zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+            skipped.append(str(exc) if isinstance(exc, ImageError) else f"{info.filename}: unreadable ({exc}).")
+            continue
+        pixels += image.shape[0] * image.shape[1]
+        limits.ZIP_TOTAL_PIXELS.check(pixels, name, ImageError)
+        images.append(LabelledImage(info.filename, image, _class_label(Path(info.filename))))
     if not images:
-        raise ImageError(f"The zip archive holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-    return images
+        reasons = f" Skipped: {' '.join(skipped[:3])}" if skipped else ""
+        raise ImageError(f"{name} holds no readable images ({', '.join(IMAGE_SUFFIXES)}).{reasons}")
+    return images, skipped
 
 
 def fit(image: np.ndarray, size: tuple[int, int], mode: str = "crop") -> np.ndarray:
     """Resize uint8 RGB to (H, W): `crop` keeps the aspect ratio by cutting the centre, `squash` does not."""
     height, width = size
     img = Image.fromarray(to_rgb(image))
-    if mode == "crop":
+    if mode == "crop":  # the centre box with the target's aspect, resized straight to the target size
         scale = max(width / img.width, height / img.height)
-        resized = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),
-                             Image.BILINEAR)
-        left = (resized.width - width) // 2
-        top = (resized.height - height) // 2
-        img = resized.crop((left, top, left + width, top + height))
+        box_width, box_height = min(img.width, width / scale), min(img.height, height / scale)
+        left, top = (img.width - box_width) / 2, (img.height - box_height) / 2
+        img = img.resize((width, height), Image.BILINEAR, box=(left, top, left + box_width, top + box_height))
     elif mode == "squash":
         img = img.resize((width, height), Image.BILINEAR)
     else:

@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from audit import limits
 from audit.errors import ModelFileError, UnsafeModelError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -40,7 +41,7 @@ CODE_CLASSES = {
     "__lambda__": "a serialised Python lambda is bytecode that would run",
 }
 # Preprocessing layers that accept a file path (or URL) instead of an inline vocabulary.
-FILE_READING_LAYERS = {"StringLookup", "IntegerLookup", "TextVectorization", "Hashing", "Discretization"}
+FILE_READING_LAYERS = {"StringLookup", "IntegerLookup", "IndexLookup", "TextVectorization", "Hashing", "Discretization"}
 VOCABULARY_KEYS = ("vocabulary", "idf_weights", "bin_boundaries")
 PATH_KEYS = {"filepath", "file_path", "path", "filename", "vocabulary_path", "url", "uri"}
 # Keras namespaces that hold model-building objects. Others (utils, saving, config, callbacks,
@@ -107,7 +108,9 @@ def _screen(path: Path, shown: str) -> str:
         _screen_zip(path, shown)
         return "keras"
     if head == HDF5_MAGIC:
-        scan_config(_hdf5_config(path, shown))
+        config = _hdf5_config(path, shown)
+        check_budgets(config, shown)
+        scan_config(config)
         return "h5"
     raise ModelFileError(
         f"{shown} is not a Keras model file: expected a .keras (zip) or .h5 (HDF5) file, and its "
@@ -129,13 +132,14 @@ def _screen_zip(path: Path, shown: str) -> None:
                 raw = member.read(MAX_CONFIG_BYTES + 1)
             if len(raw) > MAX_CONFIG_BYTES:
                 raise ModelFileError(f"{shown}: its config.json is over {MAX_CONFIG_BYTES >> 20} MiB; refused.")
-            try:
-                config = json.loads(raw)
-            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-                raise ModelFileError(f"{shown}: its config.json is not valid JSON ({exc}).") from exc
+            config = _parse_config(raw, shown)
             if not isinstance(config, dict):
                 raise ModelFileError(f"{shown}: its config.json does not describe a model.")
+            check_budgets(config, shown)
             scan_config(config)
+            limits.ARCHIVE_MEMBERS.check(len(names), shown, ModelFileError)
+            unpacked = sum(info.file_size for info in archive.infolist())
+            limits.WEIGHT_BYTES.check(unpacked, f"{shown} (its members)", ModelFileError)
             broken = archive.testzip()
             if broken is not None:
                 raise ModelFileError(f"{shown} is corrupt: the archive member {broken!r} fails its checksum.")
@@ -147,6 +151,109 @@ def _screen_zip(path: Path, shown: str) -> None:
             f"{shown} is corrupt or truncated: it cannot be read as a zip archive ({exc}).") from exc
 
 
+def _parse_config(raw: bytes, shown: str):
+    """The config as JSON; nesting deep enough to exhaust Python's stack is refused, not a crash."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise ModelFileError(f"{shown}: its config nests deeper than Python can read; refused "
+                             f"({limits.CONFIG_DEPTH.variable} bounds the depth we accept).") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelFileError(f"{shown}: its config is not valid JSON ({exc}).") from exc
+
+
+def check_budgets(config, shown: str) -> None:
+    """What the config declares, against the server's limits, before Keras builds anything: its depth,
+    the input size, and the parameters its layers would allocate (from each layer's build shape)."""
+    limits.CONFIG_DEPTH.check(_depth(config), shown, ModelFileError)
+    parameters, pixels = 0, 0
+    for node in _objects(config):
+        kind, layer = node.get("class_name"), node.get("config") if isinstance(node.get("config"), dict) else {}
+        if kind == "InputLayer":
+            shape = layer.get("batch_shape") or layer.get("batch_input_shape") or []
+            if len(shape) >= 3:
+                pixels = max(pixels, _product(shape[1:-1]))
+        parameters += _declared_parameters(kind, layer, node.get("build_config"))
+    limits.INPUT_PIXELS.check(pixels, f"{shown} (its input)", ModelFileError)
+    limits.PARAMETERS.check(parameters, shown, ModelFileError)
+
+
+def _depth(node, level: int = 0) -> int:
+    if level > limits.CONFIG_DEPTH.value:
+        return level
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return max((_depth(child, level + 1) for child in children), default=level)
+
+
+def _objects(node):
+    """Every serialised object (a dict with a class name) in a config, nested ones included."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "class_name" in item:
+                yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _product(values) -> int:
+    total = 1
+    for value in values:
+        total *= int(value) if isinstance(value, (int, float)) and value and value > 0 else 1
+    return total
+
+
+def _declared_parameters(kind, layer: dict, build) -> int:
+    """The weights a layer allocates when built (the big kinds; the rest are small). Without a build shape
+    the input is taken as one channel: a lower bound that still catches a Dense of millions of units."""
+    shape = (build or {}).get("input_shape") if isinstance(build, dict) else None
+    channels = shape[-1] if isinstance(shape, list) and shape and isinstance(shape[-1], (int, float)) else 1
+    channels = max(int(channels or 1), 1)
+    kernel = _product(layer.get("kernel_size") or [1]) if isinstance(layer.get("kernel_size"), list) else \
+        _product([layer.get("kernel_size") or 1])
+
+    def number(key):
+        value = layer.get(key)
+        return int(value) if isinstance(value, (int, float)) and value > 0 else 1
+
+    if kind == "Dense":
+        return channels * number("units") + number("units")
+    if kind in ("Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
+        return kernel * channels * number("filters") // number("groups") + number("filters")
+    if kind in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        return (kernel + 1) * channels * number("depth_multiplier")
+    if kind in ("SeparableConv1D", "SeparableConv2D"):
+        multiplier = number("depth_multiplier")
+        return kernel * channels * multiplier + channels * multiplier * number("filters") + number("filters")
+    if kind == "Embedding":
+        return number("input_dim") * number("output_dim")
+    if kind in ("BatchNormalization", "LayerNormalization"):
+        return 4 * channels
+    return 0
+
+
+def _declared_weight_bytes(group, seen: set | None = None) -> int:
+    """Bytes the HDF5 datasets declare (shape x item size), counted once per link: four links to one
+    empty 1 GiB dataset would be read four times."""
+    import h5py
+
+    seen = set() if seen is None else seen
+    total = 0
+    for name in group:
+        link = group.get(name, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            continue
+        item = group[name]
+        if isinstance(item, h5py.Dataset):
+            total += _product(item.shape) * item.dtype.itemsize
+        elif isinstance(item, h5py.Group) and item.id not in seen:
+            seen.add(item.id)
+            total += _declared_weight_bytes(item, seen)
+    return total
+
+
 def _check_inner_hdf5(archive: zipfile.ZipFile, name: str, shown: str) -> None:
     """The weights inside a .keras are HDF5 too; h5py would follow their links to other files."""
     import h5py
@@ -154,6 +261,7 @@ def _check_inner_hdf5(archive: zipfile.ZipFile, name: str, shown: str) -> None:
     try:
         with archive.open(name) as member, h5py.File(member, "r") as handle:
             _check_hdf5_links(handle, f"{shown} ({name})")
+            limits.WEIGHT_BYTES.check(_declared_weight_bytes(handle), f"{shown} ({name})", ModelFileError)
     except OSError as exc:
         raise ModelFileError(f"{shown} is corrupt or truncated: its {name} cannot be read ({exc}).") from exc
 
@@ -165,6 +273,7 @@ def _hdf5_config(path: Path, shown: str) -> dict:
     try:
         with h5py.File(path, "r") as handle:
             _check_hdf5_links(handle, shown)
+            limits.WEIGHT_BYTES.check(_declared_weight_bytes(handle), shown, ModelFileError)
             config = handle.attrs.get("model_config")
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise ModelFileError(f"{shown} is corrupt or truncated: it cannot be read as HDF5 ({exc}).") from exc
@@ -172,10 +281,7 @@ def _hdf5_config(path: Path, shown: str) -> dict:
         raise ModelFileError(
             f"{shown} holds weights only (no model_config): it needs the architecture too; save "
             "the whole model with model.save('model.keras').")
-    try:
-        config = json.loads(config.decode() if isinstance(config, bytes) else str(config))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{shown}: its model_config is not valid JSON ({exc}).") from exc
+    config = _parse_config(config if isinstance(config, bytes) else str(config).encode(), shown)
     if not isinstance(config, dict):
         raise ModelFileError(f"{shown}: its model_config does not describe a model.")
     return config

@@ -12,6 +12,7 @@ A source string names a model in a way that fits in a link:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import re
@@ -137,13 +138,16 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, argument
 
 
-def load(source: str = DEFAULT_SOURCE) -> LoadedModel:
-    """Load a model by its source string, check it takes images, and warm it up once."""
+def load(source: str = DEFAULT_SOURCE, allow_download: bool = False) -> LoadedModel:
+    """Load a model by its source string, check it takes images, and warm it up once.
+
+    keras.applications weights missing from the Keras cache are downloaded only with `allow_download`.
+    """
     kind, argument = parse_source(source)
     if kind == "demo":
         loaded = _load_demo(argument)
     elif kind == "keras":
-        loaded = _load_keras_application(argument)
+        loaded = _load_keras_application(argument, allow_download)
     elif kind == "file":
         loaded = _load_file(Path(argument), source)
     else:
@@ -220,7 +224,29 @@ def _load_hed_vgg16() -> LoadedModel:
     )
 
 
-def _load_keras_application(argument: str) -> LoadedModel:
+_NO_DOWNLOAD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _downloads_refused():
+    """Keras fetches missing application weights from the web into the home folder; a link opening
+    keras:<Name> must not start a download of hundreds of MB on a shared server. Inside this context
+    the fetch raises instead (the user can ask for it: models.load(..., allow_download=True))."""
+    from keras.src.utils import file_utils
+
+    def refuse(origin, *args, **kwargs):
+        raise WeightsUnavailableError(f"not in the Keras cache, and downloading {origin} was not asked for")
+
+    with _NO_DOWNLOAD:
+        original = file_utils.urlretrieve
+        file_utils.urlretrieve = refuse
+        try:
+            yield
+        finally:
+            file_utils.urlretrieve = original
+
+
+def _load_keras_application(argument: str, allow_download: bool = False) -> LoadedModel:
     name, _, variant = argument.partition(":")
     if name not in KERAS_APPLICATIONS or variant not in ("", "untrained"):
         raise UnknownSourceError(
@@ -235,13 +261,15 @@ def _load_keras_application(argument: str) -> LoadedModel:
         class_names = None
     else:
         try:
-            model = constructor(weights="imagenet")
+            with contextlib.nullcontext() if allow_download else _downloads_refused():
+                model = constructor(weights="imagenet")
         except Exception as exc:  # keras raises a bare Exception for "URL fetch failure"
+            reason = "were not downloaded (press the download button to fetch them)" if not allow_download else \
+                "could not be downloaded (no network?)"
             raise WeightsUnavailableError(
-                f"The ImageNet weights of {name} are not in the Keras cache (~/.keras/models) and could "
-                f"not be downloaded ({str(exc).splitlines()[0][:160]}). Copy the weights file into the "
-                f"cache, or open keras:{name}:untrained to inspect the architecture with random weights."
-            ) from exc
+                f"The ImageNet weights of {name} are not in the Keras cache (~/.keras/models) and {reason}. "
+                f"Copy the weights file into the cache, or open keras:{name}:untrained to inspect the "
+                "architecture with random weights.") from exc
         fingerprint = _fingerprint(f"keras:{name}", _weights_digest(model))
         class_names = imagenet_class_names()
     return LoadedModel(

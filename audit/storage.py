@@ -11,10 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from audit import limits
 from audit.errors import AuditError
-
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024
-"""Largest model or image archive we store (VGG16 as .keras is about 60 MB)."""
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 KINDS = ("models", "images")
@@ -33,10 +31,7 @@ def save_upload(data: bytes, kind: str, name: str | None = None) -> str:
     """
     if kind not in KINDS:
         raise ValueError(f"unknown upload kind {kind!r}")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise AuditError(
-            f"The upload is {len(data) / 2**20:.0f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB."
-        )
+    limits.UPLOAD_BYTES.check(len(data), f"The upload ({name or kind})")
     digest = hashlib.sha256(data).hexdigest()
     path = upload_path(kind, digest, must_exist=False)
     if not path.exists():

@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import attribution, models, render
+from audit import attribution, images, models, render
 from pages import common, links
 
 selection = common.current()
@@ -55,6 +55,8 @@ methods = links.multiselect(st, "Methods", list(attribution.METHODS), param="met
                             default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
 size = x.shape[0]
 black = loaded.preprocess(np.zeros_like(selection.image.pixels), selection.preprocessing, selection.fit)[0]
+# the cache key of maps and curves: the model's exact input and baseline (image, preprocessing and fit all in it)
+input_key = images.image_hash([x, black])
 with st.expander("Method options"):
     c1, c2, c3 = st.columns(3)
     samples = links.number(c1, "SmoothGrad samples", 5, 100, 25, slider=True, param="samples", key="attr_samples")
@@ -94,7 +96,7 @@ with common.progress_bar("Attribution maps") as progress:
     for done, method in enumerate(methods):
         progress(done, len(methods))
         with common.section(method):
-            results[method] = common.attribution_map(loaded.fingerprint, loaded.source, selection.image_key, x,
+            results[method] = common.attribution_map(loaded.fingerprint, loaded.source, input_key, x,
                                                      black, selection.preprocessing, target, method,
                                                      options_for(method), selection.device)
 
@@ -119,7 +121,7 @@ for method, values in results.items():
         mask = selection.masks[[item.name for item in selection.image_set].index(selection.image.name)]
         row["mass on the object"] = attribution.mass_inside(values, mask)
         row["peak on the object"] = attribution.peak_inside(values, mask)
-    fractions, scores, area = common.deletion(loaded.fingerprint, loaded.source, selection.image_key, x, values,
+    fractions, scores, area = common.deletion(loaded.fingerprint, loaded.source, input_key, x, values,
                                               (method, options_for(method)), target, black, selection.device,
                                               selection.output)
     row["deletion AUC (lower is better)"] = area

@@ -60,13 +60,13 @@ def sample_photo(name: str) -> np.ndarray:
 
 
 @st.cache_data(show_spinner="Decoding images…", max_entries=8)
-def decode_upload(digest: str) -> list[images.LabelledImage]:
-    """Decode a stored upload (one image, or a zip of images) by its content hash."""
+def decode_upload(digest: str) -> tuple[list[images.LabelledImage], list[str]]:
+    """Decode a stored upload (one image, or a zip of images) by its content hash; and what was skipped."""
     data = storage.upload_path("images", digest).read_bytes()
     name = storage.upload_name("images", digest)
     if data[:4] == b"PK\x03\x04":
-        return images.read_zip(data)
-    return [images.LabelledImage(name, images.decode(data, name))]
+        return images.read_zip_report(data, name=name)
+    return [images.LabelledImage(name, images.decode(data, name))], []
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -168,7 +168,11 @@ def _model_picker() -> models.LoadedModel | None:
         "upload": "Upload a .keras / .h5 file…",
     }
     initial = st.query_params.get("model", models.DEFAULT_SOURCE)
-    if initial.startswith("keras:"):
+    if initial.startswith("keras:") and initial.split(":")[1] not in models.KERAS_APPLICATIONS:
+        st.sidebar.warning(f"Unknown keras.applications model in the link ({initial[:60]!r}); showing "
+                           f"{models.DEFAULT_SOURCE}.")
+        initial, initial_choice = models.DEFAULT_SOURCE, models.DEFAULT_SOURCE
+    elif initial.startswith("keras:"):
         initial_choice = "keras"
     elif initial.startswith("upload:"):
         initial_choice = "upload"
@@ -199,7 +203,12 @@ def _model_picker() -> models.LoadedModel | None:
         loaded = get_model(source)
     except WeightsUnavailableError as exc:
         st.error(str(exc), icon=":material/cloud_off:")
-        st.info("Tick **Random weights (untrained)** in the sidebar to open the architecture anyway.")
+        st.info("Tick **Random weights (untrained)** in the sidebar to open the architecture anyway, or fetch "
+                "the weights into the Keras cache (tens to hundreds of MB; never started by a link).")
+        if source.startswith("keras:") and st.button("Download the ImageNet weights", icon=":material/download:"):
+            with st.spinner("Downloading…"), user_errors("The download"):
+                models.load(source, allow_download=True)
+                st.rerun()
         return None
     except AuditError as exc:
         st.error(str(exc), icon=":material/error:")
@@ -256,9 +265,14 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
     decoded: list[images.LabelledImage] = []
     for digest in dict.fromkeys(digests):
         try:
-            decoded += decode_upload(digest)
+            found, skipped = decode_upload(digest)
         except AuditError as exc:
             st.sidebar.error(str(exc))
+            continue
+        decoded += found
+        if skipped:
+            with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
+                st.write("\n".join(f"- {reason}" for reason in skipped))
     links.write("uploads", [d for d in dict.fromkeys(digests) if storage.is_digest(d)])
     if not decoded:
         st.sidebar.info("Upload images to use them; meanwhile the sample photos are used.")
@@ -368,10 +382,16 @@ def _from_disk(key: tuple):
 
 
 def _to_disk(key: tuple, value) -> None:
-    if isinstance(value, pd.DataFrame):
-        results_cache().put_table(key, value)
-    elif isinstance(value, tuple) and all(isinstance(part, np.ndarray) for part in value):
-        results_cache().put(key, {f"part{i}": part for i, part in enumerate(value)})
+    """Keep a finished result on disk; a full or read-only data folder is said, and the result still shown."""
+    from audit.errors import StorageError
+
+    try:
+        if isinstance(value, pd.DataFrame):
+            results_cache().put_table(key, value)
+        elif isinstance(value, tuple) and all(isinstance(part, np.ndarray) for part in value):
+            results_cache().put(key, {f"part{i}": part for i, part in enumerate(value)})
+    except StorageError as exc:
+        st.warning(str(exc), icon=":material/save:")
 
 
 def shared_result(key: tuple, compute, limit: int = 64):
@@ -492,8 +512,13 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
                 result = filters.class_images(loaded.model, list(indices), options, seed, progress, selection.output)
             else:
                 result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
-    gallery_cache().put(key, {"images": result.images, "activations": result.activations,
-                              "curves": result.curves, "responded": result.responded})
+    from audit.errors import StorageError
+
+    try:
+        gallery_cache().put(key, {"images": result.images, "activations": result.activations,
+                                  "curves": result.curves, "responded": result.responded})
+    except StorageError as exc:
+        st.warning(str(exc), icon=":material/save:")
     if not classes:
         _note_responses(loaded.fingerprint, layer, indices, result)
     return result

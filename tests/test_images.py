@@ -34,8 +34,9 @@ def test_undecodable_and_huge_images_raise_image_error(monkeypatch):
         images.decode(b"this is not a png", "notes.png")
     with pytest.raises(ImageError, match="cannot be read"):
         images.decode(_png(np.zeros((8, 8, 3), np.uint8))[:40], "truncated.png")
-    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
-    with pytest.raises(ImageError, match="50 x 50 pixels"):
+    monkeypatch.setenv("CNN_AUDIT_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ImageError, match=r"bomb.png \(50 x 50\): 2,500 pixels, over this server's limit of 1,000 "
+                                         r"\(set CNN_AUDIT_MAX_IMAGE_PIXELS"):
         images.decode(_png(np.zeros((50, 50), np.uint8)), "bomb.png")
     with pytest.raises(ImageError):
         images.to_rgb(np.zeros((4, 4, 5)))
@@ -99,3 +100,52 @@ def test_image_hash_depends_on_every_pixel():
     b[3, 3, 2] = 1
     assert images.image_hash(a) == images.image_hash(a.copy()) != images.image_hash(b)
     assert images.image_hash([a, b]) != images.image_hash([b, a])
+
+
+def test_a_long_thin_image_is_refused_before_it_costs_anything():
+    """A 300000 x 1 PNG is a few hundred bytes; resized to fill 64 x 64 it was 19M x 64 pixels."""
+    thin = _png(np.zeros((1, 300_000), np.uint8))
+    assert len(thin) < 2000
+    with pytest.raises(ImageError, match="thin.png .300000 x 1.: 300,000 times longer than wide"):
+        images.decode(thin, "thin.png")
+    # within the ratio, fitting never makes an intermediate larger than the target
+    wide = images.decode(_png(np.zeros((20, 900, 3), np.uint8)), "wide.png")
+    assert images.fit(wide, (64, 64)).shape == (64, 64, 3)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    ramp = (np.arange(1024).reshape(16, 64) * 64).astype(np.uint16)  # 0 .. 65472
+    decoded = images.decode(_png(ramp), "ramp16.png")[..., 0]
+    np.testing.assert_array_equal(decoded, np.round(ramp / 257.0).astype(np.uint8))
+    assert decoded[0, 1] == 0 and decoded[15, 63] == 255 and len(np.unique(decoded)) > 200
+
+
+def test_exif_orientation_is_applied():
+    from PIL import Image
+
+    pixels = np.zeros((10, 30, 3), np.uint8)
+    pixels[:, :10] = (255, 0, 0)  # red on the left
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", exif=exif.tobytes())
+    upright = images.decode(buffer.getvalue(), "portrait.png")
+    assert upright.shape == (30, 10, 3) and tuple(upright[0, 5]) == (255, 0, 0)  # the red band is on top
+
+
+def test_zip_members_are_checked_from_the_directory_and_bad_ones_skipped(monkeypatch):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("cats/a.png", _png(np.zeros((8, 8), np.uint8)))
+        archive.writestr("cats/empty.png", b"")
+        archive.writestr("cats/big.png", b"\0" * 5_000_000)  # 5 MB of zeros: a few kB compressed
+    monkeypatch.setenv("CNN_AUDIT_MAX_ZIP_MEMBER_BYTES", "1000000")
+    found, skipped = images.read_zip_report(buffer.getvalue(), name="cats.zip")
+    assert [item.name for item in found] == ["cats/a.png"]
+    assert any("cats/big.png: 5,000,000 bytes once decompressed" in reason for reason in skipped)
+    assert any(reason.startswith("cats/empty.png: cannot be read") for reason in skipped)
+    assert not any("BytesIO" in reason for reason in skipped)
+    monkeypatch.setenv("CNN_AUDIT_MAX_ZIP_PIXELS", "10")
+    with pytest.raises(ImageError, match="cats.zip: 64 pixels"):
+        images.read_zip_report(buffer.getvalue(), name="cats.zip")

@@ -161,3 +161,18 @@ def test_concurrent_predictions_on_one_shared_model_match_serial_ones():
         parallel = list(pool.map(loaded.predict, batches))
     for a, b in zip(serial, parallel):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_keras_application_link_never_starts_a_download(monkeypatch, tmp_path):
+    import urllib.request
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache
+
+    def network(*args, **kwargs):
+        raise AssertionError("a download was started")
+
+    monkeypatch.setattr(urllib.request, "urlopen", network)
+    monkeypatch.setattr(urllib.request, "urlretrieve", network)
+    with pytest.raises(WeightsUnavailableError, match="were not downloaded"):
+        models.load("keras:MobileNetV2")
+    assert not any(path.suffix == ".h5" for path in tmp_path.rglob("*"))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from audit import storage
@@ -20,8 +21,8 @@ def test_uploads_are_stored_by_content_and_names_cannot_escape(tmp_path, monkeyp
 
 def test_upload_size_is_limited(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_AUDIT_DATA", str(tmp_path))
-    monkeypatch.setattr(storage, "MAX_UPLOAD_BYTES", 10)
-    with pytest.raises(AuditError, match="limit"):
+    monkeypatch.setenv("CNN_AUDIT_MAX_UPLOAD_BYTES", "10")
+    with pytest.raises(AuditError, match="11 bytes, over this server's limit of 10 .set CNN_AUDIT_MAX_UPLOAD_BYTES"):
         storage.save_upload(b"x" * 11, "images")
 
 
@@ -65,3 +66,37 @@ def test_disk_cache_keeps_tables_with_their_types(tmp_path):
     pd.testing.assert_frame_equal(cache.get_table(key), table)
     (tmp_path / next(p.name for p in tmp_path.glob("*.parquet"))).write_bytes(b"not parquet")
     assert cache.get_table(key) is None  # a damaged entry is a miss, not an error
+
+
+def test_four_threads_writing_one_cache_at_once_raise_nothing_and_leave_no_parts(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from audit.disk_cache import DiskCache
+
+    cache = DiskCache(tmp_path, max_bytes=40_000)  # small: eviction runs while the others write
+
+    def write(i):
+        cache.put(("key", i % 7), {"values": np.full(1000, i, np.float32)})
+        cache.get(("key", (i + 3) % 7))
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        assert len(list(pool.map(write, range(1200)))) == 1200
+    assert not list(tmp_path.glob("*.part"))
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 40_000
+
+
+def test_a_full_cache_folder_says_so_and_leaves_no_part(tmp_path, monkeypatch):
+    import errno
+
+    from audit.disk_cache import DiskCache
+    from audit.errors import StorageError
+
+    def full(handle, **arrays):
+        handle.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    with pytest.raises(StorageError, match="cannot be written .No space left on device"):
+        DiskCache(tmp_path).put(("key",), {"values": np.zeros(3)})
+    assert not list(tmp_path.iterdir())
