@@ -68,7 +68,11 @@ def load_model_file(path: str | Path):
 
     path = Path(path)
     _refuse_folder_or_missing(path)
-    with tempfile.TemporaryDirectory(prefix="cnn-audit-") as folder:
+    from audit import storage
+
+    scratch = storage.data_dir() / "tmp"  # everything the app writes stays under its data folder
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cnn-audit-", dir=scratch) as folder:
         staged = Path(folder) / "upload"
         shutil.copyfile(path, staged)
         kind = _screen(staged, path.name)
