@@ -71,7 +71,9 @@ with st.form("stats_form"):
                         key="stats_apoz")
     run = st.form_submit_button("Compute statistics", type="primary")
 key_layers = tuple(chosen)
-if chosen and links.shown("stats", run, common.stats_key(selection, key_layers, threshold)):
+stats_key = common.stats_key(selection, key_layers, threshold)
+if chosen and common.job_shown(selection, "stats", run, stats_key, common.has_result(stats_key),
+                               len(selection.image_set)):
     with common.user_errors():
         stats = common.filter_stats(selection, key_layers, float(threshold))
     counts = activations.dead_counts(stats, near)

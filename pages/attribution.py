@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import attribution, images, models, render
+from audit import attribution, images, limits, models, render
 from pages import common, links
 
 selection = common.current()
@@ -91,9 +91,29 @@ def options_for(method: str) -> tuple:
 if not methods:
     st.info("Choose at least one method.")
     common.stop()
+
+
+def passes(method: str) -> float:
+    """Image passes of a method and its deletion curve (a backward pass counts as two forward ones)."""
+    steps_of = {"SmoothGrad": 3 * samples, "Integrated Gradients": 3 * (steps + 1), "Score-CAM": channels + 2,
+                "Guided Grad-CAM": 6,
+                "Occlusion": ((size - patch) // stride + 2) ** 2}
+    return steps_of.get(method, 3) + 21
+
+
+# a method whose maps would take long starts on a click, never by itself (a link cannot start hours of work)
+approved = st.session_state.setdefault("_approved_maps", set())
+budget = limits.LINK_JOB_SECONDS.value
+waiting = [m for m in methods if (m, options_for(m)) not in approved
+           and passes(m) * common.pass_seconds(selection) > budget]
+for method in waiting:
+    cost = common.about(passes(method) * common.pass_seconds(selection))
+    if st.button(f"Compute {method} ({cost} here)", key=f"attr_go_{method}"):
+        approved.add((method, options_for(method)))
+waiting = [m for m in waiting if (m, options_for(m)) not in approved]
 results = {}
 with common.progress_bar("Attribution maps") as progress:
-    for done, method in enumerate(methods):
+    for done, method in enumerate(m for m in methods if m not in waiting):
         progress(done, len(methods))
         with common.section(method):
             results[method] = common.attribution_map(loaded.fingerprint, loaded.source, input_key, x,

@@ -424,21 +424,84 @@ def has_result(key: tuple) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str):
+def progress_bar(label: str, param: str | None = None):
     """A progress callback (done, total) drawing one bar with a Cancel button, both gone when done.
 
-    Cancel reruns the script, which stops the pass at its next update; nothing half-done is kept.
+    Cancel reruns the script, which stops the pass at its next update (one batch); nothing half-done is
+    kept, and the result named by `param` stays hidden until its button is pressed again.
     """
     slot = st.empty()
     with slot.container():
         bar = st.progress(0.0, text=label)
-        st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
+        cancelled = st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
+    if cancelled:
+        slot.empty()
+        if param is not None:
+            links.cancel(param)
+        st.info(f"{label}: cancelled. Press its button to start again.", icon=":material/cancel:")
+        stop()
 
     def update(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"{label}: {done} / {total}")
 
     yield update
     slot.empty()
+
+
+# --- what a job costs ------------------------------------------------------------------------
+
+@st.cache_resource
+def _pass_times() -> dict:
+    return {}
+
+
+def pass_seconds(selection: "Selection") -> float:
+    """Seconds of one forward pass of one image on this model here (measured once per model and device);
+    a backward pass counts as two."""
+    loaded = selection.model
+    key = (loaded.fingerprint, selection.device)
+    times = _pass_times()
+    if key not in times:
+        x = np.zeros((4, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32)
+        with loaded.lock, device.scope(selection.device):
+            loaded.model(x, training=False)  # traced at load; this one is warm
+            start = time.perf_counter()
+            loaded.model(x, training=False)
+            times[key] = (time.perf_counter() - start) / 4
+    return times[key]
+
+
+def about(seconds: float) -> str:
+    """A duration as a person would say it."""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def ascent_passes(selection: "Selection", count: int, options) -> float:
+    """Image passes of a gallery: forward and backward (3) per filter and step, scaled by its image's area."""
+    height, width = selection.model.input_size
+    return 3.0 * count * options.steps * max(options.size ** 2 / (height * width), 0.05) * (2 if options.warmup else 1)
+
+
+def job_shown(selection: "Selection", param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,
+              where=st) -> bool:
+    """Whether a job's result is shown (see links.shown): a link runs it only when it is computed already or
+    its estimated cost (image passes x this model's time per pass) is under the link budget; the estimate is
+    shown while the result is not."""
+    from audit import limits
+
+    seconds = passes * pass_seconds(selection)
+    on = links.shown(param, pressed, inputs, ready=cached or seconds <= limits.LINK_JOB_SECONDS.value)
+    if not on:
+        message = f"Estimated cost here: {about(seconds)} ({passes:,.0f} image passes)."
+        if links.waiting(param):
+            message = ("The link shows this result, which this server has not computed yet. " + message +
+                       " Press the button to start it.")
+        where.caption(message)
+    return on
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -473,7 +536,7 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
         pixels = [item.pixels for item in selection.image_set]
         chunk = 256  # preprocess a chunk at a time and merge the sums: memory stays flat
         sums = None
-        with progress_bar("Statistics over the image set") as progress:
+        with progress_bar("Statistics over the image set", "stats") as progress:
             for start in range(0, len(pixels), chunk):
                 x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
                 with loaded.lock, device.scope(selection.device):
@@ -506,7 +569,8 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
         if not classes:
             _note_responses(loaded.fingerprint, layer, indices, result)
         return result
-    with progress_bar(f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}") as progress:
+    with progress_bar(f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}",
+                      "class_images" if classes else "gallery") as progress:
         with loaded.lock, device.scope(selection.device):
             if classes:
                 result = filters.class_images(loaded.model, list(indices), options, seed, progress, selection.output)
@@ -637,7 +701,7 @@ def sensitivity(selection: "Selection", scores, criterion: str):
 
     def compute():
         x = image_set_input(selection)
-        with progress_bar("Sensitivity, layer by layer") as progress, loaded.lock, device.scope(selection.device):
+        with progress_bar("Sensitivity, layer by layer", "sensitivity") as progress, loaded.lock, device.scope(selection.device):
             return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress,
                                        output=selection.output)
 
@@ -650,7 +714,7 @@ def ranking_against_chance(selection: "Selection", scores, layer: str, criterion
 
     def compute():
         x = image_set_input(selection)
-        with progress_bar("Rankings") as progress, loaded.lock, device.scope(selection.device):
+        with progress_bar("Rankings", "chance") as progress, loaded.lock, device.scope(selection.device):
             return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels_of(selection),
                                                   progress=progress, output=selection.output)
 
@@ -665,7 +729,7 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
         x = image_set_input(selection)[:count]
         labels = labels_of(selection)
         frames = []
-        with progress_bar("Leave-one-filter-out") as progress, loaded.lock, device.scope(selection.device):
+        with progress_bar("Leave-one-filter-out", "loo") as progress, loaded.lock, device.scope(selection.device):
             for done, layer in enumerate(layers):
                 changes = pruning.leave_one_out(loaded.model, layer, x, None if labels is None else labels[:count],
                                                 progress=lambda i, n, done=done: progress(done * n + i, len(layers) * n),
@@ -686,7 +750,7 @@ def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, 
 
     def compute():
         x = image_set_input(selection)
-        with progress_bar("Fine-tuning the pruned model and a random one") as progress, loaded.lock, \
+        with progress_bar("Fine-tuning the pruned model and a random one", "recovery") as progress, loaded.lock, \
                 device.scope(selection.device):
             table, tuned = pruning.recovery(loaded.model, chosen, x, labels_of(selection), epochs, learning_rate,
                                             output=selection.output, progress=progress)

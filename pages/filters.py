@@ -76,8 +76,9 @@ options = filters.Options(**{**asdict(defaults), "size": size, "steps": steps, "
                              "l2_decay": l2_decay, "total_variation": total_variation, "warmup": warmup})
 key = tuple(int(i) for i in indices)
 grow = st.button("Grow the gallery", type="primary", key="filters_go")
-if links.shown("gallery", grow, (layer, key, options, int(seed))) or common.has_gallery(
-        selection, layer, key, options, int(seed)):
+cached = common.has_gallery(selection, layer, key, options, int(seed))
+if common.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), cached,
+                    common.ascent_passes(selection, len(key), options)) or cached:
     with common.user_errors():
         result = common.gallery(selection, layer, key, options, int(seed))
     silent = int((~result.responded).sum())
@@ -146,8 +147,10 @@ else:
     class_options = filters.Options(**{**asdict(options), "warmup": 0})
     class_key = tuple(int(i) for i in picked)
     grow_classes = st.button("Grow class images", key="filters_classes_go")
-    if picked and (links.shown("class_images", grow_classes, (class_key, class_options, int(seed)))
-                   or common.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)):
+    cached = common.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)
+    if picked and (common.job_shown(selection, "class_images", grow_classes, (class_key, class_options, int(seed)),
+                                    cached, common.ascent_passes(selection, len(class_key), class_options))
+                   or cached):
         with common.user_errors():
             result = common.gallery(selection, "", class_key, class_options, int(seed), classes=True)
         columns = st.columns(min(6, len(class_key)))

@@ -220,18 +220,34 @@ def text(where, label: str, value: str, *, param: str, key: str, max_chars: int 
     return chosen
 
 
-def shown(param: str, pressed: bool, inputs: tuple) -> bool:
+def shown(param: str, pressed: bool, inputs: tuple, ready: bool = True) -> bool:
     """Whether a result that a button reveals is shown: pressed, or named by the link, for these inputs.
 
-    Changing an input hides the result again (no long pass starts by itself); a link opens with it shown.
+    Changing an input hides the result again (no long pass starts by itself). A link shows it only when
+    `ready` (already computed, or cheap): otherwise `waiting(param)` is true and the page asks for a click.
     """
     key = f"_shown_{param}"
     raw = from_link(param)
-    if pressed or (raw is not None and raw[-1] == "1"):
+    if pressed or (raw is not None and raw[-1] == "1" and ready):
         st.session_state[key] = inputs
+        st.session_state.pop(f"_waiting_{param}", None)
+    elif raw is not None and raw[-1] == "1":
+        st.session_state[f"_waiting_{param}"] = True
     on = st.session_state.get(key) == inputs
     write(param, "1" if on else None)
     return on
+
+
+def waiting(param: str) -> bool:
+    """The link asked for this result, which is not computed and too costly to start without a click."""
+    return bool(st.session_state.get(f"_waiting_{param}"))
+
+
+def cancel(param: str) -> None:
+    """Hide a result whose job was cancelled: it stays hidden until its button is pressed again."""
+    st.session_state.pop(f"_shown_{param}", None)
+    st.session_state.pop(f"_waiting_{param}", None)
+    write(param, None)
 
 
 def url() -> str:

@@ -163,7 +163,11 @@ measure = measures[measure_name]
 st.caption("Accuracy stops at 100% on a robust model; the KL divergence from the unpruned outputs still "
            "tells rankings apart there.")
 pressed = st.button("Run the sensitivity analysis", key="prune_sensitivity")
-if links.shown("sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by)):
+images_count = len(selection.image_set)
+if common.job_shown(selection, "sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by),
+                    common.has_result(common.set_key(selection, "sensitivity", ranking_criteria[rank_by],
+                                                     selection.output)),
+                    (9 * len(counts) + 1) * images_count):
     sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by])
     chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
                     labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
@@ -174,7 +178,10 @@ if links.shown("sensitivity", pressed, common.set_key(selection, "sensitivity", 
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
                                index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
 pressed = st.button("Compare with the inverted and 20 random rankings", key="prune_chance")
-if links.shown("chance", pressed, common.set_key(selection, "chance", chance_layer, rank_by)):
+if common.job_shown(selection, "chance", pressed, common.set_key(selection, "chance", chance_layer, rank_by),
+                    common.has_result(common.set_key(selection, "chance", chance_layer, ranking_criteria[rank_by],
+                                                     selection.output)),
+                    (22 * 9 + 1) * images_count):
     runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by])
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
@@ -205,8 +212,10 @@ loo_layers = links.multiselect(st, "Layers", all_layers, default=default_layers,
 loo_count = links.number(st, "Images used", 1, len(selection.image_set), min(100, len(selection.image_set)),
                          param="loo_images", key="loo_images")
 pressed = st.button("Measure leave-one-filter-out", key="prune_loo")
-if loo_layers and links.shown("loo", pressed, common.set_key(selection, "leave_one_out", tuple(loo_layers),
-                                                            int(loo_count))):
+loo_key = common.set_key(selection, "leave_one_out", tuple(loo_layers), int(loo_count), selection.output)
+loo_filters = int(counts.set_index("layer").loc[loo_layers, "total"].sum()) if loo_layers else 0
+if loo_layers and common.job_shown(selection, "loo", pressed, loo_key, common.has_result(loo_key),
+                                   (loo_filters + 1) * int(loo_count)):
     with common.user_errors():
         costs = common.leave_one_out(selection, tuple(loo_layers), int(loo_count))
     changes = {layer: group.sort_values("filter")["cost"].to_numpy() for layer, group in costs.groupby("layer", sort=False)}
@@ -259,7 +268,10 @@ else:
     learning_rate = links.number(c2, "Learning rate", 1e-5, 1e-1, 1e-3, format="%.5f", param="tune_lr",
                                  key="prune_tune_lr")
     pressed = st.button("Fine-tune and compare", key="prune_tune")
-    if links.shown("recovery", pressed, common.set_key(selection, "recovery", selection_key, epochs, learning_rate)):
+    recovery_key = common.set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
+                                  tuple((k, tuple(v)) for k, v in selection_map.items()))
+    if common.job_shown(selection, "recovery", pressed, recovery_key, common.has_result(recovery_key),
+                        (6 * int(epochs) + 6) * images_count):
         with common.user_errors("Fine-tuning"):
             table, tuned = common.recovery(selection, selection_map, int(epochs), float(learning_rate))
         st.dataframe(table, hide_index=True, column_config={

@@ -31,9 +31,11 @@ options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int
                                fit=selection.fit, preprocessing=selection.preprocessing)
 key = common.set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")
-if links.shown("report", pressed, key):
+report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (int(steps) or 40)
+                 + int(shown) * len(methods) * 30)
+if common.job_shown(selection, "report", pressed, key, common.has_result(key), report_passes):
     def build():
-        with common.progress_bar("Building the report") as progress, device.scope(selection.device):
+        with common.progress_bar("Building the report", "report") as progress, device.scope(selection.device):
             return report.build(loaded, selection.image_set, options, progress)
 
     with common.user_errors():

@@ -6,6 +6,7 @@ charts, no error box, no exception). Screenshots go to docs/ (shown in the READM
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -370,4 +371,20 @@ def test_pruning_page_on_resnet50_shows_groups_what_if_and_a_smaller_model(serve
     assert page.get_by_text("The masked model is offered instead").count() == 0  # a real cut, not a mask
     page.get_by_text("Dependency groups", exact=True).scroll_into_view_if_needed()
     _screenshot(page, "pruning_resnet50.png")
+    context.close()
+
+
+def test_cancel_stops_a_running_job_and_it_stays_stopped(server, browser):
+    url, _ = server
+    context, page = _open(browser, f"{url}/activations?model=demo:vgg16&images=shapes&count=600")
+    page.get_by_role("button", name="Compute statistics").click()
+    running = page.get_by_text(re.compile(r"Statistics over the image set: \d+ / 600"))
+    running.wait_for()  # the bar has counted a batch
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_text("Statistics over the image set: cancelled").wait_for(timeout=30_000)
+    page.wait_for_timeout(8000)  # a restarted job would show its bar again by now
+    assert running.count() == 0
+    assert page.get_by_text("Dead filters per layer").count() == 0
+    assert "stats=1" not in page.url
+    _assert_clean(page)
     context.close()

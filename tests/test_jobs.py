@@ -1,0 +1,54 @@
+"""Links cannot start hours of work: a costly job named by a link waits for a click, with its estimate."""
+
+import time
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+DASHBOARD = str(Path(__file__).resolve().parent.parent / "dashboard.py")
+
+
+def _open(page: str, **query) -> tuple[AppTest, float]:
+    at = AppTest.from_file(DASHBOARD, default_timeout=120)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.run()
+    start = time.perf_counter()
+    at.switch_page(page).run()
+    return at, time.perf_counter() - start
+
+
+def test_a_link_to_hours_of_occlusion_waits_for_a_click():
+    at, seconds = _open("pages/attribution.py", model="demo:vgg16", image="chelsea",
+                        methods=["Saliency", "Occlusion"], patch="2", stride="1")
+    assert not at.exception, at.exception
+    assert seconds < 60
+    button = next(b for b in at.button if b.label.startswith("Compute Occlusion"))
+    assert " min here)" in button.label or " h here)" in button.label  # 49,729 passes of VGG16
+    assert list(at.dataframe[-1].value["method"]) == ["Saliency"]  # the cheap map is drawn, occlusion is not
+
+
+def test_a_link_to_a_huge_gallery_waits_for_a_click_and_says_what_it_would_cost():
+    at, seconds = _open("pages/filters.py", model="demo:vgg16", layer="block5_conv3", n="512", size="224",
+                        steps="200", octaves="4", gallery="1")
+    assert not at.exception, at.exception
+    assert seconds < 60
+    assert not any("filters, " in header.value for header in at.subheader)  # no gallery was grown
+    notes = [caption.value for caption in at.caption]
+    assert any(note.startswith("The link shows this result, which this server has not computed yet. Estimated "
+                               "cost here: about") and " h (" in note for note in notes), notes
+    assert "gallery" not in at.query_params  # the link handed on no longer asks for it
+
+
+def test_a_link_to_statistics_over_2048_images_of_vgg16_waits_for_a_click():
+    at, seconds = _open("pages/activations.py", model="demo:vgg16", images="shapes", count="2048", stats="1")
+    assert not at.exception, at.exception
+    assert seconds < 60
+    assert not any(header.value == "Dead filters per layer" for header in at.subheader)
+    assert any("has not computed yet" in caption.value for caption in at.caption)
+
+
+def test_a_cheap_result_named_by_a_link_is_still_computed():
+    at, _ = _open("pages/activations.py", model="demo:shapes", count="12", stats="1")
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) >= 1  # the dead-filter chart
