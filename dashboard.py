@@ -4,7 +4,7 @@ import streamlit as st
 
 st.set_page_config(page_title="CNN Audit", page_icon=":material/biotech:", layout="wide")
 
-from pages import common  # noqa: E402  (after set_page_config, which must come first)
+from pages import common, sidebar  # noqa: E402  (after set_page_config, which must come first)
 
 PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
@@ -17,8 +17,8 @@ PAGES = [
 
 navigation = st.navigation(PAGES)
 st.sidebar.title("CNN Audit")
-if common.sidebar() is None:
+if sidebar.sidebar() is None:
     st.stop()
 with common.user_errors("This page", stop_page=False):  # what was drawn stays; the error is shown below it
     navigation.run()
-common.share_box()
+sidebar.share_box()

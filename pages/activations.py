@@ -5,7 +5,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import activations, models, render
-from pages import common, links
+from pages import common, jobs, links
 
 selection = common.current()
 loaded = selection.model
@@ -72,7 +72,7 @@ with st.form("stats_form"):
     run = st.form_submit_button("Compute statistics", type="primary")
 key_layers = tuple(chosen)
 stats_key = common.stats_key(selection, key_layers, threshold)
-if chosen and common.job_shown(selection, "stats", run, stats_key, common.has_result(stats_key),
+if chosen and jobs.job_shown(selection, "stats", run, stats_key, jobs.has_result(stats_key),
                                len(selection.image_set)):
     with common.user_errors():
         stats = common.filter_stats(selection, key_layers, float(threshold))

@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import attribution, images, limits, models, render
-from pages import common, links
+from pages import common, jobs, links
 
 selection = common.current()
 loaded = selection.model
@@ -105,14 +105,14 @@ def passes(method: str) -> float:
 approved = st.session_state.setdefault("_approved_maps", set())
 budget = limits.LINK_JOB_SECONDS.value
 waiting = [m for m in methods if (m, options_for(m)) not in approved
-           and passes(m) * common.pass_seconds(selection) > budget]
+           and passes(m) * jobs.pass_seconds(selection) > budget]
 for method in waiting:
-    cost = common.about(passes(method) * common.pass_seconds(selection))
+    cost = jobs.about(passes(method) * jobs.pass_seconds(selection))
     if st.button(f"Compute {method} ({cost} here)", key=f"attr_go_{method}"):
         approved.add((method, options_for(method)))
 waiting = [m for m in waiting if (m, options_for(m)) not in approved]
 results = {}
-with common.progress_bar("Attribution maps") as progress:
+with jobs.progress_bar("Attribution maps") as progress:
     for done, method in enumerate(m for m in methods if m not in waiting):
         progress(done, len(methods))
         with common.section(method):

@@ -8,7 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import filters, models, render
-from pages import common, links
+from pages import common, jobs, links
 
 selection = common.current()
 loaded = selection.model
@@ -77,8 +77,8 @@ options = filters.Options(**{**asdict(defaults), "size": size, "steps": steps, "
 key = tuple(int(i) for i in indices)
 grow = st.button("Grow the gallery", type="primary", key="filters_go")
 cached = common.has_gallery(selection, layer, key, options, int(seed))
-if common.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), cached,
-                    common.ascent_passes(selection, len(key), options)) or cached:
+if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), cached,
+                    jobs.ascent_passes(selection, len(key), options)) or cached:
     with common.user_errors():
         result = common.gallery(selection, layer, key, options, int(seed))
     silent = int((~result.responded).sum())
@@ -107,8 +107,8 @@ if common.job_shown(selection, "gallery", grow, (layer, key, options, int(seed))
             second = common.gallery(selection, layer, key, other, int(seed))
         cold, warm = (result, second) if not warmup else (second, result)
         dead_key = common.stats_key(selection, (layer,), 0.0)
-        dead = (int(common.shared_result(dead_key, lambda: None)["dead"].sum())
-                if common.has_result(dead_key) else None)
+        dead = (int(jobs.shared_result(dead_key, lambda: None)["dead"].sum())
+                if jobs.has_result(dead_key) else None)
         table = pd.DataFrame({
             "filter": key,
             "no response without warm-up": ~cold.responded,
@@ -148,8 +148,8 @@ else:
     class_key = tuple(int(i) for i in picked)
     grow_classes = st.button("Grow class images", key="filters_classes_go")
     cached = common.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)
-    if picked and (common.job_shown(selection, "class_images", grow_classes, (class_key, class_options, int(seed)),
-                                    cached, common.ascent_passes(selection, len(class_key), class_options))
+    if picked and (jobs.job_shown(selection, "class_images", grow_classes, (class_key, class_options, int(seed)),
+                                    cached, jobs.ascent_passes(selection, len(class_key), class_options))
                    or cached):
         with common.user_errors():
             result = common.gallery(selection, "", class_key, class_options, int(seed), classes=True)

@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import activations, filters, models, pruning, render
-from pages import common, links
+from pages import common, jobs, links
 
 # ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality
 # (a bare string here would be drawn on the page by Streamlit's magic)
@@ -164,8 +164,8 @@ st.caption("Accuracy stops at 100% on a robust model; the KL divergence from the
            "tells rankings apart there.")
 pressed = st.button("Run the sensitivity analysis", key="prune_sensitivity")
 images_count = len(selection.image_set)
-if common.job_shown(selection, "sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by),
-                    common.has_result(common.set_key(selection, "sensitivity", ranking_criteria[rank_by],
+if jobs.job_shown(selection, "sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by),
+                    jobs.has_result(common.set_key(selection, "sensitivity", ranking_criteria[rank_by],
                                                      selection.output)),
                     (9 * len(counts) + 1) * images_count):
     sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by])
@@ -178,8 +178,8 @@ if common.job_shown(selection, "sensitivity", pressed, common.set_key(selection,
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
                                index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
 pressed = st.button("Compare with the inverted and 20 random rankings", key="prune_chance")
-if common.job_shown(selection, "chance", pressed, common.set_key(selection, "chance", chance_layer, rank_by),
-                    common.has_result(common.set_key(selection, "chance", chance_layer, ranking_criteria[rank_by],
+if jobs.job_shown(selection, "chance", pressed, common.set_key(selection, "chance", chance_layer, rank_by),
+                    jobs.has_result(common.set_key(selection, "chance", chance_layer, ranking_criteria[rank_by],
                                                      selection.output)),
                     (22 * 9 + 1) * images_count):
     runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by])
@@ -214,7 +214,7 @@ loo_count = links.number(st, "Images used", 1, len(selection.image_set), min(100
 pressed = st.button("Measure leave-one-filter-out", key="prune_loo")
 loo_key = common.set_key(selection, "leave_one_out", tuple(loo_layers), int(loo_count), selection.output)
 loo_filters = int(counts.set_index("layer").loc[loo_layers, "total"].sum()) if loo_layers else 0
-if loo_layers and common.job_shown(selection, "loo", pressed, loo_key, common.has_result(loo_key),
+if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_result(loo_key),
                                    (loo_filters + 1) * int(loo_count)):
     with common.user_errors():
         costs = common.leave_one_out(selection, tuple(loo_layers), int(loo_count))
@@ -270,7 +270,7 @@ else:
     pressed = st.button("Fine-tune and compare", key="prune_tune")
     recovery_key = common.set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
                                   tuple((k, tuple(v)) for k, v in selection_map.items()))
-    if common.job_shown(selection, "recovery", pressed, recovery_key, common.has_result(recovery_key),
+    if jobs.job_shown(selection, "recovery", pressed, recovery_key, jobs.has_result(recovery_key),
                         (6 * int(epochs) + 6) * images_count):
         with common.user_errors("Fine-tuning"):
             table, tuned = common.recovery(selection, selection_map, int(epochs), float(learning_rate))

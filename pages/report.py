@@ -3,7 +3,7 @@
 import streamlit as st
 
 from audit import attribution, device, models, report
-from pages import common, links
+from pages import common, jobs, links
 
 selection = common.current()
 loaded = selection.model
@@ -33,13 +33,13 @@ key = common.set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")
 report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (int(steps) or 40)
                  + int(shown) * len(methods) * 30)
-if common.job_shown(selection, "report", pressed, key, common.has_result(key), report_passes):
+if jobs.job_shown(selection, "report", pressed, key, jobs.has_result(key), report_passes):
     def build():
-        with common.progress_bar("Building the report", "report") as progress, device.scope(selection.device):
+        with jobs.progress_bar("Building the report", "report") as progress, device.scope(selection.device):
             return report.build(loaded, selection.image_set, options, progress)
 
     with common.user_errors():
-        page = common.shared_result(key, build)
+        page = jobs.shared_result(key, build)
     name = f"cnn_audit_{loaded.source.replace(':', '_')}.html"
     st.success(f"The report is ready: {len(page.encode()) / 2**20:.1f} MB, {len(selection.image_set)} images.")
     st.download_button("Download the report (HTML)", page, name, "text/html", type="primary", key="report_download")

@@ -189,16 +189,16 @@ def test_finished_results_are_kept_on_disk_for_the_next_viewer_even_after_a_rest
     import numpy as np
     import pandas as pd
 
-    from pages import common
+    from pages import jobs
 
     calls = []
     table = pd.DataFrame({"layer": ["a", "b"], "apoz": [0.5, 1.0]})
     arrays = (np.arange(6.0).reshape(2, 3), np.ones(2))
-    assert common.shared_result(("test", "table"), lambda: calls.append("t") or table).equals(table)
-    assert common.shared_result(("test", "arrays"), lambda: calls.append("a") or arrays)[0].shape == (2, 3)
-    common._results.clear()  # what a server restart does to the memory store
-    assert common.has_result(("test", "table"))
-    assert common.shared_result(("test", "table"), lambda: calls.append("t") or table).equals(table)
-    again = common.shared_result(("test", "arrays"), lambda: calls.append("a") or arrays)
+    assert jobs.shared_result(("test", "table"), lambda: calls.append("t") or table).equals(table)
+    assert jobs.shared_result(("test", "arrays"), lambda: calls.append("a") or arrays)[0].shape == (2, 3)
+    jobs._results.clear()  # what a server restart does to the memory store
+    assert jobs.has_result(("test", "table"))
+    assert jobs.shared_result(("test", "table"), lambda: calls.append("t") or table).equals(table)
+    again = jobs.shared_result(("test", "arrays"), lambda: calls.append("a") or arrays)
     np.testing.assert_array_equal(again[0], arrays[0])
     assert calls == ["t", "a"]  # each computed once

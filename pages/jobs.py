@@ -1,0 +1,168 @@
+"""Long work in the dashboard: shared finished results, progress with Cancel, and what a job costs.
+
+A finished result is kept in memory and on disk for every session; a job shows its estimated cost
+before it runs, a link starts it by itself only when it is cheap or already done, and Cancel stops it
+within one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from audit import device, storage
+from audit.disk_cache import DiskCache
+from pages import links
+
+if TYPE_CHECKING:
+    from pages import common
+
+@st.cache_resource
+def _results() -> tuple[dict, threading.Lock]:
+    return OrderedDict(), threading.Lock()
+
+
+@st.cache_resource
+def results_cache() -> DiskCache:
+    """Finished tables and arrays on disk, shared by every session and kept across restarts (512 MB at most)."""
+    return DiskCache(storage.data_dir() / "cache" / "results")
+
+
+def _from_disk(key: tuple):
+    table = results_cache().get_table(key)
+    if table is not None:
+        return table
+    arrays = results_cache().get(key)
+    return None if arrays is None else tuple(arrays[f"part{i}"] for i in range(len(arrays)))
+
+
+def _to_disk(key: tuple, value) -> None:
+    """Keep a finished result on disk; a full or read-only data folder is said, and the result still shown."""
+    from audit.errors import StorageError
+
+    try:
+        if isinstance(value, pd.DataFrame):
+            results_cache().put_table(key, value)
+        elif isinstance(value, tuple) and all(isinstance(part, np.ndarray) for part in value):
+            results_cache().put(key, {f"part{i}": part for i, part in enumerate(value)})
+    except StorageError as exc:
+        st.warning(str(exc), icon=":material/save:")
+
+
+def shared_result(key: tuple, compute, limit: int = 64):
+    """A finished result computed once for its key (fingerprint, images, options), for every session.
+
+    Kept in memory (the last `limit`) and on disk, so a shared link opens fast for the second viewer,
+    even after a restart. Long passes are not wrapped in st.cache_data because they draw a progress
+    bar as they go; the value is stored only when the pass finishes, so a cancelled pass leaves nothing.
+    """
+    store, lock = _results()
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    value = _from_disk(key)
+    if value is None:
+        value = compute()
+        _to_disk(key, value)
+    with lock:
+        store[key] = value
+        while len(store) > limit:
+            store.popitem(last=False)
+    return value
+
+
+def has_result(key: tuple) -> bool:
+    store, lock = _results()
+    with lock:
+        return key in store or results_cache().has(key)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, param: str | None = None):
+    """A progress callback (done, total) drawing one bar with a Cancel button, both gone when done.
+
+    Cancel reruns the script, which stops the pass at its next update (one batch); nothing half-done is
+    kept, and the result named by `param` stays hidden until its button is pressed again.
+    """
+    slot = st.empty()
+    with slot.container():
+        bar = st.progress(0.0, text=label)
+        cancelled = st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
+    if cancelled:
+        slot.empty()
+        if param is not None:
+            links.cancel(param)
+        st.info(f"{label}: cancelled. Press its button to start again.", icon=":material/cancel:")
+        from pages import common
+
+        common.stop()
+
+    def update(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"{label}: {done} / {total}")
+
+    yield update
+    slot.empty()
+
+
+# --- what a job costs ------------------------------------------------------------------------
+
+@st.cache_resource
+def _pass_times() -> dict:
+    return {}
+
+
+def pass_seconds(selection: "common.Selection") -> float:
+    """Seconds of one forward pass of one image on this model here (measured once per model and device);
+    a backward pass counts as two."""
+    loaded = selection.model
+    key = (loaded.fingerprint, selection.device)
+    times = _pass_times()
+    if key not in times:
+        x = np.zeros((4, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32)
+        with loaded.lock, device.scope(selection.device):
+            loaded.model(x, training=False)  # traced at load; this one is warm
+            start = time.perf_counter()
+            loaded.model(x, training=False)
+            times[key] = (time.perf_counter() - start) / 4
+    return times[key]
+
+
+def about(seconds: float) -> str:
+    """A duration as a person would say it."""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def ascent_passes(selection: "common.Selection", count: int, options) -> float:
+    """Image passes of a gallery: forward and backward (3) per filter and step, scaled by its image's area."""
+    height, width = selection.model.input_size
+    return 3.0 * count * options.steps * max(options.size ** 2 / (height * width), 0.05) * (2 if options.warmup else 1)
+
+
+def job_shown(selection: "common.Selection", param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,
+              where=st) -> bool:
+    """Whether a job's result is shown (see links.shown): a link runs it only when it is computed already or
+    its estimated cost (image passes x this model's time per pass) is under the link budget; the estimate is
+    shown while the result is not."""
+    from audit import limits
+
+    seconds = passes * pass_seconds(selection)
+    on = links.shown(param, pressed, inputs, ready=cached or seconds <= limits.LINK_JOB_SECONDS.value)
+    if not on:
+        message = f"Estimated cost here: {about(seconds)} ({passes:,.0f} image passes)."
+        if links.waiting(param):
+            message = ("The link shows this result, which this server has not computed yet. " + message +
+                       " Press the button to start it.")
+        where.caption(message)
+    return on

@@ -1,0 +1,199 @@
+"""The sidebar: the model, the explained output, the images, preprocessing and device; the Share box.
+
+Its choices become the `common.Selection` every page reads; each is a link parameter (pages.links).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from audit import device, images, models, storage
+from audit.errors import AuditError, WeightsUnavailableError
+from pages import links
+from pages.common import Selection, decode_upload, demo_images, get_model, sample_photo, user_errors
+
+IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
+IMAGE_PARAM = {"Sample photos": "photos", "Demo shapes": "shapes", "Upload": "upload"}
+
+def _model_picker() -> models.LoadedModel | None:
+    st.sidebar.header("Model")
+    choices = {
+        "demo:shapes": "Demo CNN on shapes (ours, trained)",
+        "demo:shapes-gap": "Demo CNN on shapes, global-pooling head",
+        "demo:vgg16": "VGG16 conv base, HED edge weights",
+        "keras": "keras.applications…",
+        "upload": "Upload a .keras / .h5 file…",
+    }
+    initial = st.query_params.get("model", models.DEFAULT_SOURCE)
+    if initial.startswith("keras:") and initial.split(":")[1] not in models.KERAS_APPLICATIONS:
+        st.sidebar.warning(f"Unknown keras.applications model in the link ({initial[:60]!r}); showing "
+                           f"{models.DEFAULT_SOURCE}.")
+        initial, initial_choice = models.DEFAULT_SOURCE, models.DEFAULT_SOURCE
+    elif initial.startswith("keras:"):
+        initial_choice = "keras"
+    elif initial.startswith("upload:"):
+        initial_choice = "upload"
+    elif initial in choices:
+        initial_choice = initial
+    else:  # file: paths and anything else never come from a link: only uploads by hash do
+        st.sidebar.warning(f"The link's model {initial!r} cannot be opened here; showing {models.DEFAULT_SOURCE}.")
+        initial_choice = models.DEFAULT_SOURCE
+    choice = st.sidebar.selectbox("Model source", list(choices), index=list(choices).index(initial_choice),
+                                  format_func=choices.get, key="model_choice")
+    source = choice
+    if choice == "keras":
+        names = list(models.KERAS_APPLICATIONS)
+        wanted = initial.split(":")[1] if initial.startswith("keras:") else "MobileNetV2"
+        if wanted not in names:
+            st.sidebar.warning(f"Unknown keras.applications model {wanted!r} in the link; showing {names[0]}.")
+        name = st.sidebar.selectbox("Architecture", names, index=names.index(wanted) if wanted in names else 0,
+                                    key="keras_name")
+        untrained = st.sidebar.checkbox(
+            "Random weights (untrained)", value=initial.endswith(":untrained"), key="keras_untrained",
+            help="For when the ImageNet weights are not in the Keras cache and cannot be downloaded.")
+        source = f"keras:{name}" + (":untrained" if untrained else "")
+    elif choice == "upload":
+        source = _uploaded_model_source(initial)
+        if source is None:
+            return None
+    try:
+        loaded = get_model(source)
+    except WeightsUnavailableError as exc:
+        st.error(str(exc), icon=":material/cloud_off:")
+        st.info("Tick **Random weights (untrained)** in the sidebar to open the architecture anyway, or fetch "
+                "the weights into the Keras cache (tens to hundreds of MB; never started by a link).")
+        if source.startswith("keras:") and st.button("Download the ImageNet weights", icon=":material/download:"):
+            with st.spinner("Downloading…"), user_errors("The download"):
+                models.load(source, allow_download=True)
+                st.rerun()
+        return None
+    except AuditError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return None
+    st.query_params["model"] = source
+    if loaded.untrained:
+        st.sidebar.warning("Untrained: random weights.", icon=":material/warning:")
+    return loaded
+
+
+def _uploaded_model_source(initial: str) -> str | None:
+    upload = st.sidebar.file_uploader("Model file", type=["keras", "h5"], key="model_upload",
+                                      help="Screened before loading; Lambda layers and custom code are refused.")
+    if upload is not None:
+        try:
+            return "upload:" + storage.save_upload(upload.getvalue(), "models")
+        except AuditError as exc:
+            st.sidebar.error(str(exc))
+            return None
+    if initial.startswith("upload:"):
+        return initial  # a link naming an upload on this server
+    st.info("Upload a `.keras` or `.h5` model file in the sidebar.")
+    return None
+
+
+def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None]:
+    st.sidebar.header("Images")
+    default_source = "Demo shapes" if loaded.source in models.SHAPES_DEMOS else "Sample photos"
+    kind = links.selectbox(st.sidebar, "Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
+                           param="images", key=f"image_source_{loaded.source}", radio=True, horizontal=True,
+                           show=IMAGE_PARAM.get, format_func=str)
+    if kind == "Demo shapes":
+        count = links.number(st.sidebar, "How many", 6, 2048, 60, step=6, param="count", key="demo_count")
+        seed = links.number(st.sidebar, "Seed", 0, 2**31 - 1, 12345, param="seed", key="demo_seed")
+        data = demo_images(int(count), int(seed))
+        from audit.zoo import shapes
+
+        return shapes.labelled(data), data.masks
+    photos = [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS]
+    if kind == "Sample photos":
+        return photos, None
+    files = st.sidebar.file_uploader("Images or a zip (one folder per class)", accept_multiple_files=True,
+                                     type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "zip"],
+                                     key="image_upload")
+    digests = []
+    for file in files or []:
+        try:
+            digests.append(storage.save_upload(file.getvalue(), "images", file.name))
+        except AuditError as exc:
+            st.sidebar.error(str(exc))
+    if not files:  # a link names earlier uploads on this server by their content hash
+        digests = links.from_link("uploads") or st.session_state.get("_linked_uploads", [])
+        st.session_state["_linked_uploads"] = digests
+    decoded: list[images.LabelledImage] = []
+    for digest in dict.fromkeys(digests):
+        try:
+            found, skipped = decode_upload(digest)
+        except AuditError as exc:
+            st.sidebar.error(str(exc))
+            continue
+        decoded += found
+        if skipped:
+            with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
+                st.write("\n".join(f"- {reason}" for reason in skipped))
+    links.write("uploads", [d for d in dict.fromkeys(digests) if storage.is_digest(d)])
+    if not decoded:
+        st.sidebar.info("Upload images to use them; meanwhile the sample photos are used.")
+        return photos, None
+    return decoded, None
+
+
+def sidebar() -> Selection | None:
+    """Draw the sidebar and return the selection, or None when no model could be opened."""
+    links.opened()
+    notices = st.sidebar.container()  # the link's problems, if any, go on top
+    loaded = _model_picker()
+    if loaded is None:
+        _show_link_warnings(notices)
+        return None
+    output = _output_picker(loaded)
+    image_set, masks = _image_picker(loaded)
+    names = [item.name for item in image_set]
+    index = links.selectbox(st.sidebar, "Current image", range(len(names)), show=names.__getitem__,
+                            param="image", key=f"current_image_{len(names)}_{names[0]}")
+    with st.sidebar.expander("Preprocessing and device"):
+        preprocessing = links.selectbox(st, "Preprocessing", list(images.PREPROCESSING),
+                                        index=list(images.PREPROCESSING).index(loaded.preprocessing),
+                                        format_func=lambda m: f"{m}: {images.PREPROCESSING[m]}",
+                                        param="preprocessing", key=f"preprocessing_{loaded.source}")
+        if loaded.preprocessing_reason:
+            st.caption(f"Default **{loaded.preprocessing}**: {loaded.preprocessing_reason}.")
+        fit = links.selectbox(st, "Resize", ("crop", "squash"), param="fit", key="fit", radio=True,
+                              horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
+        devices = device.available()
+        device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
+    selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks, output)
+    st.session_state["_selection"] = selection
+    st.session_state["_link_notices"] = notices
+    return selection
+
+
+def _output_picker(loaded: models.LoadedModel) -> int | None:
+    """For models with several outputs, which one to explain (default: the classifier); None for one output."""
+    from audit import heads
+
+    described = heads.outputs(loaded.model)
+    if len(described) == 1:  # the Model page says how its output is read
+        return None
+    chosen = loaded.head().output
+    output = links.selectbox(st.sidebar, "Explain output", range(len(described)), index=chosen, param="output",
+                             key=f"output_{loaded.fingerprint}", show=lambda i: described[i].path,
+                             format_func=lambda i: f"{described[i].path} ({'classes' if described[i].is_classifier else 'no classes'})")
+    st.sidebar.caption(described[output].description[0].upper() + described[output].description[1:] + ".")
+    return int(output)
+
+
+def _show_link_warnings(where) -> None:
+    for message in links.warnings():
+        where.warning(message, icon=":material/link_off:")
+
+
+def share_box() -> None:
+    """The link to this view, with a copy button; drawn last, when every widget has written its value."""
+    notices = st.session_state.get("_link_notices")
+    if notices is not None:
+        _show_link_warnings(notices)
+    with st.sidebar.popover("Share this view", icon=":material/link:", width="stretch"):
+        st.caption("Anyone on this server who opens the link sees this page with the same choices "
+                   "(uploads are named by their content hash).")
+        st.code(links.url(), language=None, wrap_lines=True)
