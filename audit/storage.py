@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from audit import limits
-from audit.errors import AuditError
+from audit.errors import AuditError, StorageError
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 KINDS = ("models", "images")
@@ -37,11 +37,39 @@ def save_upload(data: bytes, kind: str, name: str | None = None) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".part")
-        partial.write_bytes(data)
-        partial.replace(path)  # atomic: a reader never sees half a file
+        try:
+            partial.write_bytes(data)
+            partial.replace(path)  # atomic: a reader never sees half a file
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise StorageError(f"The upload cannot be stored in {path.parent} ({exc.strerror or exc}).") from exc
     if name:
         path.with_suffix(".name").write_text(Path(name).name[:200], encoding="utf-8")
+    evict_uploads(keep=path)
     return digest
+
+
+def evict_uploads(keep: Path | None = None) -> None:
+    """Keep the stored uploads under their limit: the least recently used go first (never `keep`)."""
+    folder = data_dir() / "uploads"
+    entries = []
+    for path in folder.glob("*/*"):
+        if path.suffix:  # the .name files go with their upload
+            continue
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((info.st_mtime, info.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= limits.UPLOADS_BYTES.value:
+            break
+        if path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        path.with_suffix(".name").unlink(missing_ok=True)
+        total -= size
 
 
 def upload_name(kind: str, digest: str) -> str:
@@ -62,7 +90,13 @@ def upload_path(kind: str, digest: str, must_exist: bool = True) -> Path:
         raise AuditError(f"{digest!r} is not the SHA-256 name of an upload.")
     path = data_dir() / "uploads" / kind / digest
     if must_exist and not path.is_file():
-        raise AuditError(f"No upload named {digest[:12]}… on this server; upload the file again.")
+        raise AuditError(f"No upload named {digest[:12]}… on this server (removed to make room, or never "
+                         "uploaded here); upload the file again.")
+    if must_exist:
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
     return path
 
 

@@ -100,3 +100,22 @@ def test_a_full_cache_folder_says_so_and_leaves_no_part(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="cannot be written .No space left on device"):
         DiskCache(tmp_path).put(("key",), {"values": np.zeros(3)})
     assert not list(tmp_path.iterdir())
+
+
+def test_uploads_are_bounded_and_the_least_recently_used_go_first(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(tmp_path))
+    monkeypatch.setenv("CNN_AUDIT_MAX_UPLOADS_BYTES", "250")
+    first = storage.save_upload(b"a" * 100, "images", "a.png")
+    second = storage.save_upload(b"b" * 100, "models")
+    past = time.time() - 100
+    os.utime(storage.upload_path("models", second), (past, past))  # ... and opened again just now:
+    storage.upload_path("images", first)
+    os.utime(storage.upload_path("images", first), (past + 50, past + 50))
+    third = storage.save_upload(b"c" * 100, "images", "c.png")
+    assert storage.upload_path("images", first).is_file() and storage.upload_path("images", third).is_file()
+    with pytest.raises(AuditError, match="removed to make room"):
+        storage.upload_path("models", second)
+    assert storage.upload_name("images", third) == "c.png"
