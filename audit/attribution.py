@@ -15,6 +15,7 @@ float map (H, W) in [0, 1]; the maths of the CAMs lives in small functions over 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import numpy as np
@@ -22,6 +23,14 @@ import tensorflow as tf
 
 from audit import heads, models
 from audit.errors import AuditError
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) between batches: a dashboard job's bar and its Cancel check."""
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,8 @@ def saliency(model: keras.Model, image: np.ndarray, target: Target = None, outpu
 
 
 def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, samples: int = 25,
-               noise: float = 0.15, seed: int = 0, batch_size: int = 25, output: int | None = None) -> np.ndarray:
+               noise: float = 0.15, seed: int = 0, batch_size: int = 25, output: int | None = None,
+               progress: Progress | None = None) -> np.ndarray:
     """Mean |gradient| over noisy copies (noise std as a share of the input's range), batched."""
     image = np.asarray(image, np.float32)
     scorer = score_model(model, resolve_target(model, image, target, output), output)
@@ -131,6 +141,7 @@ def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, sam
         noisy = image[None] + rng.normal(0, sigma, (count, *image.shape)).astype(np.float32)
         gradient, _ = _gradients(scorer, noisy)
         total += np.abs(gradient).sum(axis=0)
+        _report(progress, start + count, samples)
     return normalise((total / samples).max(axis=-1))
 
 
@@ -143,8 +154,8 @@ def blurred(image: np.ndarray, sigma: float = 10.0) -> np.ndarray:
 
 def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target = None,
                          baseline: np.ndarray | str = "black", steps: int = 32, batch_size: int = 32,
-                         signed: bool = False, black: np.ndarray | None = None, output: int | None = None
-                         ) -> np.ndarray:
+                         signed: bool = False, black: np.ndarray | None = None, output: int | None = None,
+                         progress: Progress | None = None) -> np.ndarray:
     """(x - x') times the mean gradient along the straight path from the baseline x' (trapezoid rule).
 
     `baseline` is an array, "black" (`black`: the preprocessed black image; zeros when not given) or
@@ -166,6 +177,7 @@ def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target =
         chunk = alphas[start:start + batch_size, None, None, None]
         gradient, _ = _gradients(scorer, baseline[None] + chunk * (image - baseline)[None])
         gradients.append(gradient)
+        _report(progress, min(start + batch_size, len(alphas)), len(alphas))
     gradients = np.concatenate(gradients)
     average = (gradients[:-1] + gradients[1:]).mean(axis=0) / 2.0
     attributions = (image - baseline) * average
@@ -241,7 +253,7 @@ def layer_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
 
 def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
               max_channels: int = 32, batch_size: int = 32, fill: np.ndarray | None = None,
-              output: int | None = None) -> np.ndarray:
+              output: int | None = None, progress: Progress | None = None) -> np.ndarray:
     """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the image; the target's score on
     the masked image weighs the channel (softmax over channels). Only the `max_channels` channels with
     the largest mean activation are used (Faster Score-CAM)."""
@@ -257,6 +269,7 @@ def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
     for start in range(0, len(keep), batch_size):
         m = masks[start:start + batch_size, :, :, None]
         scores.append(np.asarray(scorer(image[None] * m + fill[None] * (1 - m), training=False)))
+        _report(progress, start + len(m), len(keep))
     scores = np.concatenate(scores)
     weights = np.exp(scores - scores.max())
     weights /= weights.sum()
@@ -269,7 +282,8 @@ def _scaled01(values: np.ndarray) -> np.ndarray:
 
 
 def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patch: int = 8, stride: int = 4,
-              fill: np.ndarray | float = 0.0, batch_size: int = 64, output: int | None = None) -> np.ndarray:
+              fill: np.ndarray | float = 0.0, batch_size: int = 64, output: int | None = None,
+              progress: Progress | None = None) -> np.ndarray:
     """How much the score drops when a patch is covered, averaged over the patches covering each pixel.
 
     `fill`: a value, one per channel, or a whole image of the input's shape (e.g. the preprocessed black
@@ -292,6 +306,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
         for (y, x), score in zip(chunk, scores):
             drops[y:y + patch, x:x + patch] += base - score
             counts[y:y + patch, x:x + patch] += 1
+        _report(progress, start + len(chunk), len(corners))
     return normalise(np.where(counts > 0, drops / np.maximum(counts, 1), 0))
 
 
@@ -388,6 +403,10 @@ METHODS = {
 }
 """Every method by the name the dashboard shows; each takes (model, image, target, **options)."""
 
+BATCHED = frozenset({"SmoothGrad", "Integrated Gradients", "Score-CAM", "Occlusion"})
+"""The methods that run many passes in batches: they take `progress` (done, total) between batches."""
+
+
 
 # --- trust -----------------------------------------------------------------------------------
 
@@ -459,7 +478,8 @@ def _fresh_weights(layer, rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def sanity_check(model: keras.Model, image: np.ndarray, method, target: Target = None, seed: int = 0,
-                 limit: int | None = None, output: int | None = None, **options) -> list[tuple[str, float]]:
+                 limit: int | None = None, output: int | None = None, progress: Progress | None = None,
+                 **options) -> list[tuple[str, float]]:
     """Spearman rank correlation between the map of the trained model and of copies with more and
     more top layers randomised (at most `limit` of them): a map that does not change explains the
     image, not the model. A copy whose target score is not finite raises an error, never a number."""
@@ -481,6 +501,7 @@ def sanity_check(model: keras.Model, image: np.ndarray, method, target: Target =
         other = method(clone, image, resolved, **extra, **options).ravel()
         correlation = spearmanr(reference, other).statistic if other.std() > 0 else 0.0
         results.append((done[-1], float(np.nan_to_num(correlation))))
+        _report(progress, len(results), limit or len(models.weighted_layers(model)))
         if limit is not None and len(results) >= limit:
             break
     return results

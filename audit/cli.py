@@ -90,7 +90,7 @@ def _stats(args) -> int:
     image_set = read_images(args.images)
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or models.conv_layers(loaded.model)
     x = loaded.preprocess([item.pixels for item in image_set])
-    with progress_bar("Filter statistics", args.quiet) as progress, loaded.lock:
+    with progress_bar("Filter statistics", args.quiet) as progress, loaded.job_lock:
         stats = activations.filter_stats(loaded.model, layers, x, args.threshold, progress=progress)
     if args.csv:
         stats.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
@@ -106,7 +106,7 @@ def _check(args) -> int:
     loaded = models.load(_source(args.model))
     print(f"{loaded.title}: preprocessing {loaded.preprocessing} ({loaded.preprocessing_reason or 'as named'}); "
           f"{loaded.head().description}")
-    with progress_bar("Checking every capability", args.quiet) as progress, loaded.lock:
+    with progress_bar("Checking every capability", args.quiet) as progress, loaded.job_lock:
         cells = conformance.check(loaded, progress)
     for cell in cells:
         print(f"{cell.status:8} {cell.capability:40} {cell.seconds:6.1f} s  {cell.detail}")
@@ -123,7 +123,7 @@ def _prune(args) -> int:
     names = loaded.class_names
     labels = (np.array([names.index(item.label) for item in image_set])
               if names and all(item.label in names for item in image_set) else None)
-    with progress_bar("Scoring every filter", args.quiet), loaded.lock:
+    with progress_bar("Scoring every filter", args.quiet), loaded.job_lock:
         scores = pruning.filter_scores(loaded.model, x, labels)
     if args.criterion not in scores or scores[args.criterion].isna().all():
         raise AuditError(f"No {args.criterion} scores for this model (Taylor needs a class output).")
@@ -132,7 +132,7 @@ def _prune(args) -> int:
     ranked = part.assign(apoz=-part.apoz) if args.criterion == "apoz" else part  # APoZ: most zeros first
     chosen = part[pruning.lowest_share(ranked, args.criterion, args.share)]
     selection = {layer: sorted(group["filter"].astype(int)) for layer, group in chosen.groupby("layer", sort=False)}
-    with loaded.lock:
+    with loaded.job_lock:
         plan = pruning.plan(loaded.model, selection)
         print(plan.to_string(index=False))
         if args.fine_tune:

@@ -69,8 +69,13 @@ _UNTRAINED_SEED = 0
 class LoadedModel:
     """A model ready for auditing, with everything the app needs to know about it.
 
-    `lock` serialises work on the model: Streamlit shares one loaded model between all sessions'
-    threads, and TensorFlow does not promise that concurrent calls on one model are safe.
+    Streamlit shares one loaded model between all sessions' threads. `job_lock` lets one long job (a
+    pass over an image set, a gallery, a sweep) run at a time per model, bounding its memory and CPU.
+    `lock` serialises the quick calls (a prediction, one layer's maps, one map) and guards the model's
+    own caches; a job does not hold it, so the quick views of everyone else never wait for a job. A quick
+    call may run beside a job: both only read the model (pruning and randomising work on copies; nothing
+    writes its weights after loading), and TensorFlow runs ops and traced functions from several
+    threads at once.
     """
 
     model: keras.Model
@@ -83,6 +88,7 @@ class LoadedModel:
     untrained: bool = False
     preprocessing_reason: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    job_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _outputs: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -175,7 +175,7 @@ def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head)
 
 
 def _scores_pass(model: keras.Model, layers: list[str], images: np.ndarray, labels: np.ndarray | None = None,
-                 batch_size: int = 32, output: int | None = None, threshold: float = 0.0
+                 batch_size: int = 32, output: int | None = None, threshold: float = 0.0, progress=None
                  ) -> tuple[dict[str, activations.FilterSums], dict[str, np.ndarray]]:
     """Activation sums and Taylor scores of every layer from the same forward and backward pass."""
     head = heads.find_head(model, output)
@@ -194,22 +194,27 @@ def _scores_pass(model: keras.Model, layers: list[str], images: np.ndarray, labe
             totals[path] = totals[path] + np.asarray(contribution, np.float64)
             sums[path] = sums[path].merge(activations.to_numpy(activations.FilterSums(*parts)))
         count += len(x)
+        if progress is not None:
+            progress(count, len(images))
     taylor = {path: np.abs(totals[path] / (count * int(np.prod(out.shape[1:-1]))))
               for path, out in zip(paths, cut.outputs[:-1])}
     return sums, taylor
 
 
 def filter_scores(model: keras.Model, images: np.ndarray, labels: np.ndarray | None = None,
-                  threshold: float = 0.0, near_dead_apoz: float = 0.99, output: int | None = None) -> pd.DataFrame:
+                  threshold: float = 0.0, near_dead_apoz: float = 0.99, output: int | None = None,
+                  progress=None) -> pd.DataFrame:
     """One row per (conv layer, output channel): l1, apoz, mean, taylor, redundancy, nearest, fpgm, dead,
     near_dead, and per-layer normalised copies (`*_norm`, divided by the layer's maximum) to compare
-    across layers. Depthwise and separable layers are scored per output channel (see filter_kernels)."""
+    across layers. Depthwise and separable layers are scored per output channel (see filter_kernels).
+    `progress` (done, total) is called after each batch of images."""
     layers = models.conv_layers(model)
     if heads.find_head(model, output).is_classifier:  # statistics and Taylor scores from one pass
-        sums, taylor = _scores_pass(model, layers, images, labels, output=output, threshold=threshold)
+        sums, taylor = _scores_pass(model, layers, images, labels, output=output, threshold=threshold,
+                                    progress=progress)
         stats = activations.stats_frame(sums, threshold)
     else:
-        stats, taylor = activations.filter_stats(model, layers, images, threshold), {}
+        stats, taylor = activations.filter_stats(model, layers, images, threshold, progress=progress), {}
     frames = []
     for layer in layers:
         similarity, nearest, fpgm = redundancy(model, layer)

@@ -78,7 +78,10 @@ def _candidates(scores: pd.DataFrame, share: float) -> pd.DataFrame:
 
 def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], options: ReportOptions = ReportOptions(),
           progress: Progress | None = None) -> str:
-    """The report as one HTML string. Raises AuditError for an empty image set or unknown layers."""
+    """The report as one HTML string. Raises AuditError for an empty image set or unknown layers.
+
+    A long job: where others share the model, the caller holds `loaded.job_lock` (the dashboard's
+    model_job does)."""
     if not image_set:
         raise AuditError("The report needs at least one image.")
     model = loaded.model
@@ -96,10 +99,9 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     labels = None
     if names and all(item.label in names for item in image_set):
         labels = np.array([names.index(item.label) for item in image_set])
-    with loaded.lock:
-        outputs = loaded.predict(x)
-        stages.step()
-        scores = pruning.filter_scores(model, x, labels, near_dead_apoz=options.near_dead_apoz)
+    outputs = loaded.predict(x)
+    stages.step()
+    scores = pruning.filter_scores(model, x, labels, near_dead_apoz=options.near_dead_apoz)
     stages.step()
     sections = []
 
@@ -131,8 +133,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         settings = filters.default_options(model, layer, preprocessing)
         if options.gallery_steps:
             settings = filters.Options(**{**settings.__dict__, "steps": options.gallery_steps})
-        with loaded.lock:
-            result = filters.render(model, layer, list(range(count)), settings)
+        result = filters.render(model, layer, list(range(count)), settings)
         cells = "".join(_figure_cell(image, f"#{i} · {value:.3g}" + ("" if ok else " · no response"))
                         for i, (image, value, ok) in enumerate(zip(result.images, result.activations,
                                                                    result.responded)))
@@ -145,17 +146,16 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     classes = loaded.head().is_classifier
     rows = []
     for item, picture, xi in zip(shown, fitted, x[:len(shown)]):
-        with loaded.lock:
-            if classes:
-                target = int(np.argmax(outputs[len(rows)]))
-                said = (names[target] if names else f"class {target}") + f" ({outputs[len(rows)][target]:.2f})"
-            else:
-                target = attribution.resolve_target(model, xi, None)
-                said = f"filter {target.index} of {target.layer}"
-            cells = [_figure_cell(picture, f"{item.name}: {said}")]
-            for method in options.methods:
-                values = attribution.METHODS[method](model, xi, target)
-                cells.append(_figure_cell(render.overlay(picture, values, 0.5, "Jet"), method))
+        if classes:
+            target = int(np.argmax(outputs[len(rows)]))
+            said = (names[target] if names else f"class {target}") + f" ({outputs[len(rows)][target]:.2f})"
+        else:
+            target = attribution.resolve_target(model, xi, None)
+            said = f"filter {target.index} of {target.layer}"
+        cells = [_figure_cell(picture, f"{item.name}: {said}")]
+        for method in options.methods:
+            values = attribution.METHODS[method](model, xi, target)
+            cells.append(_figure_cell(render.overlay(picture, values, 0.5, "Jet"), method))
         rows.append(f"<div class='grid'>{''.join(cells)}</div>")
         stages.step()
     sections.append("<h2>Attribution</h2><p>For the top-1 class (score before the softmax) or, without a class "

@@ -112,13 +112,13 @@ for method in waiting:
         approved.add((method, options_for(method)))
 waiting = [m for m in waiting if (m, options_for(m)) not in approved]
 results = {}
-with jobs.progress_bar("Attribution maps") as progress:
+with jobs.progress_bar("Attribution maps", on_cancel=approved.clear) as progress:
     for done, method in enumerate(m for m in methods if m not in waiting):
         progress(done, len(methods))
         with common.section(method):
-            results[method] = common.attribution_map(loaded.fingerprint, loaded.source, input_key, x,
-                                                     black, selection.preprocessing, target, method,
-                                                     options_for(method), selection.device)
+            results[method] = common.attribution_map(
+                selection, input_key, x, black, target, method, options_for(method),
+                on_cancel=lambda method=method: approved.discard((method, options_for(method))))
 
 st.subheader(f"Why {label}?")
 per_row = min(4, len(methods) + 1)
@@ -168,9 +168,10 @@ with st.expander("Sanity check: randomise the model from the top (Adebayo et al.
         options = dict(options_for(method))
         options.update({"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
                         "Occlusion": {"fill": black}}.get(method, {}))
-        with st.spinner("Randomising layer after layer…"), common.user_errors("The sanity check"), loaded.lock:
+        with common.user_errors("The sanity check"), \
+                jobs.model_job(selection, "Randomising layer after layer") as progress:
             checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], resolved,
-                                              limit=int(limit), **options)
+                                              limit=int(limit), progress=progress, **options)
         frame = pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
         chart = px.line(frame, x="randomised down to", y="rank correlation", markers=True, range_y=[-1, 1])
         chart.update_layout(height=300, margin=dict(t=10))

@@ -207,13 +207,12 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
         pixels = [item.pixels for item in selection.image_set]
         chunk = 256  # preprocess a chunk at a time and merge the sums: memory stays flat
         sums = None
-        with jobs.progress_bar("Statistics over the image set", "stats") as progress:
+        with jobs.model_job(selection, "Statistics over the image set", "stats") as progress:
             for start in range(0, len(pixels), chunk):
                 x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
-                with loaded.lock, device.scope(selection.device):
-                    part = activations.filter_sums(
-                        loaded.model, list(layers), x, threshold,
-                        progress=lambda done, _, start=start: progress(start + done, len(pixels)))
+                part = activations.filter_sums(
+                    loaded.model, list(layers), x, threshold,
+                    progress=lambda done, _, start=start: progress(start + done, len(pixels)))
                 sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
         return activations.stats_frame(sums, threshold)
 
@@ -240,13 +239,12 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
         if not classes:
             _note_responses(loaded.fingerprint, layer, indices, result)
         return result
-    with jobs.progress_bar(f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}",
-                      "class_images" if classes else "gallery") as progress:
-        with loaded.lock, device.scope(selection.device):
-            if classes:
-                result = filters.class_images(loaded.model, list(indices), options, seed, progress, selection.output)
-            else:
-                result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
+    with jobs.model_job(selection, f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}",
+                        "class_images" if classes else "gallery") as progress:
+        if classes:
+            result = filters.class_images(loaded.model, list(indices), options, seed, progress, selection.output)
+        else:
+            result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
     from audit.errors import StorageError
 
     try:
@@ -290,20 +288,29 @@ def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], op
 
 # --- attribution -----------------------------------------------------------------------------
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def attribution_map(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _black: np.ndarray,
-                    preprocessing: str, target: tuple, method: str, options: tuple, device_name: str) -> np.ndarray:
-    """One method's map, keyed by (fingerprint, image hash, preprocessing, target, method, options).
+def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black: np.ndarray, target: tuple,
+                    method: str, options: tuple, on_cancel=None) -> np.ndarray:
+    """One method's map, once per (model, exact input and baseline, target, method, options) for every session.
 
-    `_black` (the black image after preprocessing) is the baseline of Integrated Gradients and the
-    fill of Score-CAM and occlusion; it follows from the preprocessing, which is in the key.
+    `input_key` hashes the model's input and `black` (the black image after preprocessing: the baseline of
+    Integrated Gradients and the fill of Score-CAM and occlusion), so image, preprocessing and fit are all
+    in the key. A batched method runs as a job (a bar, Cancel, one job per model); a one-pass method is a
+    quick call that never waits for another user's job.
     """
-    loaded = get_model(source)
+    loaded = selection.model
     resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
-    extra = {"Integrated Gradients": {"black": _black}, "Score-CAM": {"fill": _black},
-             "Occlusion": {"fill": _black}}.get(method, {})
-    with loaded.lock, device.scope(device_name):
-        return attribution.METHODS[method](loaded.model, _x, resolved, **dict(options), **extra)
+    extra = {"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
+             "Occlusion": {"fill": black}}.get(method, {})
+    run = attribution.METHODS[method]
+
+    def compute():
+        if method in attribution.BATCHED:
+            with jobs.model_job(selection, method, on_cancel=on_cancel) as progress:
+                return (run(loaded.model, x, resolved, progress=progress, **dict(options), **extra),)
+        with loaded.lock, device.scope(selection.device):
+            return (run(loaded.model, x, resolved, **dict(options), **extra),)
+
+    return jobs.shared_result(("attribution", loaded.fingerprint, input_key, target, method, options), compute)[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -332,9 +339,9 @@ def filter_scores(selection: "Selection"):
 
     def compute():
         x = image_set_input(selection)
-        with st.spinner("Scoring every filter (statistics, Taylor, redundancy)…"), loaded.lock, \
-                device.scope(selection.device):
-            return pruning.filter_scores(loaded.model, x, labels_of(selection), output=selection.output)
+        with jobs.model_job(selection, "Scoring every filter (statistics, Taylor, redundancy)") as progress:
+            return pruning.filter_scores(loaded.model, x, labels_of(selection), output=selection.output,
+                                         progress=progress)
 
     return jobs.shared_result(key, compute)
 
@@ -357,7 +364,7 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
 
     def compute():
         x = image_set_input(selection)
-        with st.spinner("Running both models on the image set…"), loaded.lock, device.scope(selection.device):
+        with jobs.model_job(selection, "Running both models on the image set"):
             masked = pruning.masked(loaded.model, chosen, dependency_graph(loaded.fingerprint, loaded.source))
             head = loaded.head(selection.output)
             return heads.Outputs(loaded.model, head=head)(x), heads.Outputs(masked, head=head)(x)
@@ -372,7 +379,7 @@ def sensitivity(selection: "Selection", scores, criterion: str):
 
     def compute():
         x = image_set_input(selection)
-        with jobs.progress_bar("Sensitivity, layer by layer", "sensitivity") as progress, loaded.lock, device.scope(selection.device):
+        with jobs.model_job(selection, "Sensitivity, layer by layer", "sensitivity") as progress:
             return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress,
                                        output=selection.output)
 
@@ -385,7 +392,7 @@ def ranking_against_chance(selection: "Selection", scores, layer: str, criterion
 
     def compute():
         x = image_set_input(selection)
-        with jobs.progress_bar("Rankings", "chance") as progress, loaded.lock, device.scope(selection.device):
+        with jobs.model_job(selection, "Rankings", "chance") as progress:
             return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels_of(selection),
                                                   progress=progress, output=selection.output)
 
@@ -400,7 +407,7 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
         x = image_set_input(selection)[:count]
         labels = labels_of(selection)
         frames = []
-        with jobs.progress_bar("Leave-one-filter-out", "loo") as progress, loaded.lock, device.scope(selection.device):
+        with jobs.model_job(selection, "Leave-one-filter-out", "loo") as progress:
             for done, layer in enumerate(layers):
                 changes = pruning.leave_one_out(loaded.model, layer, x, None if labels is None else labels[:count],
                                                 progress=lambda i, n, done=done: progress(done * n + i, len(layers) * n),
@@ -421,8 +428,7 @@ def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, 
 
     def compute():
         x = image_set_input(selection)
-        with jobs.progress_bar("Fine-tuning the pruned model and a random one", "recovery") as progress, loaded.lock, \
-                device.scope(selection.device):
+        with jobs.model_job(selection, "Fine-tuning the pruned model and a random one", "recovery") as progress:
             table, tuned = pruning.recovery(loaded.model, chosen, x, labels_of(selection), epochs, learning_rate,
                                             output=selection.output, progress=progress)
         with tempfile.TemporaryDirectory() as folder:

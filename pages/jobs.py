@@ -8,6 +8,7 @@ within one batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from audit import device, storage
 from audit.disk_cache import DiskCache
@@ -23,6 +25,9 @@ from pages import links
 
 if TYPE_CHECKING:
     from pages import common
+
+log = logging.getLogger("cnn_audit")
+
 
 @st.cache_resource
 def _results() -> tuple[dict, threading.Lock]:
@@ -86,11 +91,13 @@ def has_result(key: tuple) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, param: str | None = None):
+def progress_bar(label: str, param: str | None = None, on_cancel=None):
     """A progress callback (done, total) drawing one bar with a Cancel button, both gone when done.
 
     Cancel reruns the script, which stops the pass at its next update (one batch); nothing half-done is
-    kept, and the result named by `param` stays hidden until its button is pressed again.
+    kept, and the result named by `param` stays hidden until its button is pressed again (`on_cancel`
+    withdraws any other approval). Each update also lets Streamlit stop the pass when the session goes
+    away (a closed tab): the next update raises, and the server log says where it stopped.
     """
     slot = st.empty()
     with slot.container():
@@ -100,16 +107,41 @@ def progress_bar(label: str, param: str | None = None):
         slot.empty()
         if param is not None:
             links.cancel(param)
+        if on_cancel is not None:
+            on_cancel()
         st.info(f"{label}: cancelled. Press its button to start again.", icon=":material/cancel:")
         from pages import common
 
         common.stop()
+    reached = [0, 0]
 
-    def update(done: int, total: int) -> None:
-        bar.progress(done / max(total, 1), text=f"{label}: {done} / {total}")
+    def update(done: int, total: int, note: str | None = None) -> None:
+        reached[:] = done, total
+        bar.progress(done / max(total, 1), text=f"{label}: {note or f'{done} / {total}'}")
 
-    yield update
+    try:
+        yield update
+    except ScriptControlException:  # Cancel (a rerun), Streamlit's Stop or a closed session
+        log.info("job %r stopped at %d / %d", label, *reached)
+        raise
     slot.empty()
+
+
+@contextlib.contextmanager
+def model_job(selection: "common.Selection", label: str, param: str | None = None, on_cancel=None):
+    """A long computation on the selection's model: a progress bar with Cancel (see progress_bar), one job
+    per model at a time (a job waiting for another says so and can be cancelled while it waits), on the
+    chosen device. Quick views of the model (predictions, the layer table, one map) do not wait for it."""
+    loaded = selection.model
+    with progress_bar(label, param, on_cancel) as progress:
+        while not loaded.job_lock.acquire(timeout=0.5):
+            # an update each half second: Cancel or a closed session ends the wait here
+            progress(0, 1, "waiting for another job on this model to finish…")
+        try:
+            with device.scope(selection.device):
+                yield progress
+        finally:
+            loaded.job_lock.release()
 
 
 # --- what a job costs ------------------------------------------------------------------------

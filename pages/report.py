@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from audit import attribution, device, models, report
+from audit import attribution, models, report
 from pages import common, jobs, links
 
 selection = common.current()
@@ -35,7 +35,7 @@ report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (
                  + int(shown) * len(methods) * 30)
 if jobs.job_shown(selection, "report", pressed, key, jobs.has_result(key), report_passes):
     def build():
-        with jobs.progress_bar("Building the report", "report") as progress, device.scope(selection.device):
+        with jobs.model_job(selection, "Building the report", "report") as progress:
             return report.build(loaded, selection.image_set, options, progress)
 
     with common.user_errors():

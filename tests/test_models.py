@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from audit import models
@@ -161,6 +162,40 @@ def test_concurrent_predictions_on_one_shared_model_match_serial_ones():
         parallel = list(pool.map(loaded.predict, batches))
     for a, b in zip(serial, parallel):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_quick_call_beside_a_running_job_reads_the_same_model_and_does_not_wait_for_it():
+    """A job holds the model's job slot for minutes; a prediction meanwhile neither waits nor changes."""
+    import threading
+    import time
+
+    from audit import activations
+
+    loaded = models.LoadedModel(tiny_cnn(), "test", "f" * 16, None, (16, 16), "unit", "tiny")
+    images, probe = random_images(64, seed=1), random_images(4, seed=2)
+    alone_stats = activations.filter_stats(loaded.model, ["conv1", "conv2"], images)
+    alone = loaded.predict(probe)
+    inside, done, results = threading.Event(), threading.Event(), []
+
+    def job():
+        deadline = time.monotonic() + 60  # a quick call that waited for the job would find it over
+        with loaded.job_lock:
+            inside.set()
+            while not done.is_set() and time.monotonic() < deadline:
+                results.append(activations.filter_stats(loaded.model, ["conv1", "conv2"], images, batch_size=8))
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        assert inside.wait(30)
+        for _ in range(20):
+            assert loaded.job_lock.locked()  # the job is still running
+            np.testing.assert_allclose(loaded.predict(probe), alone, rtol=1e-6)
+    finally:
+        done.set()
+        worker.join(60)
+    for stats in results:
+        pd.testing.assert_frame_equal(stats, alone_stats, rtol=1e-5)
 
 
 def test_a_keras_application_link_never_starts_a_download(monkeypatch, tmp_path):

@@ -388,3 +388,18 @@ def test_cancel_stops_a_running_job_and_it_stays_stopped(server, browser):
     assert "stats=1" not in page.url
     _assert_clean(page)
     context.close()
+
+
+def test_a_running_job_stops_when_its_tab_is_closed(server, browser):
+    url, log = server
+    context, page = _open(browser, f"{url}/activations?model=demo:vgg16&images=shapes&count=500")
+    page.get_by_role("button", name="Compute statistics").click()
+    page.get_by_text(re.compile(r"Statistics over the image set: \d+ / 500")).wait_for()  # a batch is done
+    context.close()
+    stopped = re.compile(r"job 'Statistics over the image set' stopped at (\d+) / 500")
+    deadline = time.time() + 60  # VGG16 on 500 images would take minutes here
+    while time.time() < deadline and not stopped.search(log.read_text()):
+        time.sleep(0.5)
+    match = stopped.search(log.read_text())
+    assert match, log.read_text()[-3000:]
+    assert 0 < int(match.group(1)) < 500
