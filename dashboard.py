@@ -19,6 +19,9 @@ navigation = st.navigation(PAGES)
 st.sidebar.title("CNN Audit")
 if sidebar.sidebar() is None:
     st.stop()
-with common.user_errors("This page", stop_page=False):  # what was drawn stays; the error is shown below it
-    navigation.run()
-sidebar.share_box()
+try:
+    with common.user_errors("This page", stop_page=False):  # what was drawn stays; the error is shown below it
+        navigation.run()
+    sidebar.share_box()
+finally:  # the selection is for this run only: a kept session must not keep a dropped model alive
+    st.session_state.pop("_selection", None)

@@ -55,8 +55,11 @@ ASPECT_RATIO = Limit("max_aspect_ratio", 50, "times longer than wide")
 ZIP_IMAGE_BYTES = Limit("max_zip_member_bytes", 256 * 2**20, "bytes once decompressed")
 ZIP_TOTAL_PIXELS = Limit("max_zip_pixels", 2_000_000_000, "pixels in all the archive's images")
 UPLOADS_BYTES = Limit("max_uploads_bytes", 5 * 2**30, "bytes of stored uploads (the oldest unused go first)")
+LOADED_MODELS = Limit("max_loaded_models", 4, "models kept loaded (the least recently used go first)")
+LOADED_MODEL_BYTES = Limit("max_loaded_model_bytes", 3 * 2**30, "bytes of weights of the models kept loaded")
 LINK_JOB_SECONDS = Limit("link_job_seconds", 20, "seconds of estimated work a link may start without a click")
 
 ALL = (UPLOAD_BYTES, PARAMETERS, WEIGHT_BYTES, INPUT_PIXELS, CONFIG_DEPTH, ARCHIVE_MEMBERS, IMAGE_PIXELS,
-       ASPECT_RATIO, ZIP_IMAGE_BYTES, ZIP_TOTAL_PIXELS, UPLOADS_BYTES, LINK_JOB_SECONDS)
+       ASPECT_RATIO, ZIP_IMAGE_BYTES, ZIP_TOTAL_PIXELS, UPLOADS_BYTES, LOADED_MODELS, LOADED_MODEL_BYTES,
+       LINK_JOB_SECONDS)
 """Every limit, for the README's table and the tests."""

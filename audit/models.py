@@ -90,6 +90,7 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     job_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _outputs: dict = field(default_factory=dict, repr=False, compare=False)
+    _graph: object = field(default=None, repr=False, compare=False)
 
     @property
     def title(self) -> str:
@@ -111,6 +112,15 @@ class LoadedModel:
         from audit import heads
 
         return heads.probabilities(values, outputs.head) if outputs.head.is_classifier else values
+
+    def dependency_graph(self):
+        """The model's dependency groups (audit.groups), built once and kept with the model."""
+        from audit import groups
+
+        with self.lock:
+            if self._graph is None:
+                self._graph = groups.DependencyGraph(self.model)
+            return self._graph
 
     def _outputs_of(self, output: int | None):
         from audit import heads

@@ -1,7 +1,7 @@
 """The app side of the dashboard: cached calls into `audit`, the current selection, error display.
 
-Pages only draw; they get the model and images from here. Models are `st.cache_resource` (one per
-server process, shared by every session, keyed by the source string); results are `st.cache_data`
+Pages only draw; they get the model and images from here. Models are kept by `audit.registry` (one per
+server process, shared by every session, keyed by the source string, bounded); results are `st.cache_data`
 keyed by the model's fingerprint and the images' hash, never by the model object (Streamlit's
 caching guide: an unhashed `_model` argument gives stale results when the model changes).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import traceback
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from audit import activations, attribution, device, filters, images, models, pruning, storage
+from audit import activations, attribution, device, filters, images, models, pruning, registry, storage
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError
 from pages import jobs
@@ -33,13 +32,23 @@ if not log.handlers:  # the server log says when a model is really loaded (once 
     log.setLevel(logging.INFO)
 
 
-@st.cache_resource(show_spinner="Loading the model (once for this server)…", max_entries=4)
+@st.cache_resource
+def loaded_models() -> registry.ModelCache:
+    """The server's loaded models, shared by every session, bounded by count and bytes (audit.limits)."""
+    return registry.ModelCache()
+
+
 def get_model(source: str) -> models.LoadedModel:
     """Load a model once per server process; every browser session shares it."""
-    start = time.perf_counter()
-    loaded = models.load(source)
-    log.info("loaded model %s (fingerprint %s) in %.1f s", source, loaded.fingerprint, time.perf_counter() - start)
-    return loaded
+    cache = loaded_models()
+    if source in cache:
+        return cache.get(source)
+
+    def said(loaded: models.LoadedModel, seconds: float) -> None:
+        log.info("loaded model %s (fingerprint %s) in %.1f s", source, loaded.fingerprint, seconds)
+
+    with st.spinner("Loading the model (once for this server)…"):
+        return cache.get(source, on_load=said)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -365,7 +374,7 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
     def compute():
         x = image_set_input(selection)
         with jobs.model_job(selection, "Running both models on the image set"):
-            masked = pruning.masked(loaded.model, chosen, dependency_graph(loaded.fingerprint, loaded.source))
+            masked = pruning.masked(loaded.model, chosen, loaded.dependency_graph())
             head = loaded.head(selection.output)
             return heads.Outputs(loaded.model, head=head)(x), heads.Outputs(masked, head=head)(x)
 
@@ -441,16 +450,6 @@ def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, 
     return jobs.shared_result(key, compute)
 
 
-@st.cache_resource(show_spinner="Reading the dependency groups…", max_entries=4)
-def dependency_graph(fingerprint: str, source: str):
-    """The model's dependency groups (audit.groups), once per model for every session."""
-    from audit import groups
-
-    loaded = get_model(source)
-    with loaded.lock:
-        return groups.DependencyGraph(loaded.model)
-
-
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
 def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None, pd.DataFrame]:
     """The smaller model as .keras bytes, its before/after sizes, why the masked one is given instead (when
@@ -459,7 +458,7 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[
     from pathlib import Path
 
     loaded = get_model(source)
-    graph = dependency_graph(fingerprint, source)
+    graph = loaded.dependency_graph()
     chosen = {layer: list(filters) for layer, filters in selection_key}
     reason = None
     with loaded.lock:

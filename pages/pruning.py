@@ -114,7 +114,8 @@ st.dataframe(candidates, hide_index=True, width="stretch", height=260)
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
 
 st.subheader("Dependency groups")
-graph = common.dependency_graph(loaded.fingerprint, loaded.source)
+with st.spinner("Reading the dependency groups…"):
+    graph = loaded.dependency_graph()
 group_criterion = criteria[criterion] or "l1"
 coupled = pruning.group_table(graph, scores, group_criterion)
 st.caption("Channels that must go together (Fang et al. 2023, DepGraph): the two sides of a residual add, a "
