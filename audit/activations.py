@@ -85,7 +85,7 @@ class FilterSums:
     total: np.ndarray  # sum
     squares: np.ndarray  # sum of squares
     maximum: np.ndarray
-    zeros: np.ndarray  # values <= 0 (the APoZ numerator)
+    quiet: np.ndarray  # values <= the threshold (the APoZ numerator; at threshold 0, the zeros of a ReLU)
     firing: np.ndarray  # images in which the filter exceeds the threshold somewhere
 
     @classmethod
@@ -96,7 +96,7 @@ class FilterSums:
     def merge(self, other: "FilterSums") -> "FilterSums":
         return FilterSums(self.count + other.count, self.images + other.images, self.total + other.total,
                           self.squares + other.squares, np.maximum(self.maximum, other.maximum),
-                          self.zeros + other.zeros, self.firing + other.firing)
+                          self.quiet + other.quiet, self.firing + other.firing)
 
     def frame(self, layer: str, threshold: float = 0.0) -> pd.DataFrame:
         mean = self.total / self.count
@@ -107,7 +107,7 @@ class FilterSums:
             "mean": mean,
             "std": np.sqrt(variance),
             "max": self.maximum,
-            "apoz": self.zeros / self.count,
+            "apoz": self.quiet / self.count,
             "fires": self.firing / self.images,
             "dead": self.maximum <= threshold,
         })
@@ -121,7 +121,7 @@ def batch_sums(a, threshold: float = 0.0) -> FilterSums:
     positions = int(np.prod(a.shape[1:-1])) if a.shape.rank > 2 else 1
     return FilterSums(tf.cast(tf.shape(a)[0] * positions, tf.float64), tf.shape(a)[0],
                       tf.reduce_sum(a, axes), tf.reduce_sum(tf.square(a), axes), tf.reduce_max(a, axes),
-                      tf.reduce_sum(tf.cast(a <= 0, tf.float32), axes),
+                      tf.reduce_sum(tf.cast(a <= threshold, tf.float32), axes),
                       tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0))
 
 
@@ -129,7 +129,7 @@ def to_numpy(sums: FilterSums) -> FilterSums:
     """Partial sums from tensors to float64 numpy, ready to merge."""
     return FilterSums(float(sums.count), int(sums.images),
                       *(np.asarray(part, np.float64) for part in (sums.total, sums.squares, sums.maximum,
-                                                                  sums.zeros, sums.firing)))
+                                                                  sums.quiet, sums.firing)))
 
 
 def _reducer(cut: keras.Model, threshold: float):

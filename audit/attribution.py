@@ -254,14 +254,14 @@ def layer_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
 def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
               max_channels: int = 32, batch_size: int = 32, fill: np.ndarray | None = None,
               output: int | None = None, progress: Progress | None = None) -> np.ndarray:
-    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the image; the target's score on
-    the masked image weighs the channel (softmax over channels). Only the `max_channels` channels with
-    the largest mean activation are used (Faster Score-CAM)."""
+    """Score-CAM (Wang et al. 2020): each channel, upsampled and scaled to [0, 1], masks the image; the
+    target's score on the masked image weighs the channel (softmax over channels). Only the `max_channels`
+    channels of largest spatial variance are used (Faster Score-CAM: a flat channel masks nothing)."""
     image = np.asarray(image, np.float32)
     resolved = resolve_target(model, image, target, output)
     layer = models.resolve_layer(model, layer or last_conv_layer(model))
     maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
-    keep = np.argsort(maps.mean(axis=(0, 1)))[::-1][:max_channels]
+    keep = score_cam_channels(maps, max_channels)
     scorer = score_model(model, resolved, output)
     fill = np.zeros_like(image) if fill is None else np.broadcast_to(fill, image.shape)
     masks = np.stack([_scaled01(_resize(maps[:, :, k], image.shape[:2])) for k in keep])
@@ -276,9 +276,22 @@ def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
     return normalise(_resize(weighted_maps(maps[:, :, keep], weights), image.shape[:2]))
 
 
+def score_cam_channels(maps: np.ndarray, cap: int) -> np.ndarray:
+    """The `cap` channels of (h, w, K) maps with the largest spatial variance, largest first."""
+    return np.argsort(maps.var(axis=(0, 1)), kind="stable")[::-1][:cap]
+
+
 def _scaled01(values: np.ndarray) -> np.ndarray:
     low, high = values.min(), values.max()
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def patch_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Where patches start along one side: every `stride` pixels, plus one flush with the far edge when
+    the stride does not land there, so every pixel is covered (64 px, patch 10, stride 4: ..., 52, 54)."""
+    last = max(size - patch, 0)
+    starts = list(range(0, last + 1, stride))
+    return starts if starts[-1] == last else starts + [last]
 
 
 def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patch: int = 8, stride: int = 4,
@@ -294,8 +307,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
     scorer = score_model(model, resolve_target(model, image, target, output), output)
     height, width = image.shape[:2]
     base = float(np.asarray(scorer(image[None], training=False))[0])
-    corners = [(y, x) for y in range(0, max(height - patch, 0) + 1, stride)
-               for x in range(0, max(width - patch, 0) + 1, stride)]
+    corners = [(y, x) for y in patch_starts(height, patch, stride) for x in patch_starts(width, patch, stride)]
     drops, counts = np.zeros((height, width)), np.zeros((height, width))
     for start in range(0, len(corners), batch_size):
         chunk = corners[start:start + batch_size]

@@ -124,8 +124,8 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     counts = activations.dead_counts(scores, options.near_dead_apoz)
     chart = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"], labels={"value": "filters", "variable": ""},
                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"})
-    sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images. Dead: never above zero; near-dead: "
-                    f"APoZ above {options.near_dead_apoz}.</p>{_figure(chart, first=True)}{_table(counts)}")
+    sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images. Dead: never above 0 (APoZ = 1); "
+                    f"near-dead: the others with APoZ (share of values at or below 0) above {options.near_dead_apoz}.</p>{_figure(chart, first=True)}{_table(counts)}")
 
     galleries = []
     for layer in gallery_layers:

@@ -59,8 +59,9 @@ st.caption(f"Channel {channel}: mean {values.mean():.3g}, max {values.max():.3g}
 
 st.divider()
 st.subheader("Filter statistics over the image set")
-st.caption(f"{len(selection.image_set)} images. Dead: never above the threshold on any image; near-dead: "
-           "APoZ (average percentage of zeros, Hu et al. 2016) above the bound.")
+st.caption(f"{len(selection.image_set)} images. APoZ: the share of a filter's values (all images, all positions) "
+           "at or below the threshold (at 0, the average percentage of zeros of Hu et al. 2016). Dead: never above "
+           "the threshold, so APoZ = 1; near-dead: the others with APoZ above the bound.")
 with st.form("stats_form"):
     chosen = links.multiselect(st, "Layers", map_layers, default=conv or map_layers[:1], param="stats_layers",
                                key=f"stats_layers_{loaded.fingerprint}")

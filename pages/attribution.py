@@ -67,7 +67,8 @@ with st.expander("Method options"):
     baseline = links.selectbox(c2, "Baseline", ("black", "blurred"), radio=True, horizontal=True, param="baseline",
                                key="attr_baseline")
     channels = links.number(c3, "Score-CAM channels (cap)", 4, 128, 32, slider=True, param="channels",
-                            key="attr_channels")
+                            key="attr_channels", help="Only the channels of largest spatial variance mask the "
+                                                      "image (Faster Score-CAM): a flat channel masks nothing.")
     patch = links.number(c3, "Occlusion patch", 2, size // 2, max(2, size // 8), slider=True, param="patch",
                          key="attr_patch")
     stride = links.number(c3, "Occlusion stride", 1, size // 2, max(1, size // 16), slider=True, param="stride",

@@ -12,7 +12,7 @@ def _numpy_stats(a: np.ndarray, threshold=0.0):
     flat = a.reshape(-1, a.shape[-1]).astype(np.float64)
     per_image_max = a.reshape(a.shape[0], -1, a.shape[-1]).max(axis=1)
     return {
-        "mean": flat.mean(0), "std": flat.std(0), "max": flat.max(0), "apoz": (flat <= 0).mean(0),
+        "mean": flat.mean(0), "std": flat.std(0), "max": flat.max(0), "apoz": (flat <= threshold).mean(0),
         "fires": (per_image_max > threshold).mean(0), "dead": flat.max(0) <= threshold,
     }
 
@@ -30,6 +30,27 @@ def test_every_statistic_equals_a_numpy_computation_on_the_full_tensor():
         for column in ("mean", "std", "max", "apoz", "fires"):
             np.testing.assert_allclose(got[column], expected[column], rtol=1e-5, atol=1e-6, err_msg=column)
         np.testing.assert_array_equal(got["dead"], expected["dead"])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_dead_and_apoz_follow_the_users_threshold(threshold):
+    """APoZ counts values at or below the threshold, so dead (never above it) is exactly APoZ = 1, at any
+    threshold; near-dead is APoZ above the bound among the others."""
+    model = tiny_cnn()
+    x = random_images(10, seed=3) * 3
+    stats = activations.filter_stats(model, ["conv1", "conv2"], x, threshold=threshold)
+    for layer in ("conv1", "conv2"):
+        full = np.asarray(keras.Model(model.inputs[0], model.get_layer(layer).output)(x))
+        expected = _numpy_stats(full, threshold)
+        got = stats[stats.layer == layer]
+        np.testing.assert_allclose(got["apoz"], expected["apoz"], rtol=1e-6)
+        np.testing.assert_array_equal(got["dead"], expected["dead"])
+    assert (stats.dead == (stats.apoz == 1.0)).all()
+    counts = activations.dead_counts(stats, near_dead_apoz=0.9)
+    assert counts.dead.sum() == (stats.apoz == 1.0).sum()
+    assert counts.near_dead.sum() == ((stats.apoz > 0.9) & (stats.apoz < 1.0)).sum()
+    if threshold == 1.0:
+        assert stats.dead.sum() > (stats["max"] <= 0).sum()  # the threshold really moved the line
 
 
 def test_filters_forced_dead_by_a_large_negative_bias_are_exactly_the_dead_ones():

@@ -55,6 +55,29 @@ def test_occlusion_on_a_hand_weighted_model_equals_the_paper():
     np.testing.assert_allclose(drops, expected / expected.max(), rtol=1e-5)
 
 
+def test_occlusion_covers_the_edges_when_the_stride_does_not_land_there():
+    assert attribution.patch_starts(64, 10, 4)[-3:] == [48, 52, 54]  # 54 + 10 = 64: the last columns too
+    assert attribution.patch_starts(8, 2, 2) == [0, 2, 4, 6] and attribution.patch_starts(4, 8, 2) == [0]
+    # 5 x 5, patch 2, stride 2: patches start at 0, 2 and (flush with the edge) 3 along each side
+    image = np.arange(1, 26, dtype=np.float32).reshape(5, 5, 1)
+    drops = attribution.occlusion(_hand_model(5), image, 0, patch=2, stride=2)
+    expected, counts = np.zeros((5, 5)), np.zeros((5, 5))
+    for y in (0, 2, 3):
+        for x in (0, 2, 3):
+            expected[y:y + 2, x:x + 2] += image[y:y + 2, x:x + 2].sum() / 25  # the score is mean(x)
+            counts[y:y + 2, x:x + 2] += 1
+    assert (counts > 0).all() and (drops > 0).all()  # the last row and column are covered
+    np.testing.assert_allclose(drops, (expected / counts) / (expected / counts).max(), rtol=1e-5)
+
+
+def test_score_cam_keeps_the_channels_of_largest_variance_not_of_largest_mean():
+    checker = np.indices((4, 4)).sum(axis=0) % 2
+    maps = np.stack([np.full((4, 4), 5.0), 2.0 * checker, 1.0 * checker, 0.5 * checker + 3], axis=-1)
+    # means 5, 1, 0.5, 3.25; variances 0, 1, 0.25, 0.0625
+    assert list(attribution.score_cam_channels(maps, 2)) == [1, 2]
+    assert list(attribution.score_cam_channels(maps, 10)) == [1, 2, 3, 0]
+
+
 def test_cam_maths_on_two_by_two_arrays():
     maps = np.stack([np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 2.0], [2.0, 0.0]])], axis=-1)
     gradients = np.stack([np.full((2, 2), 0.5), np.full((2, 2), -0.25)], axis=-1)
