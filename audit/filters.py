@@ -89,12 +89,26 @@ def default_options(model: keras.Model, layer: str, preprocessing: str) -> Optio
                    preprocessing=preprocessing)
 
 
+RESPONSE_THRESHOLD = 0.0
+"""A filter responds when its final image drives its mean activation (border excluded) above this."""
+
+
 @dataclass
 class Gallery:
     images: np.ndarray  # uint8 (N, size, size, channels of the model's input)
     activations: np.ndarray  # float (N,): final mean activation of each filter on its own image
     curves: np.ndarray  # float (N, steps): the objective per step
-    responded: np.ndarray  # bool (N,): the filter's activation was above 0 at some step
+    responded: np.ndarray  # bool (N,): the final image drives the filter above RESPONSE_THRESHOLD
+    started: np.ndarray  # bool (N,): the ascent on the filter itself moved it above 0 at some step
+
+
+def response_flags(curves: np.ndarray, final: np.ndarray, warmup: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(started, responded) per filter, the two failures a gallery can show. Never started: its objective
+    stayed at or below 0 at every step after the warm-up (a ReLU that never opened: no gradient, so the
+    image never moved for it). No response: its final image does not drive it above RESPONSE_THRESHOLD
+    (an ascent can open the ReLU on the way and still end at 0)."""
+    own = np.asarray(curves)[:, warmup:]
+    return (own > 0).any(axis=1), np.asarray(final) > RESPONSE_THRESHOLD
 
 
 def _transform_table(filters: list[int], seed: int, steps: int, options: Options) -> np.ndarray:
@@ -265,10 +279,9 @@ def _grow(model, cut_post, cut_pre, what: str, filters: list[int], options: Opti
                 progress(done, options.steps)
     final = objective(pixels, index, False).numpy()
     curve = np.stack(curves, axis=1) if curves else np.zeros((len(filters), 0))
-    post_curve = curve[:, options.warmup:] if cut_pre is not None else curve
-    responded = (np.max(post_curve, axis=1, initial=0.0) > 0) | (final > 0)
+    started, responded = response_flags(curve, final, options.warmup if cut_pre is not None else 0)
     images = np.round(pixels.numpy() * 255).astype(np.uint8)
-    return Gallery(images, final.astype(np.float64), curve, responded)
+    return Gallery(images, final.astype(np.float64), curve, responded, started)
 
 
 def first_layer_weights(model: keras.Model) -> tuple[str, np.ndarray]:

@@ -134,13 +134,16 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         if options.gallery_steps:
             settings = filters.Options(**{**settings.__dict__, "steps": options.gallery_steps})
         result = filters.render(model, layer, list(range(count)), settings)
-        cells = "".join(_figure_cell(image, f"#{i} · {value:.3g}" + ("" if ok else " · no response"))
-                        for i, (image, value, ok) in enumerate(zip(result.images, result.activations,
-                                                                   result.responded)))
+        cells = "".join(_figure_cell(image, f"#{i} · {value:.3g}" + ("" if ok else " · no response" if started
+                                                                        else " · never started"))
+                        for i, (image, value, ok, started) in enumerate(zip(result.images, result.activations,
+                                                                            result.responded, result.started)))
         galleries.append(f"<h3>{html.escape(layer)}: first {count} filters</h3><div class='grid'>{cells}</div>")
         stages.step()
     sections.append("<h2>Filter galleries</h2><p>Inputs grown from noise by gradient ascent on each filter's mean "
-                    "activation; under each tile its final activation.</p>" + "".join(galleries))
+                    "activation; under each tile its final activation. No response: the final image does not drive the "
+                    "filter above 0; never started: the ascent never moved it above 0 (no gradient through its "
+                    "ReLU).</p>" + "".join(galleries))
 
     fitted = [images.fit(item.pixels, loaded.input_size, options.fit) for item in shown]
     classes = loaded.head().is_classifier

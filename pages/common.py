@@ -240,11 +240,11 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
             classes: bool = False) -> filters.Gallery:
     """A gallery (or class-model images), computed once for (model, layer, filters, options, seed)."""
     loaded = selection.model
-    key = ("gallery", loaded.fingerprint, layer, indices, options.key(), seed, classes,
-           selection.output if classes else None)
+    key = _gallery_key(selection, layer, indices, options, seed, classes)
     stored = gallery_cache().get(key)
     if stored is not None:
-        result = filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"])
+        result = filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"],
+                                 stored["started"])
         if not classes:
             _note_responses(loaded.fingerprint, layer, indices, result)
         return result
@@ -258,7 +258,7 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
 
     try:
         gallery_cache().put(key, {"images": result.images, "activations": result.activations,
-                                  "curves": result.curves, "responded": result.responded})
+                                  "curves": result.curves, "responded": result.responded, "started": result.started})
     except StorageError as exc:
         st.warning(str(exc), icon=":material/save:")
     if not classes:
@@ -290,9 +290,14 @@ def ascent_responses(fingerprint: str) -> dict[tuple[str, int], float]:
 
 def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,
                 classes: bool = False) -> bool:
-    key = ("gallery", selection.model.fingerprint, layer, indices, options.key(), seed, classes,
-           selection.output if classes else None)
-    return gallery_cache().has(key)
+    return gallery_cache().has(_gallery_key(selection, layer, indices, options, seed, classes))
+
+
+def _gallery_key(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,
+                 classes: bool) -> tuple:
+    # "v2": galleries stored before the started / responded flags were split are computed again
+    return ("gallery", "v2", selection.model.fingerprint, layer, indices, options.key(), seed, classes,
+            selection.output if classes else None)
 
 
 # --- attribution -----------------------------------------------------------------------------

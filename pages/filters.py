@@ -81,17 +81,23 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
                     jobs.ascent_passes(selection, len(key), options)) or cached:
     with common.user_errors():
         result = common.gallery(selection, layer, key, options, int(seed))
-    silent = int((~result.responded).sum())
+    never, silent = int((~result.started).sum()), int((~result.responded).sum())
     st.subheader(f"{layer}: {len(key)} filters, {silent} with no response")
+    st.caption(f"No response: the final image does not drive the filter's mean activation above "
+               f"{filters.RESPONSE_THRESHOLD:g} ({silent} of {len(key)}). Never started: the ascent never moved it "
+               f"above 0 at any step, so no gradient flowed through its ReLU ({never} of {len(key)}); a warm-up on "
+               "the pre-activation (below) tells a dead filter from one that only failed to start.")
     columns = st.columns(min(8, len(key)))
     for position, (index, image) in enumerate(zip(key, result.images)):
-        flag = "" if result.responded[position] else " · no response"
+        flag = ("" if result.responded[position] else
+                " · never started" if not result.started[position] else " · no response")
         columns[position % len(columns)].image(image, caption=f"#{index} · {result.activations[position]:.3g}{flag}",
                                                width="stretch")
     downloads = st.columns(2)
     downloads[0].download_button("Gallery (PNG)", render.png(render.tiles(list(result.images))), f"{layer}_gallery.png",
                                  "image/png", key="filters_png")
-    responses = pd.DataFrame({"filter": key, "activation": result.activations, "responded": result.responded})
+    responses = pd.DataFrame({"filter": key, "activation": result.activations, "responded": result.responded,
+                              "started": result.started})
     downloads[1].download_button("Responses (CSV)", responses.to_csv(index=False), f"{layer}_gallery.csv", "text/csv",
                                  key="filters_csv")
     curves = pd.DataFrame(result.curves.T, columns=[f"#{i}" for i in key]).rename_axis("step").reset_index()
@@ -111,13 +117,15 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
                 if jobs.has_result(dead_key) else None)
         table = pd.DataFrame({
             "filter": key,
+            "never started without warm-up": ~cold.started,
             "no response without warm-up": ~cold.responded,
             "no response with warm-up": ~warm.responded,
         })
-        counts = st.columns(3)
-        counts[0].metric("No response, no warm-up", int((~cold.responded).sum()))
-        counts[1].metric("No response, with warm-up", int((~warm.responded).sum()))
-        counts[2].metric("Dead on the image set (whole layer)", "compute on Activations" if dead is None else dead)
+        counts = st.columns(4)
+        counts[0].metric("Never started, no warm-up", int((~cold.started).sum()))
+        counts[1].metric("No response, no warm-up", int((~cold.responded).sum()))
+        counts[2].metric("No response, with warm-up", int((~warm.responded).sum()))
+        counts[3].metric("Dead on the image set (whole layer)", "compute on Activations" if dead is None else dead)
         st.dataframe(table, hide_index=True)
 else:
     st.info("Choose the filters and press **Grow the gallery**: on a CPU a deep layer takes a minute.")

@@ -105,8 +105,8 @@ if common.has_gallery(selection, layer_pick, (index,), tile_options, 0) or \
     with common.user_errors():
         tile = common.gallery(selection, layer_pick, (index,), tile_options, 0)
     tile_col.image(tile.images[0], width="stretch")
-    tile_col.caption(f"Gallery tile: response {tile.activations[0]:.3g}" + ("" if tile.responded[0] else
-                                                                            " (no response)"))
+    tile_col.caption(f"Gallery tile: response {tile.activations[0]:.3g}" + (
+        "" if tile.responded[0] else " (no response)" if tile.started[0] else " (never started)"))
 else:
     tile_col.caption("The input that maximises this filter (gradient ascent, the Filters page's defaults).")
 

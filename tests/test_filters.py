@@ -69,6 +69,18 @@ def test_deterministic_by_seed(shapes):
     assert not np.array_equal(a.images, c.images)
 
 
+def test_the_response_flag_follows_the_final_image_and_started_follows_the_ascent():
+    curves = np.array([[0.0, 0.5, 0.2, 0.0],  # opened on the way, back to 0 at the end
+                       [0.0, 0.0, 0.0, 0.0],  # never opened
+                       [-1.0, 0.1, 0.3, 0.4],  # opened and stayed
+                       [0.7, 0.0, 0.0, 0.0]])  # above 0 only during a one-step warm-up
+    final = np.array([0.0, 0.0, 0.4, 0.0])
+    started, responded = filters.response_flags(curves, final)
+    assert started.tolist() == [True, False, True, True] and responded.tolist() == [False, False, True, False]
+    started, _ = filters.response_flags(curves, final, warmup=1)
+    assert started.tolist() == [True, False, True, False]
+
+
 def test_warmup_opens_a_filter_whose_relu_never_opens_from_noise():
     inputs = keras.Input((16, 16, 3))
     conv = keras.layers.Conv2D(2, 3, padding="same", activation="relu", name="conv")
@@ -80,7 +92,9 @@ def test_warmup_opens_a_filter_whose_relu_never_opens_from_noise():
     warm = filters.render(model, "conv", [0, 1], filters.Options(size=16, steps=10, jitter=0, scale=0, warmup=5),
                           seed=0)
     assert cold.responded.tolist() == [False, True]  # no gradient through a closed ReLU
+    assert cold.started.tolist() == [False, True]
     assert warm.responded.tolist() == [True, True]  # the pre-activation pushed red up until it opened
+    assert warm.started.tolist() == [True, True]
     assert warm.activations[0] > 0
 
 
