@@ -294,15 +294,23 @@ def patch_starts(size: int, patch: int, stride: int) -> list[int]:
     return starts if starts[-1] == last else starts + [last]
 
 
-def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patch: int = 8, stride: int = 4,
-              fill: np.ndarray | float = 0.0, batch_size: int = 64, output: int | None = None,
-              progress: Progress | None = None) -> np.ndarray:
+def occlusion_defaults(size: int) -> tuple[int, int]:
+    """The default patch and stride for a side of `size` pixels: an eighth and a sixteenth of it."""
+    return max(2, size // 8), max(1, size // 16)
+
+
+def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patch: int | None = None,
+              stride: int | None = None, fill: np.ndarray | float = 0.0, batch_size: int = 64,
+              output: int | None = None, progress: Progress | None = None) -> np.ndarray:
     """How much the score drops when a patch is covered, averaged over the patches covering each pixel.
 
     `fill`: a value, one per channel, or a whole image of the input's shape (e.g. the preprocessed black
-    image) whose pixels under the patch replace the covered ones.
+    image) whose pixels under the patch replace the covered ones. Patch and stride default to
+    occlusion_defaults of the image's shorter side.
     """
     image = np.asarray(image, np.float32)
+    default_patch, default_stride = occlusion_defaults(min(image.shape[:2]))
+    patch, stride = patch or default_patch, stride or default_stride
     fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
     scorer = score_model(model, resolve_target(model, image, target, output), output)
     height, width = image.shape[:2]
@@ -417,6 +425,38 @@ METHODS = {
 
 BATCHED = frozenset({"SmoothGrad", "Integrated Gradients", "Score-CAM", "Occlusion"})
 """The methods that run many passes in batches: they take `progress` (done, total) between batches."""
+
+
+def black_options(method: str, black: np.ndarray) -> dict:
+    """Where a method takes the black image: Integrated Gradients' "black" baseline, Score-CAM's and
+    occlusion's fill."""
+    return {"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
+            "Occlusion": {"fill": black}}.get(method, {})
+
+
+def map_of(model: keras.Model, x: np.ndarray, black: np.ndarray, method: str, target: Target = None,
+           progress: Progress | None = None, **options) -> np.ndarray:
+    """One method's map of a preprocessed image `x`, with `black` the preprocessed black image of the
+    same size (see explain): what the dashboard's cached maps compute."""
+    extra = black_options(method, black)
+    if method in BATCHED:
+        extra["progress"] = progress
+    return METHODS[method](model, x, target, **options, **extra)
+
+
+def explain(loaded: models.LoadedModel, pixels: np.ndarray, method: str, target: Target = None,
+            preprocessing: str | None = None, fit: str = "crop", progress: Progress | None = None,
+            **options) -> np.ndarray:
+    """One method's map for a uint8 RGB image: the code path of the dashboard, the report and notebooks.
+
+    The image and an all-black image of its size both go through the model's preprocessing and fit, so
+    a "black" baseline or fill means black pixels whatever the preprocessing (zeros in the model's input
+    space would be mid-grey for a [-1, 1] model and the mean colour for a caffe one).
+    """
+    pixels = np.asarray(pixels)
+    x = loaded.preprocess(pixels, preprocessing, fit)[0]
+    black = loaded.preprocess(np.zeros_like(pixels), preprocessing, fit)[0]
+    return map_of(loaded.model, x, black, method, target, progress, **options)
 
 
 

@@ -76,6 +76,14 @@ def _candidates(scores: pd.DataFrame, share: float) -> pd.DataFrame:
     return table[["layer", "filter", "why", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]]
 
 
+def attribution_maps(loaded: models.LoadedModel, item: images.LabelledImage, target: attribution.Target,
+                     options: ReportOptions) -> dict[str, np.ndarray]:
+    """The report's maps of one image: attribution.explain, the dashboard's own path, with each method's
+    defaults (black baselines and fills are black pixels under the report's preprocessing and fit)."""
+    return {method: attribution.explain(loaded, item.pixels, method, target, options.preprocessing or None,
+                                        options.fit) for method in options.methods}
+
+
 def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], options: ReportOptions = ReportOptions(),
           progress: Progress | None = None) -> str:
     """The report as one HTML string. Raises AuditError for an empty image set or unknown layers.
@@ -156,8 +164,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
             target = attribution.resolve_target(model, xi, None)
             said = f"filter {target.index} of {target.layer}"
         cells = [_figure_cell(picture, f"{item.name}: {said}")]
-        for method in options.methods:
-            values = attribution.METHODS[method](model, xi, target)
+        for method, values in attribution_maps(loaded, item, target, options).items():
             cells.append(_figure_cell(render.overlay(picture, values, 0.5, "Jet"), method))
         rows.append(f"<div class='grid'>{''.join(cells)}</div>")
         stages.step()

@@ -53,7 +53,7 @@ cam_layer = links.selectbox(left, "CAM layer", convs, index=convs.index(cam_defa
                             help="Default: the last conv layer whose map is larger than 1 x 1.")
 methods = links.multiselect(st, "Methods", list(attribution.METHODS), param="methods", key="attr_methods",
                             default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
-size = x.shape[0]
+size = min(x.shape[:2])
 black = loaded.preprocess(np.zeros_like(selection.image.pixels), selection.preprocessing, selection.fit)[0]
 # the cache key of maps and curves: the model's exact input and baseline (image, preprocessing and fit all in it)
 input_key = images.image_hash([x, black])
@@ -69,9 +69,10 @@ with st.expander("Method options"):
     channels = links.number(c3, "Score-CAM channels (cap)", 4, 128, 32, slider=True, param="channels",
                             key="attr_channels", help="Only the channels of largest spatial variance mask the "
                                                       "image (Faster Score-CAM): a flat channel masks nothing.")
-    patch = links.number(c3, "Occlusion patch", 2, size // 2, max(2, size // 8), slider=True, param="patch",
+    default_patch, default_stride = attribution.occlusion_defaults(size)
+    patch = links.number(c3, "Occlusion patch", 2, size // 2, default_patch, slider=True, param="patch",
                          key="attr_patch")
-    stride = links.number(c3, "Occlusion stride", 1, size // 2, max(1, size // 16), slider=True, param="stride",
+    stride = links.number(c3, "Occlusion stride", 1, size // 2, default_stride, slider=True, param="stride",
                           key="attr_stride")
 opacity = links.number(st, "Opacity", 0.0, 1.0, 0.5, slider=True, param="opacity", key="attr_opacity")
 colour_map = links.selectbox(st, "Colour map", render.COLOUR_MAPS, index=2, param="cmap", key="attr_cmap")
@@ -166,9 +167,7 @@ with st.expander("Sanity check: randomise the model from the top (Adebayo et al.
                                                           "computes the map again.")
     if st.button("Run the sanity check", key="attr_sanity_go"):
         resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
-        options = dict(options_for(method))
-        options.update({"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
-                        "Occlusion": {"fill": black}}.get(method, {}))
+        options = {**dict(options_for(method)), **attribution.black_options(method, black)}
         with common.user_errors("The sanity check"), \
                 jobs.model_job(selection, "Randomising layer after layer") as progress:
             checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], resolved,

@@ -313,16 +313,13 @@ def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black
     """
     loaded = selection.model
     resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
-    extra = {"Integrated Gradients": {"black": black}, "Score-CAM": {"fill": black},
-             "Occlusion": {"fill": black}}.get(method, {})
-    run = attribution.METHODS[method]
 
     def compute():
         if method in attribution.BATCHED:
             with jobs.model_job(selection, method, on_cancel=on_cancel) as progress:
-                return (run(loaded.model, x, resolved, progress=progress, **dict(options), **extra),)
+                return (attribution.map_of(loaded.model, x, black, method, resolved, progress, **dict(options)),)
         with loaded.lock, device.scope(selection.device):
-            return (run(loaded.model, x, resolved, **dict(options), **extra),)
+            return (attribution.map_of(loaded.model, x, black, method, resolved, **dict(options)),)
 
     return jobs.shared_result(("attribution", loaded.fingerprint, input_key, target, method, options), compute)[0]
 
