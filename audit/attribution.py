@@ -473,28 +473,61 @@ def peak_inside(attribution: np.ndarray, mask: np.ndarray) -> bool:
     return bool(mask.flat[int(np.argmax(attribution))])
 
 
+DELETED_BY = "black pixels (the preprocessed black image), the most attributed first, 5% of the pixels a step"
+
+
+def deletion_measure(target: Target) -> str:
+    """What a deletion curve measures for a target, as the dashboard names it."""
+    return ("the filter's mean activation, relative to the intact image" if isinstance(target, FilterTarget)
+            else "the target class's probability")
+
+
 def deletion_curve(model: keras.Model, image: np.ndarray, attribution_map: np.ndarray, target: Target = None,
                    steps: int = 20, fill: np.ndarray | float = 0.0, output: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Remove the most-attributed pixels first and watch the score fall (Petsiuk et al. 2018).
+    """Deletion (Petsiuk et al. 2018): replace pixels by `fill` in the map's order, most attributed first,
+    and measure the target after each step: a class's probability (softmax or sigmoid of the explained
+    output), or a filter's mean activation divided by its value on the intact image.
 
-    Returns (fractions removed, scores, area under the curve of the score normalised by the full
-    image's score); a lower area means the map found what the score depends on.
+    Returns (fractions removed, measures, area under the curve): a lower area means the map found what
+    the target depends on; random_deletion_curve gives the area to beat.
     """
+    order = np.argsort(np.asarray(attribution_map).ravel(), kind="stable")[::-1]
+    return _deletion(model, image, [order], target, steps, fill, output)
+
+
+def random_deletion_curve(model: keras.Model, image: np.ndarray, target: Target = None, steps: int = 20,
+                          fill: np.ndarray | float = 0.0, output: int | None = None, repeats: int = 3,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """The chance level of deletion: the same measure with pixels removed in random order (the mean of
+    `repeats` seeded orders). It does not depend on any map: one per image and target."""
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(np.shape(image)[:2]))
+    return _deletion(model, image, [rng.permutation(size) for _ in range(repeats)], target, steps, fill, output)
+
+
+def _deletion(model, image, orders, target, steps, fill, output):
     image = np.asarray(image, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target, output), output)
-    order = np.argsort(attribution_map.ravel())[::-1]
+    resolved = resolve_target(model, image, target, output)
     fractions = np.linspace(0, 1, steps + 1)
     fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
-    batch = np.repeat(image[None], len(fractions), axis=0)
-    for row, fraction in enumerate(fractions):
-        removed = np.zeros(image.shape[:2], bool).ravel()
-        removed[order[:int(round(fraction * removed.size))]] = True
-        removed = removed.reshape(image.shape[:2])
-        batch[row][removed] = fill[removed]
-    scores = np.asarray(scorer(batch, training=False), np.float64)
-    relative = scores / scores[0] if scores[0] != 0 else scores
-    return fractions, scores, float(np.trapezoid(relative, fractions))
+    batch = np.repeat(image[None], len(orders) * len(fractions), axis=0)
+    for number, order in enumerate(orders):
+        for row, fraction in enumerate(fractions):
+            removed = np.zeros(order.size, bool)
+            removed[order[:int(round(fraction * order.size))]] = True
+            removed = removed.reshape(image.shape[:2])
+            batch[number * len(fractions) + row][removed] = fill[removed]
+    if isinstance(resolved, FilterTarget):
+        values = np.asarray(score_model(model, resolved, output)(batch, training=False), np.float64)
+        intact = values[0]
+        values = values / intact if intact != 0 else values
+    else:
+        head = heads.find_head(model, output)
+        scores = np.asarray(heads.scores_model(model, head)(batch, training=False))
+        values = heads.probabilities(scores, head)[:, resolved]
+    measures = values.reshape(len(orders), len(fractions)).mean(axis=0)
+    return fractions, measures, float(np.trapezoid(measures, fractions))
 
 
 def randomised_copies(model: keras.Model, seed: int = 0):

@@ -100,7 +100,7 @@ def passes(method: str) -> float:
     steps_of = {"SmoothGrad": 3 * samples, "Integrated Gradients": 3 * (steps + 1), "Score-CAM": channels + 2,
                 "Guided Grad-CAM": 6,
                 "Occlusion": ((size - patch) // stride + 2) ** 2}
-    return steps_of.get(method, 3) + 21
+    return steps_of.get(method, 3) + 21 + 63 / max(len(methods), 1)  # its deletion curve; a share of the random ones
 
 
 # a method whose maps would take long starts on a click, never by itself (a link cannot start hours of work)
@@ -149,13 +149,23 @@ for method, values in results.items():
     row["deletion AUC (lower is better)"] = area
     rows.append(row)
     results[method] = (values, fractions, scores)
+chance = common.random_deletion(loaded.fingerprint, loaded.source, input_key, x, target, black, selection.device,
+                                selection.output)
+for row in rows:
+    row["beats random order"] = row["deletion AUC (lower is better)"] < chance[2]
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+resolved_target = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+measure = attribution.deletion_measure(resolved_target)
+st.caption(f"Deletion (Petsiuk et al. 2018): {attribution.DELETED_BY} replace the image; the curve is {measure}; "
+           f"its area is lower when the map found what the target depends on. Removing pixels in random order "
+           f"(mean of 3 orders) gives {chance[2]:.3f}: the area to beat.")
 if selection.masks is not None:
     st.caption(f"The object covers {mask.mean():.0%} of the image: a map spread evenly would put that share of "
                "its mass on it.")
+results["random order (chance)"] = (None, chance[0], chance[1])
 curves = pd.concat([pd.DataFrame({"removed": f, "score": s, "method": m}) for m, (_, f, s) in results.items()])
 figure = px.line(curves, x="removed", y="score", color="method",
-                 labels={"removed": "share of pixels removed (most attributed first)", "score": "target score"})
+                 labels={"removed": "share of pixels removed (most attributed first)", "score": measure})
 figure.update_layout(height=320, margin=dict(t=10))
 st.plotly_chart(figure, width="stretch")
 

@@ -333,6 +333,16 @@ def deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _map
         return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill, output=output)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def random_deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, target: tuple, _fill: np.ndarray,
+                    device_name: str, output: int | None = None):
+    """The chance level of the deletion curves of one image and target (no map in it)."""
+    loaded = get_model(source)
+    resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+    with loaded.lock, device.scope(device_name):
+        return attribution.random_deletion_curve(loaded.model, _x, resolved, fill=_fill, output=output)
+
+
 # --- pruning ---------------------------------------------------------------------------------
 
 def labels_of(selection: "Selection") -> np.ndarray | None:

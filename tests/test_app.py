@@ -118,7 +118,8 @@ def test_attribution_page_on_a_demo_shapes_image_reports_trust():
     assert at.subheader[0].value.startswith("Why ")
     assert len(at.get("image")) == 6  # the image and five overlays
     trust = at.dataframe[1].value
-    assert list(trust.columns) == ["method", "mass on the object", "peak on the object", "deletion AUC (lower is better)"]
+    assert list(trust.columns) == ["method", "mass on the object", "peak on the object", "deletion AUC (lower is better)",
+                                   "beats random order"]
     assert len(trust) == 5 and trust["mass on the object"].between(0, 1).all()
     _submit(at, "Run the sanity check")
     assert not at.exception, at.exception

@@ -189,18 +189,46 @@ def test_a_filter_target_works_for_models_without_a_class_output():
         attribution.saliency(loaded.model, image, 3)
 
 
-def test_deletion_curve_falls_faster_for_the_real_map_than_for_its_reverse(demo):
+def test_deletion_measures_the_class_probability_with_its_random_order_chance_level(demo):
     loaded, data, x, _ = demo
     black = loaded.preprocess(np.zeros((64, 64, 3), np.uint8))[0]
-    worse = []
+    better_than_reverse = []
     for i in range(6):
         label = int(data.labels[i])
         cam = attribution.grad_cam(loaded.model, x[i], label)
         fractions, scores, area = attribution.deletion_curve(loaded.model, x[i], cam, label, fill=black)
         _, _, reverse = attribution.deletion_curve(loaded.model, x[i], -cam, label, fill=black)
-        assert fractions[0] == 0 and fractions[-1] == 1 and len(scores) == 21
-        worse.append(area < reverse)
-    assert np.mean(worse) >= 5 / 6
+        _, chance, chance_area = attribution.random_deletion_curve(loaded.model, x[i], label, fill=black)
+        assert fractions[0] == 0 and fractions[-1] == 1 and len(scores) == len(chance) == 21
+        assert 0 <= area <= 1 and 0 <= chance_area <= 1  # probabilities: never a negative area
+        # by hand: half the pixels, the most attributed first, turned black; the model's own softmax
+        half = x[i].copy()
+        top = np.argsort(cam.ravel(), kind="stable")[::-1][:int(round(0.5 * cam.size))]
+        rows, cols = np.unravel_index(top, cam.shape)
+        half[rows, cols] = black[rows, cols]
+        probability = np.asarray(loaded.model(half[None], training=False))[0, label]
+        np.testing.assert_allclose(scores[10], probability, rtol=1e-4, atol=1e-6)
+        better_than_reverse.append(area < reverse)
+    assert np.mean(better_than_reverse) == 1.0
+    # the random curve is the map curve of random orders: order k removed k-th, seed by seed
+    rng = np.random.default_rng(0)
+    order = rng.permutation(64 * 64)
+    as_map = np.empty(64 * 64)
+    as_map[order] = np.arange(64 * 64, 0, -1)
+    one = attribution.random_deletion_curve(loaded.model, x[0], int(data.labels[0]), fill=black, repeats=1)
+    by_map = attribution.deletion_curve(loaded.model, x[0], as_map.reshape(64, 64), int(data.labels[0]), fill=black)
+    np.testing.assert_allclose(one[1], by_map[1], rtol=1e-6)
+
+
+def test_deletion_of_a_filter_target_is_relative_to_the_intact_image():
+    model = _hand_model(4)
+    image = np.arange(1, 17, dtype=np.float32).reshape(4, 4, 1)
+    target = attribution.FilterTarget("conv", 1)  # mean of 2x: removing pixels (fill 0) lowers it linearly
+    ramp = image[..., 0]
+    fractions, scores, area = attribution.deletion_curve(model, image, ramp, target, steps=4)
+    kept = [np.sort(ramp.ravel())[:16 - n].sum() / ramp.sum() for n in (0, 4, 8, 12, 16)]
+    np.testing.assert_allclose(scores, kept, rtol=1e-6)
+    assert scores[0] == 1.0 and np.isclose(area, np.trapezoid(kept, fractions))
 
 
 def test_sanity_check_maps_change_when_the_model_is_randomised(demo):
