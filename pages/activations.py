@@ -10,6 +10,7 @@ from pages import common, jobs, links
 selection = common.current()
 loaded = selection.model
 st.title("Activations")
+common.what_these_mean("Activations")
 
 table = common.layer_table(loaded.fingerprint, loaded.source)
 map_layers = [row.path for row in table.itertuples() if row.output_shape is not None

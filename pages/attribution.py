@@ -11,6 +11,7 @@ from pages import common, jobs, links
 selection = common.current()
 loaded = selection.model
 st.title("Attribution")
+common.what_these_mean("Attribution")
 st.caption("Gradients are taken on the class score before the softmax or sigmoid, or on the mean activation of "
            "one filter (the target for models without a class output).")
 

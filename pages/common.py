@@ -106,6 +106,14 @@ def user_errors(what: str = "This part of the page", stop_page: bool = True):
             stop()
 
 
+def what_these_mean(page: str) -> None:
+    """The page's figures as audit.definitions defines them: the same words as docs/definitions.md."""
+    from audit import definitions
+
+    with st.expander("What these numbers mean", icon=":material/function:"):
+        st.markdown(definitions.markdown(definitions.for_page(page)))
+
+
 def section(what: str):
     """A part of the page whose failure is shown in place while the rest of the page is still drawn."""
     return user_errors(what, stop_page=False)

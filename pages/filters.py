@@ -13,6 +13,7 @@ from pages import common, jobs, links
 selection = common.current()
 loaded = selection.model
 st.title("Filters")
+common.what_these_mean("Filters")
 st.caption("Each tile is an input grown from noise by gradient ascent on the mean activation of one filter "
            "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
            "on its own image.")

@@ -12,6 +12,7 @@ loaded = selection.model
 model = loaded.model
 
 st.title(f"Model: {loaded.title}")
+common.what_these_mean("Model")
 st.caption(loaded.description)
 
 table = common.layer_table(loaded.fingerprint, loaded.source)

@@ -16,6 +16,7 @@ MEASURES_WITH_LABELS = {"accuracy": "accuracy", **MEASURES}
 selection = common.current()
 loaded = selection.model
 st.title("Pruning")
+common.what_these_mean("Pruning")
 st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
            "to remove; everything below is measured before any fine-tuning.")
 

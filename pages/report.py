@@ -8,6 +8,7 @@ from pages import common, jobs, links
 selection = common.current()
 loaded = selection.model
 st.title("Report")
+common.what_these_mean("Report")
 st.caption("One HTML file that opens offline: the model and its layer table, dead filters over the image set, "
            "filter galleries, attribution overlays and pruning candidates. The same file as "
            "`python -m audit report`.")

@@ -160,6 +160,29 @@ def test_grad_cam_peak_falls_on_the_object_far_more_often_than_a_fixed_centre(ga
     assert hits >= 0.9 and hits > centre, (hits, centre)  # measured: 0.95 against 0.57
 
 
+def test_saliency_and_smoothgrad_equal_a_tape_on_the_demo_model(demo):
+    loaded, data, x, _ = demo
+    model, image, label = loaded.model, x[1], int(data.labels[1])
+    kernel, bias = model.get_layer("predictions").get_weights()
+    hidden = keras.Model(model.inputs[0], model.get_layer("dropout").output)
+
+    def gradient(batch):
+        batch = tf.convert_to_tensor(batch, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(batch)
+            logits = hidden(batch) @ kernel + bias  # the score before the softmax, by hand
+            score = tf.reduce_sum(logits[:, label])
+        return tape.gradient(score, batch).numpy()
+
+    plain = np.abs(gradient(image[None])[0]).max(axis=-1)
+    np.testing.assert_allclose(attribution.saliency(model, image, label), plain / plain.max(), atol=1e-5)
+    sigma = 0.15 * float(image.max() - image.min())
+    noise = np.random.default_rng(4).normal(0, sigma, (6, *image.shape)).astype(np.float32)
+    smooth = np.abs(gradient(image[None] + noise)).mean(axis=0).max(axis=-1)
+    np.testing.assert_allclose(attribution.smoothgrad(model, image, label, samples=6, seed=4), smooth / smooth.max(),
+                               atol=1e-5)
+
+
 def test_every_method_gives_a_unit_map_at_image_size_and_respects_the_target(demo):
     loaded, data, x, _ = demo
     image = x[0]

@@ -321,3 +321,18 @@ def test_weight_scores_kept_per_model_follow_a_change_of_the_weights():
     summed = np.linalg.norm(flat[:, None] - flat[None], axis=-1).sum(axis=1)
     np.testing.assert_allclose(pruning.redundancy(model, "c2")[2], summed, rtol=1e-5)
     assert not np.allclose(first, summed)
+
+
+def test_quality_measures_equal_the_formulas_by_hand():
+    before = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    after = np.array([[0.5, 0.4, 0.1], [0.6, 0.3, 0.1]])
+    measured = pruning.quality(before, after, labels=np.array([0, 0]))
+    # KL row 1: 0.7 ln(0.7/0.5) + 0.2 ln(0.2/0.4) = 0.096901; row 2: 0.1 ln(0.1/0.6) + 0.8 ln(0.8/0.3) = 0.605487
+    assert measured["agreement"] == 0.5 and measured["accuracy"] == 1.0
+    np.testing.assert_allclose(measured["kl"], (0.096901 + 0.605487) / 2, atol=1e-6)
+    # several sigmoid classes: the mean over classes of each one's Bernoulli KL
+    independent = pruning.quality(np.array([[0.9, 0.5]]), np.array([[0.6, 0.5]]), independent=True)
+    bernoulli = 0.9 * np.log(0.9 / 0.6) + 0.1 * np.log(0.1 / 0.4)  # = 0.226294; the 0.5 class adds 0
+    np.testing.assert_allclose(independent["kl"], bernoulli / 2, rtol=1e-9)
+    features = pruning.quality(np.array([[3.0, 4.0]]).T, np.array([[3.0, 0.0]]).T)
+    assert features == {"feature_error": 0.8}  # ||(0, -4)|| / ||(3, 4)||

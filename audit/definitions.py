@@ -1,0 +1,194 @@
+"""Every figure the app shows, defined once: its formula, its reference and the test that checks it.
+
+`docs/definitions.md` is written from this table (`python -m audit.definitions > docs/definitions.md`;
+a test keeps them equal and checks that every named test exists), and each page of the dashboard shows
+its own rows in a "What these numbers mean" expander, so the page, the report and the docs say the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Definition:
+    figure: str
+    pages: tuple[str, ...]
+    formula: str
+    reference: str
+    test: str  # tests/<file>.py::<test function>
+
+
+A = "tests/test_attribution.py::"
+P = "tests/test_pruning.py::"
+S = "tests/test_activations.py::"
+
+DEFINITIONS = (
+    Definition("Output shape, parameters, kernel, stride", ("Model",),
+               "Per layer, from Keras: the output shape (N for the batch), the count of weights, the kernel size "
+               "and strides of conv and pooling layers; layers of nested models are listed with their path "
+               "(base/block1_conv1).", "Keras layer API",
+               "tests/test_models.py::test_vgg16_layer_table_matches_known_shapes_and_parameters"),
+    Definition("Multiply-adds per image", ("Model", "Pruning", "Report"),
+               "Sum over conv layers of output positions x the kernel's size (height x width x its input "
+               "channels x output channels; a separable layer adds its pointwise step) and over dense layers of "
+               "inputs x units.", "Molchanov et al. 2017 (FLOPs)",
+               P + "test_flops_fall_when_filters_go"),
+    Definition("Probability", ("Model", "Attribution", "Report"),
+               "The explained output's class probabilities: its softmax (or sigmoid per class; a single unit "
+               "gives [1 - p, p]); logits are passed through the squash the head implies.", "audit.heads",
+               "tests/test_models_users_bring.py::test_a_single_unit_head_is_binary_and_both_classes_have_maps"),
+    Definition("Activation maps and the strongest channel", ("Activations",),
+               "One layer's output for the image; each channel of the montage scaled to [0, 1] on its own; the "
+               "strongest channel is the one with the largest value anywhere.", "Zeiler & Fergus 2014",
+               S + "test_montage_grid_normalisation_and_strongest_channel"),
+    Definition("Mean, std, max", ("Activations", "Pruning", "Report"),
+               "Over every image and every position of the filter's map: mean, population standard deviation and "
+               "maximum (streamed as sums, so any image set fits).", "numpy",
+               S + "test_every_statistic_equals_a_numpy_computation_on_the_full_tensor"),
+    Definition("APoZ", ("Activations", "Pruning", "Report"),
+               "Share of the filter's values (all images, all positions) at or below the dead threshold; at "
+               "threshold 0, the average percentage of zeros of a ReLU.", "Hu et al. 2016, Network Trimming",
+               S + "test_dead_and_apoz_follow_the_users_threshold"),
+    Definition("Fires", ("Activations",),
+               "Share of images on which the filter goes above the dead threshold somewhere.", "numpy",
+               S + "test_every_statistic_equals_a_numpy_computation_on_the_full_tensor"),
+    Definition("Dead / near-dead", ("Activations", "Pruning", "Report"),
+               "Dead: never above the threshold on any image or position, so APoZ = 1. Near-dead: not dead, "
+               "APoZ above the bound (0.99 by default).", "Hu et al. 2016",
+               S + "test_dead_and_apoz_follow_the_users_threshold"),
+    Definition("Gallery response", ("Filters", "Pruning", "Report"),
+               "The filter's mean activation (a 10% border excluded) on the image grown for it by gradient "
+               "ascent from noise.", "Olah et al. 2017, Feature Visualization",
+               "tests/test_filters.py::test_the_result_activates_its_filter_far_more_than_noise_and_real_images"),
+    Definition("No response / never started", ("Filters", "Pruning", "Report"),
+               "No response: the final image does not drive the filter above 0. Never started: the ascent never "
+               "moved it above 0 at any step after the warm-up (no gradient through its ReLU).",
+               "Olah et al. 2017", "tests/test_filters.py::"
+               "test_the_response_flag_follows_the_final_image_and_started_follows_the_ascent"),
+    Definition("Class-model image", ("Filters",),
+               "The input grown by gradient ascent on one class's score before the softmax (or sigmoid).",
+               "Simonyan et al. 2014",
+               "tests/test_filters.py::test_class_images_use_the_score_before_the_softmax_and_leave_the_model_alone"),
+    Definition("Attribution target", ("Attribution", "Report"),
+               "A class: its score before the softmax or sigmoid. A model without classes: one filter's mean "
+               "activation. Default: the top-1 class, or the strongest filter of the last conv layer.",
+               "Simonyan et al. 2014", A + "test_a_filter_target_works_for_models_without_a_class_output"),
+    Definition("Saliency", ("Attribution", "Report"),
+               "max over colour channels of |d target / d pixel|, scaled to [0, 1] by its maximum.",
+               "Simonyan et al. 2014", A + "test_saliency_and_smoothgrad_equal_a_tape_on_the_demo_model"),
+    Definition("SmoothGrad", ("Attribution", "Report"),
+               "The mean of |gradient| over `samples` noisy copies (Gaussian noise, std = noise x the input's "
+               "range, seeded), max over channels, scaled to [0, 1].", "Smilkov et al. 2017",
+               A + "test_saliency_and_smoothgrad_equal_a_tape_on_the_demo_model"),
+    Definition("Integrated Gradients", ("Attribution", "Report"),
+               "(x - x') x the mean gradient along the straight path from the baseline x' (trapezoid rule, `steps` "
+               "intervals); summed |.| over channels. Baseline: black pixels or a blurred copy, after the model's "
+               "preprocessing; the signed values sum to target(x) - target(x').", "Sundararajan et al. 2017",
+               A + "test_integrated_gradients_sum_to_the_score_difference"),
+    Definition("Grad-CAM", ("Attribution", "Report"),
+               "ReLU(sum over channels k of w_k A_k), w_k = the spatial mean of d target / d A_k, on the CAM layer "
+               "(default: the last conv layer with a map larger than 1 x 1), resized to the image.",
+               "Selvaraju et al. 2017", A + "test_grad_cam_on_a_hand_weighted_model_equals_the_paper"),
+    Definition("Grad-CAM++", ("Attribution", "Report"),
+               "As Grad-CAM with w_k = sum over positions of alpha ReLU(g), alpha = g^2 / (2 g^2 + sum(A_k) g^3) "
+               "(the paper's eq. 19, exponential score).", "Chattopadhay et al. 2018",
+               A + "test_cam_maths_on_two_by_two_arrays"),
+    Definition("Layer-CAM", ("Attribution", "Report"),
+               "ReLU(sum over channels of ReLU(g) x A), position by position.", "Jiang et al. 2021",
+               A + "test_cam_maths_on_two_by_two_arrays"),
+    Definition("Score-CAM", ("Attribution", "Report"),
+               "Each channel upsampled and scaled to [0, 1] masks the image (the rest filled with black pixels); "
+               "softmax over channels of the target on the masked images weighs the channels. Only the channels "
+               "of largest spatial variance, up to the cap, are used.", "Wang et al. 2020 (Score-CAM, Faster)",
+               A + "test_score_cam_keeps_the_channels_of_largest_variance_not_of_largest_mean"),
+    Definition("Guided Backprop / Guided Grad-CAM", ("Attribution", "Report"),
+               "Gradients passed back through a ReLU only where both its input and the gradient are positive; "
+               "Guided Grad-CAM multiplies that map by Grad-CAM.", "Springenberg et al. 2015; Selvaraju et al. 2017",
+               A + "test_guided_grad_cam_is_the_product_of_its_parts"),
+    Definition("Occlusion", ("Attribution", "Report"),
+               "The target's drop when a patch is covered with black pixels, averaged over the patches covering "
+               "each pixel; patches every `stride` pixels plus one flush with each far edge, so every pixel is "
+               "covered.", "Zeiler & Fergus 2014", A + "test_occlusion_covers_the_edges_when_the_stride_does_not_land_there"),
+    Definition("Mass / peak on the object", ("Attribution",),
+               "Share of the map's total inside the object's mask; whether the map's maximum falls inside it.",
+               "Ground-truth masks of the generated shapes", A + "test_grad_cam_concentrates_its_mass_on_the_object"),
+    Definition("Deletion AUC", ("Attribution",),
+               "Pixels turned black, the most attributed first, 5% a step; the curve is the target class's "
+               "probability (a filter's mean activation relative to the intact image); its area (trapezoid) is "
+               "lower when the map found what the target depends on.", "Petsiuk et al. 2018 (RISE)",
+               A + "test_deletion_measures_the_class_probability_with_its_random_order_chance_level"),
+    Definition("Random-order deletion", ("Attribution",),
+               "The same curve with pixels removed in random order (mean of 3 seeded orders): the area a map must "
+               "beat.", "Petsiuk et al. 2018",
+               A + "test_deletion_measures_the_class_probability_with_its_random_order_chance_level"),
+    Definition("Sanity check", ("Attribution",),
+               "Spearman rank correlation between the map and the map of copies with more and more top layers "
+               "re-initialised; a map that stays the same explains the image, not the model.",
+               "Adebayo et al. 2018", A + "test_sanity_check_maps_change_when_the_model_is_randomised"),
+    Definition("L1 norm", ("Pruning", "Report"),
+               "Sum of |weights| of the filter's kernel (depthwise and separable layers: per output channel).",
+               "Li et al. 2017", P + "test_scores_equal_numpy_recomputations"),
+    Definition("Taylor", ("Pruning",),
+               "|mean over images and positions of a x d log p(label) / d a| per filter (the model's top-1 when "
+               "there are no labels).", "Molchanov et al. 2017", P + "test_taylor_scores_match_a_tape_on_a_softmax_model"),
+    Definition("Redundancy and nearest", ("Pruning",),
+               "The largest cosine similarity between the filter's kernel and another filter's of its layer, and "
+               "which filter that is.", "cosine similarity", P + "test_scores_equal_numpy_recomputations"),
+    Definition("FPGM distance", ("Pruning",),
+               "The filter's summed Euclidean distance to every other filter of its layer (small: near the "
+               "geometric median, replaceable).", "He et al. 2019",
+               P + "test_fpgm_ranks_like_the_summed_distance_of_the_paper_on_the_demo_model"),
+    Definition("Top-1 agreement, KL, accuracy", ("Pruning",),
+               "On the image set: share of images whose top-1 class is unchanged; mean KL(before || after) of the "
+               "class distributions (several sigmoid classes: the mean Bernoulli KL); top-1 accuracy against the "
+               "labels. Without classes: the relative error ||after - before|| / ||before|| of the outputs.",
+               "Kullback & Leibler 1951", P + "test_quality_measures_equal_the_formulas_by_hand"),
+    Definition("Sensitivity", ("Pruning",),
+               "Each conv layer pruned alone by the criterion from 10% to 90% of its filters (masked), the measures "
+               "above at each step.", "Li et al. 2017",
+               P + "test_on_the_demo_model_the_l1_ranking_beats_chance_and_its_inverse_loses"),
+    Definition("Ranking against chance", ("Pruning",),
+               "One layer pruned by the ranking, by its inverse and by 20 random rankings; the verdict counts the "
+               "random rankings beaten (ties do not count).", "Blalock et al. 2020",
+               P + "test_the_verdict_counts_wins_not_ties_and_knows_which_way_is_better"),
+    Definition("Leave-one-out cost", ("Pruning",),
+               "The loss increase when the filter alone is zeroed: cross-entropy against the labels (else the "
+               "unpruned top-1); without classes, the relative output error.", "Molchanov et al. 2019",
+               P + "test_leave_one_out_equals_zeroing_each_filter_by_hand"),
+    Definition("Criterion vs true cost", ("Pruning",),
+               "Spearman's rho between each criterion as an importance (APoZ flipped) and the leave-one-out cost.",
+               "Spearman 1904", P + "test_importance_correlation_is_spearmans_rho_with_apoz_flipped"),
+    Definition("Dependency groups and the smaller model", ("Pruning",),
+               "Channels tied by adds, concatenations, depthwise layers and batch norms go together; the smaller "
+               "model's outputs equal the masked model's.", "Fang et al. 2023 (DepGraph)",
+               P + "test_the_smaller_model_equals_the_masked_one_and_loses_exactly_those_parameters"),
+    Definition("Recovery", ("Pruning",),
+               "Accuracy and cross-entropy before pruning, after, and after fine-tuning, beside a random pruning of "
+               "the same size fine-tuned the same way.", "Blalock et al. 2020",
+               P + "test_fine_tuning_recovers_what_pruning_half_of_two_layers_lost_on_the_demo_model"),
+)
+
+
+def for_page(page: str) -> list[Definition]:
+    return [row for row in DEFINITIONS if page in row.pages]
+
+
+def markdown(rows=DEFINITIONS) -> str:
+    """The table as Markdown: docs/definitions.md, and each page's expander."""
+    lines = ["| Figure | Definition | Reference | Checked by |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        test = row.test.replace("::", " :: ")
+        lines.append(f"| {row.figure} | {row.formula} | {row.reference} | `{test}` |")
+    return "\n".join(lines) + "\n"
+
+
+def document() -> str:
+    return ("# Definitions\n\nEvery figure CNN Audit shows, the same in the dashboard, the report and the API: its "
+            "formula, its reference, and the test that checks it against an independent computation (by hand, "
+            "numpy, or the paper's formula). Written by `python -m audit.definitions > docs/definitions.md` "
+            "from `audit/definitions.py`, which the pages also read.\n\n" + markdown())
+
+
+if __name__ == "__main__":
+    print(document(), end="")
