@@ -88,10 +88,8 @@ class ModelCache:
                 self._models[source] = (loaded, weight_bytes(loaded.model))
                 dropped = self._over_bounds()
         if dropped:
-            del dropped, loaded
+            del dropped  # `loaded` is the newest and stays; the dropped ones have no other holder now
             release_memory()
-            with self._lock:
-                return self._models[source][0]
         return loaded
 
     def _over_bounds(self) -> list[models.LoadedModel]:
@@ -102,13 +100,6 @@ class ModelCache:
             log.info("dropped model %s (%.0f MB of weights) to stay within the bounds", source, size / 2**20)
             dropped.append(loaded)
         return dropped
-
-    def evict(self, source: str) -> None:
-        with self._lock:
-            found = self._models.pop(source, None)
-        if found is not None:
-            del found
-            release_memory()
 
 
 def release_memory() -> None:

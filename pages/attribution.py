@@ -155,7 +155,7 @@ chance = common.random_deletion(loaded.fingerprint, loaded.source, input_key, x,
 for row in rows:
     row["beats random order"] = row["deletion AUC (lower is better)"] < chance[2]
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-resolved_target = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+resolved_target = common.target_of(target)
 measure = attribution.deletion_measure(resolved_target)
 st.caption(f"Deletion (Petsiuk et al. 2018): {attribution.DELETED_BY} replace the image; the curve is {measure}; "
            f"its area is lower when the map found what the target depends on. Removing pixels in random order "
@@ -177,7 +177,7 @@ with st.expander("Sanity check: randomise the model from the top (Adebayo et al.
                             key="attr_sanity_limit", help="Each step re-initialises one more weighted layer and "
                                                           "computes the map again.")
     if st.button("Run the sanity check", key="attr_sanity_go"):
-        resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+        resolved = common.target_of(target)
         options = {**dict(options_for(method)), **attribution.black_options(method, black)}
         with common.user_errors("The sanity check"), \
                 jobs.model_job(selection, "Randomising layer after layer") as progress:

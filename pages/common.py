@@ -310,6 +310,11 @@ def _gallery_key(selection: "Selection", layer: str, indices: tuple[int, ...], o
 
 # --- attribution -----------------------------------------------------------------------------
 
+def target_of(target: tuple) -> attribution.Target:
+    """The page's hashable target ("class", i) or ("filter", layer, index) as the attribution API takes it."""
+    return target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+
+
 def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black: np.ndarray, target: tuple,
                     method: str, options: tuple, on_cancel=None) -> np.ndarray:
     """One method's map, once per (model, exact input and baseline, target, method, options) for every session.
@@ -320,7 +325,7 @@ def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black
     quick call that never waits for another user's job.
     """
     loaded = selection.model
-    resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+    resolved = target_of(target)
 
     def compute():
         if method in attribution.BATCHED:
@@ -336,7 +341,7 @@ def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black
 def deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _map: np.ndarray, map_key: tuple,
              target: tuple, _fill: np.ndarray, device_name: str, output: int | None = None):
     loaded = get_model(source)
-    resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+    resolved = target_of(target)
     with loaded.lock, device.scope(device_name):
         return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill, output=output)
 
@@ -346,7 +351,7 @@ def random_deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarra
                     device_name: str, output: int | None = None):
     """The chance level of the deletion curves of one image and target (no map in it)."""
     loaded = get_model(source)
-    resolved = target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
+    resolved = target_of(target)
     with loaded.lock, device.scope(device_name):
         return attribution.random_deletion_curve(loaded.model, _x, resolved, fill=_fill, output=output)
 
