@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from audit import heads, models
-from audit.errors import AuditError
+from audit.errors import AuditError, ImageError
 
 Progress = Callable[[int, int], None]
 """Called with (done, total) between batches: a dashboard job's bar and its Cancel check."""
@@ -462,14 +462,23 @@ def explain(loaded: models.LoadedModel, pixels: np.ndarray, method: str, target:
 
 # --- trust -----------------------------------------------------------------------------------
 
+def _same_grid(attribution: np.ndarray, mask: np.ndarray) -> None:
+    if attribution.shape != mask.shape:
+        raise ImageError(f"The object mask is {mask.shape[0]}x{mask.shape[1]} but the map is "
+                         f"{attribution.shape[0]}x{attribution.shape[1]}: fit the mask as its image "
+                         "(audit.images.fit_mask).")
+
+
 def mass_inside(attribution: np.ndarray, mask: np.ndarray) -> float:
     """Share of the attribution mass that falls on the object."""
+    _same_grid(attribution, mask)
     total = float(attribution.sum())
     return float(attribution[mask].sum()) / total if total > 0 else 0.0
 
 
 def peak_inside(attribution: np.ndarray, mask: np.ndarray) -> bool:
     """Whether the map's maximum falls on the object."""
+    _same_grid(attribution, mask)
     return bool(mask.flat[int(np.argmax(attribution))])
 
 

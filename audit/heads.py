@@ -74,6 +74,22 @@ def find_head(model: keras.Model, output: int | None = None) -> Head:
     return heads[0]
 
 
+def class_names(known: list[str] | None, head: Head, labels) -> tuple[list[str], str]:
+    """The explained output's class names, and where they come from.
+
+    The model's own names when it has as many as classes; else, when the images come from as many class
+    folders as there are classes, the folder names in sorted order: the indices Keras's
+    `image_dataset_from_directory` gave them in training (a transfer-learning model saved without its class
+    names); else "class i".
+    """
+    if known and len(known) == head.classes:
+        return list(known), "the model"
+    folders = sorted({label for label in labels if label})
+    if head.is_classifier and len(folders) == head.classes:
+        return folders, "the image folders, in sorted order (how Keras's image_dataset_from_directory numbers them)"
+    return [f"class {i}" for i in range(head.classes)], ""
+
+
 def _by_softmax(head: Head) -> bool:
     return head.is_classifier and head.distribution == "softmax" and head.point.where != "output"
 

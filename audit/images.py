@@ -202,6 +202,12 @@ def fit(image: np.ndarray, size: tuple[int, int], mode: str = "crop") -> np.ndar
     return np.asarray(img)
 
 
+def fit_mask(mask: np.ndarray, size: tuple[int, int], mode: str = "crop") -> np.ndarray:
+    """A boolean object mask resized exactly as `fit` resizes its image (a 64-px shape under a 224-px model)."""
+    grey = np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8)
+    return fit(grey, size, mode)[..., 0] >= 128
+
+
 def preprocess(images: np.ndarray, mode: str) -> np.ndarray:
     """uint8 RGB (N, H, W, 3) to a model's float32 input by a named mode (see PREPROCESSING)."""
     from keras.applications import imagenet_utils

@@ -87,6 +87,7 @@ class LoadedModel:
     description: str
     untrained: bool = False
     preprocessing_reason: str = ""
+    display_name: str = ""  # shown instead of the source (an upload's file name, not its hash)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     job_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _outputs: dict = field(default_factory=dict, repr=False, compare=False)
@@ -95,7 +96,13 @@ class LoadedModel:
     @property
     def title(self) -> str:
         """The name shown to users; untrained weights are always said so."""
-        return f"{self.source} (untrained)" if self.untrained and "untrained" not in self.source else self.source
+        name = self.display_name or self.source
+        return f"{name} (untrained)" if self.untrained and "untrained" not in name else name
+
+    @property
+    def file_stem(self) -> str:
+        """The title as a safe file-name stem for downloads (an upload's file name, not its hash)."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.title).strip("_.") or "model"
 
     def head(self, output: int | None = None):
         """The output that is explained (audit.heads): the classifier, or the one asked for."""
@@ -322,11 +329,13 @@ def _load_file(path: Path, source: str) -> LoadedModel:
     check_image_model(model)
     size = model.inputs[0].shape[1:3]
     mode, reason = detect_preprocessing(model)
+    uploaded = source.startswith("upload:")
+    name = storage.upload_name("models", digest) if uploaded else path.name
     return LoadedModel(
         model=model, source=source, fingerprint=_fingerprint("file", digest), class_names=None,
         input_size=tuple(s or 224 for s in size), preprocessing=mode, preprocessing_reason=reason,
-        description=f"A model file ({path.name if source.startswith('file:') else 'upload'}, "
-                    f"SHA-256 {digest[:12]}…).",
+        description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…).",
+        display_name=f"{name} (upload)" if uploaded else "",
     )
 
 

@@ -181,8 +181,11 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                     f"<details><summary>Candidates table</summary>{_table(candidates)}</details>")
 
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, body="\n".join(sections))
+    return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, body="\n".join(sections),
+                        columns=GRID_COLUMNS)
 
+
+GRID_COLUMNS = 8  # tiles per row: a gallery of the default 8 filters is one row, an image and its maps another
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -192,9 +195,9 @@ h1 {{ margin-bottom: 0; }} .made {{ color: #777; }}
 table.data, table.summary {{ border-collapse: collapse; font-size: 0.85rem; }}
 table.data td, table.data th, table.summary td, table.summary th {{ padding: 2px 8px; border-bottom: 1px solid #eee;
   text-align: left; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 8px; }} figure {{ margin: 0; }}
-figcaption {{ font-size: 0.75rem; color: #555; max-width: 160px; }}
-img {{ image-rendering: pixelated; border-radius: 4px; }}
+.grid {{ display: grid; grid-template-columns: repeat({columns}, minmax(0, 1fr)); gap: 8px; margin-bottom: 8px; }}
+figure {{ margin: 0; }} figcaption {{ font-size: 0.75rem; color: #555; overflow-wrap: anywhere; }}
+.grid img {{ width: 100%; height: auto; image-rendering: pixelated; border-radius: 4px; }}
 </style></head><body>
 <h1>{title}</h1><p class="made">Made {made} by CNN Audit.</p>
 {body}

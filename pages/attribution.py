@@ -140,8 +140,9 @@ st.subheader("Can the maps be trusted?")
 rows = []
 for method, values in results.items():
     row = {"method": method}
-    if selection.masks is not None:
-        mask = selection.masks[[item.name for item in selection.image_set].index(selection.image.name)]
+    if selection.masks is not None:  # the shape's mask, fitted to the model's input as its image was
+        mask = images.fit_mask(selection.masks[[item.name for item in selection.image_set].index(
+            selection.image.name)], loaded.input_size, selection.fit)
         row["mass on the object"] = attribution.mass_inside(values, mask)
         row["peak on the object"] = attribution.peak_inside(values, mask)
     fractions, scores, area = common.deletion(loaded.fingerprint, loaded.source, input_key, x, values,
@@ -170,21 +171,27 @@ figure = px.line(curves, x="removed", y="score", color="method",
 figure.update_layout(height=320, margin=dict(t=10))
 st.plotly_chart(figure, width="stretch")
 
-with st.expander("Sanity check: randomise the model from the top (Adebayo et al. 2018)"):
-    method = st.selectbox("Method", methods, key="attr_sanity_method")
-    weighted = len(models.weighted_layers(loaded.model))
-    limit = st.number_input("Layers to randomise, from the top", 1, max(weighted, 1), min(weighted, 8),
-                            key="attr_sanity_limit", help="Each step re-initialises one more weighted layer and "
-                                                          "computes the map again.")
-    if st.button("Run the sanity check", key="attr_sanity_go"):
-        resolved = common.target_of(target)
+st.subheader("Sanity check: randomise the model from the top")
+st.caption("Adebayo et al. 2018: each step re-initialises one more weighted layer, from the output down, and "
+           "computes the map again.")
+left, right = st.columns(2)
+method = left.selectbox("Method", methods, key="attr_sanity_method")
+weighted = len(models.weighted_layers(loaded.model))
+limit = right.number_input("Layers to randomise, from the top", 1, max(weighted, 1), min(weighted, 8),
+                           key="attr_sanity_limit")
+pressed = st.button("Run the sanity check", key="attr_sanity_go")
+sanity_key = ("sanity", loaded.fingerprint, input_key, target, method, options_for(method), int(limit))
+if jobs.job_shown(selection, "sanity", pressed, sanity_key, jobs.has_result(sanity_key), int(limit) * passes(method)):
+    def randomise_layer_after_layer():
         options = {**dict(options_for(method)), **attribution.black_options(method, black)}
-        with common.user_errors("The sanity check"), \
-                jobs.model_job(selection, "Randomising layer after layer") as progress:
-            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], resolved,
+        with jobs.model_job(selection, "Randomising layer after layer", "sanity") as progress:
+            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], common.target_of(target),
                                               limit=int(limit), progress=progress, **options)
-        frame = pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
-        chart = px.line(frame, x="randomised down to", y="rank correlation", markers=True, range_y=[-1, 1])
-        chart.update_layout(height=300, margin=dict(t=10))
-        st.plotly_chart(chart, width="stretch")
-        st.caption("A map that stays the same while the weights become random explains the image, not the model.")
+        return pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
+
+    with common.user_errors("The sanity check"):
+        frame = jobs.shared_result(sanity_key, randomise_layer_after_layer)
+    chart = px.line(frame, x="randomised down to", y="rank correlation", markers=True, range_y=[-1, 1])
+    chart.update_layout(height=300, margin=dict(t=10))
+    st.plotly_chart(chart, width="stretch")
+    st.caption("A map that stays the same while the weights become random explains the image, not the model.")

@@ -154,10 +154,14 @@ class Selection:
         return self.model.head(self.output)
 
     def class_names(self) -> list[str]:
-        """Names of the explained output's classes (class i when the model does not say)."""
-        head = self.head
-        names = self.model.class_names
-        return names if names and len(names) == head.classes else [f"class {i}" for i in range(head.classes)]
+        """Names of the explained output's classes: the model's, else the image set's class folders (see
+        audit.heads.class_names), else class i."""
+        return self.class_names_and_origin()[0]
+
+    def class_names_and_origin(self) -> tuple[list[str], str]:
+        from audit import heads
+
+        return heads.class_names(self.model.class_names, self.head, (item.label for item in self.image_set))
 
 
 def current() -> Selection:
@@ -179,16 +183,26 @@ def layer_table(fingerprint: str, source: str):
     return models.layer_table(get_model(source).model)
 
 
+def significant(table: pd.DataFrame, digits: int = 3) -> dict:
+    """column_config showing every float column with `digits` significant digits (a Taylor score of 7e-13
+    reads as 7.00e-13, not 0.0000000000007)."""
+    return {column: st.column_config.NumberColumn(format=f"%.{digits}g")
+            for column in table.columns if pd.api.types.is_float_dtype(table[column])}
+
+
 def _dims(value, unknown: str) -> str:
     return "" if value is None else "×".join(unknown if d is None else str(d) for d in value)
 
 
 def displayable(table):
-    """Tuples as readable strings for st.dataframe (Arrow wants one type per column)."""
+    """Tuples as readable strings for st.dataframe (Arrow wants one type per column): shapes as 7×7×512,
+    and any other mixed column (a ZeroPadding2D's ((1, 1), (1, 1)) beside Conv2D's "same") as text."""
     table = table.copy()
     table["output_shape"] = table["output_shape"].map(lambda v: _dims(v, "N"))
     for column in ("kernel_size", "strides"):
         table[column] = table[column].map(lambda v: _dims(v, "?"))
+    for column in table.columns[table.dtypes == object]:
+        table[column] = table[column].map(lambda v: v if v is None or isinstance(v, str) else str(v))
     return table
 
 
@@ -233,7 +247,30 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
                 sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
         return activations.stats_frame(sums, threshold)
 
-    return jobs.shared_result(key, compute)
+    stats = jobs.shared_result(key, compute)
+    _note_dead(selection, stats)
+    return stats
+
+
+@st.cache_resource
+def _dead_known() -> tuple[dict, threading.Lock]:
+    return {}, threading.Lock()
+
+
+def _note_dead(selection: "Selection", stats: pd.DataFrame) -> None:
+    """Remember each layer's count of filters never above 0 on this image set (whatever the threshold asked:
+    the maximum does not depend on it), so other pages can show it."""
+    store, lock = _dead_known()
+    with lock:
+        for layer, group in stats.groupby("layer", sort=False):
+            store[set_key(selection, layer)] = int((group["max"] <= 0).sum())
+
+
+def dead_filters(selection: "Selection", layer: str) -> int | None:
+    """Filters of `layer` never above 0 on the current image set, if its statistics were computed."""
+    store, lock = _dead_known()
+    with lock:
+        return store.get(set_key(selection, layer))
 
 
 # --- galleries -------------------------------------------------------------------------------
@@ -360,8 +397,10 @@ def random_deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarra
 
 def labels_of(selection: "Selection") -> np.ndarray | None:
     """Class indices of the image set when every image has a label the model knows, else None."""
-    names = selection.model.class_names
-    if not names or any(item.label not in names for item in selection.image_set):
+    if not selection.head.is_classifier:
+        return None
+    names = selection.class_names()
+    if any(item.label not in names for item in selection.image_set):
         return None
     return np.array([names.index(item.label) for item in selection.image_set])
 
@@ -407,30 +446,46 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
                                  tuple((k, tuple(v)) for k, v in chosen.items())), compute)
 
 
-def sensitivity(selection: "Selection", scores, criterion: str):
-    """Each conv layer pruned alone from 10% to 90%, once per (model, images, criterion)."""
+def _first(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's input and labels (None without) for the first `count` images of the set."""
+    labels = labels_of(selection)
+    return image_set_input(selection)[:count], None if labels is None else labels[:count]
+
+
+def sensitivity(selection: "Selection", scores, criterion: str, count: int):
+    """Each conv layer pruned alone from 10% to 90% on the first `count` images, once per (model, images,
+    criterion)."""
     loaded = selection.model
 
     def compute():
-        x = image_set_input(selection)
+        x, labels = _first(selection, count)
         with jobs.model_job(selection, "Sensitivity, layer by layer", "sensitivity") as progress:
-            return pruning.sensitivity(loaded.model, scores, criterion, x, labels_of(selection), progress=progress,
+            return pruning.sensitivity(loaded.model, scores, criterion, x, labels, progress=progress,
                                        output=selection.output)
 
-    return jobs.shared_result(set_key(selection, "sensitivity", criterion, selection.output), compute)
+    return jobs.shared_result(sensitivity_key(selection, criterion, count), compute)
 
 
-def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str):
-    """One layer pruned by the ranking, its inverse and 20 random rankings, once per (model, images, layer)."""
+def sensitivity_key(selection: "Selection", criterion: str, count: int) -> tuple:
+    return set_key(selection, "sensitivity", criterion, selection.output, int(count))
+
+
+def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str, count: int):
+    """One layer pruned by the ranking, its inverse and 20 random rankings on the first `count` images, once
+    per (model, images, layer)."""
     loaded = selection.model
 
     def compute():
-        x = image_set_input(selection)
+        x, labels = _first(selection, count)
         with jobs.model_job(selection, "Rankings", "chance") as progress:
-            return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels_of(selection),
+            return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels,
                                                   progress=progress, output=selection.output)
 
-    return jobs.shared_result(set_key(selection, "chance", layer, criterion, selection.output), compute)
+    return jobs.shared_result(chance_key(selection, layer, criterion, count), compute)
+
+
+def chance_key(selection: "Selection", layer: str, criterion: str, count: int) -> tuple:
+    return set_key(selection, "chance", layer, criterion, selection.output, int(count))
 
 
 def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
@@ -438,14 +493,17 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
     loaded = selection.model
 
     def compute():
-        x = image_set_input(selection)[:count]
-        labels = labels_of(selection)
+        x, labels = _first(selection, count)
         frames = []
-        with jobs.model_job(selection, "Leave-one-filter-out", "loo") as progress:
-            for done, layer in enumerate(layers):
-                changes = pruning.leave_one_out(loaded.model, layer, x, None if labels is None else labels[:count],
-                                                progress=lambda i, n, done=done: progress(done * n + i, len(layers) * n),
-                                                output=selection.output)
+        sizes = [models.output_channels(loaded.model, layer) for layer in layers]
+        total = sum(sizes)
+        with jobs.model_job(selection, f"Leave-one-filter-out on {total} filters of {len(layers)} layers", "loo") \
+                as progress:
+            for layer, before in zip(layers, np.cumsum([0] + sizes[:-1])):
+                changes = pruning.leave_one_out(
+                    loaded.model, layer, x, labels, output=selection.output,
+                    progress=lambda i, n, before=int(before), layer=layer: progress(
+                        before + min(i, n), total, f"{before + min(i, n)} / {total} filters (now {layer})"))
                 frames.append(pd.DataFrame({"layer": layer, "filter": np.arange(len(changes)), "cost": changes}))
         return pd.concat(frames, ignore_index=True)
 

@@ -18,6 +18,7 @@ st.caption("Each tile is an input grown from noise by gradient ascent on the mea
            "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
            "on its own image.")
 
+FLAT_SCORE = 1e-6  # class scores all below this after the ascent: nothing was grown
 PICKS = {"First N": "first", "By index": "index", "Top N by mean activation on the image set": "top"}
 conv = models.conv_layers(loaded.model)
 layer = links.selectbox(st, "Layer", conv, param="layer", key=f"filters_layer_{loaded.fingerprint}")
@@ -108,26 +109,31 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
 
     st.markdown("**Dead, or only failed to start?** A zero loss is not proof of a dead filter: from noise the "
                 "ReLU may never open, so no gradient flows.")
-    if st.button("Compare with and without warm-up", key="filters_compare"):
-        other = filters.Options(**{**asdict(options), "warmup": 0 if warmup else 5})
+    other = filters.Options(**{**asdict(options), "warmup": 0 if warmup else 5})
+    compare = st.button("Compare with and without warm-up", key="filters_compare")
+    if jobs.job_shown(selection, "compare", compare, (layer, key, other, int(seed)),
+                      common.has_gallery(selection, layer, key, other, int(seed)),
+                      jobs.ascent_passes(selection, len(key), other)):
         with common.user_errors():
             second = common.gallery(selection, layer, key, other, int(seed))
         cold, warm = (result, second) if not warmup else (second, result)
-        dead_key = common.stats_key(selection, (layer,), 0.0)
-        dead = (int(jobs.shared_result(dead_key, lambda: None)["dead"].sum())
-                if jobs.has_result(dead_key) else None)
-        table = pd.DataFrame({
-            "filter": key,
-            "never started without warm-up": ~cold.started,
-            "no response without warm-up": ~cold.responded,
-            "no response with warm-up": ~warm.responded,
-        })
         counts = st.columns(4)
         counts[0].metric("Never started, no warm-up", int((~cold.started).sum()))
         counts[1].metric("No response, no warm-up", int((~cold.responded).sum()))
         counts[2].metric("No response, with warm-up", int((~warm.responded).sum()))
-        counts[3].metric("Dead on the image set (whole layer)", "compute on Activations" if dead is None else dead)
-        st.dataframe(table, hide_index=True)
+        dead = common.dead_filters(selection, layer)
+        if dead is not None:
+            counts[3].metric("Dead on the image set", f"{dead} of {channels}",
+                             help="Filters never above 0 on any image of the set (Activations page statistics).")
+        st.dataframe(pd.DataFrame({
+            "filter": key,
+            "never started without warm-up": ~cold.started,
+            "no response without warm-up": ~cold.responded,
+            "no response with warm-up": ~warm.responded,
+        }), hide_index=True)
+        if dead is None:
+            st.caption(f"How many of {layer}'s filters are dead on the image set (never above 0) is known once its "
+                       "statistics are computed (Activations page, **Compute statistics**).")
 else:
     st.info("Choose the filters and press **Grow the gallery**: on a CPU a deep layer takes a minute.")
 
@@ -162,6 +168,11 @@ else:
                    or cached):
         with common.user_errors():
             result = common.gallery(selection, "", class_key, class_options, int(seed), classes=True)
+        largest = float(np.max(np.abs(result.activations)))
+        if largest < FLAT_SCORE:
+            st.warning(f"The class scores stay near 0 (largest {largest:.2g}): their gradients are too small to grow "
+                       "an image, as with random or untrained weights, so these images are still close to their "
+                       "starting noise.", icon=":material/blur_on:")
         columns = st.columns(min(6, len(class_key)))
         for position, index in enumerate(class_key):
             columns[position % len(columns)].image(result.images[position], width="stretch",

@@ -176,6 +176,15 @@ def about(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} h"
 
 
+def images_within(selection: "common.Selection", passes_per_image: float, available: int, floor: int = 2) -> int:
+    """A default image count for a sweep: as many as fit the link budget (a first answer in seconds), at
+    least `floor`, at most `available`; the user raises it and sees the new estimate."""
+    from audit import limits
+
+    fitting = int(limits.LINK_JOB_SECONDS.value / max(passes_per_image * pass_seconds(selection), 1e-9))
+    return max(1, min(available, max(floor, fitting)))
+
+
 def ascent_passes(selection: "common.Selection", count: int, options) -> float:
     """Image passes of a gallery: forward and backward (3) per filter and step, scaled by its image's area."""
     height, width = selection.model.input_size

@@ -56,6 +56,7 @@ PARAMS = {
     "warmup": "warm-up steps",
     "ascent_seed": "ascent seed",
     "gallery": "the gallery is shown",
+    "compare": "the warm-up comparison is shown",
     "classes": "class-model images for these classes (repeated)",
     "class_images": "the class-model images are shown",
     # Attribution page
@@ -71,6 +72,7 @@ PARAMS = {
     "channels": "Score-CAM channel cap",
     "patch": "occlusion patch",
     "stride": "occlusion stride",
+    "sanity": "the sanity check is shown",
     # Pruning page
     "criterion": "pruning criterion",
     "share": "share of each layer to cut",
@@ -79,6 +81,7 @@ PARAMS = {
     "rank_by": "ranking for sensitivity and chance",
     "measure": "measure of the sensitivity and chance charts",
     "chance_layer": "layer of the chance comparison",
+    "sweep_images": "images used by the sensitivity and chance sweeps",
     "tune_epochs": "fine-tuning epochs",
     "tune_lr": "fine-tuning learning rate",
     "recovery": "the fine-tuning comparison is shown",

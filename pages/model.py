@@ -7,6 +7,8 @@ import streamlit as st
 
 from pages import common, links
 
+READABLE_BARS = 40  # layer names stay readable under the chart up to this many bars
+
 selection = common.current()
 loaded = selection.model
 model = loaded.model
@@ -36,14 +38,20 @@ st.dataframe(
     },
 )
 st.download_button("Download the layer table (CSV)", common.displayable(table).to_csv(index=False),
-                   file_name=f"{loaded.source.replace(':', '_')}_layers.csv", mime="text/csv")
+                   file_name=f"{loaded.file_stem}_layers.csv", mime="text/csv")
 
 st.subheader("Parameters per layer")
-with_params = leaves[leaves.params > 0]
-figure = px.bar(with_params, x="path", y="params", color="type", log_y=links.toggle(st, "Log scale", param="log", key="model_log"),
-                labels={"path": "layer", "params": "parameters"}, hover_data=["output_shape", "filters"])
-figure.update_layout(xaxis_tickangle=-45, height=420, margin=dict(t=10))
+with_params = leaves[leaves.params > 0].assign(position=lambda f: range(1, len(f) + 1))
+named = len(with_params) <= READABLE_BARS  # past that, names on the axis overlap: positions, names on hover
+figure = px.bar(with_params, x="path" if named else "position", y="params", color="type",
+                log_y=links.toggle(st, "Log scale", param="log", key="model_log"),
+                category_orders={"path": list(with_params.path)},  # network order, whatever the colours
+                labels={"path": "layer", "params": "parameters", "position": "layer with weights, in network order"},
+                hover_data=["path", "output_shape", "filters"])
+figure.update_layout(xaxis_tickangle=-45 if named else 0, height=420, margin=dict(t=10))
 st.plotly_chart(figure, width="stretch")
+if not named:
+    st.caption(f"{len(with_params)} layers with weights, in network order: hover a bar for its name.")
 
 st.subheader("On the current image")
 left, right = st.columns([1, 2])
@@ -53,12 +61,13 @@ with common.user_errors("The prediction"):
     output = selection.predict()
 head = selection.head
 if head.is_classifier:
-    names = selection.class_names()
+    names, origin = selection.class_names_and_origin()
     top = np.argsort(output)[::-1][:5]
     right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
                     column_config={"probability": st.column_config.ProgressColumn(
                         "probability", min_value=0.0, max_value=1.0, format="%.3f")})
-    right.caption(head.description[0].upper() + head.description[1:] + ".")
+    right.caption(head.description[0].upper() + head.description[1:] + "."
+                  + (f" Class names from {origin}." if origin and origin != "the model" else ""))
     if loaded.untrained:
         right.caption("Random weights: these probabilities mean nothing.")
 else:

@@ -59,11 +59,13 @@ candidates = scores.loc[candidates.index]
 layer_pick = links.selectbox(st, "Filters of layer", list(counts["layer"]), param="scatter_layer",
                              key="prune_scatter_layer")
 shown = scores[scores.layer == layer_pick].assign(candidate=lambda f: f["filter"].isin(selection_map.get(layer_pick, [])))
-scatter = px.scatter(shown, x="l1", y="apoz", color="redundancy", symbol="candidate", custom_data=["filter"],
-                     hover_data=["filter", "mean", "nearest", "fpgm", "taylor", "ascent"],
-                     labels={"l1": "L1 norm", "apoz": "APoZ", "ascent": "gallery response"},
+scatter = px.scatter(shown.assign(status=np.where(shown.candidate, "candidate", "kept")), x="l1", y="apoz",
+                     color="redundancy", symbol="status", symbol_map={"candidate": "x", "kept": "circle"},
+                     custom_data=["filter"], hover_data={"filter": True, "mean": ":.3g", "nearest": True,
+                                                         "fpgm": ":.3g", "taylor": ":.3g", "ascent": ":.3g"},
+                     labels={"l1": "L1 norm", "apoz": "APoZ", "ascent": "gallery response", "status": ""},
                      color_continuous_scale="Viridis")
-scatter.update_layout(height=380, margin=dict(t=30), legend=dict(orientation="h", y=1.1, title_text="candidate"))
+scatter.update_layout(height=380, margin=dict(t=30), legend=dict(orientation="h", y=1.1, title_text=""))
 st.caption("Click a filter to see its evidence below. The gallery response is known for filters whose "
            "gallery was drawn (Filters page, or the button below).")
 event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_mode="points",
@@ -111,7 +113,7 @@ if common.has_gallery(selection, layer_pick, (index,), tile_options, 0) or \
 else:
     tile_col.caption("The input that maximises this filter (gradient ascent, the Filters page's defaults).")
 
-st.dataframe(candidates, hide_index=True, width="stretch", height=260)
+st.dataframe(candidates, hide_index=True, width="stretch", height=260, column_config=common.significant(candidates))
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
 
 st.subheader("Dependency groups")
@@ -144,7 +146,8 @@ labels = common.labels_of(selection)
 measured = pruning.quality(before, after, labels, head.distribution == "sigmoid" and not head.binary)
 if head.is_classifier:
     metrics[0].metric("Top-1 agreement", f"{measured['agreement']:.1%}")
-    metrics[1].metric("Mean KL(before ‖ after)", f"{measured['kl']:.4f}")
+    kl = measured["kl"] if abs(measured["kl"]) >= 5e-5 else 0.0  # float round-off around 0 is not "-0.0000"
+    metrics[1].metric("Mean KL(before ‖ after)", f"{kl:.4f}")
     if labels is not None:
         unpruned = np.mean(before.argmax(1) == labels)
         metrics[2].metric("Accuracy", f"{measured['accuracy']:.1%}", delta=f"{measured['accuracy'] - unpruned:+.1%}")
@@ -159,32 +162,46 @@ rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="
                           show=ranking_criteria.get, format_func=str)
 measures = (MEASURES_WITH_LABELS if labels is not None else MEASURES if head.is_classifier
             else {"relative feature error": "feature_error"})
-measure_name = links.selectbox(st, "Measure", list(measures), param="measure", key=f"prune_measure_{len(measures)}",
-                               radio=True, horizontal=True)
+if len(measures) > 1:
+    measure_name = links.selectbox(st, "Measure", list(measures), param="measure",
+                                   key=f"prune_measure_{len(measures)}", radio=True, horizontal=True)
+    st.caption(("Accuracy stops at 100% on a robust model; the KL divergence" if "accuracy" in measures else
+                "Top-1 agreement stops at 100% on a robust model; the KL divergence")
+               + " from the unpruned outputs still tells rankings apart there.")
+else:
+    measure_name = next(iter(measures))
+    st.caption(f"Measured by the {measure_name} of the model's output: it has no class output, so there is no "
+               "accuracy or agreement to measure.")
 measure = measures[measure_name]
-st.caption("Accuracy stops at 100% on a robust model; the KL divergence from the unpruned outputs still "
-           "tells rankings apart there.")
-pressed = st.button("Run the sensitivity analysis", key="prune_sensitivity")
 images_count = len(selection.image_set)
-if jobs.job_shown(selection, "sensitivity", pressed, common.set_key(selection, "sensitivity", rank_by),
-                    jobs.has_result(common.set_key(selection, "sensitivity", ranking_criteria[rank_by],
-                                                     selection.output)),
-                    (9 * len(counts) + 1) * images_count):
-    sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by])
+sensitivity_passes = 9 * len(counts) + 1  # per image: each layer at 9 shares, and the unpruned model
+sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
+                            jobs.images_within(selection, sensitivity_passes, images_count), param="sweep_images",
+                            key=f"prune_sweep_images_{images_count}",
+                            help="The first images of the set. The default gives a first answer in seconds; "
+                                 "more images give steadier curves (the estimate is on each button).")
+cost = jobs.about(sensitivity_passes * sweep_images * jobs.pass_seconds(selection))
+pressed = st.button(f"Run the sensitivity analysis ({cost} here)", key="prune_sensitivity")
+sensitivity_key = common.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
+if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_result(sensitivity_key),
+                  sensitivity_passes * sweep_images):
+    sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by], sweep_images)
     chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
                     labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
-    st.caption("Each layer pruned alone, the others intact (Li et al. 2017): flat curves mark robust layers.")
+    st.caption(f"Each layer pruned alone, the others intact (Li et al. 2017), on {sweep_images} image{'s' if sweep_images > 1 else ''}: flat "
+               "curves mark robust layers.")
 
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
                                index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
-pressed = st.button("Compare with the inverted and 20 random rankings", key="prune_chance")
-if jobs.job_shown(selection, "chance", pressed, common.set_key(selection, "chance", chance_layer, rank_by),
-                    jobs.has_result(common.set_key(selection, "chance", chance_layer, ranking_criteria[rank_by],
-                                                     selection.output)),
-                    (22 * 9 + 1) * images_count):
-    runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by])
+chance_passes = 22 * 9 + 1
+cost = jobs.about(chance_passes * sweep_images * jobs.pass_seconds(selection))
+pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
+chance_key = common.chance_key(selection, chance_layer, ranking_criteria[rank_by], sweep_images)
+if jobs.job_shown(selection, "chance", pressed, chance_key, jobs.has_result(chance_key),
+                  chance_passes * sweep_images):
+    runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by], sweep_images)
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
     chart = px.line(runs[~runs.ranking.str.startswith("random")], x="fraction", y=measure, color="ranking",
@@ -208,14 +225,19 @@ st.caption("Leave-one-filter-out: each filter alone is zeroed and the loss on th
            "APoZ counts zeros, so its sign is flipped) with that true cost. Positive: the criterion ranks "
            "filters the way cutting them really hurts. One forward pass per filter.")
 all_layers = list(counts["layer"])
-default_layers = all_layers if int(counts["total"].sum()) <= 512 else all_layers[-1:]
-loo_layers = links.multiselect(st, "Layers", all_layers, default=default_layers, param="loo_layers",
-                               key=f"loo_layers_{loaded.fingerprint}")
-loo_count = links.number(st, "Images used", 1, len(selection.image_set), min(100, len(selection.image_set)),
-                         param="loo_images", key="loo_images")
-pressed = st.button("Measure leave-one-filter-out", key="prune_loo")
+filters_of = counts.set_index("layer")["total"]
+smallest = filters_of[::-1].idxmin()  # the deepest of the layers with the fewest filters: the quickest answer
+loo_layers = links.multiselect(st, "Layers", all_layers, default=[smallest], param="loo_layers",
+                               key=f"loo_layers_{loaded.fingerprint}",
+                               help="Default: the deepest of the smallest layers, for a first answer in seconds; "
+                                    "one forward pass per filter and image.")
+loo_count = links.number(st, "Images used", 1, images_count,
+                         jobs.images_within(selection, int(filters_of[smallest]) + 1, min(100, images_count)),
+                         param="loo_images", key=f"loo_images_{images_count}")
+loo_filters = int(filters_of.loc[loo_layers].sum()) if loo_layers else 0
+cost = jobs.about((loo_filters + 1) * int(loo_count) * jobs.pass_seconds(selection))
+pressed = st.button(f"Measure leave-one-filter-out ({cost} here)", key="prune_loo")
 loo_key = common.set_key(selection, "leave_one_out", tuple(loo_layers), int(loo_count), selection.output)
-loo_filters = int(counts.set_index("layer").loc[loo_layers, "total"].sum()) if loo_layers else 0
 if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_result(loo_key),
                                    (loo_filters + 1) * int(loo_count)):
     with common.user_errors():
@@ -232,6 +254,8 @@ if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_re
     chart = px.scatter(merged, x=pick, y="cost", color="layer", hover_data=["filter"],
                        labels={"cost": "loss increase when removed alone"})
     chart.update_layout(height=360, margin=dict(t=10))
+    chart.update_xaxes(exponentformat="e")  # 1e-13, not plotly's SI "100f"
+    chart.update_yaxes(exponentformat="e")
     st.plotly_chart(chart, width="stretch")
     st.download_button("Download the costs (CSV)", costs.to_csv(index=False), "leave_one_out.csv", "text/csv")
 

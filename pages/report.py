@@ -41,7 +41,7 @@ if jobs.job_shown(selection, "report", pressed, key, jobs.has_result(key), repor
 
     with common.user_errors():
         page = jobs.shared_result(key, build)
-    name = f"cnn_audit_{loaded.source.replace(':', '_')}.html"
+    name = f"cnn_audit_{loaded.file_stem}.html"
     st.success(f"The report is ready: {len(page.encode()) / 2**20:.1f} MB, {len(selection.image_set)} images.")
     st.download_button("Download the report (HTML)", page, name, "text/html", type="primary", key="report_download")
     if st.toggle("Preview here", key="report_preview"):

@@ -82,7 +82,7 @@ def _uploaded_model_source(initial: str) -> str | None:
                                       help="Screened before loading; Lambda layers and custom code are refused.")
     if upload is not None:
         try:
-            return "upload:" + storage.save_upload(upload.getvalue(), "models")
+            return "upload:" + storage.save_upload(upload.getvalue(), "models", upload.name)
         except AuditError as exc:
             st.sidebar.error(str(exc))
             return None

@@ -38,6 +38,36 @@ def test_model_page_on_vgg16_with_a_sample_photo():
     assert "HED" in at.caption[0].value
 
 
+def _plotly_values(values):
+    """A trace's array as plotly's JSON holds it: a list, or base64 typed data (plotly 6)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(values, dict) and "bdata" in values:
+        return list(np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"]))
+    return list(values)
+
+
+def test_model_page_draws_parameters_in_network_order_for_a_deep_model():
+    """MobileNetV2 (about 100 layers with weights): bars by position in the network, names on hover."""
+    import json
+
+    at = _app(model="keras:MobileNetV2:untrained").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Model: keras:MobileNetV2:untrained"
+    table = at.dataframe[0].value
+    weighted = [path for path, params, container in zip(table.path, table.params, table.is_container)
+                if params > 0 and not container]
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    bars = {}
+    for trace in spec["data"]:
+        for position, custom in zip(_plotly_values(trace["x"]), trace["customdata"]):
+            bars[int(position)] = custom[0]
+    assert [bars[k] for k in sorted(bars)] == weighted and sorted(bars) == list(range(1, len(weighted) + 1))
+    assert any("hover a bar for its name" in c.value for c in at.caption)
+
+
 @pytest.mark.parametrize("source, message", [
     ("keras:NotANet", "Unknown keras.applications model"),
     ("upload:../../etc/passwd", "not the SHA-256 name"),
@@ -52,7 +82,8 @@ def test_bad_model_sources_give_a_clear_message_not_a_traceback(source, message)
 
 
 def _submit(at: AppTest, label: str) -> AppTest:
-    next(button for button in at.button if button.label == label).click()
+    """Press the button whose label starts with `label` (some end with their estimated cost)."""
+    next(button for button in at.button if button.label.startswith(label)).click()
     return at.run()
 
 
@@ -100,6 +131,24 @@ def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights
     _submit(at, "Grow class images")
     assert not at.exception, at.exception
     assert len(at.get("image")) == 32 + 4 + 6  # six shape classes
+    assert "No response, with warm-up" in {m.label for m in at.metric}  # the comparison stays after another button
+
+
+def test_filters_page_shows_the_layers_dead_count_once_the_statistics_are_computed():
+    at = _app(count="12", n="2", size="32", steps="3").run()
+    at.switch_page("pages/activations.py").run()
+    _submit(at, "Compute statistics")  # every conv layer, at the default threshold
+    assert not at.exception, at.exception
+    stats = next(frame.value for frame in at.dataframe if "apoz" in frame.value.columns)
+    layer = stats[stats.layer == "block3_conv2"]
+    expected = int((layer["max"] <= 0).sum())
+    at.switch_page("pages/filters.py").run()
+    at.selectbox(key=next(s.key for s in at.selectbox if s.label == "Layer")).set_value("block3_conv2").run()
+    _submit(at, "Grow the gallery")
+    _submit(at, "Compare with and without warm-up")
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Dead on the image set"] == f"{expected} of {len(layer)}", metrics
 
 
 def test_filters_page_refuses_bad_indices_with_a_message():
@@ -191,10 +240,21 @@ def test_pruning_page_on_vgg16_without_class_output():
     at.switch_page("pages/pruning.py").run()
     assert not at.exception, at.exception
     assert [m.label for m in at.metric] == ["Relative feature error"]
+    assert not [r for r in at.radio if r.label == "Measure"]  # one measure: no choice to offer
+    assert any("no class output" in c.value for c in at.caption)
+    # the sweeps default to what answers within the link budget, and each button says its cost
+    sweep = next(n for n in at.number_input if n.label == "Images used by the sweeps")
+    assert 1 <= sweep.value < 12
+    assert any(b.label.startswith("Run the sensitivity analysis (about ") for b in at.button)
+    # the scatter's legend says what each symbol is (not "candidate • False")
+    import json
+
+    scatter = json.loads(at.get("plotly_chart")[1].proto.spec)
+    assert {trace.get("name") for trace in scatter["data"]} <= {"candidate", "kept"}
 
 
 def test_pruning_page_runs_the_sensitivity_analysis_and_the_chance_comparison():
-    at = _app().run()
+    at = _app(count="18").run()
     at.switch_page("pages/pruning.py").run()
     _submit(at, "Run the sensitivity analysis")
     assert not at.exception, at.exception
@@ -232,6 +292,9 @@ def test_pruning_page_reports_how_each_criterion_tracks_the_true_cost():
 
 
 def test_pruning_page_shows_a_filters_evidence_and_its_gallery_response():
+    from pages import common
+
+    common._responses()[0].clear()  # galleries grown by earlier tests in this process are forgotten
     at = _app(count="12", evidence="3")
     at.run()
     at.switch_page("pages/pruning.py").run()
@@ -243,7 +306,24 @@ def test_pruning_page_shows_a_filters_evidence_and_its_gallery_response():
     _submit(at, "Grow its gallery tile")
     assert not at.exception, at.exception
     assert any(c.value.startswith("Gallery tile: response") for c in at.caption)
-    from pages import common
-
     fingerprint = common.get_model("demo:shapes").fingerprint
     assert ("block1_conv1", 3) in common.ascent_responses(fingerprint)  # the scores' "ascent" column
+
+
+def test_layer_tables_of_models_users_bring_convert_to_arrow_and_floats_keep_significant_digits():
+    """ZeroPadding2D's ((0, 1), (0, 1)) beside "same" in one column made Arrow fail (MobileNetV2, ResNet50)."""
+    import keras
+    import pandas as pd
+    import pyarrow as pa
+
+    from audit import models
+    from pages import common
+
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3))
+    table = common.displayable(models.layer_table(model))
+    pa.Table.from_pandas(table)  # raises ArrowTypeError on a mixed column
+    assert set(table.loc[table.type == "ZeroPadding2D", "padding"]) == {"((0, 1), (0, 1))"}
+    assert set(table.loc[table.type == "Conv2D", "padding"]) == {"same", "valid"}
+    frame = pd.DataFrame({"layer": ["a"], "filter": [1], "taylor": [7e-13], "l1": [12.5]})
+    assert {name: config["type_config"]["format"] for name, config in common.significant(frame).items()} == \
+        {"taylor": "%.3g", "l1": "%.3g"}

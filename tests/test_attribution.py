@@ -285,3 +285,23 @@ def test_guided_grad_cam_is_the_product_of_its_parts(demo):
     product = attribution.guided_backprop(loaded.model, x[1], label) * attribution.grad_cam(loaded.model, x[1], label)
     np.testing.assert_allclose(attribution.guided_grad_cam(loaded.model, x[1], label), product / product.max(),
                                atol=1e-6)
+
+
+def test_a_shapes_mask_is_fitted_to_a_larger_model_as_its_image_is():
+    """Demo shapes (64 px) under VGG16 (224 px): the mask is resized with its image, not compared as is."""
+    from audit import images
+    from audit.errors import ImageError
+
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 8:40] = True  # a 32 x 32 square, left of centre
+    fitted = images.fit_mask(mask, (224, 224))
+    assert fitted.shape == (224, 224)
+    rows, cols = np.nonzero(fitted)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (56, 167, 28, 139)  # 3.5 x the square
+    picture = np.where(mask[..., None], 255, 0).astype(np.uint8).repeat(3, axis=-1)
+    np.testing.assert_array_equal(fitted, images.fit(picture, (224, 224))[..., 0] >= 128)
+    heat = np.zeros((224, 224))
+    heat[100, 80] = 1.0
+    assert attribution.peak_inside(heat, fitted) and attribution.mass_inside(heat, fitted) == 1.0
+    with pytest.raises(ImageError, match="fit the mask"):
+        attribution.mass_inside(heat, mask)

@@ -99,6 +99,21 @@ def test_a_single_unit_head_is_binary_and_both_classes_have_maps(tmp_path, activ
     np.testing.assert_allclose(loaded.predict(image[None])[0], [1 - p, p], rtol=1e-5)
 
 
+def test_class_names_come_from_the_image_folders_in_keras_order_when_the_model_has_none(tmp_path):
+    """A transfer-learning model saved without class names: image_dataset_from_directory numbered its class
+    folders in sorted order, so folders 'dogs' and 'cats' are classes 1 and 0."""
+    model = keras.Sequential([keras.Input((16, 16, 3)), _base(2), layers.GlobalAveragePooling2D(),
+                              layers.Dense(1, name="unit")])
+    head = _from_file(model, tmp_path).head()
+    names, origin = heads.class_names(None, head, ["dogs", "cats", None, "dogs"])
+    assert names == ["cats", "dogs"] and "image folders" in origin
+    # three folders for two classes, or no classifier: no guess
+    assert heads.class_names(None, head, ["a", "b", "c"]) == (["class 0", "class 1"], "")
+    assert heads.class_names(["no", "yes"], head, ["cats", "dogs"]) == (["no", "yes"], "the model")
+    features = _from_file(keras.Sequential([keras.Input((16, 16, 3)), _base(2)]), tmp_path, "features").head()
+    assert heads.class_names(None, features, ["cats"]) == ([], "")
+
+
 @pytest.mark.parametrize("class_first", [True, False])
 def test_a_two_output_model_explains_its_classifier_in_either_order(tmp_path, class_first):
     keras.utils.set_random_seed(4)
