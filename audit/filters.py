@@ -2,9 +2,10 @@
 
 Erhan et al. 2009; the Keras blog "How convolutional neural networks see the world"; Lucid's
 composable objectives, transforms and regularisers (lucid/optvis/render.py). All filters of a
-gallery are optimised together as one batch through the sub-model cut at their layer, inside one
-compiled function per octave. Random transforms are drawn per filter from a generator seeded by
-(seed, filter), so an image does not depend on which other filters share its batch.
+gallery are optimised together as one batch through the sub-model cut at their layer, by one compiled
+step traced once per (model, layer, graph constants) and reused by every later gallery there. Random
+transforms are drawn per filter from a generator seeded by (seed, filter), so an image does not depend
+on which other filters share its batch.
 
 Images live in pixel space, floats in [0, 1]; the model's own preprocessing is applied inside the
 graph, so what is optimised is exactly what a photo would go through.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -201,17 +204,63 @@ def gallery(model: keras.Model, layer: str, filters, size: int = 128, steps: int
     return result.images, result.activations
 
 
+@dataclass
+class _Compiled:
+    """What a gallery traces, kept per model and reused by every later gallery that shares its graph."""
+
+    cut_post: keras.Model
+    cut_pre: keras.Model | None
+    objective: Callable
+    steps: dict  # pre-activation or not -> the compiled ascent step
+    floors: dict  # largest size -> the smallest input the cut takes (minimum_size)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED_LOCK = threading.Lock()
+
+
+def _graph_key(options: Options) -> tuple:
+    """The options that are constants of the traced step (the others are its inputs or the loop's)."""
+    return (options.preprocessing, options.border, options.learning_rate, options.l2_decay, options.total_variation,
+            options.blur_sigma, options.warmup > 0)
+
+
+def _compiled(model: keras.Model, what: tuple, options: Options, cuts: Callable[[], tuple]) -> _Compiled:
+    """The traced pieces for (`what`, the options' graph constants) on this model, built on first use.
+
+    A gallery re-traced its sub-model and gradient on every call (seconds on VGG16); kept here, a second
+    gallery on the same layer pays only its steps. Weakly keyed by the model: a dropped model takes its
+    traces with it.
+    """
+    key = (what, _graph_key(options))
+    with _COMPILED_LOCK:
+        per_model = _COMPILED.setdefault(model, {})
+        if key not in per_model:
+            cut_post, cut_pre = cuts()
+            objective = _objective_fn(cut_post, cut_pre, options)
+            channels_in = int(cut_post.inputs[0].shape[-1])
+            spec = tf.TensorSpec([None, *cut_post.inputs[0].shape[1:3], channels_in], tf.float32)
+            steps = {pre: _ascent(objective, options, spec, pre)
+                     for pre in {False, cut_pre is not None and options.warmup > 0}}
+            per_model[key] = _Compiled(cut_post, cut_pre, objective, steps, {})
+        return per_model[key]
+
+
 def render(model: keras.Model, layer: str, filters: list[int], options: Options, seed: int = 0,
            progress: Callable[[int, int], None] | None = None) -> Gallery:
     """The gallery with its loss curves and response flags (see `gallery` for the short form)."""
     path = models.resolve_layer(model, layer)
-    cut_post = models.submodel(model, path)
-    if len(cut_post.outputs[0].shape) == 4:  # maps: any image size works up to a conv layer
-        cut_post = models.submodel(model, path, any_size=True)
-    fused = models.has_fused_activation(models.get_layer(model, path))
-    cut_pre = (models.submodel(model, path, pre_activation=True, any_size=cut_post.inputs[0].shape[1] is None)
-               if options.warmup and fused else None)
-    return _grow(model, cut_post, cut_pre, path, filters, options, seed, progress)
+
+    def cuts():
+        cut_post = models.submodel(model, path)
+        if len(cut_post.outputs[0].shape) == 4:  # maps: any image size works up to a conv layer
+            cut_post = models.submodel(model, path, any_size=True)
+        fused = models.has_fused_activation(models.get_layer(model, path))
+        cut_pre = (models.submodel(model, path, pre_activation=True, any_size=cut_post.inputs[0].shape[1] is None)
+                   if options.warmup and fused else None)
+        return cut_post, cut_pre
+
+    return _grow(_compiled(model, ("layer", path), options, cuts), path, filters, options, seed, progress)
 
 
 def class_images(model: keras.Model, classes: list[int], options: Options, seed: int = 0,
@@ -219,8 +268,9 @@ def class_images(model: keras.Model, classes: list[int], options: Options, seed:
     """Class-model images: the input that maximises each class score before the softmax (Simonyan et al.
     2014: maximising a probability can be done by pushing the other classes down instead)."""
     head = heads.find_head(model, output)
-    return _grow(model, heads.scores_model(model, head), None, "the class scores", list(classes), options, seed,
-                 progress)
+    options = Options(**{**asdict(options), "warmup": 0})  # class scores have no ReLU to open
+    compiled = _compiled(model, ("classes", head.output), options, lambda: (heads.scores_model(model, head), None))
+    return _grow(compiled, "the class scores", list(classes), options, seed, progress)
 
 
 def minimum_size(cut: keras.Model, largest: int) -> int:
@@ -247,25 +297,24 @@ def minimum_size(cut: keras.Model, largest: int) -> int:
     return low
 
 
-def _grow(model, cut_post, cut_pre, what: str, filters: list[int], options: Options, seed: int, progress) -> Gallery:
+def _grow(compiled: _Compiled, what: str, filters: list[int], options: Options, seed: int, progress) -> Gallery:
+    cut_post, cut_pre, objective, steps = compiled.cut_post, compiled.cut_pre, compiled.objective, compiled.steps
     if cut_post.inputs[0].shape[1] is not None:  # through a Flatten/Dense only the model's own size does
         options = Options(**{**asdict(options), "size": int(cut_post.inputs[0].shape[1]), "octaves": 1})
     channels = int(cut_post.outputs[0].shape[-1])
     if not filters or min(filters) < 0 or max(filters) >= channels:
         raise AuditError(f"Filters must be between 0 and {channels - 1} for {what}.")
-    objective = _objective_fn(cut_post, cut_pre, options)
     table = _transform_table(filters, seed, options.steps, options)
     index = tf.constant(filters, tf.int32)
 
-    floor = minimum_size(cut_post, options.size) if options.octaves > 1 else options.size
+    if options.octaves > 1 and options.size not in compiled.floors:
+        compiled.floors[options.size] = minimum_size(cut_post, options.size)
+    floor = compiled.floors[options.size] if options.octaves > 1 else options.size
     sizes = [max(min(16, options.size), floor, int(round(options.size / options.octave_scale ** k)))
              for k in range(options.octaves)]
     sizes = sizes[::-1]
     per_octave = np.diff(np.linspace(0, options.steps, options.octaves + 1).round().astype(int))
-    channels_in = int(cut_post.inputs[0].shape[-1])
-    pixels = tf.constant(_start_images(filters, seed, sizes[0], channels_in))
-    spec = tf.TensorSpec([None, *cut_post.inputs[0].shape[1:3], channels_in], tf.float32)
-    steps = {pre: _ascent(objective, options, spec, pre) for pre in {False, cut_pre is not None and options.warmup > 0}}
+    pixels = tf.constant(_start_images(filters, seed, sizes[0], int(cut_post.inputs[0].shape[-1])))
     curves, done = [], 0
     for size, count in zip(sizes, per_octave):
         pixels = tf.image.resize(pixels, (size, size), method="bilinear") if pixels.shape[1] != size else pixels

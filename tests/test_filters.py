@@ -121,3 +121,29 @@ def test_first_layer_weights_and_bad_filter_indices(shapes):
     assert tiles.min() == 0.0 and tiles.max() == 1.0
     with pytest.raises(AuditError, match="between 0 and 31"):
         filters.render(shapes.model, "block1_conv1", [32], _options())
+
+
+def test_a_second_gallery_reuses_the_traced_step_and_a_dropped_model_takes_it_along():
+    """Traced once per (model, layer, graph constants): the same images as a fresh trace, other constants
+    traced apart, nothing kept alive once the model is gone."""
+    import gc
+    import weakref
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((24, 24, 3)), keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+                              keras.layers.Conv2D(4, 3, activation="relu", name="c2")])
+    options = filters.Options(size=24, steps=4, jitter=1, preprocessing="unit")
+    first = filters.render(model, "c2", [0, 1, 2], options, seed=5)
+    traced = filters._COMPILED[model]
+    second = filters.render(model, "c2", [0, 1, 2], options, seed=5)
+    assert filters._COMPILED[model] is traced and len(traced) == 1
+    np.testing.assert_array_equal(first.images, second.images)
+    faster = filters.render(model, "c2", [0, 1, 2], filters.Options(**{**options.__dict__, "learning_rate": 0.5}),
+                            seed=5)
+    assert len(traced) == 2 and not np.array_equal(faster.images, first.images)
+    filters.render(model, "c2", [3], options, seed=5)  # other filters, same trace
+    assert len(traced) == 2
+    alive = weakref.ref(model)
+    del model, traced
+    gc.collect()
+    assert alive() is None
