@@ -14,6 +14,9 @@ float map (H, W) in [0, 1]; the maths of the CAMs lives in small functions over 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,10 +212,41 @@ def layer_cam_map(maps: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     return np.maximum((np.maximum(gradients, 0) * maps).sum(axis=-1), 0)
 
 
+_SHARED_PASSES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shared_passes", default=None)
+
+
+@contextlib.contextmanager
+def shared_passes():
+    """Within this block, CAM methods on the same model, image, target and layer share one pass.
+
+    Grad-CAM, Grad-CAM++, Layer-CAM and Guided Grad-CAM all read the layer's maps and the score's
+    gradient with respect to them (Chattopadhyay et al. 2018 derive Grad-CAM++'s weights from the
+    first-order gradients), so a second method costs no model run. Scoped, not global: inside the
+    block the weights must not change (outside it nothing is kept, so a changed model is never stale).
+    """
+    token = _SHARED_PASSES.set({})
+    try:
+        yield
+    finally:
+        _SHARED_PASSES.reset(token)
+
+
 def _maps_and_gradients(model, image, target, layer, output=None):
-    """The layer's maps and the gradient of the target's score with respect to them, from one pass."""
+    """The layer's maps and the gradient of the target's score with respect to them, from one pass
+    (or from the one already made inside `shared_passes`)."""
     target = resolve_target(model, image, target, output)
     layer = models.resolve_layer(model, layer or last_conv_layer(model))
+    kept = _SHARED_PASSES.get()
+    if kept is None:
+        return _one_pass(model, image, target, layer, output)
+    key = (id(model), hashlib.sha1(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest(), image.shape,
+           repr(target), layer, output)
+    if key not in kept:
+        kept[key] = (model, _one_pass(model, image, target, layer, output))  # the model held: its id stays its own
+    return kept[key][1]
+
+
+def _one_pass(model, image, target, layer, output):
     graph = _graph_with_score(model, target, [models.Point(layer)], output)
     x = tf.convert_to_tensor(image[None], tf.float32)
     with tf.GradientTape() as tape:

@@ -80,8 +80,9 @@ def attribution_maps(loaded: models.LoadedModel, item: images.LabelledImage, tar
                      options: ReportOptions) -> dict[str, np.ndarray]:
     """The report's maps of one image: attribution.explain, the dashboard's own path, with each method's
     defaults (black baselines and fills are black pixels under the report's preprocessing and fit)."""
-    return {method: attribution.explain(loaded, item.pixels, method, target, options.preprocessing or None,
-                                        options.fit) for method in options.methods}
+    with attribution.shared_passes():  # the CAM methods of one image read one pass
+        return {method: attribution.explain(loaded, item.pixels, method, target, options.preprocessing or None,
+                                            options.fit) for method in options.methods}
 
 
 def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], options: ReportOptions = ReportOptions(),

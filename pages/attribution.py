@@ -114,27 +114,37 @@ for method in waiting:
     if st.button(f"Compute {method} ({cost} here)", key=f"attr_go_{method}"):
         approved.add((method, options_for(method)))
 waiting = [m for m in waiting if (m, options_for(m)) not in approved]
-results = {}
-with jobs.progress_bar("Attribution maps", on_cancel=approved.clear) as progress:
-    for done, method in enumerate(m for m in methods if m not in waiting):
-        progress(done, len(methods))
-        with common.section(method):
-            results[method] = common.attribution_map(
-                selection, input_key, x, black, target, method, options_for(method),
-                on_cancel=lambda method=method: approved.discard((method, options_for(method))))
+ready = [m for m in methods if m not in waiting]
 
 st.subheader(f"Why {label}?")
-per_row = min(4, len(methods) + 1)
-columns = st.columns(per_row)
-columns[0].image(shown, caption="image", width="stretch")
-for position, (method, values) in enumerate(results.items(), start=1):
-    picture = render.overlay(shown, values, opacity, colour_map)
+# the grid is laid out first and each map fills its place as soon as it is ready, the cheapest first
+per_row = min(4, len(ready) + 1)
+places = {}
+for position, method in enumerate([None, *ready]):
     if position % per_row == 0:  # a new row of columns, so every row starts level
         columns = st.columns(per_row)
-    column = columns[position % per_row]
-    column.image(picture, caption=method, width="stretch")
-    column.download_button("PNG", render.png(picture), f"{method.replace(' ', '_').lower()}.png", "image/png",
-                           key=f"png_{method}")
+    if method is None:
+        columns[0].image(shown, caption="image", width="stretch")
+    else:
+        places[method] = columns[position % per_row].empty()
+        places[method].caption(f"{method}: waiting…")
+results = {}
+with jobs.progress_bar("Attribution maps", on_cancel=approved.clear) as progress, attribution.shared_passes():
+    for done, method in enumerate(sorted(ready, key=passes)):  # the CAM methods share one pass
+        progress(done, len(ready), f"{done} of {len(ready)} maps ready; computing {method}")
+        with common.section(method):
+            values = common.attribution_map(
+                selection, input_key, x, black, target, method, options_for(method),
+                on_cancel=lambda method=method: approved.discard((method, options_for(method))))
+            picture = render.overlay(shown, values, opacity, colour_map)
+            with places[method].container():
+                st.image(picture, caption=method, width="stretch")
+                st.download_button("PNG", render.png(picture), f"{method.replace(' ', '_').lower()}.png", "image/png",
+                                   key=f"png_{method}")
+            results[method] = values
+        if method not in results:
+            places[method].caption(f"{method}: failed (the message is below).")
+results = {method: results[method] for method in ready if method in results}  # the table in the chosen order
 
 st.subheader("Can the maps be trusted?")
 rows = []

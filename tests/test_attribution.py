@@ -305,3 +305,21 @@ def test_a_shapes_mask_is_fitted_to_a_larger_model_as_its_image_is():
     assert attribution.peak_inside(heat, fitted) and attribution.mass_inside(heat, fitted) == 1.0
     with pytest.raises(ImageError, match="fit the mask"):
         attribution.mass_inside(heat, mask)
+
+
+def test_the_cam_methods_share_one_pass_inside_shared_passes_and_nothing_is_kept_outside(demo, monkeypatch):
+    loaded, data, x, _ = demo
+    image, target = x[0], int(data.labels[0])
+    alone = {name: attribution.METHODS[name](loaded.model, image, target)
+             for name in ("Grad-CAM", "Grad-CAM++", "Layer-CAM")}
+    passes = []
+    real = attribution._one_pass
+    monkeypatch.setattr(attribution, "_one_pass", lambda *args: passes.append(args[2:]) or real(*args))
+    with attribution.shared_passes():
+        shared = {name: attribution.METHODS[name](loaded.model, image, target) for name in alone}
+        attribution.grad_cam(loaded.model, image, target, layer="block2_conv2")  # another layer: its own pass
+    assert len(passes) == 2
+    for name in alone:
+        np.testing.assert_array_equal(shared[name], alone[name])
+    attribution.grad_cam(loaded.model, image, target)
+    assert len(passes) == 3  # outside the block nothing is reused (the weights may have changed)

@@ -189,6 +189,24 @@ def test_attribution_page_for_a_vgg16_filter_on_chelsea(server, browser):
     context.close()
 
 
+def test_attribution_shows_each_map_as_soon_as_it_is_ready(server, browser):
+    """Issue 17: the cheap map is on the page while a long method still runs, and Cancel stops the rest."""
+    url, _ = server
+    context, page = _open(browser, f"{url}/attribution?model=demo:vgg16&image=chelsea&methods=SmoothGrad"
+                                   "&methods=Saliency&samples=100")
+    compute = page.get_by_role("button", name=re.compile("^Compute SmoothGrad"))
+    compute.wait_for()
+    _settle(page)
+    compute.click()
+    page.get_by_text("1 of 2 maps ready; computing SmoothGrad").wait_for()
+    assert page.locator("[data-testid=stMain] [data-testid=stImage]").filter(has_text="Saliency").is_visible()
+    assert page.get_by_text("SmoothGrad: waiting…").is_visible()
+    page.get_by_role("button", name="Cancel").first.click()  # the maps' bar (SmoothGrad's own is inside it)
+    page.get_by_text("Attribution maps: cancelled").wait_for(timeout=60_000)
+    _assert_clean(page)
+    context.close()
+
+
 def test_report_page_builds_a_report_to_download(server, browser):
     url, _ = server
     context, page = _open(browser, f"{url}/report?count=12&report_steps=3&report_filters=8&report_images=2&report=1")
