@@ -24,6 +24,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = Path(os.environ.get("CNN_AUDIT_SCREENSHOTS") or tempfile.mkdtemp(prefix="cnn_audit_shots_"))
+WALK_SHOTS = Path(tempfile.gettempdir()) / "cnn_audit_walk"  # every page of the walk, whole height, to look at
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -403,7 +404,8 @@ def _whole_page_screenshot(page, name):
     height = page.evaluate("document.querySelector('[data-testid=stMain]').scrollHeight")
     page.set_viewport_size({"width": 1400, "height": min(int(height) + 100, 12000)})
     page.wait_for_timeout(500)
-    page.screenshot(path=str(SHOTS / name))
+    WALK_SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(WALK_SHOTS / name))
     page.set_viewport_size({"width": 1400, "height": 1000})
 
 
