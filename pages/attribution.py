@@ -110,7 +110,7 @@ budget = limits.LINK_JOB_SECONDS.value
 waiting = [m for m in methods if (m, options_for(m)) not in approved
            and passes(m) * jobs.pass_seconds(selection) > budget]
 for method in waiting:
-    cost = jobs.about(passes(method) * jobs.pass_seconds(selection))
+    cost = jobs.estimate(selection, passes(method))
     if st.button(f"Compute {method} ({cost} here)", key=f"attr_go_{method}"):
         approved.add((method, options_for(method)))
 waiting = [m for m in waiting if (m, options_for(m)) not in approved]

@@ -507,7 +507,11 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
                 frames.append(pd.DataFrame({"layer": layer, "filter": np.arange(len(changes)), "cost": changes}))
         return pd.concat(frames, ignore_index=True)
 
-    return jobs.shared_result(set_key(selection, "leave_one_out", layers, count, selection.output), compute)
+    return jobs.shared_result(leave_one_out_key(selection, layers, count), compute)
+
+
+def leave_one_out_key(selection: "Selection", layers: tuple[str, ...], count: int) -> tuple:
+    return set_key(selection, "leave_one_out", tuple(layers), int(count), selection.output)
 
 
 def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, learning_rate: float):

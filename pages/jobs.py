@@ -176,6 +176,11 @@ def about(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} h"
 
 
+def estimate(selection: "common.Selection", passes: float) -> str:
+    """What `passes` image passes cost on this model here, as a person would say it."""
+    return about(passes * pass_seconds(selection))
+
+
 def images_within(selection: "common.Selection", passes_per_image: float, available: int, floor: int = 2) -> int:
     """A default image count for a sweep: as many as fit the link budget (a first answer in seconds), at
     least `floor`, at most `available`; the user raises it and sees the new estimate."""
@@ -198,10 +203,10 @@ def job_shown(selection: "common.Selection", param: str, pressed: bool, inputs: 
     shown while the result is not."""
     from audit import limits
 
-    seconds = passes * pass_seconds(selection)
-    on = links.shown(param, pressed, inputs, ready=cached or seconds <= limits.LINK_JOB_SECONDS.value)
+    on = links.shown(param, pressed, inputs,
+                     ready=cached or passes * pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value)
     if not on:
-        message = f"Estimated cost here: {about(seconds)} ({passes:,.0f} image passes)."
+        message = f"Estimated cost here: {estimate(selection, passes)} ({passes:,.0f} image passes)."
         if links.waiting(param):
             message = ("The link shows this result, which this server has not computed yet. " + message +
                        " Press the button to start it.")

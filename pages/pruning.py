@@ -180,7 +180,7 @@ sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
                             key=f"prune_sweep_images_{images_count}",
                             help="The first images of the set. The default gives a first answer in seconds; "
                                  "more images give steadier curves (the estimate is on each button).")
-cost = jobs.about(sensitivity_passes * sweep_images * jobs.pass_seconds(selection))
+cost = jobs.estimate(selection, sensitivity_passes * sweep_images)
 pressed = st.button(f"Run the sensitivity analysis ({cost} here)", key="prune_sensitivity")
 sensitivity_key = common.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
 if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_result(sensitivity_key),
@@ -190,13 +190,13 @@ if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_r
                     labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
-    st.caption(f"Each layer pruned alone, the others intact (Li et al. 2017), on {sweep_images} image{'s' if sweep_images > 1 else ''}: flat "
-               "curves mark robust layers.")
+    st.caption(f"Each layer pruned alone, the others intact (Li et al. 2017), on {sweep_images} "
+               f"image{'s' if sweep_images > 1 else ''}: flat curves mark robust layers.")
 
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
                                index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
 chance_passes = 22 * 9 + 1
-cost = jobs.about(chance_passes * sweep_images * jobs.pass_seconds(selection))
+cost = jobs.estimate(selection, chance_passes * sweep_images)
 pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
 chance_key = common.chance_key(selection, chance_layer, ranking_criteria[rank_by], sweep_images)
 if jobs.job_shown(selection, "chance", pressed, chance_key, jobs.has_result(chance_key),
@@ -235,9 +235,9 @@ loo_count = links.number(st, "Images used", 1, images_count,
                          jobs.images_within(selection, int(filters_of[smallest]) + 1, min(100, images_count)),
                          param="loo_images", key=f"loo_images_{images_count}")
 loo_filters = int(filters_of.loc[loo_layers].sum()) if loo_layers else 0
-cost = jobs.about((loo_filters + 1) * int(loo_count) * jobs.pass_seconds(selection))
+cost = jobs.estimate(selection, (loo_filters + 1) * int(loo_count))
 pressed = st.button(f"Measure leave-one-filter-out ({cost} here)", key="prune_loo")
-loo_key = common.set_key(selection, "leave_one_out", tuple(loo_layers), int(loo_count), selection.output)
+loo_key = common.leave_one_out_key(selection, tuple(loo_layers), int(loo_count))
 if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_result(loo_key),
                                    (loo_filters + 1) * int(loo_count)):
     with common.user_errors():
