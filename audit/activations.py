@@ -9,6 +9,7 @@ computed apart merge exactly (Hu et al. 2016, "Network Trimming", for APoZ).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import models
+from audit import datasets, models, passes
 from audit.errors import NotAnImageModelError
 
 
@@ -132,39 +133,52 @@ def to_numpy(sums: FilterSums) -> FilterSums:
                                                                   sums.quiet, sums.firing)))
 
 
-def _reducer(cut: keras.Model, threshold: float):
-    """One compiled function: a batch in, per-filter sums of every output layer out."""
-
-    @tf.function(reduce_retracing=True)
-    def reduce(x):
-        outputs = cut(x, training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        return [tuple(vars(batch_sums(a, threshold)).values()) for a in outputs]  # tf.function returns tensors
-
-    return reduce
+_REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def filter_sums(model: keras.Model, layers: list[str], images: np.ndarray, threshold: float = 0.0,
-                batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> dict[str, FilterSums]:
-    """Partial sums per layer over preprocessed images (N, H, W, C), in one pass per batch."""
-    paths = [models.resolve_layer(model, name) for name in layers]
-    cut = models.submodel(model, paths)
-    reduce = _reducer(cut, threshold)
+def _reducer(model: keras.Model, paths: tuple[str, ...], threshold: float):
+    """One compiled function, kept per model while it lives: a batch in (labels unused), per-filter sums
+    of every layer out. Traced once; every later set and shard of a run reuses it."""
+    cache = _REDUCERS.setdefault(model, {})
+    if (paths, threshold) not in cache:
+        cut = models.submodel(model, list(paths))
+        signature = [tf.TensorSpec([None, *cut.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32)]
+
+        @tf.function(input_signature=signature)
+        def reduce(x, labels):
+            outputs = cut(x, training=False)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            return [tuple(vars(batch_sums(a, threshold)).values()) for a in outputs]  # tensors out
+
+        cache[(paths, threshold)] = (cut, reduce)
+    return cache[(paths, threshold)]
+
+
+def filter_sums(model: keras.Model, layers: list[str], images, threshold: float = 0.0,
+                batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
+                total: int | None = None, strategy=None) -> dict[str, FilterSums]:
+    """Partial sums per layer in one pass per batch, over preprocessed images (N, H, W, C) or the
+    (x, labels) batches of a streamed set (audit.datasets.batches; give `total` for its progress).
+    On several local GPUs each batch is split over them (audit.passes)."""
+    paths = tuple(models.resolve_layer(model, name) for name in layers)
+    cut, reduce = _reducer(model, paths, float(threshold))
     sums = {path: FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
-    total = len(images)
-    for start in range(0, total, batch_size):
-        batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], np.float32))
-        for path, parts in zip(paths, reduce(batch)):
-            sums[path] = sums[path].merge(to_numpy(FilterSums(*parts)))
-        if progress is not None:
-            progress(min(start + batch_size, total), total)
+    if isinstance(images, np.ndarray):
+        images, total = datasets.in_memory(images, None, batch_size), len(images)
+    strategy = strategy if strategy is not None else passes.local_replicas()
+    for replicas in passes.run(reduce, images, strategy, progress, total):
+        for parts in replicas:
+            for path, part in zip(paths, parts):
+                sums[path] = sums[path].merge(to_numpy(FilterSums(*part)))
     return sums
 
 
-def filter_stats(model: keras.Model, layers: list[str], images: np.ndarray, threshold: float = 0.0,
-                 batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
-    """Per-filter mean, std, max, APoZ, share of images that fire, and dead flag, one row per filter."""
-    sums = filter_sums(model, layers, images, threshold, batch_size, progress)
+def filter_stats(model: keras.Model, layers: list[str], images, threshold: float = 0.0,
+                 batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
+                 total: int | None = None) -> pd.DataFrame:
+    """Per-filter mean, std, max, APoZ, share of images that fire, and dead flag, one row per filter
+    (images: as for filter_sums)."""
+    sums = filter_sums(model, layers, images, threshold, batch_size, progress, total)
     return stats_frame(sums, threshold)
 
 

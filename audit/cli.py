@@ -2,6 +2,7 @@
 
     python -m audit report --model demo:shapes --images shapes:60 --out report.html
     python -m audit stats --model path/to/model.keras --images photos/ --csv stats.csv
+    python -m audit scores --model path/to/model.keras --images val/ --ray local --csv scores.csv
     python -m audit prune --model demo:shapes --images shapes:480 --share 0.5 --fine-tune 1 --out pruned.keras
     python -m audit check --model path/to/model.keras
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 from contextlib import contextmanager
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from audit.errors import AuditError
 
-IMAGES_HELP = "a folder (one subfolder per class gives labels), a .zip, 'photos' (scikit-image's) or 'shapes:N'"
+IMAGES_HELP = ("a folder (one subfolder per class gives labels), a .zip, a .txt listing image files, 'photos' "
+               "(scikit-image's) or 'shapes:N'; folders, zips and lists are streamed from disk")
 
 
 def _source(text: str) -> str:
@@ -50,17 +53,27 @@ def read_images(spec: str):
 
 
 @contextmanager
-def progress_bar(label: str, quiet: bool):
-    """A rich progress bar on stderr yielding a (done, total) callback."""
+def progress_bar(label: str, quiet: bool, unit: str | None = None):
+    """A rich progress bar on stderr yielding a (done, total) callback; with a unit, its rate too."""
     if quiet:
         yield lambda done, total: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    rate = [TextColumn("{task.fields[rate]}")] if unit else []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *rate, TimeElapsedColumn(),
                   transient=True) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        task = bar.add_task(label, total=None, rate="")
+        first = {}
+
+        def update(done, total):
+            now = time.perf_counter()
+            first.setdefault("at", (now, done))  # counted from the first call: shards read back are not speed
+            start, before = first["at"]
+            speed = f"{(done - before) / (now - start):.1f} {unit}/s" if unit and now > start else ""
+            bar.update(task, completed=done, total=total, rate=speed)
+
+        yield update
 
 
 def _report(args) -> int:
@@ -87,16 +100,61 @@ def _stats(args) -> int:
     from audit import activations, models
 
     loaded = models.load(_source(args.model))
-    image_set = read_images(args.images)
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or models.conv_layers(loaded.model)
-    x = loaded.preprocess([item.pixels for item in image_set])
-    with progress_bar("Filter statistics", args.quiet) as progress, loaded.job_lock:
-        stats = activations.filter_stats(loaded.model, layers, x, args.threshold, progress=progress)
+    if _on_disk(args.images):
+        stats = _streamed(args, loaded, "stats", layers).table
+    else:
+        image_set = read_images(args.images)
+        x = loaded.preprocess([item.pixels for item in image_set])
+        with progress_bar("Filter statistics", args.quiet) as progress, loaded.job_lock:
+            stats = activations.filter_stats(loaded.model, layers, x, args.threshold, progress=progress)
     if args.csv:
         stats.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     counts = activations.dead_counts(stats, args.near_dead)
     print(counts.to_string(index=False), file=sys.stderr if args.csv == "-" else sys.stdout)
     return 0
+
+
+def _scores(args) -> int:
+    """Every conv layer's pruning scores over a set on disk, sharded and resumable like `stats`."""
+    from audit import models
+
+    loaded = models.load(_source(args.model))
+    if not _on_disk(args.images):
+        raise AuditError("`scores` streams a folder, a .zip or a .txt list of files; "
+                         f"{args.images!r} is none of them.")
+    scores = _streamed(args, loaded, "scores", []).table
+    if args.csv:
+        scores.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
+    summary = scores.groupby("layer", sort=False).agg(filters=("filter", "size"), dead=("dead", "sum"),
+                                                      near_dead=("near_dead", "sum"), mean_l1=("l1", "mean"))
+    print(summary.reset_index().to_string(index=False), file=sys.stderr if args.csv == "-" else sys.stdout)
+    return 0
+
+
+def _on_disk(spec: str) -> bool:
+    path = Path(spec)
+    return path.is_dir() or (path.is_file() and path.suffix.lower() in (".zip", ".txt"))
+
+
+def _streamed(args, loaded, what: str, layers: list[str]):
+    """A sharded run over a set on disk (audit.runs): resumable, here or on Ray (--ray)."""
+    from audit import datasets, runs
+
+    image_set = datasets.open_set(args.images)
+    if args.sample:
+        image_set = image_set.sample(min(args.sample, len(image_set)), args.seed)
+    shards = args.shards or max(1, -(-len(image_set) // runs.SHARD_IMAGES))
+    job = runs.Job(loaded.source, what, tuple(layers), args.threshold)
+    where = f"on Ray ({args.ray})" if args.ray else "here"
+    with progress_bar(f"{runs.WHATS[what].capitalize()} of {len(image_set):,} images in {shards} shards {where}",
+                      args.quiet, unit="images") as progress, loaded.job_lock:
+        result = runs.run(loaded, job, image_set, shards, args.ray, progress)
+    read_back = shards - len(result.computed)
+    print(f"{result.images:,} images ({result.skipped} unreadable skipped) in {result.seconds:.1f} s"
+          f"{f', {result.images / result.seconds:.1f} images/s' if result.seconds and not read_back else ''}; "
+          f"{read_back} of {shards} shards read back from {result.folder}", file=sys.stderr)
+    return result
 
 
 def _check(args) -> int:
@@ -167,6 +225,15 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--images", required=True, help=IMAGES_HELP)
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    def streaming(sub):
+        sub.add_argument("--shards", type=int, default=0,
+                         help="split a set on disk into this many shards (default: one per 1,000 images); "
+                              "a restarted run reads back the shards already done")
+        sub.add_argument("--ray", metavar="ADDRESS",
+                         help="run the shards on Ray: 'local' (an embedded Ray here) or a cluster's address")
+        sub.add_argument("--sample", type=int, default=0, help="a seeded sample of this many images")
+        sub.add_argument("--seed", type=int, default=0, help="the sample's seed")
+
     report = commands.add_parser("report", help="a self-contained HTML report")
     common(report)
     report.add_argument("--out", required=True, help="the .html file to write")
@@ -185,6 +252,14 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--near-dead", type=float, default=0.99, help="near-dead: APoZ above this")
     stats.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     stats.set_defaults(run=_stats)
+    streaming(stats)
+
+    scores = commands.add_parser("scores", help="every conv layer's pruning scores over a set on disk (streamed)")
+    common(scores)
+    scores.add_argument("--threshold", type=float, default=0.0, help="APoZ counts values at or below this")
+    scores.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
+    scores.set_defaults(run=_scores)
+    streaming(scores)
 
     prune = commands.add_parser("prune", help="remove the lowest-scored filters by dependency groups; save the model")
     common(prune)

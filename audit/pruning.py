@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import activations, groups, heads, models
+from audit import activations, datasets, groups, heads, models, passes
 from audit.errors import AuditError
 
 _PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
@@ -142,7 +142,7 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
     The log-probability comes from the class scores (log-softmax, or log-sigmoid for sigmoid and
     binary heads), so a logits head gives the same numbers as its softmax twin, never log(logit).
     """
-    return _scores_pass(model, layers, images, labels, batch_size, output)[1]
+    return taylor_of(_scores_pass(model, layers, images, labels, batch_size, output)[1])
 
 
 def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head):
@@ -174,47 +174,92 @@ def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head)
     return cache[(paths, head)]
 
 
-def _scores_pass(model: keras.Model, layers: list[str], images: np.ndarray, labels: np.ndarray | None = None,
-                 batch_size: int = 32, output: int | None = None, threshold: float = 0.0, progress=None
-                 ) -> tuple[dict[str, activations.FilterSums], dict[str, np.ndarray]]:
-    """Activation sums and Taylor scores of every layer from the same forward and backward pass."""
+def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarray | None = None,
+                 batch_size: int = 32, output: int | None = None, threshold: float = 0.0, progress=None,
+                 total: int | None = None, strategy=None) -> tuple[dict[str, activations.FilterSums], dict]:
+    """Activation sums and Taylor sums of every layer from the same forward and backward pass, over
+    preprocessed images with their labels, or the (x, labels) batches of a streamed set (audit.datasets).
+    The Taylor part of a layer is (sum of a * dscore/da over images and positions, positions counted):
+    sums of shards merge by addition (see taylor_of)."""
     head = heads.find_head(model, output)
     paths = tuple(models.resolve_layer(model, layer) for layer in layers)
     cut, step = _compiled_pass(model, paths, head)
-    per_image = sum(int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
-    batch_size = max(1, min(batch_size, (64 * 2**20) // max(per_image, 1)))  # maps and gradients within ~512 MB
-    totals = {path: 0.0 for path in paths}
+    batch_size = _within_memory(cut, batch_size)
+    if isinstance(images, np.ndarray):
+        images, total = datasets.in_memory(images, labels, batch_size), len(images)
+    positions = {path: int(np.prod(out.shape[1:-1])) for path, out in zip(paths, cut.outputs[:-1])}
+    taylor = {path: (np.zeros(int(out.shape[-1])), 0) for path, out in zip(paths, cut.outputs)}
     sums = {path: activations.FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
-    targets = np.full(len(images), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
-    count = 0
-    for start in range(0, len(images), batch_size):
-        x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
-        results = step(x, tf.constant(targets[start:start + batch_size]), tf.constant(float(threshold)))
-        for path, (contribution, *parts) in zip(paths, results):
-            totals[path] = totals[path] + np.asarray(contribution, np.float64)
-            sums[path] = sums[path].merge(activations.to_numpy(activations.FilterSums(*parts)))
-        count += len(x)
-        if progress is not None:
-            progress(count, len(images))
-    taylor = {path: np.abs(totals[path] / (count * int(np.prod(out.shape[1:-1]))))
-              for path, out in zip(paths, cut.outputs[:-1])}
+    threshold = tf.constant(float(threshold))
+    strategy = strategy if strategy is not None else passes.local_replicas()
+    for replicas in passes.run(lambda x, y: step(x, y, threshold), images, strategy, progress, total):
+        for results in replicas:
+            for path, (contribution, *parts) in zip(paths, results):
+                part = activations.to_numpy(activations.FilterSums(*parts))
+                total_so_far, counted = taylor[path]
+                taylor[path] = (total_so_far + np.asarray(contribution, np.float64),
+                                counted + part.images * positions[path])
+                sums[path] = sums[path].merge(part)
     return sums, taylor
 
 
-def filter_scores(model: keras.Model, images: np.ndarray, labels: np.ndarray | None = None,
+def taylor_of(taylor_sums: dict) -> dict[str, np.ndarray]:
+    """Taylor scores from (merged) Taylor sums: |mean over images and positions of a * dscore/da|."""
+    return {path: np.abs(total / max(counted, 1)) for path, (total, counted) in taylor_sums.items()}
+
+
+def filter_scores(model: keras.Model, images, labels: np.ndarray | None = None,
                   threshold: float = 0.0, near_dead_apoz: float = 0.99, output: int | None = None,
-                  progress=None) -> pd.DataFrame:
+                  progress=None, total: int | None = None) -> pd.DataFrame:
     """One row per (conv layer, output channel): l1, apoz, mean, taylor, redundancy, nearest, fpgm, dead,
     near_dead, and per-layer normalised copies (`*_norm`, divided by the layer's maximum) to compare
     across layers. Depthwise and separable layers are scored per output channel (see filter_kernels).
+    `images`: preprocessed (N, H, W, C) with `labels`, or a streamed set's batches (audit.datasets).
     `progress` (done, total) is called after each batch of images."""
+    sums, taylor = score_sums(model, images, labels, threshold, output, progress, total)
+    return scores_frame(model, sums, taylor, threshold, near_dead_apoz)
+
+
+def score_sums(model: keras.Model, images, labels: np.ndarray | None = None, threshold: float = 0.0,
+               output: int | None = None, progress=None, total: int | None = None, strategy=None
+               ) -> tuple[dict[str, activations.FilterSums], dict]:
+    """The partial sums behind filter_scores: activation sums and Taylor sums (empty without a class
+    output) of every conv layer. Sums of shards merge (merge_score_sums) into one pass's."""
     layers = models.conv_layers(model)
     if heads.find_head(model, output).is_classifier:  # statistics and Taylor scores from one pass
-        sums, taylor = _scores_pass(model, layers, images, labels, output=output, threshold=threshold,
-                                    progress=progress)
-        stats = activations.stats_frame(sums, threshold)
-    else:
-        stats, taylor = activations.filter_stats(model, layers, images, threshold, progress=progress), {}
+        return _scores_pass(model, layers, images, labels, output=output, threshold=threshold, progress=progress,
+                            total=total, strategy=strategy)
+    return activations.filter_sums(model, layers, images, threshold, progress=progress, total=total,
+                                   strategy=strategy), {}
+
+
+def scores_batch_size(model: keras.Model, output: int | None = None, batch_size: int = 32) -> int:
+    """The batch a scores pass takes (a streamed set is batched to it): see _within_memory."""
+    head = heads.find_head(model, output)
+    if not head.is_classifier:
+        return batch_size
+    return _within_memory(_compiled_pass(model, tuple(models.conv_layers(model)), head)[0], batch_size)
+
+
+def _within_memory(cut: keras.Model, batch_size: int) -> int:
+    """A batch whose maps and gradients of every layer stay within about 512 MB."""
+    per_image = sum(int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
+    return max(1, min(batch_size, (64 * 2**20) // max(per_image, 1)))
+
+
+def merge_score_sums(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Two shards' score_sums as one: activation sums merged, Taylor sums and counts added."""
+    sums = {path: part.merge(second[0][path]) for path, part in first[0].items()}
+    taylor = {path: (total + second[1][path][0], counted + second[1][path][1])
+              for path, (total, counted) in first[1].items()}
+    return sums, taylor
+
+
+def scores_frame(model: keras.Model, sums: dict[str, activations.FilterSums], taylor_sums: dict,
+                 threshold: float = 0.0, near_dead_apoz: float = 0.99) -> pd.DataFrame:
+    """The filter_scores table from (merged) score_sums and the model's weights."""
+    layers = list(sums)
+    stats, taylor = activations.stats_frame(sums, threshold), taylor_of(taylor_sums)
     frames = []
     for layer in layers:
         similarity, nearest, fpgm = redundancy(model, layer)

@@ -28,6 +28,19 @@ def labelled(data: ShapesData) -> list:
     return [LabelledImage(f"shape {i}", data.images[i], CLASSES[data.labels[i]]) for i in range(len(data.labels))]
 
 
+def write_folder(data: ShapesData, folder, offset: int = 0) -> None:
+    """The shapes as PNG files in one subfolder per class (a validation folder on disk, for streamed runs);
+    file i is named by offset + i, so several calls can fill one folder."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        path = Path(folder) / CLASSES[label] / f"{offset + i:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+
+
 def _polygon_mask(x: np.ndarray, y: np.ndarray, corners: np.ndarray) -> np.ndarray:
     """Pixels inside a polygon (even-odd rule), vectorised over the grid."""
     inside = np.zeros(x.shape, bool)

@@ -1,0 +1,187 @@
+"""Streamed image sets and sharded runs (#19): shards merged, here or on Ray, equal one in-memory pass;
+an interrupted run resumes to the same figures; a folder, a zip, a list and a tf.data set read alike."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from audit import activations, cli, datasets, images, models, pruning, runs
+from audit.zoo import shapes
+
+STATS = ["mean", "std", "max", "apoz", "fires"]
+SCORES = ["l1", "apoz", "mean", "taylor", "fpgm", "redundancy"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return models.load("demo:shapes")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("validation")
+    shapes.write_folder(shapes.generate(30, 11), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(loaded, folder):
+    """One in-memory pass over the same files (the path every other test of the statistics checks)."""
+    image_set = datasets.from_folder(folder)
+    x = loaded.preprocess([images.read(folder / name) for name in image_set.names])
+    labels = np.array([loaded.class_names.index(label) for label in image_set.labels])
+    layers = models.conv_layers(loaded.model)
+    return activations.filter_stats(loaded.model, layers, x), pruning.filter_scores(loaded.model, x, labels)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def assert_same(table, expected, columns, rtol):
+    assert list(table.layer) == list(expected.layer) and list(table["filter"]) == list(expected["filter"])
+    np.testing.assert_allclose(table[columns].to_numpy(float), expected[columns].to_numpy(float), rtol=rtol, atol=1e-7)
+    assert (table.dead.to_numpy() == expected.dead.to_numpy()).all()
+
+
+def test_four_shards_merged_equal_one_pass(loaded, folder, reference, data_dir):
+    image_set = datasets.from_folder(folder)
+    stats = runs.run(loaded, runs.Job(loaded.source), image_set, shards=4)
+    scores = runs.run(loaded, runs.Job(loaded.source, "scores"), image_set, shards=4)
+    assert stats.images == scores.images == 30 and stats.computed == [0, 1, 2, 3]
+    assert_same(stats.table, reference[0], STATS, 1e-5)
+    assert_same(scores.table, reference[1], SCORES, 1e-3)  # Taylor: float32 batch sums, batches cut elsewhere
+    assert reference[1].taylor.gt(0).any()  # the labels reached the scores: the head's gradient flowed
+    assert_same(runs.read_result(stats.folder), reference[0], STATS, 1e-5)  # what the dashboard reads
+
+
+def test_shards_on_an_embedded_ray_equal_one_pass(loaded, folder, reference, data_dir):
+    ray = pytest.importorskip("ray")
+    try:
+        result = runs.run(loaded, runs.Job(loaded.source, "scores"), datasets.from_folder(folder), shards=4,
+                          address="local")
+    finally:
+        ray.shutdown()
+    assert result.computed == [0, 1, 2, 3] and sorted(p.name for p in result.folder.glob("shard-*.npz")) == [
+        f"shard-0000{k}.npz" for k in range(4)]
+    assert_same(result.table, reference[1], SCORES, 1e-3)
+
+
+def test_an_interrupted_run_resumes_from_its_shards(loaded, folder, reference, data_dir):
+    image_set = datasets.from_folder(folder)
+    first_shard = len(image_set.shard(0, 4))
+
+    def interrupt(done, total):
+        if done > first_shard:  # inside the second shard
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.run(loaded, runs.Job(loaded.source), image_set, shards=4, progress=interrupt)
+    folder_of = runs.folder_of(runs.Job(loaded.source, layers=tuple(models.conv_layers(loaded.model))),
+                               loaded.fingerprint, image_set, 4)
+    written = sorted(p.name for p in folder_of.iterdir())
+    assert written == ["job.json", "shard-00000.npz"]  # no half shard, no result
+    kept = (folder_of / "shard-00000.npz").stat().st_mtime_ns
+    seen = []
+    resumed = runs.run(loaded, runs.Job(loaded.source), image_set, shards=4, progress=lambda d, t: seen.append(d))
+    assert resumed.computed == [1, 2, 3] and seen[0] == first_shard
+    assert (folder_of / "shard-00000.npz").stat().st_mtime_ns == kept
+    assert_same(resumed.table, reference[0], STATS, 1e-5)
+
+
+def test_a_zip_a_list_and_a_tfrecord_dataset_read_like_the_folder(loaded, folder, tmp_path):
+    image_set = datasets.from_folder(folder)
+    layers = models.conv_layers(loaded.model)[:2]
+    model_in = datasets.model_input(loaded)
+
+    def stats(source, count):
+        return activations.filter_stats(loaded.model, layers, datasets.batches(source, model_in), total=count)
+
+    expected = stats(image_set, len(image_set))
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for name in image_set.names:
+            out.write(folder / name, name)
+        out.writestr("circle/broken.png", b"not a png")  # skipped and counted, not fatal
+    zipped = datasets.open_set(archive)
+    assert len(zipped) == 31
+    assert_same(stats(zipped, 31), expected, STATS, 1e-6)
+    assert len(zipped.skipped) == 1 and "broken.png" in zipped.skipped[0]
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(str(folder / name) for name in image_set.names))
+    assert_same(stats(datasets.open_set(listing), 30), expected, STATS, 1e-6)
+    records = str(tmp_path / "set.tfrecord")
+    with tf.io.TFRecordWriter(records) as writer:
+        for name in image_set.names:
+            feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[(folder / name).read_bytes()]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    parsed = tf.data.TFRecordDataset(records).map(
+        lambda record: tf.io.parse_single_example(record, {"image": tf.io.FixedLenFeature([], tf.string)})["image"])
+    assert_same(stats(parsed, None), expected, STATS, 1e-6)
+
+
+def test_samples_are_seeded_and_grow_by_adding_images(folder):
+    image_set = datasets.from_folder(folder)
+    small, large = image_set.sample(10, 3), image_set.sample(20, 3)
+    assert small == image_set.sample(10, 3) and set(small.names) < set(large.names)
+    assert list(small.names) == sorted(small.names)  # kept in the set's order
+    assert small != image_set.sample(10, 4)
+    shards = [image_set.shard(k, 4) for k in range(4)]
+    assert sum((list(s.names) for s in shards), []) == list(image_set.names)
+    assert sorted(len(s) for s in shards) == [7, 7, 8, 8]  # as even as whole images allow
+
+
+def test_two_replicas_give_the_one_device_figures(folder):
+    """MirroredStrategy over two logical CPUs (the multi-GPU path, on this machine): same statistics and
+    Taylor scores."""
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from audit import activations, datasets, models
+        loaded = models.load("demo:shapes")
+        image_set = datasets.from_folder({str(folder)!r})
+        layers = models.conv_layers(loaded.model)
+        def stats(strategy):
+            batches = datasets.batches(image_set, datasets.model_input(loaded), 7)
+            sums = activations.filter_sums(loaded.model, layers, batches, strategy=strategy)
+            return activations.stats_frame(sums)
+        one = stats(None)
+        two = stats(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        columns = ["mean", "std", "max", "apoz", "fires"]
+        np.testing.assert_allclose(two[columns].to_numpy(float), one[columns].to_numpy(float), rtol=1e-5, atol=1e-7)
+        assert (two.dead == one.dead).all() and two["fires"].gt(0).any()
+        from audit import pruning
+        def taylor(strategy):
+            batches = datasets.batches(image_set, datasets.model_input(loaded, labels=image_set.labels), 7)
+            return pruning.taylor_of(pruning.score_sums(loaded.model, batches, strategy=strategy)[1])
+        one, two = taylor(None), taylor(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        for layer in one:
+            np.testing.assert_allclose(two[layer], one[layer], rtol=1e-3, atol=1e-9)
+        print("same")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.stdout.strip().endswith("same"), done.stderr[-2000:]
+
+
+def test_the_command_line_streams_a_folder_and_reads_shards_back(loaded, folder, reference, data_dir, tmp_path,
+                                                                capsys):
+    out = tmp_path / "stats.csv"
+    assert cli.main(["stats", "--images", str(folder), "--shards", "3", "--csv", str(out), "--quiet"]) == 0
+    assert "0 of 3 shards read back" in capsys.readouterr().err
+    assert_same(pd.read_csv(out), reference[0], STATS, 1e-5)
+    assert cli.main(["scores", "--images", str(folder), "--shards", "3", "--quiet"]) == 0
+    assert cli.main(["scores", "--images", str(folder), "--shards", "3", "--quiet"]) == 0
+    assert "3 of 3 shards read back" in capsys.readouterr().err
+    assert cli.main(["scores", "--images", "shapes:10", "--quiet"]) == 1  # only sets on disk stream
