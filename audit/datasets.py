@@ -13,6 +13,7 @@ import hashlib
 import threading
 import zipfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -45,10 +46,11 @@ class FileSet:
         return FileSet(tuple(self.names[i] for i in positions), tuple(self.labels[i] for i in positions),
                        self.root, self.archive)
 
-    def sample(self, count: int, seed: int = 0) -> "FileSet":
+    def sample(self, count: int, seed: int = 0, skip: int = 0) -> "FileSet":
         """A seeded sample of `count` files, in the set's order; a bigger count keeps the smaller's files
-        (the first `count` of one seeded permutation), so a growing sample only adds images."""
-        return self._subset(sorted(_permutation(len(self), seed)[:count]))
+        (the first `count` of one seeded permutation), so a growing sample only adds images. `skip`: leave
+        out the first `skip` of them (what a sample of `skip` already holds)."""
+        return self._subset(sorted(_permutation(len(self), seed)[skip:count]))
 
     def shard(self, index: int, count: int) -> "FileSet":
         """The index-th of `count` contiguous shards; the shards in order are the whole set."""
@@ -56,7 +58,12 @@ class FileSet:
         return self._subset(range(edges[index], edges[index + 1]))
 
     def key(self) -> str:
-        """Names the set for caches and run folders: the root, the names and each file's size and time."""
+        """Names the set for caches and run folders: the root, the names and each file's size and time
+        (read once per FileSet: a page rerun does not stat 50,000 files again)."""
+        return self._key
+
+    @cached_property
+    def _key(self) -> str:
         digest = hashlib.sha256(f"{Path(self.root).resolve()}|{self.archive}".encode())
         if self.archive:
             stat = Path(self.root).stat()
@@ -192,24 +199,45 @@ def batches(source: FileSet | tf.data.Dataset, model_in: Input, batch_size: int 
         index = classes.get(label, -1) if isinstance(label, str) else int(label)
         return model_in.prepare(pixels).astype(np.float32), np.int32(index), True
 
+    # The tf.data functions below have no tensor-dependent Python control flow: AutoGraph is not needed
+    # (and cannot re-read their source when the file changed under a long-running process).
+    @tf.autograph.experimental.do_not_convert
     def typed(function, *args):
         x, label, ok = tf.numpy_function(function, args, (tf.float32, tf.int32, tf.bool))
         return tf.ensure_shape(x, model_in.shape), tf.ensure_shape(label, []), ok
 
-    if isinstance(source, FileSet):
-        elements = tf.data.Dataset.range(len(source)).map(lambda p: typed(from_position, p),
-                                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-        paired = source if isinstance(source.element_spec, tuple) else source.map(lambda image: (image, -1))
-        elements = paired.map(lambda image, label: typed(from_element, image, label),
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    @tf.autograph.experimental.do_not_convert
+    def read_position(position):
+        return typed(from_position, position)
+
+    @tf.autograph.experimental.do_not_convert
+    def read_element(image, label):
+        return typed(from_element, image, label)
+
+    @tf.autograph.experimental.do_not_convert
+    def unlabelled(image):
+        return image, -1
+
+    @tf.autograph.experimental.do_not_convert
     def readable(x, label, ok):
         return ok
 
+    @tf.autograph.experimental.do_not_convert
     def pair(x, label, ok):
         return x, label
 
+    if isinstance(source, FileSet):
+        elements = tf.data.Dataset.range(len(source)).map(read_position, num_parallel_calls=tf.data.AUTOTUNE,
+                                                           deterministic=True)
+    else:
+        paired = source if isinstance(source.element_spec, tuple) else source.map(unlabelled)
+        elements = paired.map(read_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return elements.filter(readable).map(pair).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def images_only(batches: tf.data.Dataset) -> tf.data.Dataset:
+    """The x of each (x, labels) batch, for model.predict."""
+    return batches.map(tf.autograph.experimental.do_not_convert(lambda x, labels: x))
 
 
 def in_memory(x: np.ndarray, labels: np.ndarray | None = None, batch_size: int = BATCH_SIZE):

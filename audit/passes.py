@@ -7,7 +7,6 @@ partial sums of its slice of the batch, and they are gathered on the device and 
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterable
 
 import numpy as np
@@ -58,13 +57,3 @@ def _split(strategy, per_replica):
     local = [strategy.experimental_local_results(leaf) for leaf in flat]
     return [tf.nest.pack_sequence_as(per_replica, [leaf[r] for leaf in local], expand_composites=False)
             for r in range(strategy.num_replicas_in_sync)]
-
-
-class Rate:
-    """Images per second since the start, for progress bars of long passes."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self, done: int) -> float:
-        return done / max(time.perf_counter() - self.start, 1e-9)

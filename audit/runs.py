@@ -131,9 +131,8 @@ def run(loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shard
         _on_ray(address, job, image_set, folders, shards, todo, files, sizes, before, report)
     else:
         for k in todo:
-            def within(done, total, k=k):
-                report(before + done, len(image_set))
-            _write(files[k], shard_sums(loaded, job, image_set.shard(k, shards), folders, within))
+            _write(files[k], shard_sums(loaded, job, image_set.shard(k, shards), folders,
+                                        lambda done, _, before=before: report(before + done, len(image_set))))
             before += sizes[k]
     merged, skipped = None, 0
     for path in files:

@@ -107,3 +107,25 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def image_root() -> Path:
+    """Where a server keeps image sets too big to upload: $CNN_AUDIT_IMAGE_ROOT, else data/image_sets. Each
+    folder or .zip directly inside it is offered by name; nothing outside it can be named."""
+    return Path(os.environ.get("CNN_AUDIT_IMAGE_ROOT", data_dir() / "image_sets")).resolve()
+
+
+def server_sets() -> list[str]:
+    """The names of the image sets in image_root(), sorted (folders and .zip files, hidden ones left out)."""
+    root = image_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() == ".zip"))
+
+
+def server_set_path(name: str) -> Path:
+    """The path of a server image set, by a name that must be one of server_sets() (a link cannot reach out)."""
+    if name not in server_sets():
+        raise StorageError(f"No image set named {name!r} in this server's {image_root()}.")
+    return image_root() / name

@@ -4,7 +4,7 @@ Writes (once, under --cache) 20,000 demo shapes at 64 px and 2,000 photo-sized J
 scikit-image's photos, about 500 x 375) for demo:vgg16 at 224 px. For growing prefixes of each set it
 prints, in one run: the peak resident memory during the pass, the statistics' images per second, and
 plain `model.predict` on the same tf.data pipeline (decode, fit, preprocess, batch, prefetch), with
-their ratio. Goals (issue 19): memory flat from 1k to 20k images; ours within 1.2x of predict.
+their ratio (each the best of two alternated runs). Goals (issue 19): memory flat from 1k to 20k images; ours within 1.2x of predict.
 
     python -m bench.streaming [--shapes 20000] [--photos 2000] [--cache /tmp/cnn_audit_stream]
 """
@@ -74,23 +74,27 @@ def measure(loaded, image_set, counts):
     model_in = datasets.model_input(loaded)
     layers = models.conv_layers(loaded.model)
     pipeline = datasets.batches(image_set.sample(counts[0], 0), model_in)
-    loaded.model.predict(pipeline.map(lambda x, label: x), verbose=0)  # warm both up (traces, caches)
+    loaded.model.predict(datasets.images_only(pipeline), verbose=0)  # warm both up (traces, caches)
     activations.filter_sums(loaded.model, layers, pipeline, total=counts[0])
     print(f"{'images':>8} {'stats img/s':>12} {'predict img/s':>14} {'predict/stats':>14} {'peak MB stats':>14} "
           f"{'peak MB predict':>16}")
     for count in counts:
         part = image_set.sample(count, 0)
-        with PeakMemory() as ours:
-            start = time.perf_counter()
-            sums = activations.filter_sums(loaded.model, layers, datasets.batches(part, model_in), total=count)
-            stats_rate = count / (time.perf_counter() - start)
-        assert next(iter(sums.values())).images == count
-        with PeakMemory() as plain:
-            start = time.perf_counter()
-            loaded.model.predict(datasets.batches(part, model_in).map(lambda x, label: x), verbose=0)
-            predict_rate = count / (time.perf_counter() - start)
-        print(f"{count:8d} {stats_rate:12.1f} {predict_rate:14.1f} {predict_rate / stats_rate:14.2f} "
-              f"{ours.peak:14.0f} {plain.peak:16.0f}", flush=True)
+        best = {"stats": 0.0, "predict": 0.0}
+        peak = {"stats": 0.0, "predict": 0.0}
+        for _ in range(2):  # alternated, best of two: a shared machine's noise hits both alike
+            with PeakMemory() as ours:
+                start = time.perf_counter()
+                sums = activations.filter_sums(loaded.model, layers, datasets.batches(part, model_in), total=count)
+                best["stats"] = max(best["stats"], count / (time.perf_counter() - start))
+            assert next(iter(sums.values())).images == count
+            with PeakMemory() as plain:
+                start = time.perf_counter()
+                loaded.model.predict(datasets.images_only(datasets.batches(part, model_in)), verbose=0)
+                best["predict"] = max(best["predict"], count / (time.perf_counter() - start))
+            peak = {"stats": max(peak["stats"], ours.peak), "predict": max(peak["predict"], plain.peak)}
+        print(f"{count:8d} {best['stats']:12.1f} {best['predict']:14.1f} {best['predict'] / best['stats']:14.2f} "
+              f"{peak['stats']:14.0f} {peak['predict']:16.0f}", flush=True)
 
 
 def main():
@@ -109,7 +113,7 @@ def main():
     if args.photos:
         folder = photos_folder(cache / "photos", args.photos)
         print(f"demo:vgg16 at 224 px (every conv layer), {args.photos:,} JPEGs of 500 x 375 in {folder}")
-        counts = [c for c in (250, 1000) if c < args.photos] + [args.photos]
+        counts = [c for c in (250,) if c < args.photos] + [args.photos]
         measure(models.load("demo:vgg16"), datasets.from_folder(folder), sorted(set(counts)))
 
 

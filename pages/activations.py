@@ -1,10 +1,14 @@
 """Activations page: what one layer sees in the current image, and which filters never fire."""
 
+import time
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import activations, models, render
+from audit import activations, models, render, runs, sampling
 from pages import common, jobs, links
 
 selection = common.current()
@@ -63,6 +67,25 @@ st.subheader("Filter statistics over the image set")
 st.caption(f"{len(selection.image_set)} images. APoZ: the share of a filter's values (all images, all positions) "
            "at or below the threshold (at 0, the average percentage of zeros of Hu et al. 2016). Dead: never above "
            "the threshold, so APoZ = 1; near-dead: the others with APoZ above the bound.")
+
+
+def show_stats(stats, near: float, name: str) -> None:
+    """Dead, near-dead and alive filters per layer (chart and table), the dead ones by name, every row, CSV."""
+    counts = activations.dead_counts(stats, near)
+    figure = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"],
+                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"},
+                    labels={"value": "filters", "variable": ""})
+    figure.update_layout(barmode="stack", height=380, margin=dict(t=10), xaxis_tickangle=-45)
+    st.plotly_chart(figure, width="stretch", key=f"{name}_chart")
+    st.dataframe(counts, hide_index=True, width="stretch", key=f"{name}_counts")
+    with st.expander("Dead filters per layer"):
+        for layer_name, group in stats[stats.dead].groupby("layer", sort=False):
+            st.markdown(f"**{layer_name}** ({len(group)}): {', '.join(map(str, group['filter']))}")
+    st.dataframe(stats, hide_index=True, width="stretch", height=300, key=f"{name}_rows")
+    st.download_button("Download statistics (CSV)", stats.to_csv(index=False), f"{name}.csv", "text/csv",
+                       key=f"{name}_csv")
+
+
 with st.form("stats_form"):
     chosen = links.multiselect(st, "Layers", map_layers, default=conv or map_layers[:1], param="stats_layers",
                                key=f"stats_layers_{loaded.fingerprint}")
@@ -78,17 +101,52 @@ if chosen and jobs.job_shown(selection, "stats", run, stats_key, jobs.has_result
                                len(selection.image_set)):
     with common.user_errors():
         stats = common.filter_stats(selection, key_layers, float(threshold))
-    counts = activations.dead_counts(stats, near)
-    figure = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"],
-                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"},
-                    labels={"value": "filters", "variable": ""})
-    figure.update_layout(barmode="stack", height=380, margin=dict(t=10), xaxis_tickangle=-45)
-    st.plotly_chart(figure, width="stretch")
-    st.dataframe(counts, hide_index=True, width="stretch")
-    with st.expander("Dead filters per layer"):
-        for name, group in stats[stats.dead].groupby("layer", sort=False):
-            st.markdown(f"**{name}** ({len(group)}): {', '.join(map(str, group['filter']))}")
-    st.dataframe(stats, hide_index=True, width="stretch", height=300)
-    st.download_button("Download statistics (CSV)", stats.to_csv(index=False), "filter_stats.csv", "text/csv")
+    show_stats(stats, near, "filter_stats")
 elif not chosen:
     st.info("Choose at least one layer.")
+
+if selection.stream is not None:
+    stream = selection.stream
+    st.markdown(f"#### The whole folder: {len(stream):,} images")
+    st.caption("The statistics above use the images decoded for the pages. Here the chosen layers are measured "
+               "on a seeded sample of the whole folder that doubles from the first size to the last; each "
+               "doubling reads only the images it adds. The dead and near-dead counts have settled when they "
+               "stay the same over the last two doublings.")
+    with st.form("grow_form"):
+        c1, c2 = st.columns(2)
+        start = links.number(c1, "Start with (images)", 1, len(stream), min(250, len(stream)), param="grow_from",
+                             key=f"grow_from_{stream.key()}")
+        largest = links.number(c2, "Grow up to (images)", 1, len(stream), min(len(stream), 8 * int(start)),
+                               param="grow_to", key=f"grow_to_{stream.key()}")
+        grow = st.form_submit_button("Compute on a growing sample", type="primary")
+    start, largest = int(start), max(int(start), int(largest))
+    grow_key = common.growing_key(selection, key_layers, threshold, start, largest) if chosen else None
+    if chosen and jobs.job_shown(selection, "grow", grow, grow_key, jobs.has_result(grow_key), largest):
+        with common.user_errors():
+            steps = common.growing_stats(selection, key_layers, float(threshold), start, largest)
+        history = pd.concat([sampling.history_row(count, part, near) for count, part in steps.groupby("images")],
+                            ignore_index=True)
+        lines = history.melt(id_vars=["images", "layer"], value_vars=["dead", "near_dead"], var_name="count",
+                             value_name="filters")
+        figure = px.line(lines, x="images", y="filters", color="layer", line_dash="count", markers=True, log_x=True)
+        figure.update_layout(height=360, margin=dict(t=10))
+        st.plotly_chart(figure, width="stretch", key="growth_chart")
+        sizes = sorted(history.images.unique())
+        if sampling.settled(history):
+            st.success(f"Settled: every layer's dead and near-dead counts are the same at "
+                       f"{', '.join(f'{n:,}' for n in sizes[-3:])} images.", icon=":material/check_circle:")
+        else:
+            st.warning(f"Still moving at {sizes[-1]:,} images: the counts changed over the last two doublings (or "
+                       "fewer than three sizes were measured). Grow the sample further.", icon=":material/trending_up:")
+        show_stats(steps[steps.images == sizes[-1]].drop(columns="images"), near, "folder_stats")
+
+finished = runs.finished(loaded.fingerprint)
+if finished:
+    st.markdown("#### Runs from the command line")
+    st.caption("Finished `python -m audit stats` and `scores` runs of this model on this server (see the README): "
+               "a big set is audited once and reviewed here.")
+    run = st.selectbox("Run", finished, key="finished_run", format_func=lambda r: (
+        f"{runs.WHATS[r['what']]} of {r['images']:,} images in {Path(r['root']).name}, threshold {r['threshold']:g}, "
+        f"finished {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['finished']))}"))
+    with common.user_errors():
+        show_stats(common.finished_run(run["folder"], run["finished"]), near, "run_" + Path(run["folder"]).name)

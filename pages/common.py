@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from audit import activations, attribution, device, filters, images, models, pruning, registry, storage
+from audit import (activations, attribution, datasets, device, filters, images, models, pruning, registry, runs,
+                   sampling, storage)
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError
 from pages import jobs
@@ -72,6 +74,25 @@ def decode_upload(digest: str) -> tuple[list[images.LabelledImage], list[str]]:
     if data[:4] == b"PK\x03\x04":
         return images.read_zip_report(data, name=name)
     return [images.LabelledImage(name, images.decode(data, name))], []
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def server_set(name: str) -> datasets.FileSet:
+    """A server image set's file list (read once per process; a changed folder needs a restart or a new name)."""
+    return datasets.open_set(storage.server_set_path(name))
+
+
+@st.cache_data(show_spinner="Decoding a sample of the folder…", max_entries=8)
+def server_sample(name: str, set_key: str, count: int) -> tuple[list[images.LabelledImage], list[str]]:
+    """A seeded sample of a server image set, decoded for the per-image views; and what was skipped."""
+    stream = server_set(name).sample(count, 0)
+    decoded, skipped = [], []
+    for position, file in enumerate(stream.names):
+        try:
+            decoded.append(images.LabelledImage(file, stream.read(position), stream.labels[position]))
+        except AuditError as exc:
+            skipped.append(str(exc))
+    return decoded, skipped
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -139,6 +160,7 @@ class Selection:
     device: str
     masks: np.ndarray | None = None  # object masks of demo shapes, aligned with image_set
     output: int | None = None  # the output explained (None: the classifier heads.find_head picks)
+    stream: datasets.FileSet | None = None  # a server folder: image_set is a sample of it, statistics stream it
 
     @property
     def image_key(self) -> str:
@@ -250,6 +272,41 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
     stats = jobs.shared_result(key, compute)
     _note_dead(selection, stats)
     return stats
+
+
+def growing_key(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int, largest: int) -> tuple:
+    return (selection.model.fingerprint, selection.stream.key(), selection.preprocessing, selection.fit,
+            "growing", layers, float(threshold), int(start), int(largest))
+
+
+def growing_stats(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int,
+                  largest: int) -> pd.DataFrame:
+    """Statistics of the server folder on a seeded sample doubling from `start` to `largest` images: every
+    size's filter_stats rows with an `images` column (see audit.sampling); once per key, shared."""
+    loaded, stream = selection.model, selection.stream
+
+    def compute():
+        model_in = datasets.model_input(loaded, selection.preprocessing, selection.fit)
+        steps = []
+        with jobs.model_job(selection, "Statistics on a growing sample", "grow") as progress:
+            began = time.perf_counter()
+
+            def update(done, total):
+                rate = done / max(time.perf_counter() - began, 1e-9)
+                progress(done, total, f"{done:,} / {total:,} images, {rate:.0f} images/s")
+
+            for count, stats in sampling.growing(loaded.model, list(layers), stream, model_in, start, largest,
+                                                 threshold=threshold, progress=update):
+                steps.append(stats.assign(images=count))
+        return pd.concat(steps, ignore_index=True)
+
+    return jobs.shared_result(growing_key(selection, layers, threshold, start, largest), compute)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def finished_run(folder: str, finished: float) -> pd.DataFrame:
+    """A finished command-line run's table (audit.runs), read once per file version."""
+    return runs.read_result(folder)
 
 
 @st.cache_resource

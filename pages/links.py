@@ -19,9 +19,10 @@ import streamlit as st
 PARAMS = {
     # frame (sidebar)
     "model": "model source: demo:shapes, demo:shapes-gap, demo:vgg16, keras:<Name>[:untrained], upload:<sha256>",
-    "images": "image source: photos, shapes or upload",
+    "images": "image source: photos, shapes, upload or folder",
+    "folder": "a server image set (a folder or zip in the server's image root), by name",
     "uploads": "uploaded images or zips by SHA-256 (repeated)",
-    "count": "how many demo shapes",
+    "count": "how many demo shapes, or images of a server folder decoded for the pages",
     "seed": "seed of the demo shapes",
     "image": "the current image, by name",
     "preprocessing": "preprocessing mode",
@@ -40,6 +41,9 @@ PARAMS = {
     "stats": "the statistics are shown",
     "threshold": "dead threshold",
     "apoz": "near-dead APoZ bound",
+    "grow_from": "first size of the growing sample of a server folder",
+    "grow_to": "last size of the growing sample",
+    "grow": "the growing sample's statistics are shown",
     # Filters page
     "pick": "which filters: first, index or top",
     "filters": "filter indices (comma-separated)",

@@ -8,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from audit import device, images, models, storage
+from audit import datasets, device, images, models, storage
 from audit.errors import AuditError, WeightsUnavailableError
 from pages import links
-from pages.common import Selection, decode_upload, demo_images, get_model, sample_photo, user_errors
+from pages.common import (Selection, decode_upload, demo_images, get_model, sample_photo, server_sample, server_set,
+                          user_errors)
 
-IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload")
-IMAGE_PARAM = {"Sample photos": "photos", "Demo shapes": "shapes", "Upload": "upload"}
+IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload", "Server folder")
+IMAGE_PARAM = {"Sample photos": "photos", "Demo shapes": "shapes", "Upload": "upload", "Server folder": "folder"}
 
 def _model_picker() -> models.LoadedModel | None:
     st.sidebar.header("Model")
@@ -92,7 +93,7 @@ def _uploaded_model_source(initial: str) -> str | None:
     return None
 
 
-def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None]:
+def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None, datasets.FileSet | None]:
     st.sidebar.header("Images")
     default_source = "Demo shapes" if loaded.source in models.SHAPES_DEMOS else "Sample photos"
     kind = links.selectbox(st.sidebar, "Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
@@ -104,10 +105,12 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
         data = demo_images(int(count), int(seed))
         from audit.zoo import shapes
 
-        return shapes.labelled(data), data.masks
+        return shapes.labelled(data), data.masks, None
     photos = [images.LabelledImage(name, sample_photo(name)) for name in images.SAMPLE_PHOTOS]
     if kind == "Sample photos":
-        return photos, None
+        return photos, None, None
+    if kind == "Server folder":
+        return _server_folder(photos)
     files = st.sidebar.file_uploader("Images or a zip (one folder per class)", accept_multiple_files=True,
                                      type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "zip"],
                                      key="image_upload")
@@ -134,8 +137,32 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
     links.write("uploads", [d for d in dict.fromkeys(digests) if storage.is_digest(d)])
     if not decoded:
         st.sidebar.info("Upload images to use them; meanwhile the sample photos are used.")
-        return photos, None
-    return decoded, None
+        return photos, None, None
+    return decoded, None, None
+
+
+def _server_folder(photos):
+    """A validation folder kept on the server: the pages decode a seeded sample of it, the statistics stream it."""
+    names = storage.server_sets()
+    if not names:
+        st.sidebar.info(f"No image sets on this server yet: put a folder (one subfolder per class) or a .zip in "
+                        f"{storage.image_root()} (or set CNN_AUDIT_IMAGE_ROOT). Meanwhile the sample photos are used.")
+        return photos, None, None
+    name = links.selectbox(st.sidebar, "Image set", names, param="folder", key="server_set")
+    try:
+        stream = server_set(name)
+    except AuditError as exc:
+        st.sidebar.error(str(exc))
+        return photos, None, None
+    count = links.number(st.sidebar, "Images for the pages", 1, 2048, min(60, len(stream)), param="count",
+                         key=f"server_count_{name}", help="A seeded sample, decoded for the per-image views; the "
+                         "statistics can stream the whole set.")
+    sample, skipped = server_sample(name, stream.key(), min(int(count), len(stream)))
+    if skipped:
+        with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
+            st.write("\n".join(f"- {reason}" for reason in skipped))
+    st.sidebar.caption(f"{len(stream):,} images in {name}; {len(sample)} decoded for the pages.")
+    return (sample, None, stream) if sample else (photos, None, None)
 
 
 def sidebar() -> Selection | None:
@@ -147,7 +174,7 @@ def sidebar() -> Selection | None:
         _show_link_warnings(notices)
         return None
     output = _output_picker(loaded)
-    image_set, masks = _image_picker(loaded)
+    image_set, masks, stream = _image_picker(loaded)
     names = [item.name for item in image_set]
     index = links.selectbox(st.sidebar, "Current image", range(len(names)), show=names.__getitem__,
                             param="image", key=f"current_image_{len(names)}_{names[0]}")
@@ -162,7 +189,8 @@ def sidebar() -> Selection | None:
                               horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
         devices = device.available()
         device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
-    selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks, output)
+    selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks, output,
+                          stream)
     st.session_state["_selection"] = selection
     st.session_state["_link_notices"] = notices
     return selection

@@ -327,3 +327,39 @@ def test_layer_tables_of_models_users_bring_convert_to_arrow_and_floats_keep_sig
     frame = pd.DataFrame({"layer": ["a"], "filter": [1], "taylor": [7e-13], "l1": [12.5]})
     assert {name: config["type_config"]["format"] for name, config in common.significant(frame).items()} == \
         {"taylor": "%.3g", "l1": "%.3g"}
+
+
+def test_a_server_folder_grows_a_sample_until_settled_and_shows_command_line_runs(tmp_path, monkeypatch):
+    """A validation folder on the server: the pages decode a seeded sample, the statistics grow over the whole
+    folder, and a finished `python -m audit stats` run of the model is listed and shown."""
+    import numpy as np
+    import pandas as pd
+
+    from audit import activations, datasets, models, runs, sampling
+    from audit.zoo import shapes
+
+    monkeypatch.setenv("CNN_AUDIT_IMAGE_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(tmp_path / "data"))
+    shapes.write_folder(shapes.generate(40, 5), tmp_path / "val")
+    loaded = models.load("demo:shapes")
+    image_set = datasets.from_folder(tmp_path / "val")
+    layers = models.conv_layers(loaded.model)
+    whole = runs.run(loaded, runs.Job(loaded.source), image_set, shards=2).table  # what the command line writes
+    at = _app(images="folder", folder="val", count="6", grow_from="5", grow_to="40").run()
+    assert not at.exception, at.exception
+    assert "40 images in val; 6 decoded for the pages." in [c.value for c in at.sidebar.caption]
+    at.switch_page("pages/activations.py").run()
+    _submit(at, "Compute on a growing sample")
+    assert not at.exception, at.exception
+    history = pd.concat([sampling.history_row(count, stats) for count, stats in sampling.growing(
+        loaded.model, layers, image_set, datasets.model_input(loaded), 5, 40)])
+    verdict = at.success if sampling.settled(history) else at.warning
+    assert any(("Settled" if verdict is at.success else "Still moving") in v.value for v in verdict)
+    rows = [frame.value for frame in at.dataframe if "apoz" in frame.value.columns]
+    assert len(rows) == 2  # the grown sample's, then the finished run's
+    for shown in rows:
+        np.testing.assert_allclose(shown[["mean", "apoz", "max"]].to_numpy(float),
+                                   whole[["mean", "apoz", "max"]].to_numpy(float), rtol=1e-5, atol=1e-7)
+    expected = activations.dead_counts(whole)
+    assert any(list(frame.value.get("dead", [])) == list(expected.dead) for frame in at.dataframe)
+    assert at.selectbox(key="finished_run").options[0].startswith("filter statistics of 40 images in val")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from audit import activations, cli, datasets, images, models, pruning, runs
+from audit import activations, cli, datasets, images, models, pruning, runs, sampling
 from audit.zoo import shapes
 
 STATS = ["mean", "std", "max", "apoz", "fires"]
@@ -185,3 +185,27 @@ def test_the_command_line_streams_a_folder_and_reads_shards_back(loaded, folder,
     assert cli.main(["scores", "--images", str(folder), "--shards", "3", "--quiet"]) == 0
     assert "3 of 3 shards read back" in capsys.readouterr().err
     assert cli.main(["scores", "--images", "shapes:10", "--quiet"]) == 1  # only sets on disk stream
+
+
+def test_a_growing_sample_adds_images_and_ends_at_one_pass_over_them(loaded, folder, reference):
+    image_set = datasets.from_folder(folder)
+    layers = models.conv_layers(loaded.model)
+    steps = list(sampling.growing(loaded.model, layers, image_set, datasets.model_input(loaded), 4, 30, seed=0))
+    assert [count for count, _ in steps] == sampling.sizes(4, 30) == [4, 8, 16, 30]
+    assert_same(steps[-1][1], reference[0], STATS, 1e-5)  # the whole set, read a piece at a time
+    first = image_set.sample(4, 0)
+    x = loaded.preprocess([first.read(i) for i in range(len(first))])
+    assert_same(steps[0][1], activations.filter_stats(loaded.model, layers, x), STATS, 1e-5)
+
+
+def test_counts_have_settled_when_the_last_three_sizes_agree():
+    def history(rows):
+        return pd.DataFrame(rows, columns=["images", "layer", "dead", "near_dead"])
+
+    moving = history([(100, "a", 3, 1), (200, "a", 2, 1), (400, "a", 2, 1), (100, "b", 0, 0), (200, "b", 0, 0),
+                      (400, "b", 0, 0)])
+    assert not sampling.settled(moving)  # layer a lost a dead filter between 100 and 200
+    grown = pd.concat([moving, history([(800, "a", 2, 1), (800, "b", 0, 0)])])
+    assert sampling.settled(grown)
+    assert not sampling.settled(history([(100, "a", 1, 0), (200, "a", 1, 0)]))  # two sizes are not enough
+    assert not sampling.settled(pd.concat([grown, history([(1600, "b", 0, 1)])]))  # a near-dead count moved
