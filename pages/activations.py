@@ -128,16 +128,20 @@ if selection.stream is not None:
                             ignore_index=True)
         lines = history.melt(id_vars=["images", "layer"], value_vars=["dead", "near_dead"], var_name="count",
                              value_name="filters")
+        sizes = sorted(int(n) for n in history.images.unique())
         figure = px.line(lines, x="images", y="filters", color="layer", line_dash="count", markers=True, log_x=True)
         figure.update_layout(height=360, margin=dict(t=10))
+        figure.update_xaxes(tickvals=sizes, ticktext=[f"{n:,}" for n in sizes], title="images in the sample")
         st.plotly_chart(figure, width="stretch", key="growth_chart")
-        sizes = sorted(history.images.unique())
         if sampling.settled(history):
             st.success(f"Settled: every layer's dead and near-dead counts are the same at "
                        f"{', '.join(f'{n:,}' for n in sizes[-3:])} images.", icon=":material/check_circle:")
+        elif len(sizes) < 3:
+            st.warning(f"Only {len(sizes)} sample size{'s' if len(sizes) > 1 else ''} measured: grow up to at least "
+                       f"four times the start to see whether the counts settle.", icon=":material/trending_up:")
         else:
-            st.warning(f"Still moving at {sizes[-1]:,} images: the counts changed over the last two doublings (or "
-                       "fewer than three sizes were measured). Grow the sample further.", icon=":material/trending_up:")
+            st.warning(f"Still moving at {sizes[-1]:,} images: the counts changed over the last two doublings. "
+                       "Grow the sample further.", icon=":material/trending_up:")
         show_stats(steps[steps.images == sizes[-1]].drop(columns="images"), near, "folder_stats")
 
 finished = runs.finished(loaded.fingerprint)
