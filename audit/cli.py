@@ -145,7 +145,7 @@ def _streamed(args, loaded, what: str, layers: list[str]):
     if args.sample:
         image_set = image_set.sample(min(args.sample, len(image_set)), args.seed)
     shards = args.shards or max(1, -(-len(image_set) // runs.SHARD_IMAGES))
-    job = runs.Job(loaded.source, what, tuple(layers), args.threshold)
+    job = runs.Job(loaded.source, what, tuple(layers), getattr(args, "threshold", 0.0))
     where = f"on Ray ({args.ray})" if args.ray else "here"
     with progress_bar(f"{runs.WHATS[what].capitalize()} of {len(image_set):,} images in {shards} shards {where}",
                       args.quiet, unit="images") as progress, loaded.job_lock:
@@ -172,17 +172,24 @@ def _check(args) -> int:
 
 
 def _prune(args) -> int:
-    """Score, choose the lowest share of each layer, cut by dependency groups, optionally fine-tune; save."""
-    from audit import models, pruning
+    """Score, choose the lowest share of each layer, cut by dependency groups, optionally fine-tune; save.
+
+    A set on disk is streamed: its scores are a sharded run (resumable, --ray) and the pruned model is
+    measured against the model over the whole set, one batch in memory at a time."""
+    from audit import datasets, models, pruning
 
     loaded = models.load(_source(args.model))
-    image_set = read_images(args.images)
-    x = loaded.preprocess([item.pixels for item in image_set])
-    names = loaded.class_names
-    labels = (np.array([names.index(item.label) for item in image_set])
-              if names and all(item.label in names for item in image_set) else None)
-    with progress_bar("Scoring every filter", args.quiet), loaded.job_lock:
-        scores = pruning.filter_scores(loaded.model, x, labels)
+    streamed = _on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
+    if streamed:
+        scores = _streamed(args, loaded, "scores", []).table
+    else:
+        image_set = read_images(args.images)
+        x = loaded.preprocess([item.pixels for item in image_set])
+        names = loaded.class_names
+        labels = (np.array([names.index(item.label) for item in image_set])
+                  if names and all(item.label in names for item in image_set) else None)
+        with progress_bar("Scoring every filter", args.quiet), loaded.job_lock:
+            scores = pruning.filter_scores(loaded.model, x, labels)
     if args.criterion not in scores or scores[args.criterion].isna().all():
         raise AuditError(f"No {args.criterion} scores for this model (Taylor needs a class output).")
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or list(dict.fromkeys(scores.layer))
@@ -203,6 +210,14 @@ def _prune(args) -> int:
             print(table.to_string(index=False))
         else:
             smaller = pruning.prune(loaded.model, selection)
+        if streamed:
+            files = datasets.open_set(args.images)
+            files = files.sample(min(args.sample, len(files)), args.seed) if args.sample else files
+            batches = datasets.batches(files, datasets.model_input(loaded, labels=files.labels))
+            with progress_bar("Measuring the pruned model on the set", args.quiet, unit="images") as progress:
+                measured = pruning.what_if(loaded.model, selection, batches, progress=progress, total=len(files))
+            print("pruned against the model on the whole set: " +
+                  ", ".join(f"{name} {value:.4g}" for name, value in measured.items()))
     smaller.save(args.out)
     print(f"{args.out}: {smaller.count_params():,} parameters (from {loaded.model.count_params():,})")
     return 0
@@ -272,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
                        help="fine-tune for this many epochs and compare with a random ranking (needs labels)")
     prune.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     prune.set_defaults(run=_prune)
+    streaming(prune)
 
     check = commands.add_parser("check", help="run every capability once on a model: ok, refused (why), failed")
     check.add_argument("--model", required=True, help="a .keras/.h5 file or a model source")

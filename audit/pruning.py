@@ -11,6 +11,7 @@ surgery rebuilds the model without them, slicing every weight that reads them.
 from __future__ import annotations
 
 import weakref
+from dataclasses import astuple, dataclass
 
 import keras
 import numpy as np
@@ -572,27 +573,60 @@ def recovery(model: keras.Model, selection: dict[str, list[int]], images: np.nda
 
 # --- what cutting costs ----------------------------------------------------------------------
 
-def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None,
-            independent: bool = False) -> dict[str, float]:
-    """How a pruned model's outputs compare with the unpruned ones on the same images.
+@dataclass
+class QualitySums:
+    """The sums behind `quality` over some images: sums of disjoint batches or shards merge, so a
+    streamed set is measured one batch at a time and gives the figures of one pass over all of it."""
 
-    For classifiers both are class probabilities (heads.Outputs): top-1 agreement, the KL divergence
-    of the pruned from the unpruned distribution (with `independent`, several sigmoid classes: the
-    mean of each class's Bernoulli KL), and accuracy when labels are given. Otherwise the relative
-    error of the features.
-    """
-    if reference.ndim == 2 and reference.shape[-1] > 1:
+    images: int = 0
+    agree: float = 0.0  # top-1 the same
+    kl: float = 0.0  # per image KL, summed
+    labelled: int = 0  # images with a known label (>= 0)
+    correct: float = 0.0
+    squared_error: float = 0.0  # models without classes: |outputs - reference|^2
+    squared_reference: float = 0.0
+    classes: bool = True
+
+    @classmethod
+    def of(cls, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None,
+           independent: bool = False) -> "QualitySums":
+        reference, outputs = np.asarray(reference, np.float64), np.asarray(outputs, np.float64)
+        if not (reference.ndim == 2 and reference.shape[-1] > 1):
+            return cls(len(reference), squared_error=float(np.sum((outputs - reference) ** 2)),
+                       squared_reference=float(np.sum(reference ** 2)), classes=False)
         p, q = np.clip(reference, 1e-12, 1.0), np.clip(outputs, 1e-12, 1.0)
         if independent:
             p1, q1 = np.clip(1 - reference, 1e-12, 1.0), np.clip(1 - outputs, 1e-12, 1.0)
             kl = np.mean(reference * np.log(p / q) + (1 - reference) * np.log(p1 / q1), axis=1)
         else:
             kl = np.sum(reference * (np.log(p) - np.log(q)), axis=1)
-        result = {"agreement": float(np.mean(reference.argmax(1) == outputs.argmax(1))), "kl": float(np.mean(kl))}
-        if labels is not None:
-            result["accuracy"] = float(np.mean(outputs.argmax(1) == labels))
+        known = np.zeros(len(reference), bool) if labels is None else np.asarray(labels) >= 0
+        predicted = outputs.argmax(1)
+        return cls(len(reference), float(np.sum(reference.argmax(1) == predicted)), float(np.sum(kl)),
+                   int(known.sum()), float(np.sum(predicted[known] == np.asarray(labels)[known])) if known.any() else 0.0)
+
+    def merge(self, other: "QualitySums") -> "QualitySums":
+        return QualitySums(*(a + b for a, b in zip(astuple(self)[:-1], astuple(other)[:-1])), classes=self.classes)
+
+    def result(self) -> dict[str, float]:
+        if not self.classes:
+            return {"feature_error": float(np.sqrt(self.squared_error) / max(np.sqrt(self.squared_reference), 1e-12))}
+        result = {"agreement": self.agree / max(self.images, 1), "kl": self.kl / max(self.images, 1)}
+        if self.labelled:
+            result["accuracy"] = self.correct / self.labelled
         return result
-    return {"feature_error": float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))}
+
+
+def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None,
+            independent: bool = False) -> dict[str, float]:
+    """How a pruned model's outputs compare with the unpruned ones on the same images.
+
+    For classifiers both are class probabilities (heads.Outputs): top-1 agreement, the KL divergence
+    of the pruned from the unpruned distribution (with `independent`, several sigmoid classes: the
+    mean of each class's Bernoulli KL), and accuracy over the images whose label is given (>= 0).
+    Otherwise the relative error of the features.
+    """
+    return QualitySums.of(reference, outputs, labels, independent).result()
 
 
 class MaskedCopy:
@@ -641,20 +675,52 @@ def curve(copy: MaskedCopy, layer: str, order: list[int], images: np.ndarray, re
     return rows
 
 
-def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images: np.ndarray,
+def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images,
                 labels: np.ndarray | None = None, fractions=np.arange(0.1, 0.91, 0.1), progress=None,
-                output: int | None = None) -> pd.DataFrame:
-    """For each conv layer alone, prune 10%..90% of its filters by the criterion and measure (Li et al. 2017)."""
+                output: int | None = None, total: int | None = None) -> pd.DataFrame:
+    """For each conv layer alone, prune 10%..90% of its filters by the criterion and measure (Li et al. 2017).
+
+    `images`: preprocessed (N, H, W, C) with `labels`, or a streamed set's (x, labels) batches
+    (audit.datasets; `total` its size for the progress). Each batch is read once and every (layer,
+    fraction) measured on it, then the QualitySums are merged: memory stays that of one batch.
+    """
     copy = MaskedCopy(model, output)
-    reference = copy.reference(images)
-    layers = list(dict.fromkeys(scores.layer))
-    rows = []
-    for done, layer in enumerate(layers):
-        rows += [{"layer": layer, **row} for row in
-                 curve(copy, layer, ranking(scores, layer, criterion), images, reference, labels, fractions)]
+    cuts = []
+    for layer in dict.fromkeys(scores.layer):
+        order = ranking(scores, layer, criterion)
+        cuts += [(layer, float(f), order[:int(round(f * len(order)))]) for f in fractions]
+    if isinstance(images, np.ndarray):  # one batch: the whole array, as before streaming
+        images, total = datasets.in_memory(images, labels, max(len(images), 1)), len(images)
+    sums, seen = [QualitySums() for _ in cuts], 0
+    for x, targets in images:
+        x, targets = np.asarray(x), np.asarray(targets)
+        reference = copy.reference(x)
+        for k, (layer, _, cut) in enumerate(cuts):
+            sums[k] = sums[k].merge(QualitySums.of(reference, copy.outputs({layer: cut}, x), targets,
+                                                   copy.reference.independent))
+            if progress is not None:
+                progress(seen * len(cuts) + (k + 1) * len(x), (total or seen + len(x)) * len(cuts))
+        seen += len(x)
+    return pd.DataFrame([{"layer": layer, "fraction": fraction, **part.result()}
+                         for (layer, fraction, _), part in zip(cuts, sums)])
+
+
+def what_if(model: keras.Model, selection: dict[str, list[int]], images, labels: np.ndarray | None = None,
+            output: int | None = None, progress=None, total: int | None = None) -> dict[str, float]:
+    """The model with `selection` silenced (with its dependency groups) against the model itself: quality's
+    figures over preprocessed images or a streamed set's batches, one batch in memory at a time."""
+    copy = MaskedCopy(model, output)
+    if isinstance(images, np.ndarray):
+        images, total = datasets.in_memory(images, labels), len(images)
+    sums, seen = QualitySums(), 0
+    for x, targets in images:
+        x = np.asarray(x)
+        sums = sums.merge(QualitySums.of(copy.reference(x), copy.outputs(selection, x), np.asarray(targets),
+                                         copy.reference.independent))
+        seen += len(x)
         if progress is not None:
-            progress(done + 1, len(layers))
-    return pd.DataFrame(rows)
+            progress(seen, total or seen)
+    return sums.result()
 
 
 def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str, criterion: str,

@@ -185,6 +185,13 @@ def test_the_command_line_streams_a_folder_and_reads_shards_back(loaded, folder,
     assert cli.main(["scores", "--images", str(folder), "--shards", "3", "--quiet"]) == 0
     assert "3 of 3 shards read back" in capsys.readouterr().err
     assert cli.main(["scores", "--images", "shapes:10", "--quiet"]) == 1  # only sets on disk stream
+    capsys.readouterr()
+    pruned = tmp_path / "pruned.keras"
+    assert cli.main(["prune", "--images", str(folder), "--shards", "3", "--share", "0.25", "--out", str(pruned),
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pruned against the model on the whole set: agreement" in out and "accuracy" in out
+    assert models.load(f"file:{pruned}").model.count_params() < loaded.model.count_params()
 
 
 def test_a_growing_sample_adds_images_and_ends_at_one_pass_over_them(loaded, folder, reference):
@@ -209,3 +216,33 @@ def test_counts_have_settled_when_the_last_three_sizes_agree():
     assert sampling.settled(grown)
     assert not sampling.settled(history([(100, "a", 1, 0), (200, "a", 1, 0)]))  # two sizes are not enough
     assert not sampling.settled(pd.concat([grown, history([(1600, "b", 0, 1)])]))  # a near-dead count moved
+
+
+def test_sensitivity_and_what_if_stream_to_the_figures_of_the_masked_model(loaded, folder):
+    """Streamed in batches of 7: the same agreement, KL and accuracy as numpy on the masked model's outputs."""
+    image_set = datasets.from_folder(folder)
+    x = loaded.preprocess([images.read(folder / name) for name in image_set.names])
+    labels = np.array([loaded.class_names.index(label) for label in image_set.labels])
+    scores = pruning.filter_scores(loaded.model, x, labels)
+    layer = models.conv_layers(loaded.model)[2]
+
+    def stream():
+        return datasets.batches(image_set, datasets.model_input(loaded, labels=image_set.labels), 7)
+
+    def by_hand(selection):
+        p = np.clip(loaded.predict(x), 1e-12, 1)
+        q = np.clip(np.asarray(pruning.masked(loaded.model, selection).predict(x, verbose=0), np.float64), 1e-12, 1)
+        return {"agreement": np.mean(p.argmax(1) == q.argmax(1)), "kl": np.mean(np.sum(p * np.log(p / q), axis=1)),
+                "accuracy": np.mean(q.argmax(1) == labels)}
+
+    table = pruning.sensitivity(loaded.model, scores[scores.layer == layer], "l1", stream(), fractions=[0.5],
+                                total=30)
+    half = pruning.ranking(scores, layer, "l1")[:round(0.5 * (scores.layer == layer).sum())]
+    expected = by_hand({layer: half})
+    assert expected["kl"] > 1e-4  # half the layer cut: the outputs moved
+    for column, value in expected.items():
+        assert table[column].iloc[0] == pytest.approx(value, rel=1e-4, abs=1e-6), column
+    selection = {layer: [0, 3, 5]}
+    measured = pruning.what_if(loaded.model, selection, stream(), total=30)
+    for column, value in by_hand(selection).items():
+        assert measured[column] == pytest.approx(value, rel=1e-4, abs=1e-6), column
