@@ -64,6 +64,8 @@ def peer_tf_keras_vis(model, layer, indices, size, steps, preprocessing):
     inputs = keras.Input((size, size, 3))
     cut = models.submodel(model, layer, any_size=True)
     wrapped = keras.Model(inputs, cut(filters.tf_preprocess(inputs, preprocessing)))  # [0, 1] pixels in
+    tf.random.set_seed(0)  # its jitter and rotation draw from the global generators: seeded, a run repeats
+    np.random.seed(0)
     maximizer = ActivationMaximization(wrapped, clone=False)  # the wrapped model already ends at the layer
     seed = tf.constant(filters._start_images(indices, 0, size))
     images = maximizer(CategoricalScore(indices), steps=steps, seed_input=seed, input_range=(0.0, 1.0))
