@@ -606,7 +606,9 @@ class QualitySums:
                    int(known.sum()), float(np.sum(predicted[known] == np.asarray(labels)[known])) if known.any() else 0.0)
 
     def merge(self, other: "QualitySums") -> "QualitySums":
-        return QualitySums(*(a + b for a, b in zip(astuple(self)[:-1], astuple(other)[:-1])), classes=self.classes)
+        """The sums of both; an empty start (QualitySums()) takes the kind of what is merged into it."""
+        classes = other.classes if not self.images else self.classes
+        return QualitySums(*(a + b for a, b in zip(astuple(self)[:-1], astuple(other)[:-1])), classes=classes)
 
     def result(self) -> dict[str, float]:
         if not self.classes:

@@ -336,3 +336,9 @@ def test_quality_measures_equal_the_formulas_by_hand():
     np.testing.assert_allclose(independent["kl"], bernoulli / 2, rtol=1e-9)
     features = pruning.quality(np.array([[3.0, 4.0]]).T, np.array([[3.0, 0.0]]).T)
     assert features == {"feature_error": 0.8}  # ||(0, -4)|| / ||(3, 4)||
+    # summed batch by batch from an empty start (a streamed set): one pass's figures, of either kind
+    rows = [pruning.QualitySums.of(before[i:i + 1], after[i:i + 1], np.array([0])) for i in range(2)]
+    assert pruning.QualitySums().merge(rows[0]).merge(rows[1]).result() == pytest.approx(measured)
+    parts = [pruning.QualitySums.of(np.array([[3.0]]), np.array([[3.0]])),
+             pruning.QualitySums.of(np.array([[4.0]]), np.array([[0.0]]))]
+    assert pruning.QualitySums().merge(parts[0]).merge(parts[1]).result() == {"feature_error": 0.8}
