@@ -137,13 +137,19 @@ def _on_disk(spec: str) -> bool:
     return path.is_dir() or (path.is_file() and path.suffix.lower() in (".zip", ".txt"))
 
 
-def _streamed(args, loaded, what: str, layers: list[str]):
-    """A sharded run over a set on disk (audit.runs): resumable, here or on Ray (--ray)."""
-    from audit import datasets, runs
+def _file_set(args):
+    """The set on disk named by --images, or its seeded --sample."""
+    from audit import datasets
 
     image_set = datasets.open_set(args.images)
-    if args.sample:
-        image_set = image_set.sample(min(args.sample, len(image_set)), args.seed)
+    return image_set.sample(min(args.sample, len(image_set)), args.seed) if args.sample else image_set
+
+
+def _streamed(args, loaded, what: str, layers: list[str], image_set=None):
+    """A sharded run over a set on disk (audit.runs): resumable, here or on Ray (--ray)."""
+    from audit import runs
+
+    image_set = _file_set(args) if image_set is None else image_set
     shards = args.shards or max(1, -(-len(image_set) // runs.SHARD_IMAGES))
     job = runs.Job(loaded.source, what, tuple(layers), getattr(args, "threshold", 0.0))
     where = f"on Ray ({args.ray})" if args.ray else "here"
@@ -181,7 +187,8 @@ def _prune(args) -> int:
     loaded = models.load(_source(args.model))
     streamed = _on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
     if streamed:
-        scores = _streamed(args, loaded, "scores", []).table
+        files = _file_set(args)
+        scores = _streamed(args, loaded, "scores", [], files).table
     else:
         image_set = read_images(args.images)
         x = loaded.preprocess([item.pixels for item in image_set])
@@ -211,8 +218,6 @@ def _prune(args) -> int:
         else:
             smaller = pruning.prune(loaded.model, selection)
         if streamed:
-            files = datasets.open_set(args.images)
-            files = files.sample(min(args.sample, len(files)), args.seed) if args.sample else files
             batches = datasets.batches(files, datasets.model_input(loaded, labels=files.labels))
             with progress_bar("Measuring the pruned model on the set", args.quiet, unit="images") as progress:
                 measured = pruning.what_if(loaded.model, selection, batches, progress=progress, total=len(files))

@@ -104,28 +104,20 @@ def _archive(path: str) -> zipfile.ZipFile:
 
 def from_folder(folder: str | Path) -> FileSet:
     """Every image below a folder, sorted by path; one subfolder per class gives the labels."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(f"{folder}: not a folder.")
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and images._accept(p.relative_to(folder)))
-    if not names:
-        raise ImageError(f"{folder}: no images found ({', '.join(images.IMAGE_SUFFIXES)}).")
-    return FileSet(tuple(names), tuple(images._class_label(Path(n)) for n in names), str(folder))
+    names = images.folder_files(folder)
+    return FileSet(tuple(map(str, names)), tuple(map(images.class_label, names)), str(folder))
 
 
 def from_zip(path: str | Path) -> FileSet:
     """The images of a zip archive on disk, read member by member (never extracted, never all at once)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = sorted(i.filename for i in archive.infolist()
-                           if not i.is_dir() and images._accept(Path(i.filename)))
+            names = [info.filename for info in images.zip_members(archive, Path(path).name)]
     except (zipfile.BadZipFile, OSError) as exc:
         raise ImageError(f"{Path(path).name}: not a readable zip archive ({exc}).") from exc
-    limits.ARCHIVE_MEMBERS.check(len(names), Path(path).name, ImageError)
     if not names:
         raise ImageError(f"{Path(path).name} holds no images ({', '.join(images.IMAGE_SUFFIXES)}).")
-    return FileSet(tuple(names), tuple(images._class_label(Path(n)) for n in names), str(path), archive=True)
+    return FileSet(tuple(names), tuple(images.class_label(Path(n)) for n in names), str(path), archive=True)
 
 
 def from_files(paths: list[str | Path], labels: list[str | None] | None = None) -> FileSet:
@@ -246,11 +238,3 @@ def in_memory(x: np.ndarray, labels: np.ndarray | None = None, batch_size: int =
     for start in range(0, len(x), batch_size):
         yield (tf.convert_to_tensor(np.asarray(x[start:start + batch_size], np.float32)),
                tf.constant(targets[start:start + batch_size]))
-
-
-def size_of(source: FileSet | tf.data.Dataset) -> int | None:
-    """How many images a set holds, when it is known before the pass."""
-    if isinstance(source, FileSet):
-        return len(source)
-    count = int(source.cardinality())
-    return count if count >= 0 else None

@@ -123,7 +123,7 @@ def read(path: str | Path) -> np.ndarray:
     return decode(data, path.name)
 
 
-def _class_label(relative: Path) -> str | None:
+def class_label(relative: Path) -> str | None:
     """The class of an image in a `class_name/image.png` layout (one folder per class)."""
     parts = relative.parts
     return parts[-2] if len(parts) >= 2 else None
@@ -134,19 +134,29 @@ def _accept(relative: Path) -> bool:
     return relative.suffix.lower() in IMAGE_SUFFIXES and not hidden
 
 
-def read_folder(folder: str | Path, limit: int | None = None) -> list[LabelledImage]:
-    """Every image below a folder, sorted by path; subfolder names become labels."""
+def folder_files(folder: str | Path) -> list[Path]:
+    """The image files below a folder, relative to it and sorted (hidden ones left out); none is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: not a folder.")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and _accept(p.relative_to(folder)))
-    images = [
-        LabelledImage(str(p.relative_to(folder)), read(p), _class_label(p.relative_to(folder)))
-        for p in paths[:limit]
-    ]
-    if not images:
+    relative = sorted(p.relative_to(folder) for p in folder.rglob("*")
+                      if p.is_file() and _accept(p.relative_to(folder)))
+    if not relative:
         raise ImageError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)}).")
-    return images
+    return relative
+
+
+def read_folder(folder: str | Path, limit: int | None = None) -> list[LabelledImage]:
+    """Every image below a folder, sorted by path; subfolder names become labels."""
+    return [LabelledImage(str(p), read(Path(folder) / p), class_label(p)) for p in folder_files(folder)[:limit]]
+
+
+def zip_members(archive: zipfile.ZipFile, name: str) -> list[zipfile.ZipInfo]:
+    """The image members of an archive, sorted by name, within the member-count limit (read from its directory)."""
+    infos = sorted((i for i in archive.infolist() if not i.is_dir() and _accept(Path(i.filename))),
+                   key=lambda i: i.filename)
+    limits.ARCHIVE_MEMBERS.check(len(infos), name, ImageError)
+    return infos
 
 
 def read_zip(data: bytes, limit: int | None = None, name: str = "the zip archive") -> list[LabelledImage]:
@@ -164,11 +174,9 @@ def read_zip_report(data: bytes, limit: int | None = None, name: str = "the zip 
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        infos = sorted((i for i in archive.infolist() if not i.is_dir() and _accept(Path(i.filename))),
-                       key=lambda i: i.filename)
     except zipfile.BadZipFile as exc:
         raise ImageError(f"{name}: not a readable zip archive ({exc}).") from exc
-    limits.ARCHIVE_MEMBERS.check(len(infos), name, ImageError)
+    infos = zip_members(archive, name)
     images, skipped, pixels = [], [], 0
     for info in infos[:limit]:
         try:
@@ -179,7 +187,7 @@ def read_zip_report(data: bytes, limit: int | None = None, name: str = "the zip 
             continue
         pixels += image.shape[0] * image.shape[1]
         limits.ZIP_TOTAL_PIXELS.check(pixels, name, ImageError)
-        images.append(LabelledImage(info.filename, image, _class_label(Path(info.filename))))
+        images.append(LabelledImage(info.filename, image, class_label(Path(info.filename))))
     if not images:
         reasons = f" Skipped: {' '.join(skipped[:3])}" if skipped else ""
         raise ImageError(f"{name} holds no readable images ({', '.join(IMAGE_SUFFIXES)}).{reasons}")

@@ -7,14 +7,17 @@ partial sums of its slice of the batch, and they are gathered on the device and 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
 
 
+@functools.cache
 def local_replicas() -> tf.distribute.Strategy | None:
-    """A MirroredStrategy over this machine's GPUs when it has several; None on one GPU or a CPU."""
+    """A MirroredStrategy over this machine's GPUs when it has several; None on one GPU or a CPU. Built once
+    per process: every pass (each shard, each page's statistics) would otherwise set up a new one."""
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus]) if len(gpus) > 1 else None
 
