@@ -131,14 +131,19 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
             st.sidebar.error(str(exc))
             continue
         decoded += found
-        if skipped:
-            with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
-                st.write("\n".join(f"- {reason}" for reason in skipped))
+        _show_skipped(skipped)
     links.write("uploads", [d for d in dict.fromkeys(digests) if storage.is_digest(d)])
     if not decoded:
         st.sidebar.info("Upload images to use them; meanwhile the sample photos are used.")
         return photos, None, None
     return decoded, None, None
+
+
+def _show_skipped(skipped: list[str]) -> None:
+    """The files of an image set that could not be read, and why, folded away in the sidebar."""
+    if skipped:
+        with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
+            st.write("\n".join(f"- {reason}" for reason in skipped))
 
 
 def _server_folder(photos):
@@ -158,9 +163,7 @@ def _server_folder(photos):
                          key=f"server_count_{name}", help="A seeded sample, decoded for the per-image views; the "
                          "statistics can stream the whole set.")
     sample, skipped = server_sample(name, stream.key(), min(int(count), len(stream)))
-    if skipped:
-        with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
-            st.write("\n".join(f"- {reason}" for reason in skipped))
+    _show_skipped(skipped)
     st.sidebar.caption(f"{len(stream):,} images in {name}; {len(sample)} decoded for the pages.")
     return (sample, None, stream) if sample else (photos, None, None)
 
