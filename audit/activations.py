@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import datasets, models, passes
-from audit.errors import NotAnImageModelError
+from audit import datasets, graph, models, passes
+from audit.errors import AuditError, NotAnImageModelError
 
 
 def layer_maps(model: keras.Model, layer: str, x: np.ndarray, pre_activation: bool = False) -> np.ndarray:
@@ -77,6 +77,37 @@ def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # --- statistics over an image set ------------------------------------------------------------
 
+MEASURE_AT = {"used": "where each filter's channel is used (after its BatchNorm and activation)",
+              "output": "each layer's own output (a conv's raw output)"}
+"""Where filter statistics are taken (graph.where_used): the decision lives where the channel is used."""
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Where one layer's filters are measured, and whether the zero-counting figures mean anything there."""
+
+    layer: str  # the layer asked for (its path)
+    measured_at: str  # the layer whose output is measured
+    floored: bool  # that output comes out of a ReLU-family activation: APoZ, fires and dead are defined
+
+
+def measures(model: keras.Model, layers: list[str], at: str = "used") -> list[Measure]:
+    """Where each layer is measured: `at="used"` follows a filter's chain (graph.where_used), `"output"` takes
+    the layer's own output."""
+    if at not in MEASURE_AT:
+        raise AuditError(f"Statistics are measured at {' or '.join(MEASURE_AT)}, not {at!r}.")
+    found = []
+    for layer in layers:
+        path = models.resolve_layer(model, layer)
+        point = graph.where_used(model, path) if at == "used" else path
+        found.append(Measure(path, point, graph.zero_floored(model, point)))
+    return found
+
+
+ARRAYS = ("count", "images", "total", "squares", "maximum", "quiet", "firing")
+"""The FilterSums fields that are sums over images (what a shard file and a compiled pass carry)."""
+
+
 @dataclass
 class FilterSums:
     """Per-filter partial sums of one layer; `merge` of two shards equals one pass over both."""
@@ -88,29 +119,39 @@ class FilterSums:
     maximum: np.ndarray
     quiet: np.ndarray  # values <= the threshold (the APoZ numerator; at threshold 0, the zeros of a ReLU)
     firing: np.ndarray  # images in which the filter exceeds the threshold somewhere
+    measured_at: str = ""  # the layer whose output was summed ("" for the layer itself)
+    floored: bool = True  # that output has a zero floor (see Measure)
 
     @classmethod
-    def empty(cls, channels: int) -> "FilterSums":
+    def empty(cls, channels: int, measured_at: str = "", floored: bool = True) -> "FilterSums":
         return cls(0.0, 0, np.zeros(channels), np.zeros(channels), np.full(channels, -np.inf),
-                   np.zeros(channels), np.zeros(channels))
+                   np.zeros(channels), np.zeros(channels), measured_at, floored)
+
+    def parts(self) -> tuple:
+        return tuple(getattr(self, name) for name in ARRAYS)
 
     def merge(self, other: "FilterSums") -> "FilterSums":
         return FilterSums(self.count + other.count, self.images + other.images, self.total + other.total,
                           self.squares + other.squares, np.maximum(self.maximum, other.maximum),
-                          self.quiet + other.quiet, self.firing + other.firing)
+                          self.quiet + other.quiet, self.firing + other.firing,
+                          self.measured_at or other.measured_at, self.floored and other.floored)
 
     def frame(self, layer: str, threshold: float = 0.0) -> pd.DataFrame:
+        """One row per filter. Without a zero floor (an ELU, a linear projection, a BN before a residual Add)
+        a value at or below 0 is not "off": APoZ and fires are NaN and no filter is dead."""
         mean = self.total / self.count
         variance = np.maximum(self.squares / self.count - mean ** 2, 0.0)
+        undefined = np.full(len(self.total), np.nan)
         return pd.DataFrame({
             "layer": layer,
             "filter": np.arange(len(self.total)),
             "mean": mean,
             "std": np.sqrt(variance),
             "max": self.maximum,
-            "apoz": self.quiet / self.count,
-            "fires": self.firing / self.images,
-            "dead": self.maximum <= threshold,
+            "apoz": self.quiet / self.count if self.floored else undefined,
+            "fires": self.firing / self.images if self.floored else undefined,
+            "dead": (self.maximum <= threshold) if self.floored else np.zeros(len(self.total), bool),
+            "measured_at": self.measured_at or layer,
         })
 
 
@@ -127,11 +168,12 @@ def batch_sums(a, threshold: float = 0.0) -> FilterSums:
                       tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0))
 
 
-def to_numpy(sums: FilterSums) -> FilterSums:
-    """Partial sums from tensors to float64 numpy, ready to merge."""
-    return FilterSums(float(sums.count), int(sums.images),
-                      *(np.asarray(part, np.float64) for part in (sums.total, sums.squares, sums.maximum,
-                                                                  sums.quiet, sums.firing)))
+def to_numpy(parts: tuple, measure: Measure | None = None) -> FilterSums:
+    """Partial sums from tensors (FilterSums.parts) to float64 numpy, ready to merge, with where they were
+    measured."""
+    count, images, *arrays = parts
+    where = ("", True) if measure is None else (measure.measured_at, measure.floored)
+    return FilterSums(float(count), int(images), *(np.asarray(part, np.float64) for part in arrays), *where)
 
 
 _REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -149,7 +191,7 @@ def _reducer(model: keras.Model, paths: tuple[str, ...], threshold: float):
         def reduce(x, labels):
             outputs = cut(x, training=False)
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            return [tuple(vars(batch_sums(a, threshold)).values()) for a in outputs]  # tensors out
+            return [batch_sums(a, threshold).parts() for a in outputs]  # tensors out
 
         cache[(paths, threshold)] = (cut, reduce)
     return cache[(paths, threshold)]
@@ -157,29 +199,33 @@ def _reducer(model: keras.Model, paths: tuple[str, ...], threshold: float):
 
 def filter_sums(model: keras.Model, layers: list[str], images, threshold: float = 0.0,
                 batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
-                total: int | None = None, strategy=None) -> dict[str, FilterSums]:
+                total: int | None = None, strategy=None, at: str = "used") -> dict[str, FilterSums]:
     """Partial sums per layer in one pass per batch, over preprocessed images (N, H, W, C) or the
     (x, labels) batches of a streamed set (audit.datasets.batches; give `total` for its progress).
-    On several local GPUs each batch is split over them (audit.passes)."""
-    paths = tuple(models.resolve_layer(model, name) for name in layers)
-    cut, reduce = _reducer(model, paths, float(threshold))
-    sums = {path: FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
+    Each layer's filters are measured where `at` says (see measures). On several local GPUs each batch is
+    split over them (audit.passes)."""
+    chosen = measures(model, layers, at)
+    points = tuple(dict.fromkeys(measure.measured_at for measure in chosen))
+    cut, reduce = _reducer(model, points, float(threshold))
+    channels = {point: int(out.shape[-1]) for point, out in zip(points, cut.outputs)}
+    sums = {m.layer: FilterSums.empty(channels[m.measured_at], m.measured_at, m.floored) for m in chosen}
     if isinstance(images, np.ndarray):
         images, total = datasets.in_memory(images, None, batch_size), len(images)
     strategy = strategy if strategy is not None else passes.local_replicas()
     for replicas in passes.run(reduce, images, strategy, progress, total):
         for parts in replicas:
-            for path, part in zip(paths, parts):
-                sums[path] = sums[path].merge(to_numpy(FilterSums(*part)))
+            by_point = dict(zip(points, parts))
+            for measure in chosen:
+                sums[measure.layer] = sums[measure.layer].merge(to_numpy(by_point[measure.measured_at], measure))
     return sums
 
 
 def filter_stats(model: keras.Model, layers: list[str], images, threshold: float = 0.0,
                  batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
-                 total: int | None = None) -> pd.DataFrame:
-    """Per-filter mean, std, max, APoZ, share of images that fire, and dead flag, one row per filter
-    (images: as for filter_sums)."""
-    sums = filter_sums(model, layers, images, threshold, batch_size, progress, total)
+                 total: int | None = None, at: str = "used") -> pd.DataFrame:
+    """Per-filter mean, std, max, APoZ, share of images that fire, dead flag, and the layer measured, one row
+    per filter (images and `at`: as for filter_sums)."""
+    sums = filter_sums(model, layers, images, threshold, batch_size, progress, total, at=at)
     return stats_frame(sums, threshold)
 
 
@@ -189,9 +235,20 @@ def stats_frame(sums: dict[str, FilterSums], threshold: float = 0.0) -> pd.DataF
 
 
 def dead_counts(stats: pd.DataFrame, near_dead_apoz: float = 0.99) -> pd.DataFrame:
-    """Per layer: dead filters (never above the threshold), near-dead (APoZ above a bound), total."""
-    flagged = stats.assign(near_dead=(stats.apoz > near_dead_apoz) & ~stats.dead)
+    """Per layer: dead filters (never above the threshold), near-dead (APoZ above a bound), filters measured
+    where there is no zero floor (neither dead nor alive can be said: `no_zero_floor`), alive, total."""
+    flagged = stats.assign(near_dead=(stats.apoz > near_dead_apoz) & ~stats.dead, no_zero_floor=stats.apoz.isna())
     counts = flagged.groupby("layer", sort=False).agg(
-        dead=("dead", "sum"), near_dead=("near_dead", "sum"), total=("filter", "size"))
-    counts["alive"] = counts.total - counts.dead - counts.near_dead
+        dead=("dead", "sum"), near_dead=("near_dead", "sum"), no_zero_floor=("no_zero_floor", "sum"),
+        total=("filter", "size"))
+    counts["alive"] = counts.total - counts.dead - counts.near_dead - counts.no_zero_floor
     return counts.reset_index()
+
+
+def unfloored_layers(stats: pd.DataFrame) -> pd.DataFrame:
+    """The layers whose measured output has no zero floor (APoZ NaN), with the layer measured: what a page
+    lists when it says why their APoZ and dead counts are not given."""
+    part = stats[stats.apoz.isna()]
+    if "measured_at" not in part:
+        part = part.assign(measured_at=part.layer)
+    return part.groupby("layer", sort=False)["measured_at"].first().reset_index()

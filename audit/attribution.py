@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import heads, models
+from audit import graph, heads, models
 from audit.errors import AuditError, ImageError
 
 Progress = Callable[[int, int], None]
@@ -398,7 +398,7 @@ class GuidedReLU(keras.layers.Layer):
 
 def _guided_replacement(layer):
     """A guided stand-in for a ReLU-family layer (ReLU, ReLU6, fused relu), else None (kept as is)."""
-    kind, activation = type(layer).__name__, models._activation_name(layer)
+    kind, activation = type(layer).__name__, graph.activation_name(layer)
     if kind == "ReLU":
         config = layer.get_config()
         return GuidedReLU(config.get("negative_slope", 0.0), config.get("max_value"), config.get("threshold", 0.0))
@@ -411,7 +411,7 @@ def _guided_replacement(layer):
         guided_relu = GuidedReLU(max_value=caps[activation])
 
         def call(*args, **kwargs):
-            return guided_relu(models._linear_twin(layer, args[0].shape)(*args, **kwargs))
+            return guided_relu(graph.linear_twin(layer, args[0].shape)(*args, **kwargs))
 
         return call
     return None

@@ -29,7 +29,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from audit import models
+from audit import graph as model_graph
+from audit.graph import Call, as_list
 from audit.errors import AuditError
 
 SOURCES = {"Conv1D", "Conv2D", "Conv3D", "SeparableConv1D", "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose",
@@ -66,20 +67,6 @@ SUPPORTED = {
 
 
 @dataclass
-class Call:
-    """One call of a leaf layer in the flattened graph."""
-
-    path: str
-    layer: object
-    inputs: list
-    output: object
-
-    @property
-    def kind(self) -> str:
-        return type(self.layer).__name__
-
-
-@dataclass
 class Group:
     """A set of channels that go together, by the layers whose filters make them."""
 
@@ -98,9 +85,9 @@ class DependencyGraph:
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.calls, self.input, self.outputs = _flat_calls(model)
+        self.calls, self.input, self.outputs = model_graph.flat_calls(model)
         self._offsets: dict[int, tuple[int, int]] = {}
-        for tensor in [self.input] + [t for call in self.calls for t in [*call.inputs, *_list(call.output)]]:
+        for tensor in [self.input] + [t for call in self.calls for t in [*call.inputs, *as_list(call.output)]]:
             self._element_range(tensor)
         size = self._next
         pairs, locks, couplers = [], {}, []
@@ -120,7 +107,7 @@ class DependencyGraph:
         for path, elements in couplers:
             for component in np.unique(self.component[elements]):
                 self._couplers.setdefault(int(component), []).append(path)
-        self._producers = {id(_list(call.output)[0]): call for call in self.calls}
+        self._producers = {id(as_list(call.output)[0]): call for call in self.calls}
 
     # --- elements ----------------------------------------------------------------------------
 
@@ -143,7 +130,7 @@ class DependencyGraph:
             locks.setdefault(int(element), reason)
 
     def _link(self, call: Call, pairs: list, locks: dict, couplers: list) -> None:
-        kind, outputs = call.kind, _list(call.output)
+        kind, outputs = call.kind, as_list(call.output)
         tensors = [t for t in call.inputs if len(t.shape) >= 2]
         if kind in SOURCES:
             return  # new channels; the input is read, not passed on
@@ -157,7 +144,7 @@ class DependencyGraph:
             pairs.append((out, np.repeat(self.elements(tensors[0]), multiplier)))
             if multiplier > 1:
                 couplers.append((call.path, out))
-        elif (kind in PASS and not (kind == "Activation" and models._activation_name(call.layer)
+        elif (kind in PASS and not (kind == "Activation" and model_graph.activation_name(call.layer)
                                     in CHANNEL_MIXING_ACTIVATIONS)) or _keeps_channel_axis(call):
             for tensor in tensors:
                 if len(self.elements(tensor)) == len(out):
@@ -189,8 +176,8 @@ class DependencyGraph:
         return {call.path: call for call in self.calls if call.kind in SOURCES | DEPTHWISE}
 
     def group_of(self, layer: str, channel: int) -> int:
-        call = self.producers()[models.resolve_layer(self.model, layer)]
-        return int(self.component[self.elements(_list(call.output)[0])[channel]])
+        call = self.producers()[model_graph.resolve_layer(self.model, layer)]
+        return int(self.component[self.elements(as_list(call.output)[0])[channel]])
 
     def locked(self, component: int) -> str:
         return self._lock_reason.get(int(component), "")
@@ -199,7 +186,7 @@ class DependencyGraph:
         """Every group that holds at least one filter, in the order of the layers."""
         found: dict[int, Group] = {}
         for path, call in self.producers().items():
-            for channel, component in enumerate(self.component[self.elements(_list(call.output)[0])]):
+            for channel, component in enumerate(self.component[self.elements(as_list(call.output)[0])]):
                 component = int(component)
                 if component not in found:
                     found[component] = Group(component, {}, sorted(set(self._couplers.get(component, []))),
@@ -212,11 +199,11 @@ class DependencyGraph:
         producers = self.producers()
         chosen, kept = set(), {}
         for layer, channels in selection.items():
-            path = models.resolve_layer(self.model, layer)
+            path = model_graph.resolve_layer(self.model, layer)
             if path not in producers:
-                raise AuditError(f"{path} is a {type(models.get_layer(self.model, path)).__name__}: only the filters "
+                raise AuditError(f"{path} is a {type(model_graph.get_layer(self.model, path)).__name__}: only the filters "
                                  "of conv, depthwise and dense layers can be removed.")
-            elements = self.elements(_list(producers[path].output)[0])
+            elements = self.elements(as_list(producers[path].output)[0])
             for channel in channels:
                 if not 0 <= int(channel) < len(elements):
                     raise AuditError(f"{path} has channels 0 to {len(elements) - 1}, not {channel}.")
@@ -236,33 +223,9 @@ class DependencyGraph:
         return self._producers.get(id(tensor))
 
 
-def _list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _keeps_channel_axis(call: Call) -> bool:
     """A Reshape whose output keeps the input's channel axis last (e.g. (C,) to (1, 1, C))."""
     if call.kind != "Reshape" or not call.inputs:
         return False
-    before, after = call.inputs[0].shape, _list(call.output)[0].shape
+    before, after = call.inputs[0].shape, as_list(call.output)[0].shape
     return before[-1] == after[-1] and int(np.prod(before[1:-1] or [1])) == int(np.prod(after[1:-1] or [1]))
-
-
-def _flat_calls(model: keras.Model):
-    """Every leaf layer call of the model on a fresh input, nested models entered, in execution order."""
-    paths = {id(layer): path for path, layer, _ in models.iter_layers(model)}
-    calls: list[Call] = []
-
-    def record(layer):
-        def call(*args, **kwargs):
-            output = layer(*args, **kwargs)
-            inputs = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)]
-            calls.append(Call(paths.get(id(layer), layer.name), layer, inputs, output))
-            return output
-
-        return call
-
-    shape = model.inputs[0].shape
-    new_input = keras.Input(batch_shape=shape, dtype=model.inputs[0].dtype)
-    outputs = models._trace(model, new_input, {}, "", {}, record)
-    return calls, new_input, _list(outputs)

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import models
+from audit import graph
 from audit.errors import AuditError
 
 _SQUASHES = ("softmax", "sigmoid")
@@ -31,7 +31,7 @@ class Head:
 
     output: int  # index in model.outputs
     path: str  # the layer that makes it
-    point: models.Point | None  # where the class scores are; None: not a classifier
+    point: graph.Point | None  # where the class scores are; None: not a classifier
     classes: int  # class scores (2 for a single-unit binary head)
     distribution: str  # "softmax" or "sigmoid": how scores become probabilities ("" for features)
     binary: bool
@@ -123,17 +123,17 @@ def _read_output(model: keras.Model, index: int) -> Head:
     path, layer = _producer(model, index)
     shape = tuple(model.outputs[index].shape)
     kind = type(layer).__name__
-    activation = "softmax" if kind == "Softmax" else models._activation_name(layer)
+    activation = "softmax" if kind == "Softmax" else graph.activation_name(layer)
     label = f"output {index} ({layer.name!r}, {kind}"
     if len(shape) != 2:
         return Head(index, path, None, 0, "", False, f"{label} of shape {shape}): maps, not class scores")
     units = int(shape[-1])
     if activation in _SQUASHES and kind in ("Softmax", "Activation"):
-        point, how = models.Point(path, "input"), f"the input of its {activation}"
-    elif activation in _SQUASHES and models.has_fused_activation(layer):
-        point, how = models.Point(path, "pre_activation"), f"its output before the {activation}"
+        point, how = graph.Point(path, "input"), f"the input of its {activation}"
+    elif activation in _SQUASHES and graph.has_fused_activation(layer):
+        point, how = graph.Point(path, "pre_activation"), f"its output before the {activation}"
     elif kind == "Dense" and activation in (None, "linear"):
-        point, how = models.Point(path, "output"), "its output as it is (logits)"
+        point, how = graph.Point(path, "output"), "its output as it is (logits)"
         activation = "sigmoid" if units == 1 else "softmax"
     else:
         return Head(index, path, None, 0, "", False, f"{label}, {units} values): features, not class scores")
@@ -146,10 +146,10 @@ def _read_output(model: keras.Model, index: int) -> Head:
                 f"{label}): {what}; class scores are {how}")
 
 
-def scores_model(model: keras.Model, head: Head, points: list[models.Point] = (), any_size: bool = False,
+def scores_model(model: keras.Model, head: Head, points: list[graph.Point] = (), any_size: bool = False,
                  replace=None) -> keras.Model:
     """A model from the image to [tensors at `points`..., class scores (N, classes)], in one pass
-    (`replace`: see models.graph_model)."""
+    (`replace`: see graph.graph_model)."""
     if not head.is_classifier:
         raise AuditError(f"The model has no class output ({head.description}): choose a filter of a layer "
                          "as the target.")
@@ -161,7 +161,7 @@ def scores_model(model: keras.Model, head: Head, points: list[models.Point] = ()
             logits = keras.ops.concatenate([-logits, logits], axis=-1)
         return tensors[:-1] + [logits]
 
-    return models.graph_model(model, points + [head.point], any_size=any_size, extra=add_scores, replace=replace)
+    return graph.graph_model(model, points + [head.point], any_size=any_size, extra=add_scores, replace=replace)
 
 
 def probabilities(scores: np.ndarray, head: Head) -> np.ndarray:
@@ -190,7 +190,7 @@ class Outputs:
         if self.head.is_classifier:
             self.graph = scores_model(model, self.head)
         else:
-            self.graph = models.graph_model(model, [models.Point(self.head.path)])
+            self.graph = graph.graph_model(model, [graph.Point(self.head.path)])
 
     @property
     def independent(self) -> bool:

@@ -13,7 +13,6 @@ A source string names a model in a way that fits in a link:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import re
 import threading
@@ -26,12 +25,24 @@ import pandas as pd
 
 from audit import images as image_utils
 from audit import storage
-from audit.errors import (
-    AuditError,
-    NotAnImageModelError,
-    UnknownLayerError,
-    UnknownSourceError,
-    WeightsUnavailableError,
+from audit.errors import NotAnImageModelError, UnknownSourceError, WeightsUnavailableError
+from audit.graph import (  # noqa: F401 (the model graph's public names, long read from here)
+    CONV_TYPES,
+    Point,
+    activation_name,
+    cam_layer,
+    cam_layer_and_reason,
+    conv_layers,
+    get_layer,
+    graph_model,
+    has_fused_activation,
+    iter_layers,
+    output_channels,
+    resolve_layer,
+    submodel,
+    weighted_layers,
+    where_used,
+    zero_floored,
 )
 
 DEFAULT_SOURCE = "demo:shapes"
@@ -57,10 +68,6 @@ KERAS_APPLICATIONS = {
     "ConvNeXtTiny": "raw",
 }
 
-CONV_TYPES = frozenset({
-    "Conv1D", "Conv2D", "Conv3D", "SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D",
-    "DepthwiseConv2D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
-})
 
 _UNTRAINED_SEED = 0
 
@@ -440,26 +447,7 @@ def check_image_model(model: keras.Model) -> None:
         )
 
 
-# --- introspection ---------------------------------------------------------------------------
-
-def iter_layers(model: keras.Model, prefix: str = ""):
-    """Yield (path, layer, depth) for every layer, descending into nested models (path `outer/inner`)."""
-    for layer in model.layers:
-        path = f"{prefix}{layer.name}"
-        yield path, layer, prefix.count("/")
-        if isinstance(layer, keras.Model):
-            yield from iter_layers(layer, path + "/")
-
-
-def _activation_name(layer) -> str | None:
-    if type(layer).__name__ == "ReLU":
-        return "relu"
-    activation = getattr(layer, "activation", None)
-    if activation is None:
-        return None
-    name = getattr(activation, "__name__", None) or type(activation).__name__
-    return name
-
+# --- the layer table ------------------------------------------------------------------------
 
 def _output_shape(layer) -> tuple | None:
     try:
@@ -488,7 +476,7 @@ def layer_table(model: keras.Model) -> pd.DataFrame:
             "type": kind,
             "output_shape": _output_shape(layer),
             "params": int(layer.count_params()) if layer.built else 0,
-            "activation": _activation_name(layer),
+            "activation": activation_name(layer),
             "filters": getattr(layer, "filters", None) or getattr(layer, "units", None),
             "kernel_size": tuple(kernel) if kernel is not None else None,
             "strides": tuple(layer.strides) if getattr(layer, "strides", None) is not None else None,
@@ -501,171 +489,3 @@ def layer_table(model: keras.Model) -> pd.DataFrame:
     for column in ("filters",):
         table[column] = table[column].astype("Int64")
     return table
-
-
-def weighted_layers(model: keras.Model) -> list[str]:
-    """Paths of the layers that carry weights (nested models themselves left out), in order."""
-    return [path for path, layer, _ in iter_layers(model) if layer.weights and not isinstance(layer, keras.Model)]
-
-
-def conv_layers(model: keras.Model) -> list[str]:
-    """Paths of all convolutional layers, in order."""
-    return [path for path, layer, _ in iter_layers(model) if type(layer).__name__ in CONV_TYPES]
-
-
-def output_channels(model: keras.Model, name: str) -> int:
-    """Channels (filters, units) of a layer's output: a DepthwiseConv2D has inputs x multiplier of them."""
-    output = get_layer(model, name).output
-    return int((output[0] if isinstance(output, (list, tuple)) else output).shape[-1])
-
-
-def resolve_layer(model: keras.Model, name: str) -> str:
-    """The full path of a layer given its path or its bare name (when that is unique)."""
-    paths = [path for path, _, _ in iter_layers(model)]
-    if name in paths:
-        return name
-    matches = [path for path in paths if path.rsplit("/", 1)[-1] == name]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise UnknownLayerError(f"Layer name {name!r} is ambiguous: {', '.join(matches)}. Give its path.")
-    close = difflib.get_close_matches(name, paths + [p.rsplit("/", 1)[-1] for p in paths], n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UnknownLayerError(f"The model has no layer {name!r}.{hint}")
-
-
-def get_layer(model: keras.Model, name: str):
-    """The layer object at a path (or unique bare name)."""
-    layer = model
-    try:  # a full path: one lookup per nesting level
-        for part in name.split("/"):
-            layer = layer.get_layer(part)
-        return layer
-    except (ValueError, AttributeError):
-        pass
-    path = resolve_layer(model, name)
-    for candidate, layer, _ in iter_layers(model):
-        if candidate == path:
-            return layer
-    raise AssertionError("unreachable")
-
-
-@dataclass(frozen=True)
-class Point:
-    """One tensor of a model's graph, named by layer path: the layer's output, its output before its own
-    (fused) activation, or its input (what a separate Softmax or Activation layer receives)."""
-
-    path: str
-    where: str = "output"  # "output", "pre_activation" or "input"
-
-
-def submodel(model: keras.Model, layers: str | list[str], pre_activation: bool = False,
-             any_size: bool = False) -> keras.Model:
-    """A model from the input to the named layers' outputs, sharing the original's weights.
-
-    Keras builds a Functional model from its outputs backwards, so nothing past the requested
-    layers is computed. With `pre_activation`, layers with a fused activation (Conv2D(activation=
-    "relu")) give their output before it. With `any_size`, the input takes images of any height and
-    width (fine up to a conv layer, not through a Flatten or Dense).
-    """
-    single = isinstance(layers, str)
-    names = [layers] if single else list(layers)
-    if not names:
-        raise AuditError("submodel needs at least one layer name.")
-    where = "pre_activation" if pre_activation else "output"
-    cut = graph_model(model, [Point(name, where) for name in names], any_size=any_size)
-    return keras.Model(cut.inputs[0], cut.outputs[0], name=cut.name) if single else cut
-
-
-def graph_model(model: keras.Model, points: list[Point], any_size: bool = False,
-                extra=None, replace=None) -> keras.Model:
-    """A model from a fresh input to the tensors at `points`, in one run of the model's own graph.
-
-    The graph is re-run on a new input rather than read from `layer.output`: a Sequential model
-    loaded from a file keeps a stale partial graph there (node 0), and a nested model's layers have
-    their own separate graph. Nested models are entered, so a layer inside a pretrained base and the
-    head that reads the base come from the same pass, and gradients flow from one to the other.
-    `extra(tensors) -> tensors` may add computations on the found tensors (e.g. the class scores);
-    `replace(layer) -> callable or None` swaps layers for others in the new graph (guided ReLUs), the
-    loaded model itself unchanged.
-    """
-    points = [Point(resolve_layer(model, point.path), point.where) for point in points]
-    wanted: dict[str, set[str]] = {}
-    for point in points:
-        wanted.setdefault(point.path, set()).add(point.where)
-    shape = model.inputs[0].shape
-    new_input = keras.Input(batch_shape=(None, None, None, shape[-1]) if any_size else shape,
-                            dtype=model.inputs[0].dtype)
-    found: dict[Point, object] = {}
-    _trace(model, new_input, wanted, "", found, replace)
-    missing = [point.path for point in points if point not in found]
-    if missing:
-        raise AuditError(f"The layers {', '.join(missing)} are not on the path from the model's input to its "
-                         "outputs (a layer the graph never calls, or one inside a nested model with several "
-                         "inputs).")
-    outputs = [found[point] for point in points]
-    if extra is not None:
-        outputs = extra(outputs)
-    name = f"{model.name}_to_{points[-1].path.replace('/', '_')}"
-    return keras.Model(new_input, outputs, name=name)
-
-
-def has_fused_activation(layer) -> bool:
-    """Whether a layer applies a non-linear activation of its own (so its pre-activation differs)."""
-    return _activation_name(layer) not in (None, "linear") and hasattr(layer, "get_config") \
-        and "activation" in layer.get_config()
-
-
-def _linear_twin(layer, input_shape=None):
-    """A copy of a layer with its activation removed, carrying the same weights."""
-    config = {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"}
-    twin = type(layer).from_config(config)
-    twin.build(input_shape if input_shape is not None else layer.input.shape)
-    twin.set_weights(layer.get_weights())
-    return twin
-
-
-def _trace(model: keras.Model, x, wanted: dict[str, set[str]], prefix: str, found: dict, replace=None):
-    """Call `model`'s layers on symbolic `x`, entering nested models that hold a wanted layer (all of them
-    with `replace`); store the wanted tensors in `found` and return the model's output."""
-
-    def wrap(layer):
-        path = prefix + layer.name
-
-        def call(*args, **kwargs):
-            inside = isinstance(layer, keras.Model) and len(layer.inputs) == 1 \
-                and (replace is not None or any(w.startswith(path + "/") for w in wanted))
-            swapped = None if inside or replace is None else replace(layer)
-            if inside:
-                output = _trace(layer, args[0], wanted, path + "/", found, replace)
-            else:
-                output = (swapped or layer)(*args, **kwargs)
-            for where in wanted.get(path, ()):
-                if where == "input":
-                    found[Point(path, where)] = args[0]
-                elif where == "pre_activation" and has_fused_activation(layer):
-                    found[Point(path, where)] = _linear_twin(layer, args[0].shape)(*args, **kwargs)
-                else:
-                    found[Point(path, where)] = output
-            return output
-
-        return call
-
-    if isinstance(model, keras.Sequential):
-        for layer in model.layers:
-            x = wrap(layer)(x)
-        return x
-    return model._run_through_graph(x, operation_fn=wrap)  # Keras 3's own graph walk (Functional.call uses it)
-
-
-def cam_layer(model: keras.Model) -> str:
-    """The last convolutional layer whose output still has a spatial map (more than 1 x 1): the default
-    layer of Grad-CAM and its family. (MobileNetV3's last conv is a 1 x 1 classifier, a flat map.)"""
-    convs = conv_layers(model)
-    if not convs:
-        raise AuditError("The model has no convolutional layer to take a class activation map from.")
-    cut = graph_model(model, [Point(path) for path in convs])
-    for path, output in zip(reversed(convs), reversed(cut.outputs)):
-        if len(output.shape) == 4 and (output.shape[1] or 2) * (output.shape[2] or 2) > 1:
-            return path
-    return convs[-1]

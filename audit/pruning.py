@@ -19,6 +19,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit import activations, datasets, groups, heads, models, passes
+from audit.graph import as_list
 from audit.errors import AuditError
 
 _PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
@@ -146,12 +147,12 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
     return taylor_of(_scores_pass(model, layers, images, labels, batch_size, output)[1])
 
 
-def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head):
-    """A compiled step, kept per model while it lives: a batch in; per layer its Taylor sums and activation
-    sums out, from one forward and backward pass. Traced once; later image sets reuse it."""
+def _compiled_pass(model: keras.Model, points: tuple[str, ...], head: heads.Head):
+    """A compiled step, kept per model while it lives: a batch in; per measured layer its Taylor sums and
+    activation sums out, from one forward and backward pass. Traced once; later image sets reuse it."""
     cache = _PASSES.setdefault(model, {})
-    if (paths, head) not in cache:
-        cut = heads.scores_model(model, head, [models.Point(path) for path in paths])
+    if (points, head) not in cache:
+        cut = heads.scores_model(model, head, [models.Point(point) for point in points])
         signature = [tf.TensorSpec([None, *cut.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32),
                      tf.TensorSpec([], tf.float32)]
 
@@ -168,11 +169,11 @@ def _compiled_pass(model: keras.Model, paths: tuple[str, ...], head: heads.Head)
             for a, g in zip(maps, gradients):
                 g = tf.zeros_like(a) if g is None else g
                 contribution = tf.reduce_sum(a * g, axis=list(range(len(a.shape) - 1)))  # (C,)
-                results.append((contribution, *vars(activations.batch_sums(a, threshold)).values()))
+                results.append((contribution, *activations.batch_sums(a, threshold).parts()))
             return results
 
-        cache[(paths, head)] = (cut, step)
-    return cache[(paths, head)]
+        cache[(points, head)] = (cut, step)
+    return cache[(points, head)]
 
 
 def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarray | None = None,
@@ -180,27 +181,34 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
                  total: int | None = None, strategy=None) -> tuple[dict[str, activations.FilterSums], dict]:
     """Activation sums and Taylor sums of every layer from the same forward and backward pass, over
     preprocessed images with their labels, or the (x, labels) batches of a streamed set (audit.datasets).
-    The Taylor part of a layer is (sum of a * dscore/da over images and positions, positions counted):
-    sums of shards merge by addition (see taylor_of)."""
+    Both are taken where each filter's channel is used (activations.measures): a * dscore/da after the
+    BatchNorm and activation, on the tensor the next layer reads. The Taylor part of a layer is (sum of
+    a * dscore/da over images and positions, positions counted): sums of shards merge by addition (see
+    taylor_of)."""
     head = heads.find_head(model, output)
-    paths = tuple(models.resolve_layer(model, layer) for layer in layers)
-    cut, step = _compiled_pass(model, paths, head)
+    chosen = activations.measures(model, layers)
+    points = tuple(dict.fromkeys(measure.measured_at for measure in chosen))
+    cut, step = _compiled_pass(model, points, head)
     batch_size = _within_memory(cut, batch_size)
     if isinstance(images, np.ndarray):
         images, total = datasets.in_memory(images, labels, batch_size), len(images)
-    positions = {path: int(np.prod(out.shape[1:-1])) for path, out in zip(paths, cut.outputs[:-1])}
-    taylor = {path: (np.zeros(int(out.shape[-1])), 0) for path, out in zip(paths, cut.outputs)}
-    sums = {path: activations.FilterSums.empty(int(out.shape[-1])) for path, out in zip(paths, cut.outputs)}
+    shapes = {point: out.shape for point, out in zip(points, cut.outputs[:-1])}
+    positions = {m.layer: int(np.prod(shapes[m.measured_at][1:-1])) for m in chosen}
+    taylor = {m.layer: (np.zeros(int(shapes[m.measured_at][-1])), 0) for m in chosen}
+    sums = {m.layer: activations.FilterSums.empty(int(shapes[m.measured_at][-1]), m.measured_at, m.floored)
+            for m in chosen}
     threshold = tf.constant(float(threshold))
     strategy = strategy if strategy is not None else passes.local_replicas()
     for replicas in passes.run(lambda x, y: step(x, y, threshold), images, strategy, progress, total):
         for results in replicas:
-            for path, (contribution, *parts) in zip(paths, results):
-                part = activations.to_numpy(activations.FilterSums(*parts))
-                total_so_far, counted = taylor[path]
-                taylor[path] = (total_so_far + np.asarray(contribution, np.float64),
-                                counted + part.images * positions[path])
-                sums[path] = sums[path].merge(part)
+            by_point = dict(zip(points, results))
+            for measure in chosen:
+                contribution, *parts = by_point[measure.measured_at]
+                part = activations.to_numpy(tuple(parts), measure)
+                total_so_far, counted = taylor[measure.layer]
+                taylor[measure.layer] = (total_so_far + np.asarray(contribution, np.float64),
+                                         counted + part.images * positions[measure.layer])
+                sums[measure.layer] = sums[measure.layer].merge(part)
     return sums, taylor
 
 
@@ -239,7 +247,8 @@ def scores_batch_size(model: keras.Model, output: int | None = None, batch_size:
     head = heads.find_head(model, output)
     if not head.is_classifier:
         return batch_size
-    return _within_memory(_compiled_pass(model, tuple(models.conv_layers(model)), head)[0], batch_size)
+    points = tuple(dict.fromkeys(m.measured_at for m in activations.measures(model, models.conv_layers(model))))
+    return _within_memory(_compiled_pass(model, points, head)[0], batch_size)
 
 
 def _within_memory(cut: keras.Model, batch_size: int) -> int:
@@ -269,6 +278,7 @@ def scores_frame(model: keras.Model, sums: dict[str, activations.FilterSums], ta
             "layer": layer, "filter": part["filter"], "l1": l1_norms(model, layer), "apoz": part["apoz"],
             "mean": part["mean"], "redundancy": similarity, "nearest": nearest, "fpgm": fpgm,
             "dead": part["dead"], "near_dead": (part["apoz"] > near_dead_apoz) & ~part["dead"],
+            "measured_at": part["measured_at"],
         })
         frame["taylor"] = taylor.get(layer, np.nan)
         for column in ("l1", "mean", "taylor", "fpgm"):
@@ -320,21 +330,21 @@ def _silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selecti
     chosen, _ = graph.expand(selection)
     zeroed: dict[int, np.ndarray] = {}  # tensor id -> channels forced to zero
     for call in graph.calls:
-        output = groups._list(call.output)[0]
+        output = as_list(call.output)[0]
         zeroed[id(output)] = graph.removed(output, chosen)
     for layer, channels in selection.items():  # locked filters: silenced alone, on through a following BN
         path = models.resolve_layer(model, layer)
-        tensor = groups._list(graph.producers()[path].output)[0]
+        tensor = as_list(graph.producers()[path].output)[0]
         alone = np.zeros(len(graph.elements(tensor)), bool)
         alone[list(channels)] = True
         while tensor is not None:
             zeroed[id(tensor)] = zeroed[id(tensor)] | alone
             readers = [call for call in graph.calls if any(t is tensor for t in call.inputs)]
-            tensor = (groups._list(readers[0].output)[0] if len(readers) == 1 and readers[0].kind
+            tensor = (as_list(readers[0].output)[0] if len(readers) == 1 and readers[0].kind
                       in groups.PASS and readers[0].kind != "Flatten" else None)
     weights = {}
     for call in graph.calls:
-        mask = zeroed[id(groups._list(call.output)[0])]
+        mask = zeroed[id(as_list(call.output)[0])]
         if call.kind in SILENCED and mask.any() and call.layer.weights:
             weights[call.path] = silence(call.layer.get_weights(), call.kind, np.flatnonzero(mask))
     return weights
@@ -365,7 +375,7 @@ def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.Depe
     chosen, kept = graph.expand(selection)
     rows = []
     for path, call in graph.producers().items():
-        mask = graph.removed(groups._list(call.output)[0], chosen)
+        mask = graph.removed(as_list(call.output)[0], chosen)
         if mask.any() or path in kept or path in selection:
             rows.append({"layer": path, "channels": len(mask), "selected": len(selection.get(path, [])),
                          "removed": int(mask.sum()), "kept because": kept.get(path, "")})
@@ -407,7 +417,7 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
         raise PruningError(f"None of the selected filters can be removed: {reasons or 'nothing was selected'}.")
     configs, weights = {}, {}
     for call in graph.calls:
-        output = groups._list(call.output)[0]
+        output = as_list(call.output)[0]
         out_keep = ~graph.removed(output, chosen)
         in_keep = ~graph.removed(call.inputs[0], chosen) if call.inputs else None
         if not out_keep.any():

@@ -29,7 +29,6 @@ WHATS = {"stats": "filter statistics", "scores": "pruning scores"}
 SHARD_IMAGES = 1000
 """Images per shard by default: what a restart can lose, and a unit of work for one Ray actor."""
 RESULT = "result.csv"
-_FIELDS = ("count", "images", "total", "squares", "maximum", "quiet", "firing")
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class Job:
     threshold: float = 0.0
     preprocessing: str | None = None
     fit: str = "crop"
+    at: str = "used"  # stats: where each filter is measured (activations.MEASURE_AT); scores: always where used
 
     def __post_init__(self):
         if self.what not in WHATS:
@@ -72,7 +72,7 @@ def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, fo
     if job.what == "stats":
         batches = datasets.batches(shard, model_in)
         sums = activations.filter_sums(loaded.model, list(job.layers), batches, job.threshold,
-                                       progress=progress, total=len(shard))
+                                       progress=progress, total=len(shard), at=job.at)
         taylor = {}
     else:
         batches = datasets.batches(shard, model_in, pruning.scores_batch_size(loaded.model))
@@ -80,7 +80,8 @@ def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, fo
                                           total=len(shard))
     arrays = {"skipped": np.array(len(shard.skipped))}
     for path, part in sums.items():
-        arrays.update({f"{path}|{name}": np.asarray(getattr(part, name)) for name in _FIELDS})
+        arrays.update({f"{path}|{name}": np.asarray(getattr(part, name)) for name in activations.ARRAYS})
+        arrays[f"{path}|measured_at"], arrays[f"{path}|floored"] = np.array(part.measured_at), np.array(part.floored)
     for path, (total, counted) in taylor.items():
         arrays[f"{path}|taylor"], arrays[f"{path}|taylor_count"] = np.asarray(total), np.array(counted)
     return arrays
@@ -89,7 +90,9 @@ def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, fo
 def _unpack(arrays) -> tuple[dict, dict]:
     paths = list(dict.fromkeys(key.split("|")[0] for key in arrays if "|" in key))
     sums = {path: activations.FilterSums(float(arrays[f"{path}|count"]), int(arrays[f"{path}|images"]),
-                                         *(np.asarray(arrays[f"{path}|{name}"], np.float64) for name in _FIELDS[2:]))
+                                         *(np.asarray(arrays[f"{path}|{name}"], np.float64)
+                                           for name in activations.ARRAYS[2:]),
+                                         str(arrays[f"{path}|measured_at"]), bool(arrays[f"{path}|floored"]))
             for path in paths}
     taylor = {path: (np.asarray(arrays[f"{path}|taylor"], np.float64), int(arrays[f"{path}|taylor_count"]))
               for path in paths if f"{path}|taylor" in arrays}

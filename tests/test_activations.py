@@ -67,7 +67,8 @@ def test_filters_forced_dead_by_a_large_negative_bias_are_exactly_the_dead_ones(
     assert list(stats.loc[stats.dead, "filter"]) == [1, 4]
     assert (stats.loc[stats.dead, "apoz"] == 1.0).all() and (stats.loc[stats.dead, "max"] == 0.0).all()
     counts = activations.dead_counts(stats)
-    assert counts.to_dict("records") == [{"layer": "conv", "dead": 2, "near_dead": 0, "total": 6, "alive": 4}]
+    assert counts.to_dict("records") == [{"layer": "conv", "dead": 2, "near_dead": 0, "no_zero_floor": 0, "total": 6,
+                                          "alive": 4}]
 
 
 def test_merging_the_sums_of_two_halves_equals_one_pass():
@@ -152,3 +153,66 @@ def test_png_and_tiles_keep_every_pixel():
     np.testing.assert_array_equal(decoded, grid)
     half = np.asarray(Image.open(io.BytesIO(render.png(np.full((2, 2), 0.5)))))
     assert (half == 128).all()
+
+
+def _conv_bn_relu() -> keras.Model:
+    """Conv (1x1, 2 filters) -> BatchNormalization -> ReLU, weights set by hand so the answer is on paper.
+
+    Filter 0 copies the pixel (raw output mostly positive); its BN subtracts 10 (beta = -10), so after the
+    ReLU it is 0 everywhere: dead. Filter 1 negates the pixel (raw output mostly negative); its BN's
+    gamma = -1 flips it back, so after the ReLU it is the pixel itself wherever that is positive.
+    """
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Conv2D(2, 1, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.Conv2D(3, 3, name="next")(x)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    model.get_layer("conv").set_weights([np.array([[[[1.0, -1.0]]]], np.float32), np.zeros(2, np.float32)])
+    epsilon = model.get_layer("bn").epsilon
+    model.get_layer("bn").set_weights([np.array([1.0, -1.0]), np.array([-10.0, 0.0]), np.zeros(2),
+                                       np.full(2, 1.0 - epsilon)])  # variance + epsilon = 1: BN is gamma * x + beta
+    return model
+
+
+def _pixels() -> np.ndarray:
+    """Two 4x4 grey images of values 1..5, each with one pixel at -1."""
+    x = np.random.default_rng(0).integers(1, 6, (2, 4, 4, 1)).astype(np.float32)
+    x[0, 0, 0, 0] = x[1, 3, 2, 0] = -1.0
+    return x
+
+
+def test_a_filter_is_measured_after_its_batchnorm_and_relu_with_the_numbers_on_paper():
+    model, x = _conv_bn_relu(), _pixels()
+    stats = activations.filter_stats(model, ["conv"], x).set_index("filter")
+    assert list(stats.measured_at) == ["relu", "relu"]
+    # filter 0: relu(x - 10) = 0 everywhere although its raw output x is positive at 31 of 32 positions
+    assert stats.loc[0, "dead"] and stats.loc[0, "apoz"] == 1.0 and stats.loc[0, "max"] == 0.0
+    # filter 1: relu(-(-x)) = relu(x): zero only at the two -1 pixels though its raw output -x is mostly negative
+    assert not stats.loc[1, "dead"]
+    assert stats.loc[1, "apoz"] == pytest.approx(2 / 32)
+    assert stats.loc[1, "mean"] == pytest.approx(np.maximum(x, 0).mean(), rel=1e-6)
+    assert stats.loc[1, "max"] == x.max() and stats.loc[1, "fires"] == 1.0
+    # the raw conv output, named as such, has no zero floor: no APoZ, nothing dead
+    raw = activations.filter_stats(model, ["conv"], x, at="output").set_index("filter")
+    assert list(raw.measured_at) == ["conv", "conv"] and raw.apoz.isna().all() and not raw.dead.any()
+    assert raw.loc[1, "mean"] == pytest.approx(-x.mean(), rel=1e-6)
+    counts = activations.dead_counts(activations.filter_stats(model, ["conv", "bn"], x))
+    assert counts.to_dict("records") == [
+        {"layer": "conv", "dead": 1, "near_dead": 0, "no_zero_floor": 0, "total": 2, "alive": 1},
+        {"layer": "bn", "dead": 0, "near_dead": 0, "no_zero_floor": 2, "total": 2, "alive": 0}]
+
+
+@pytest.mark.parametrize("after", ["elu", "linear", "swish"])
+def test_apoz_and_dead_are_not_given_where_the_output_has_no_zero_floor(after):
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, activation="swish" if after == "swish" else None, name="conv")(inputs)
+    if after == "elu":
+        x = keras.layers.ELU(name="elu")(x)
+    x = keras.layers.Conv2D(2, 1, name="next")(x)
+    model = keras.Model(inputs, x)
+    stats = activations.filter_stats(model, ["conv"], random_images(3, (6, 6, 3), seed=4))
+    assert set(stats.measured_at) == {"elu" if after == "elu" else "conv"}
+    assert stats.apoz.isna().all() and stats.fires.isna().all() and not stats.dead.any()
+    assert stats["mean"].notna().all()
+    assert list(activations.unfloored_layers(stats).itertuples(index=False)) == [("conv", stats.measured_at[0])]

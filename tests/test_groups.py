@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from audit import groups, heads, images, models, pruning
+from audit.graph import as_list
 from audit.zoo import architectures
 
 CASES = {  # model, (a layer inside a block, a layer of a coupled group)
@@ -39,7 +40,7 @@ def _expected_drop(model: keras.Model, graph: groups.DependencyGraph, chosen: se
     for call in graph.calls:
         if not call.layer.weights:
             continue
-        output = groups._list(call.output)[0]
+        output = as_list(call.output)[0]
         cout = len(graph.elements(output))
         out_kept = cout - int(graph.removed(output, chosen).sum())
         cin = len(graph.elements(call.inputs[0]))
