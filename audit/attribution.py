@@ -53,14 +53,9 @@ def has_class_output(model: keras.Model, output: int | None = None) -> bool:
     return heads.find_head(model, output).is_classifier
 
 
-def last_conv_layer(model: keras.Model) -> str:
-    """The Grad-CAM default: the last convolutional layer with a spatial map, also inside nested models."""
-    return models.cam_layer(model)
-
-
 def resolve_target(model: keras.Model, image: np.ndarray, target: Target, output: int | None = None
                    ) -> int | FilterTarget:
-    """None means the top-1 class, or for models without a class output, the strongest last-conv filter."""
+    """None means the top-1 class, or for models without a class output, the strongest channel of the CAM layer."""
     if isinstance(target, FilterTarget):
         return FilterTarget(models.resolve_layer(model, target.layer), int(target.index))
     head = heads.find_head(model, output)
@@ -74,7 +69,7 @@ def resolve_target(model: keras.Model, image: np.ndarray, target: Target, output
     if head.is_classifier:
         scores = np.asarray(heads.scores_model(model, head)(image[None], training=False))[0]
         return int(np.argmax(scores))
-    layer = last_conv_layer(model)
+    layer = models.cam_layer(model)
     maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
     return FilterTarget(layer, int(np.argmax(maps.mean(axis=(0, 1)))))
 
@@ -235,7 +230,7 @@ def _maps_and_gradients(model, image, target, layer, output=None):
     """The layer's maps and the gradient of the target's score with respect to them, from one pass
     (or from the one already made inside `shared_passes`)."""
     target = resolve_target(model, image, target, output)
-    layer = models.resolve_layer(model, layer or last_conv_layer(model))
+    layer = models.resolve_layer(model, layer or models.cam_layer(model))
     kept = _SHARED_PASSES.get()
     if kept is None:
         return _one_pass(model, image, target, layer, output)
@@ -293,7 +288,7 @@ def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
     channels of largest spatial variance are used (Faster Score-CAM: a flat channel masks nothing)."""
     image = np.asarray(image, np.float32)
     resolved = resolve_target(model, image, target, output)
-    layer = models.resolve_layer(model, layer or last_conv_layer(model))
+    layer = models.resolve_layer(model, layer or models.cam_layer(model))
     maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
     keep = score_cam_channels(maps, max_channels)
     scorer = score_model(model, resolved, output)
@@ -517,11 +512,13 @@ def peak_inside(attribution: np.ndarray, mask: np.ndarray) -> bool:
 
 
 DELETED_BY = "black pixels (the preprocessed black image), the most attributed first, 5% of the pixels a step"
+RANDOM_ORDERS = 5
+"""Seeded random orders a map's deletion and insertion areas must beat, each one (not their mean)."""
 
 
 def deletion_measure(target: Target) -> str:
     """What a deletion curve measures for a target, as the dashboard names it."""
-    return ("the filter's mean activation, relative to the intact image" if isinstance(target, FilterTarget)
+    return ("the filter's mean activation clipped at 0, relative to the intact image" if isinstance(target, FilterTarget)
             else "the target class's probability")
 
 
@@ -530,47 +527,83 @@ def deletion_curve(model: keras.Model, image: np.ndarray, attribution_map: np.nd
                    ) -> tuple[np.ndarray, np.ndarray, float]:
     """Deletion (Petsiuk et al. 2018): replace pixels by `fill` in the map's order, most attributed first,
     and measure the target after each step: a class's probability (softmax or sigmoid of the explained
-    output), or a filter's mean activation divided by its value on the intact image.
+    output), or a filter's mean activation clipped at 0 divided by its value on the intact image (NaN when
+    the filter does not fire on the intact image: no share of nothing).
 
     Returns (fractions removed, measures, area under the curve): a lower area means the map found what
-    the target depends on; random_deletion_curve gives the area to beat.
+    the target depends on; random_curves gives the areas to beat.
     """
     order = np.argsort(np.asarray(attribution_map).ravel(), kind="stable")[::-1]
-    return _deletion(model, image, [order], target, steps, fill, output)
+    fractions, values = _curves(model, image, [order], target, steps, fill, output, insert=False)
+    return fractions, values[0], _area(values[0], fractions)
 
 
-def random_deletion_curve(model: keras.Model, image: np.ndarray, target: Target = None, steps: int = 20,
-                          fill: np.ndarray | float = 0.0, output: int | None = None, repeats: int = 3,
-                          seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
-    """The chance level of deletion: the same measure with pixels removed in random order (the mean of
-    `repeats` seeded orders). It does not depend on any map: one per image and target."""
+def insertion_curve(model: keras.Model, image: np.ndarray, attribution_map: np.ndarray, target: Target = None,
+                    steps: int = 20, fill: np.ndarray | float = 0.0, output: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Insertion (Petsiuk et al. 2018): start from the `fill` image and put the image's pixels back in the map's
+    order, most attributed first; the same measure as deletion. A higher area means the map found what the
+    target depends on."""
+    order = np.argsort(np.asarray(attribution_map).ravel(), kind="stable")[::-1]
+    fractions, values = _curves(model, image, [order], target, steps, fill, output, insert=True)
+    return fractions, values[0], _area(values[0], fractions)
+
+
+def random_curves(model: keras.Model, image: np.ndarray, target: Target = None, steps: int = 20,
+                  fill: np.ndarray | float = 0.0, output: int | None = None, orders: int = RANDOM_ORDERS,
+                  seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The chance level of deletion and insertion: the same measures with pixels taken in `orders` seeded
+    random orders. For each kind, (fractions, the mean curve, the area of every order). It does not depend on
+    any map: one per image and target."""
     rng = np.random.default_rng(seed)
     size = int(np.prod(np.shape(image)[:2]))
-    return _deletion(model, image, [rng.permutation(size) for _ in range(repeats)], target, steps, fill, output)
+    permutations = [rng.permutation(size) for _ in range(orders)]
+    found = {}
+    for kind in ("deletion", "insertion"):
+        fractions, values = _curves(model, image, permutations, target, steps, fill, output, insert=kind == "insertion")
+        found[kind] = (fractions, values.mean(axis=0), np.array([_area(row, fractions) for row in values]))
+    return found
 
 
-def _deletion(model, image, orders, target, steps, fill, output):
+def beats_random(kind: str, area: float, random_areas: np.ndarray) -> bool:
+    """A map beats chance only when its area is better than every random order's: below the lowest deletion
+    area, above the highest insertion area (a tie or a NaN is not a win)."""
+    random_areas = np.asarray(random_areas, np.float64)
+    if not np.isfinite(area) or not np.all(np.isfinite(random_areas)):
+        return False
+    return bool(area < random_areas.min()) if kind == "deletion" else bool(area > random_areas.max())
+
+
+def _area(values: np.ndarray, fractions: np.ndarray) -> float:
+    return float(np.trapezoid(values, fractions))
+
+
+def _curves(model, image, orders, target, steps, fill, output, insert: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(fractions, one measure curve per order): pixels taken from the image (deletion) or given back to the
+    fill image (insertion) in each order."""
     image = np.asarray(image, np.float32)
     resolved = resolve_target(model, image, target, output)
     fractions = np.linspace(0, 1, steps + 1)
     fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
-    batch = np.repeat(image[None], len(orders) * len(fractions), axis=0)
+    start, source = (fill, image) if insert else (image, fill)
+    batch = np.repeat(start[None], len(orders) * len(fractions) + 1, axis=0)
+    batch[-1] = image  # the intact image, the reference of a filter's measure
     for number, order in enumerate(orders):
         for row, fraction in enumerate(fractions):
-            removed = np.zeros(order.size, bool)
-            removed[order[:int(round(fraction * order.size))]] = True
-            removed = removed.reshape(image.shape[:2])
-            batch[number * len(fractions) + row][removed] = fill[removed]
+            changed = np.zeros(order.size, bool)
+            changed[order[:int(round(fraction * order.size))]] = True
+            changed = changed.reshape(image.shape[:2])
+            batch[number * len(fractions) + row][changed] = source[changed]
     if isinstance(resolved, FilterTarget):
-        values = np.asarray(score_model(model, resolved, output)(batch, training=False), np.float64)
-        intact = values[0]
-        values = values / intact if intact != 0 else values
+        maps = np.asarray(models.submodel(model, resolved.layer)(batch, training=False), np.float64)
+        values = np.maximum(maps[..., resolved.index], 0).mean(axis=tuple(range(1, maps.ndim - 1)))
+        intact = values[-1]
+        values = values[:-1] / intact if intact > 0 else np.full(len(values) - 1, np.nan)
     else:
         head = heads.find_head(model, output)
-        scores = np.asarray(heads.scores_model(model, head)(batch, training=False))
+        scores = np.asarray(heads.scores_model(model, head)(batch[:-1], training=False))
         values = heads.probabilities(scores, head)[:, resolved]
-    measures = values.reshape(len(orders), len(fractions)).mean(axis=0)
-    return fractions, measures, float(np.trapezoid(measures, fractions))
+    return fractions, values.reshape(len(orders), len(fractions))
 
 
 def randomised_copies(model: keras.Model, seed: int = 0):

@@ -84,7 +84,7 @@ def _report(args) -> int:
     options = report.ReportOptions(
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
         gallery_steps=args.steps, attribution_images=args.attribution_images,
-        methods=tuple(args.methods), prune_share=args.prune_share)
+        methods=tuple(args.methods), prune_criterion=args.criterion, prune_share=args.prune_share)
     unknown = [m for m in options.methods if m not in _methods()]
     if unknown:
         raise AuditError(f"Unknown attribution method(s) {unknown}; choose from {_methods()}.")
@@ -107,7 +107,7 @@ def _stats(args) -> int:
         image_set = read_images(args.images)
         x = loaded.preprocess([item.pixels for item in image_set])
         with progress_bar("Filter statistics", args.quiet) as progress, loaded.job_lock:
-            stats = activations.filter_stats(loaded.model, layers, x, args.threshold, progress=progress)
+            stats = activations.filter_stats(loaded.model, layers, x, args.threshold, progress=progress, at=args.at)
     if args.csv:
         stats.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     counts = activations.dead_counts(stats, args.near_dead)
@@ -151,7 +151,7 @@ def _streamed(args, loaded, what: str, layers: list[str], image_set=None):
 
     image_set = _file_set(args) if image_set is None else image_set
     shards = args.shards or max(1, -(-len(image_set) // runs.SHARD_IMAGES))
-    job = runs.Job(loaded.source, what, tuple(layers), getattr(args, "threshold", 0.0))
+    job = runs.Job(loaded.source, what, tuple(layers), getattr(args, "threshold", 0.0), at=getattr(args, "at", "used"))
     where = f"on Ray ({args.ray})" if args.ray else "here"
     with progress_bar(f"{runs.WHATS[what].capitalize()} of {len(image_set):,} images in {shards} shards {where}",
                       args.quiet, unit="images") as progress, loaded.job_lock:
@@ -191,26 +191,21 @@ def _prune(args) -> int:
         scores = _streamed(args, loaded, "scores", [], files).table
     else:
         image_set = read_images(args.images)
+        labels = _labels(loaded, image_set)
+        if args.fine_tune and labels is None:  # said before any work, never after the plan
+            raise AuditError("--fine-tune needs labelled images: one subfolder per class (in a folder or a .zip), "
+                             "named like the model's classes or, for a model saved without class names, as many "
+                             "folders as it has classes (in sorted order); or shapes:N for the demo models.")
         x = loaded.preprocess([item.pixels for item in image_set])
-        names = loaded.class_names
-        labels = (np.array([names.index(item.label) for item in image_set])
-                  if names and all(item.label in names for item in image_set) else None)
         with progress_bar("Scoring every filter", args.quiet), loaded.job_lock:
             scores = pruning.filter_scores(loaded.model, x, labels)
-    if args.criterion not in scores or scores[args.criterion].isna().all():
-        raise AuditError(f"No {args.criterion} scores for this model (Taylor needs a class output).")
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or list(dict.fromkeys(scores.layer))
-    part = scores[scores.layer.isin(layers)]
-    ranked = part.assign(apoz=-part.apoz) if args.criterion == "apoz" else part  # APoZ: most zeros first
-    chosen = part[pruning.lowest_share(ranked, args.criterion, args.share)]
+    chosen = pruning.candidates(scores[scores.layer.isin(layers)], args.criterion, args.share)
     selection = {layer: sorted(group["filter"].astype(int)) for layer, group in chosen.groupby("layer", sort=False)}
     with loaded.job_lock:
         plan = pruning.plan(loaded.model, selection)
         print(plan.to_string(index=False))
         if args.fine_tune:
-            if labels is None:
-                raise AuditError("--fine-tune needs labelled images (one subfolder per class named like the "
-                                 "model's classes, or shapes:N for the demo models).")
             with progress_bar("Fine-tuning", args.quiet) as progress:
                 table, smaller = pruning.recovery(loaded.model, selection, x, labels, args.fine_tune, args.lr,
                                                   progress=progress)
@@ -226,6 +221,24 @@ def _prune(args) -> int:
     smaller.save(args.out)
     print(f"{args.out}: {smaller.count_params():,} parameters (from {loaded.model.count_params():,})")
     return 0
+
+
+def _criteria() -> dict[str, str]:
+    from audit import pruning
+
+    return pruning.CRITERIA
+
+
+def _labels(loaded, image_set) -> np.ndarray | None:
+    """The images' class indices as the dashboard reads them (the model's class names, else its class folders
+    in sorted order: audit.heads.class_names), None when some image has no known class."""
+    from audit import heads
+
+    head = loaded.head()
+    names, _ = heads.class_names(loaded.class_names, head, [item.label for item in image_set])
+    if not head.is_classifier or not all(item.label in names for item in image_set):
+        return None
+    return np.array([names.index(item.label) for item in image_set])
 
 
 def _methods() -> list[str]:
@@ -262,13 +275,19 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--steps", type=int, default=0, help="gradient-ascent steps (default: per layer)")
     report.add_argument("--attribution-images", type=int, default=4, help="images with attribution overlays")
     report.add_argument("--methods", nargs="+", default=["Grad-CAM", "Saliency"], help="attribution methods")
-    report.add_argument("--prune-share", type=float, default=0.3, help="lowest-L1 share listed per layer")
+    report.add_argument("--criterion", default="dead", choices=list(_criteria()),
+                        help="pruning candidates listed: dead (dead or near-dead) or the lowest share by a score, as "
+                             "on the Pruning page")
+    report.add_argument("--prune-share", type=float, default=0.3, help="share of each layer listed as candidates")
     report.set_defaults(run=_report)
 
     stats = commands.add_parser("stats", help="per-filter activation statistics and dead-filter counts")
     common(stats)
     stats.add_argument("--layers", nargs="*", default=[], help="layers (default: every conv layer)")
     stats.add_argument("--threshold", type=float, default=0.0, help="a filter is dead if never above this")
+    stats.add_argument("--at", default="used", choices=["used", "output"],
+                       help="measure each filter where its channel is used (after its BatchNorm and activation; the "
+                            "default) or at the layer's own output")
     stats.add_argument("--near-dead", type=float, default=0.99, help="near-dead: APoZ above this")
     stats.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     stats.set_defaults(run=_stats)
@@ -284,8 +303,9 @@ def parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="remove the lowest-scored filters by dependency groups; save the model")
     common(prune)
     prune.add_argument("--out", required=True, help="the .keras file to write")
-    prune.add_argument("--criterion", default="l1", choices=["l1", "mean", "taylor", "fpgm", "apoz"],
-                       help="rank filters by this score (lowest first; APoZ: highest first)")
+    prune.add_argument("--criterion", default="l1", choices=list(_criteria()),
+                       help="rank filters by this score (lowest first; APoZ: highest first; dead: every dead or "
+                            "near-dead filter)")
     prune.add_argument("--share", type=float, default=0.3, help="share of each layer's filters to remove")
     prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
     prune.add_argument("--fine-tune", type=int, default=0, metavar="EPOCHS",

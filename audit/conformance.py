@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from audit import activations, attribution, filters, images, models, pruning
+from audit import activations, attribution, filters, graph, images, models, pruning
 from audit.errors import AuditError
 
 # Small settings: every method runs, none for long.
@@ -64,7 +64,8 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
     convs = models.conv_layers(model)
     head = loaded.head()
     first, nested = (convs[0] if convs else ""), [path for path in convs if "/" in path]
-    late = models.cam_layer(model) if convs else ""
+    late = models.cam_layer(model) if convs else ""  # the map the head reads (may follow the last conv)
+    late_conv = graph.last_spatial_conv(model) if convs else ""
     deepest = nested[len(nested) // 2] if nested else (convs[len(convs) // 2] if convs else "")
     late_options = filters.default_options(model, late, loaded.preprocessing)
     quick = {"steps": 2, "size": min(64, loaded.input_size[0])}
@@ -73,7 +74,8 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
 
     def scores():
         table = pruning.filter_scores(model, x, output=head.output if head.is_classifier else None)
-        _finite(table[["l1", "apoz", "mean", "fpgm"]].to_numpy(np.float64))
+        _finite(table[["l1", "mean", "fpgm"]].to_numpy(np.float64))
+        _finite(table.apoz.dropna().to_numpy(np.float64))  # NaN only where the measured output has no zero floor
         if head.is_classifier:
             _finite(table["taylor"].to_numpy(np.float64))
 
@@ -83,7 +85,7 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
 
     def masks():
         channels = pruning.filter_kernels(model, first).shape[-1]
-        copy = pruning.masked(model, {first: [0], late: [channels % 2]} if late != first else {first: [0]})
+        copy = pruning.masked(model, {first: [0], late_conv: [channels % 2]} if late_conv != first else {first: [0]})
         _finite(copy(x[:1], training=False))
 
     work: list[tuple[str, Callable[[], object]]] = [
@@ -113,7 +115,7 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
         ("sanity check", sanity),
         ("filter scores", scores),
         ("masks", masks),
-        ("surgery", lambda: pruning.prune(model, {late: [0]})),
+        ("surgery", lambda: pruning.prune(model, {late_conv: [0]})),
     ]
     cells = []
     for done, (capability, job) in enumerate(work):

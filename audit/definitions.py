@@ -42,21 +42,48 @@ DEFINITIONS = (
                "One layer's output for the image; each channel of the montage scaled to [0, 1] on its own; the "
                "strongest channel is the one with the largest value anywhere.", "Zeiler & Fergus 2014",
                S + "test_montage_grid_normalisation_and_strongest_channel"),
+    Definition("Measured at", ("Activations", "Pruning", "Report"),
+               "Where a filter's statistics, APoZ and Taylor score are taken: after the per-channel layers that "
+               "follow its conv (BatchNormalization, its activation, dropout) up to the first layer that mixes "
+               "channels, merges or changes resolution: the tensor the next layer reads (Conv -> BN -> ReLU: the "
+               "ReLU). A ReLU followed only by affine layers (Conv -> ReLU -> BN) is measured at the ReLU. The "
+               "layer's own output is available as 'output'.", "Hu et al. 2016 (APoZ after the ReLU)",
+               S + "test_a_filter_is_measured_after_its_batchnorm_and_relu_with_the_numbers_on_paper"),
     Definition("Mean, std, max", ("Activations", "Pruning", "Report"),
-               "Over every image and every position of the filter's map: mean, population standard deviation and "
-               "maximum (streamed as sums, so any image set fits).", "numpy",
+               "Over every image and every position of the filter's map where it is measured: mean, population "
+               "standard deviation and maximum (streamed as sums, so any image set fits).", "numpy",
                S + "test_every_statistic_equals_a_numpy_computation_on_the_full_tensor"),
     Definition("APoZ", ("Activations", "Pruning", "Report"),
                "Share of the filter's values (all images, all positions) at or below the dead threshold; at "
-               "threshold 0, the average percentage of zeros of a ReLU.", "Hu et al. 2016, Network Trimming",
-               S + "test_dead_and_apoz_follow_the_users_threshold"),
+               "threshold 0, the average percentage of zeros of a ReLU. Given only where the measured output comes "
+               "out of a ReLU-family activation (relu, relu6, a ReLU without slope or threshold; through pooling, "
+               "flattening, padding or dropout); elsewhere (ELU, swish, GELU, tanh, linear) NaN.",
+               "Hu et al. 2016, Network Trimming",
+               S + "test_apoz_and_dead_are_not_given_where_the_output_has_no_zero_floor"),
     Definition("Fires", ("Activations",),
-               "Share of images on which the filter goes above the dead threshold somewhere.", "numpy",
-               S + "test_every_statistic_equals_a_numpy_computation_on_the_full_tensor"),
+               "Share of images on which the filter goes above the dead threshold somewhere (NaN where APoZ is).",
+               "numpy", S + "test_every_statistic_equals_a_numpy_computation_on_the_full_tensor"),
     Definition("Dead / near-dead", ("Activations", "Pruning", "Report"),
                "Dead: never above the threshold on any image or position, so APoZ = 1. Near-dead: not dead, "
-               "APoZ above the bound (0.99 by default).", "Hu et al. 2016",
+               "APoZ above the bound (0.99 by default). Neither where APoZ is not given (counted as 'no zero "
+               "floor').", "Hu et al. 2016",
                S + "test_dead_and_apoz_follow_the_users_threshold"),
+    Definition("Accuracy and chance", ("Model", "Attribution", "Pruning", "Report"),
+               "Top-1 accuracy of the explained output on the labelled images, with its Wilson 95% interval; "
+               "chance is the share of the most common label. The model is at chance when the interval reaches "
+               "it; without labels, when the outputs' mean entropy over log(classes) is above 0.98. Pages that "
+               "explain or prune then warn before their results.", "Wilson 1927",
+               "tests/test_advice.py::test_a_random_weight_classifier_is_at_chance_and_the_trained_demo_is_not"),
+    Definition("Sweep sample", ("Pruning",),
+               "The images a sweep measures on: a seeded draw that goes round the classes (each in a seeded "
+               "order), so every class is within one image of the others as far as the set allows.",
+               "stratified sampling",
+               "tests/test_advice.py::test_stratified_samples_are_balanced_seeded_and_grow_by_prefix"),
+    Definition("Candidates", ("Pruning", "Report"),
+               "dead: every dead or near-dead filter; any other criterion: the lowest share of each layer by it "
+               "(APoZ: the highest). The Pruning page, the report and the command line take the criterion and "
+               "share from the same link or arguments and list the same filters.", "Li et al. 2017; Hu et al. 2016",
+               "tests/test_advice.py::test_the_report_lists_the_candidates_the_pruning_page_lists_for_the_same_link"),
     Definition("Gallery response", ("Filters", "Pruning", "Report"),
                "The filter's mean activation (a 10% border excluded) on the image grown for it by gradient "
                "ascent from noise.", "Olah et al. 2017, Feature Visualization",
@@ -72,7 +99,7 @@ DEFINITIONS = (
                "tests/test_filters.py::test_class_images_use_the_score_before_the_softmax_and_leave_the_model_alone"),
     Definition("Attribution target", ("Attribution", "Report"),
                "A class: its score before the softmax or sigmoid. A model without classes: one filter's mean "
-               "activation. Default: the top-1 class, or the strongest filter of the last conv layer.",
+               "activation. Default: the top-1 class, or the strongest channel of the CAM layer.",
                "Simonyan et al. 2014", A + "test_a_filter_target_works_for_models_without_a_class_output"),
     Definition("Saliency", ("Attribution", "Report"),
                "max over colour channels of |d target / d pixel|, scaled to [0, 1] by its maximum.",
@@ -87,9 +114,12 @@ DEFINITIONS = (
                "preprocessing; the signed values sum to target(x) - target(x').", "Sundararajan et al. 2017",
                A + "test_integrated_gradients_sum_to_the_score_difference"),
     Definition("Grad-CAM", ("Attribution", "Report"),
-               "ReLU(sum over channels k of w_k A_k), w_k = the spatial mean of d target / d A_k, on the CAM layer "
-               "(default: the last conv layer with a map larger than 1 x 1), resized to the image.",
-               "Selvaraju et al. 2017", A + "test_grad_cam_on_a_hand_weighted_model_equals_the_paper"),
+               "ReLU(sum over channels k of w_k A_k), w_k = the spatial mean of d target / d A_k, on the CAM layer, "
+               "resized to the image. Default CAM layer: the map the head reads, the last conv layer with a map "
+               "larger than 1 x 1 followed forward through BatchNorm, activations, Add, Multiply and Concatenate "
+               "at the same size, up to the pooling (ResNet50: conv5_block3_out; MobileNetV2: out_relu).",
+               "Selvaraju et al. 2017; Keras's Grad-CAM example",
+               A + "test_grad_cam_on_a_hand_weighted_model_equals_the_paper"),
     Definition("Grad-CAM++", ("Attribution", "Report"),
                "As Grad-CAM with w_k = sum over positions of alpha ReLU(g), alpha = g^2 / (2 g^2 + sum(A_k) g^3) "
                "(the paper's eq. 19, exponential score).", "Chattopadhay et al. 2018",
@@ -115,13 +145,20 @@ DEFINITIONS = (
                "Ground-truth masks of the generated shapes", A + "test_grad_cam_concentrates_its_mass_on_the_object"),
     Definition("Deletion AUC", ("Attribution",),
                "Pixels turned black, the most attributed first, 5% a step; the curve is the target class's "
-               "probability (a filter's mean activation relative to the intact image); its area (trapezoid) is "
-               "lower when the map found what the target depends on.", "Petsiuk et al. 2018 (RISE)",
+               "probability (a filter's mean activation clipped at 0, relative to the intact image; not available "
+               "when the filter does not fire on it); its area (trapezoid) is lower when the map found what the "
+               "target depends on.", "Petsiuk et al. 2018 (RISE)",
                A + "test_deletion_measures_the_class_probability_with_its_random_order_chance_level"),
-    Definition("Random-order deletion", ("Attribution",),
-               "The same curve with pixels removed in random order (mean of 3 seeded orders): the area a map must "
-               "beat.", "Petsiuk et al. 2018",
+    Definition("Insertion AUC", ("Attribution",),
+               "The black image with the image's pixels put back, the most attributed first, 5% a step; the same "
+               "measure as deletion; its area is higher when the map found what the target depends on.",
+               "Petsiuk et al. 2018 (RISE)",
                A + "test_deletion_measures_the_class_probability_with_its_random_order_chance_level"),
+    Definition("Beats random", ("Attribution",),
+               "The same curves with pixels taken in 5 seeded random orders, each with its own area: a map beats "
+               "random only when its deletion area is below the lowest of them (insertion: above the highest); a "
+               "tie is no win, so on a model at chance nothing passes.", "Petsiuk et al. 2018",
+               A + "test_the_trust_numbers_can_say_yes_and_no"),
     Definition("Sanity check", ("Attribution",),
                "Spearman rank correlation between the map and the map of copies with more and more top layers "
                "re-initialised; a map that stays the same explains the image, not the model.",
@@ -130,8 +167,9 @@ DEFINITIONS = (
                "Sum of |weights| of the filter's kernel (depthwise and separable layers: per output channel).",
                "Li et al. 2017", P + "test_scores_equal_numpy_recomputations"),
     Definition("Taylor", ("Pruning",),
-               "|mean over images and positions of a x d log p(label) / d a| per filter (the model's top-1 when "
-               "there are no labels).", "Molchanov et al. 2017", P + "test_taylor_scores_match_a_tape_on_a_softmax_model"),
+               "|mean over images and positions of a x d log p(label) / d a| per filter, a where the filter is "
+               "measured (the model's top-1 when there are no labels).", "Molchanov et al. 2017",
+               P + "test_taylor_scores_match_a_tape_on_a_softmax_model"),
     Definition("Redundancy and nearest", ("Pruning",),
                "The largest cosine similarity between the filter's kernel and another filter's of its layer, and "
                "which filter that is.", "cosine similarity", P + "test_scores_equal_numpy_recomputations"),
@@ -146,7 +184,8 @@ DEFINITIONS = (
                "Kullback & Leibler 1951", P + "test_quality_measures_equal_the_formulas_by_hand"),
     Definition("Sensitivity", ("Pruning",),
                "Each conv layer pruned alone by the criterion from 10% to 90% of its filters (masked), the measures "
-               "above at each step.", "Li et al. 2017",
+               "above at each step, on the sweep sample; layers the criterion cannot rank are left out.",
+               "Li et al. 2017",
                P + "test_on_the_demo_model_the_l1_ranking_beats_chance_and_its_inverse_loses"),
     Definition("Ranking against chance", ("Pruning",),
                "One layer pruned by the ranking, by its inverse and by 20 random rankings; the verdict counts the "
@@ -164,8 +203,9 @@ DEFINITIONS = (
                "model's outputs equal the masked model's.", "Fang et al. 2023 (DepGraph)",
                P + "test_the_smaller_model_equals_the_masked_one_and_loses_exactly_those_parameters"),
     Definition("Recovery", ("Pruning",),
-               "Accuracy and cross-entropy before pruning, after, and after fine-tuning, beside a random pruning of "
-               "the same size fine-tuned the same way.", "Blalock et al. 2020",
+               "Accuracy (with its Wilson interval) and cross-entropy on a held-out quarter drawn class by class, "
+               "before pruning, after, and after fine-tuning, beside a random pruning of the same size fine-tuned "
+               "the same way.", "Blalock et al. 2020",
                P + "test_fine_tuning_recovers_what_pruning_half_of_two_layers_lost_on_the_demo_model"),
 )
 

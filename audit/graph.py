@@ -379,6 +379,19 @@ def zero_floored(model: keras.Model, layer: str) -> bool:
 
 # --- the map the classifier reads --------------------------------------------------------------
 
+def last_spatial_conv(model: keras.Model) -> str:
+    """The last convolutional layer whose output is a map larger than 1 x 1 (MobileNetV3's last conv is a
+    1 x 1 classifier, a flat map)."""
+    convs = conv_layers(model)
+    if not convs:
+        raise AuditError("The model has no convolutional layer to take a class activation map from.")
+    cut = graph_model(model, [Point(path) for path in convs])
+    for path, output in zip(reversed(convs), reversed(cut.outputs)):
+        if len(output.shape) == 4 and (output.shape[1] or 2) * (output.shape[2] or 2) > 1:
+            return path
+    return convs[-1]
+
+
 def cam_layer_and_reason(model: keras.Model) -> tuple[str, str]:
     """The default layer of Grad-CAM and its family, and why.
 
@@ -388,15 +401,7 @@ def cam_layer_and_reason(model: keras.Model) -> tuple[str, str]:
     head reads: ResNet50's `conv5_block3_out` (after the residual Add and its ReLU, not the branch's conv),
     MobileNetV2's `out_relu`, VGG16's `block5_conv3` (a max-pool follows).
     """
-    convs = conv_layers(model)
-    if not convs:
-        raise AuditError("The model has no convolutional layer to take a class activation map from.")
-    cut = graph_model(model, [Point(path) for path in convs])
-    start = convs[-1]
-    for path, output in zip(reversed(convs), reversed(cut.outputs)):
-        if len(output.shape) == 4 and (output.shape[1] or 2) * (output.shape[2] or 2) > 1:
-            start = path
-            break
+    start = last_spatial_conv(model)
     flow = flow_of(model)
     first = flow.call(start)
     if first is None:

@@ -240,3 +240,56 @@ def image_hash(images: np.ndarray | list[np.ndarray]) -> str:
         digest.update(str((image.shape, image.dtype.str)).encode())
         digest.update(image.tobytes())
     return digest.hexdigest()[:16]
+
+
+def stratified(labels, count: int, seed: int = 0) -> np.ndarray:
+    """Indices of `count` images drawn class by class: every class within one image of the others, as far as
+    the set allows (a class that runs out leaves its turn to the others), seeded.
+
+    `labels` are any hashable per image (class names or indices; None for all is one class). The draw goes
+    round the classes (in a seeded order), one image each, each class's images in a seeded order; so the
+    first k indices of a larger draw are the draw of k, and a sweep on a few images sees every class before
+    it sees a second image of any.
+    """
+    labels = list(labels)
+    count = max(0, min(int(count), len(labels)))
+    rng = np.random.default_rng(seed)
+    classes = sorted({label for label in labels}, key=str)
+    members = {label: [] for label in classes}
+    for index, label in enumerate(labels):
+        members[label].append(index)
+    queues = [list(rng.permutation(members[label])) for label in (classes[i] for i in rng.permutation(len(classes)))]
+    drawn: list[int] = []
+    while len(drawn) < count:
+        for queue in queues:
+            if queue and len(drawn) < count:
+                drawn.append(int(queue.pop(0)))
+    return np.asarray(drawn, dtype=int)
+
+
+def per_class(labels, indices) -> dict:
+    """How many of the chosen images each class has, for "N images, k per class" (in sorted class order)."""
+    chosen = [list(labels)[int(i)] for i in indices]
+    return {label: chosen.count(label) for label in sorted(set(list(labels)), key=str)}
+
+
+def describe_sample(labels, indices) -> str:
+    """"12 images, 4 per class (3 classes)" or "12 images: cat 5, dog 7" or "12 images (no labels)"."""
+    counts = per_class(labels, indices)
+    total = len(indices)
+    noun = "image" if total == 1 else "images"
+    if list(counts) == [None] or not counts:
+        return f"{total} {noun} (no labels)"
+    values = set(counts.values())
+    if len(values) == 1:
+        return f"{total} {noun}, {values.pop()} per class ({len(counts)} classes)"
+    return f"{total} {noun}: " + ", ".join(f"{label} {n}" for label, n in counts.items())
+
+
+def balanced_count(budget: int, labels) -> int:
+    """The number of images to draw within `budget` so that every class gets as many (at least one each when
+    the budget allows; the whole budget when it cannot cover every class), never more than the set has."""
+    labels = list(labels)
+    classes = max(len(set(labels)), 1)
+    budget = max(1, min(int(budget), len(labels)))
+    return budget if budget < classes else budget - budget % classes

@@ -19,6 +19,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit import activations, datasets, groups, heads, models, passes
+from audit import images as image_utils
 from audit.graph import as_list
 from audit.errors import AuditError
 
@@ -526,13 +527,55 @@ def fine_tune(model: keras.Model, images: np.ndarray, labels: np.ndarray, epochs
     return model, history.history
 
 
-def accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray, output: int | None = None) -> dict:
-    """Top-1 accuracy and mean cross-entropy of the explained output on labelled images (the loss still
-    moves when the accuracy stands at 100%)."""
-    probabilities = heads.Outputs(model, output)(images)
+AT_CHANCE_ENTROPY = 0.98
+"""Without labels, outputs whose mean normalised entropy is above this are near flat: a model at chance."""
+
+
+def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default): honest at 0%, 100% and on few images."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def knowledge(probabilities: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Whether a classifier's outputs on some images show it knows anything, from its class probabilities.
+
+    With labels: top-1 accuracy, its Wilson 95% interval (`low`, `high`), mean cross-entropy, `chance` (the
+    share of the most common label: what always answering that class scores) and `at_chance` (the interval
+    reaches chance). Without labels: `at_chance` when the outputs are near flat (mean normalised entropy above
+    AT_CHANCE_ENTROPY). `entropy` and `images` either way.
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    classes = probabilities.shape[1]
+    rows = probabilities / np.maximum(probabilities.sum(axis=1, keepdims=True), 1e-12)
+    entropy = float(np.mean(-np.sum(rows * np.log(np.clip(rows, 1e-12, 1.0)), axis=1)) / np.log(max(classes, 2)))
+    result = {"images": len(probabilities), "entropy": entropy}
+    if labels is None:
+        return {**result, "accuracy": np.nan, "cross-entropy": np.nan, "low": np.nan, "high": np.nan,
+                "chance": 1.0 / classes, "at_chance": entropy > AT_CHANCE_ENTROPY}
+    labels = np.asarray(labels)
+    correct = float(np.sum(probabilities.argmax(axis=1) == labels))
+    low, high = wilson_interval(correct, len(labels))
     chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)
-    return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
-            "cross-entropy": float(-np.mean(np.log(chosen)))}
+    chance = float(np.bincount(labels).max() / len(labels))
+    return {**result, "accuracy": correct / len(labels), "cross-entropy": float(-np.mean(np.log(chosen))),
+            "low": low, "high": high, "chance": chance, "at_chance": low <= chance}
+
+
+def accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray | None = None,
+             output: int | None = None) -> dict:
+    """Top-1 accuracy and mean cross-entropy of the explained output on labelled images (the loss still
+    moves when the accuracy stands at 100%), with the interval and the chance level of `knowledge`."""
+    return knowledge(heads.Outputs(model, output)(images), labels)
+
+
+def _measured(model: keras.Model, images: np.ndarray, labels: np.ndarray, output: int | None) -> dict:
+    found = accuracy(model, images, labels, output)
+    return {name: found[name] for name in ("accuracy", "low", "high", "cross-entropy")}
 
 
 def random_selection(selection: dict[str, list[int]], model: keras.Model, seed: int = 0) -> dict[str, list[int]]:
@@ -549,12 +592,12 @@ def recovery(model: keras.Model, selection: dict[str, list[int]], images: np.nda
     """Accuracy and cross-entropy on held-out images before pruning, after pruning, after fine-tuning, and for a random
     selection of the same size per layer pruned and fine-tuned the same way; and the fine-tuned model.
 
-    The images are split once (seeded): fine-tuning sees the rest, accuracy is measured on the
-    held-out share only.
+    The images are split once, class by class (images.stratified, seeded): fine-tuning sees the rest,
+    accuracy (with its Wilson interval) is measured on the held-out share only.
     """
-    order = np.random.default_rng(seed).permutation(len(images))
     cut = int(round(len(images) * held_out))
-    test, train = order[:cut], order[cut:]
+    test = image_utils.stratified(labels, cut, seed)
+    train = np.setdiff1d(np.arange(len(images)), test)
     if cut == 0 or len(train) == 0:
         raise AuditError("Recovery needs more labelled images: some to fine-tune on and some held out.")
     graph = groups.DependencyGraph(model)
@@ -564,17 +607,17 @@ def recovery(model: keras.Model, selection: dict[str, list[int]], images: np.nda
         if progress is not None:
             progress(steps[0] + done, 2 * total)
 
-    rows = [{"model": "before pruning", **accuracy(model, images[test], labels[test], output),
+    rows = [{"model": "before pruning", **_measured(model, images[test], labels[test], output),
              "parameters": model.count_params()}]
     tuned = None
     for name, chosen in (("chosen ranking", selection), ("random ranking", random_selection(selection, model, seed))):
         smaller = prune(model, chosen, graph)
-        rows.append({"model": f"{name}, pruned", **accuracy(smaller, images[test], labels[test], output),
+        rows.append({"model": f"{name}, pruned", **_measured(smaller, images[test], labels[test], output),
                      "parameters": smaller.count_params()})
         fine_tune(smaller, images[train], labels[train], epochs, learning_rate, seed=seed, output=output,
                   progress=step)
         steps[0] += epochs * int(np.ceil(len(train) / 32))
-        rows.append({"model": f"{name}, fine-tuned", **accuracy(smaller, images[test], labels[test], output),
+        rows.append({"model": f"{name}, fine-tuned", **_measured(smaller, images[test], labels[test], output),
                      "parameters": smaller.count_params()})
         if tuned is None:
             tuned = smaller
@@ -666,16 +709,64 @@ class MaskedCopy:
 
 
 def lowest_share(scores: pd.DataFrame, criterion: str, share: float) -> pd.Series:
-    """Rows among the lowest `share` of their layer by a score (ties in row order): the candidates."""
+    """Rows among the lowest `share` of their layer by a score (ties in row order): the candidates. A layer
+    whose score is undefined (NaN: APoZ without a zero floor, Taylor without classes) gives none."""
     rank = scores.groupby("layer")[criterion].rank(method="first")
     return rank <= (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
+
+
+CRITERIA = {
+    "dead": "dead or near-dead (APoZ)",
+    "l1": "lowest L1 norm (Li et al. 2017)",
+    "mean": "lowest mean activation",
+    "taylor": "lowest Taylor score (Molchanov et al. 2017)",
+    "fpgm": "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)",
+    "apoz": "highest APoZ (Hu et al. 2016)",
+}
+"""Ways to choose candidates, by the code a link, the report and the command line carry. "dead" takes no share."""
+
+
+def candidates(scores: pd.DataFrame, criterion: str, share: float) -> pd.DataFrame:
+    """The filters proposed for removal, one answer for the Pruning page, the report and the command line:
+    the dead and near-dead ones (criterion "dead"), or the lowest `share` of each layer by the criterion
+    (APoZ: the highest first). Rows of `scores` in their order, with `why` (the criterion's name)."""
+    if criterion not in CRITERIA:
+        raise AuditError(f"Unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+    if not 0.0 <= float(share) <= 1.0:
+        raise AuditError(f"The share of each layer to cut is between 0 and 1, not {share}.")
+    if criterion == "dead":
+        chosen = scores.dead | scores.near_dead
+        why = np.where(scores.dead, "dead", "near-dead")
+        return scores.assign(why=why)[chosen]
+    if criterion not in scores or scores[criterion].isna().all():
+        raise AuditError(unavailable(criterion))
+    ranked = scores.assign(apoz=-scores.apoz) if criterion == "apoz" else scores  # APoZ: most zeros first
+    return scores.assign(why=CRITERIA[criterion])[lowest_share(ranked, criterion, share)]
+
+
+def unavailable(criterion: str) -> str:
+    """Why a criterion has no scores for a model or a layer."""
+    if criterion == "taylor":
+        return "Taylor scores need a class output (they are the gradient of the class's log-probability)."
+    if criterion in ("apoz", "dead"):
+        return ("APoZ and dead filters are defined only where a filter's output has a zero floor (after a ReLU); "
+                "this layer's filters are used after an activation without one (ELU, swish, linear).")
+    return f"No {criterion} scores."
 
 
 def ranking(scores: pd.DataFrame, layer: str, criterion: str) -> list[int]:
     """The layer's filters in pruning order: the lowest score first (dead first for APoZ: highest first)."""
     part = scores[scores.layer == layer]
+    if criterion not in part or part[criterion].isna().all():
+        raise AuditError(f"{layer}: {unavailable(criterion)}")
     ascending = criterion != "apoz"
     return list(part.sort_values(criterion, ascending=ascending, kind="stable")["filter"].astype(int))
+
+
+def ranked_layers(scores: pd.DataFrame, criterion: str) -> list[str]:
+    """The layers a criterion can rank (the others have no such score: see `unavailable`)."""
+    defined = scores.groupby("layer", sort=False)[criterion].apply(lambda values: values.notna().any())
+    return [layer for layer, ok in defined.items() if ok]
 
 
 def curve(copy: MaskedCopy, layer: str, order: list[int], images: np.ndarray, reference: np.ndarray,
@@ -690,7 +781,8 @@ def curve(copy: MaskedCopy, layer: str, order: list[int], images: np.ndarray, re
 def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images,
                 labels: np.ndarray | None = None, fractions=np.arange(0.1, 0.91, 0.1), progress=None,
                 output: int | None = None, total: int | None = None) -> pd.DataFrame:
-    """For each conv layer alone, prune 10%..90% of its filters by the criterion and measure (Li et al. 2017).
+    """For each conv layer alone, prune 10%..90% of its filters by the criterion and measure (Li et al. 2017);
+    layers the criterion cannot rank (ranked_layers) are left out.
 
     `images`: preprocessed (N, H, W, C) with `labels`, or a streamed set's (x, labels) batches
     (audit.datasets; `total` its size for the progress). Each batch is read once and every (layer,
@@ -698,7 +790,7 @@ def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images
     """
     copy = MaskedCopy(model, output)
     cuts = []
-    for layer in dict.fromkeys(scores.layer):
+    for layer in ranked_layers(scores, criterion):  # a layer without such scores is left out
         order = ranking(scores, layer, criterion)
         cuts += [(layer, float(f), order[:int(round(f * len(order)))]) for f in fractions]
     if isinstance(images, np.ndarray):  # one batch: the whole array, as before streaming

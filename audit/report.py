@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from audit import activations, attribution, filters, images, models, pruning, render
+from audit import activations, attribution, filters, heads, images, models, pruning, render
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -31,7 +31,8 @@ class ReportOptions:
     gallery_steps: int = 0  # 0: each layer's default
     attribution_images: int = 4
     methods: tuple[str, ...] = ("Grad-CAM", "Saliency")
-    prune_share: float = 0.3  # the lowest-L1 share of each layer listed as candidates
+    prune_criterion: str = "dead"  # as on the Pruning page (audit.pruning.CRITERIA)
+    prune_share: float = 0.3  # the share of each layer listed as candidates (not used by "dead")
     near_dead_apoz: float = 0.99
     fit: str = "crop"
     preprocessing: str = ""  # empty: the model's own
@@ -69,13 +70,6 @@ def _figure_cell(pixels: np.ndarray, caption: str) -> str:
     return f"<figure>{_png(pixels)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
-def _candidates(scores: pd.DataFrame, share: float) -> pd.DataFrame:
-    lowest = pruning.lowest_share(scores, "l1", share)
-    why = np.where(scores.dead, "dead", np.where(scores.near_dead, "near-dead", np.where(lowest, "low L1", "")))
-    table = scores.assign(why=why)[lambda f: f.why != ""]
-    return table[["layer", "filter", "why", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]]
-
-
 def attribution_maps(loaded: models.LoadedModel, item: images.LabelledImage, target: attribution.Target,
                      options: ReportOptions) -> dict[str, np.ndarray]:
     """The report's maps of one image: attribution.explain, the dashboard's own path, with each method's
@@ -104,9 +98,10 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     stages = _Stages(2 + len(gallery_layers) + len(shown), progress)
 
     x = loaded.preprocess([item.pixels for item in image_set], preprocessing, options.fit)
-    names = loaded.class_names
+    head = loaded.head()
+    names, origin = heads.class_names(loaded.class_names, head, [item.label for item in image_set])
     labels = None
-    if names and all(item.label in names for item in image_set):
+    if head.is_classifier and all(item.label in names for item in image_set):
         labels = np.array([names.index(item.label) for item in image_set])
     outputs = loaded.predict(x)
     stages.step()
@@ -122,19 +117,38 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         "Multiply-adds per image": f"{pruning.flops(model):,}", "Images": len(image_set),
         "Preprocessing": preprocessing,
     }
-    if labels is not None and loaded.head().is_classifier:
-        summary["Accuracy on the images"] = f"{np.mean(outputs.argmax(1) == labels):.1%}"
+    warning = ""
+    if head.is_classifier:
+        found = pruning.knowledge(outputs, labels)
+        if labels is not None:
+            summary["Accuracy on the images"] = (f"{found['accuracy']:.1%} (95% interval {found['low']:.0%}–"
+                                                 f"{found['high']:.0%}; {images.describe_sample(labels, range(len(labels)))}"
+                                                 f"; chance {found['chance']:.0%})")
+        if origin and origin != "the model":
+            summary["Class names"] = f"from {origin}"
+        if found["at_chance"]:
+            why = ("its accuracy's interval reaches chance" if labels is not None else
+                   f"its outputs are near flat (mean normalised entropy {found['entropy']:.2f})")
+            warning = (f"<p class='warning'><strong>The model is at chance on these images</strong>: {why}. The "
+                       "explanations and pruning candidates below describe noise, not knowledge.</p>")
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    sections.append(f"<h2>Model</h2><p>{html.escape(loaded.description)}</p><table class='summary'>{rows}</table>")
+    sections.append(f"<h2>Model</h2><p>{html.escape(loaded.description)}</p>{warning}"
+                    f"<table class='summary'>{rows}</table>")
     layers = table.assign(output_shape=table.output_shape.map(str), kernel_size=table.kernel_size.map(str),
                           strides=table.strides.map(str))
     sections.append(f"<details><summary>Layer table ({len(table)} rows)</summary>{_table(layers)}</details>")
 
     counts = activations.dead_counts(scores, options.near_dead_apoz)
-    chart = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"], labels={"value": "filters", "variable": ""},
-                   color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"})
-    sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images. Dead: never above 0 (APoZ = 1); "
-                    f"near-dead: the others with APoZ (share of values at or below 0) above {options.near_dead_apoz}.</p>{_figure(chart, first=True)}{_table(counts)}")
+    chart = px.bar(counts, x="layer", y=["dead", "near_dead", "alive", "no_zero_floor"],
+                   labels={"value": "filters", "variable": ""},
+                   color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c",
+                                       "no_zero_floor": "#c7c7c7"})
+    sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images, each filter measured where its channel is "
+                    "used (after its BatchNorm and activation). Dead: never above 0 (APoZ = 1); near-dead: the others "
+                    f"with APoZ (share of values at or below 0) above {options.near_dead_apoz}. No zero floor: the "
+                    "filter is used after an activation that is not a ReLU (ELU, swish, linear), where a value at or "
+                    "below 0 is not \"off\", so neither is counted.</p>"
+                    f"{_figure(chart, first=True)}{_table(counts)}")
 
     galleries = []
     for layer in gallery_layers:
@@ -160,7 +174,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     for item, picture, xi in zip(shown, fitted, x[:len(shown)]):
         if classes:
             target = int(np.argmax(outputs[len(rows)]))
-            said = (names[target] if names else f"class {target}") + f" ({outputs[len(rows)][target]:.2f})"
+            said = names[target] + f" ({outputs[len(rows)][target]:.2f})"
         else:
             target = attribution.resolve_target(model, xi, None)
             said = f"filter {target.index} of {target.layer}"
@@ -172,14 +186,16 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     sections.append("<h2>Attribution</h2><p>For the top-1 class (score before the softmax) or, without a class "
                     "output, the most active filter of the last conv layer.</p>" + "".join(rows))
 
-    candidates = _candidates(scores, options.prune_share)
+    candidates = pruning.candidates(scores, options.prune_criterion, options.prune_share)
     per_layer = candidates.groupby(["layer", "why"], sort=False).size().rename("filters").reset_index()
     chart = px.bar(per_layer, x="layer", y="filters", color="why", barmode="stack",
-                   color_discrete_map={"dead": "#d62728", "near-dead": "#ff7f0e", "low L1": "#1f77b4"})
-    sections.append(f"<h2>Pruning candidates</h2><p>{len(candidates)} of {len(scores)} filters: dead, near-dead, or "
-                    f"among the lowest {options.prune_share:.0%} of their layer by L1 norm. Check them on the "
-                    f"dashboard's Pruning page before cutting.</p>{_figure(chart, first=False)}"
-                    f"<details><summary>Candidates table</summary>{_table(candidates)}</details>")
+                   color_discrete_map={"dead": "#d62728", "near-dead": "#ff7f0e"})
+    chosen = ("dead or near-dead" if options.prune_criterion == "dead" else
+              f"the {options.prune_share:.0%} of each layer chosen by {pruning.CRITERIA[options.prune_criterion]}")
+    columns = ["layer", "filter", "why", "measured_at", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]
+    sections.append(f"<h2>Pruning candidates</h2><p>{len(candidates)} of {len(scores)} filters: {html.escape(chosen)}. "
+                    f"Check them on the dashboard's Pruning page before cutting.</p>{_figure(chart, first=False)}"
+                    f"<details><summary>Candidates table</summary>{_table(candidates[columns])}</details>")
 
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, body="\n".join(sections),
@@ -197,7 +213,7 @@ table.data, table.summary {{ border-collapse: collapse; font-size: 0.85rem; }}
 table.data td, table.data th, table.summary td, table.summary th {{ padding: 2px 8px; border-bottom: 1px solid #eee;
   text-align: left; }}
 .grid {{ display: grid; grid-template-columns: repeat({columns}, minmax(0, 1fr)); gap: 8px; margin-bottom: 8px; }}
-figure {{ margin: 0; }} figcaption {{ font-size: 0.75rem; color: #555; overflow-wrap: anywhere; }}
+figure {{ margin: 0; }} .warning {{ background: #fff3cd; padding: 8px 12px; border-radius: 4px; }} figcaption {{ font-size: 0.75rem; color: #555; overflow-wrap: anywhere; }}
 .grid img {{ width: 100%; height: auto; image-rendering: pixelated; border-radius: 4px; }}
 </style></head><body>
 <h1>{title}</h1><p class="made">Made {made} by CNN Audit.</p>

@@ -28,14 +28,15 @@ def sizes(start: int, largest: int) -> list[int]:
 
 def growing(model, layers: list[str], image_set: datasets.FileSet, model_in: datasets.Input, start: int,
             largest: int, seed: int = 0, threshold: float = 0.0,
-            progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+            progress: Callable[[int, int], None] | None = None, at: str = "used") -> Iterator[tuple[int, pd.DataFrame]]:
     """(images so far, filter_stats table) after each doubling of the seeded sample."""
     steps, sums, before = sizes(start, min(largest, len(image_set))), None, 0
     for size in steps:
         added = image_set.sample(size, seed, skip=before)
         part = activations.filter_sums(
             model, layers, datasets.batches(added, model_in), threshold, total=len(added),
-            progress=None if progress is None else lambda done, _, before=before: progress(before + done, steps[-1]))
+            progress=None if progress is None else lambda done, _, before=before: progress(before + done, steps[-1]),
+            at=at)
         sums = part if sums is None else {layer: sums[layer].merge(part[layer]) for layer in sums}
         before = size
         yield next(iter(sums.values())).images, activations.stats_frame(sums, threshold)

@@ -17,8 +17,7 @@ st.title("Activations")
 common.what_these_mean("Activations")
 
 table = common.layer_table(loaded.fingerprint, loaded.source)
-map_layers = [row.path for row in table.itertuples() if row.output_shape is not None
-              and len(row.output_shape) == 4 and not row.is_container and row.type != "InputLayer"]
+map_layers = common.map_layers(loaded.fingerprint, loaded.source)
 conv = [row.path for row in table.itertuples() if row.is_conv]
 default_layer = conv[0] if conv else map_layers[0]
 layer = links.selectbox(st, "Layer", map_layers, index=map_layers.index(default_layer), param="layer",
@@ -66,14 +65,26 @@ st.divider()
 st.subheader("Filter statistics over the image set")
 st.caption(f"{len(selection.image_set)} images. APoZ: the share of a filter's values (all images, all positions) "
            "at or below the threshold (at 0, the average percentage of zeros of Hu et al. 2016). Dead: never above "
-           "the threshold, so APoZ = 1; near-dead: the others with APoZ above the bound.")
+           "the threshold, so APoZ = 1; near-dead: the others with APoZ above the bound. A conv's filters are "
+           "measured where their channel is used: after its BatchNorm and activation (the `measured_at` column).")
 
 
 def show_stats(stats, near: float, name: str) -> None:
-    """Dead, near-dead and alive filters per layer (chart and table), the dead ones by name, every row, CSV."""
+    """Dead, near-dead and alive filters per layer (chart and table), the dead ones by name, every row, CSV;
+    and which layers have no zero floor, so no dead or near-dead count."""
     counts = activations.dead_counts(stats, near)
-    figure = px.bar(counts, x="layer", y=["dead", "near_dead", "alive"],
-                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c"},
+    unfloored = activations.unfloored_layers(stats)
+    if len(unfloored):
+        named = ", ".join(f"{row.layer}" + (f" (at {row.measured_at})" if row.measured_at != row.layer else "")
+                          for row in unfloored.head(6).itertuples())
+        more = f" and {len(unfloored) - 6} more" if len(unfloored) > 6 else ""
+        st.info(f"{len(unfloored)} of {len(counts)} layers are measured where the output has no zero floor: "
+                f"{named}{more}. There a value at or below 0 is not \"off\" (an ELU, swish or linear output, a "
+                "BatchNorm before a residual Add), so their APoZ, fires and dead are not given (grey in the chart) "
+                "and the APoZ-based pruning criteria leave them out.", icon=":material/info:")
+    figure = px.bar(counts, x="layer", y=["dead", "near_dead", "alive", "no_zero_floor"],
+                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c",
+                                        "no_zero_floor": "#c7c7c7"},
                     labels={"value": "filters", "variable": ""})
     figure.update_layout(barmode="stack", height=380, margin=dict(t=10), xaxis_tickangle=-45)
     st.plotly_chart(figure, width="stretch", key=f"{name}_chart")
@@ -94,13 +105,18 @@ with st.form("stats_form"):
                              key="stats_threshold")
     near = links.number(c2, "Near-dead APoZ above", 0.5, 1.0, 0.99, step=0.005, slider=True, param="apoz",
                         key="stats_apoz")
+    measure_at = links.selectbox(st, "Measure each filter at", list(activations.MEASURE_AT), param="measure_at",
+                                 key="stats_measure_at", format_func=activations.MEASURE_AT.get, radio=True,
+                                 horizontal=True,
+                                 help="Where the decision to cut lives: a filter is used after its BatchNorm and "
+                                      "activation. The raw output is there for comparison.")
     run = st.form_submit_button("Compute statistics", type="primary")
 key_layers = tuple(chosen)
-stats_key = common.stats_key(selection, key_layers, threshold)
+stats_key = common.stats_key(selection, key_layers, threshold, measure_at)
 if chosen and jobs.job_shown(selection, "stats", run, stats_key, jobs.has_result(stats_key),
                                len(selection.image_set)):
     with common.user_errors():
-        stats = common.filter_stats(selection, key_layers, float(threshold))
+        stats = common.filter_stats(selection, key_layers, float(threshold), measure_at)
     show_stats(stats, near, "filter_stats")
 elif not chosen:
     st.info("Choose at least one layer.")
@@ -120,10 +136,10 @@ if selection.stream is not None:
                                param="grow_to", key=f"grow_to_{stream.key()}")
         grow = st.form_submit_button("Compute on a growing sample", type="primary")
     start, largest = int(start), max(int(start), int(largest))
-    grow_key = common.growing_key(selection, key_layers, threshold, start, largest) if chosen else None
+    grow_key = common.growing_key(selection, key_layers, threshold, start, largest, measure_at) if chosen else None
     if chosen and jobs.job_shown(selection, "grow", grow, grow_key, jobs.has_result(grow_key), largest):
         with common.user_errors():
-            steps = common.growing_stats(selection, key_layers, float(threshold), start, largest)
+            steps = common.growing_stats(selection, key_layers, float(threshold), start, largest, measure_at)
         history = pd.concat([sampling.history_row(count, part, near) for count, part in steps.groupby("images")],
                             ignore_index=True)
         lines = history.melt(id_vars=["images", "layer"], value_vars=["dead", "near_dead"], var_name="count",

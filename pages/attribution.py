@@ -20,7 +20,7 @@ shown = common.fitted_image(selection)
 convs = models.conv_layers(loaded.model)
 with common.user_errors("The prediction"):
     output = selection.predict()
-    cam_default = models.cam_layer(loaded.model)
+    cam_default, cam_why = common.cam_layer(loaded.fingerprint, loaded.source)
 
 left, right = st.columns([2, 1])
 if selection.head.is_classifier:
@@ -49,9 +49,12 @@ else:
     label = f"filter {index} of {target_layer}"
     right.info("This model has no class output: the target is one filter's mean activation.")
 
-cam_layer = links.selectbox(left, "CAM layer", convs, index=convs.index(cam_default), param="cam_layer",
+cam_options = common.map_layers(loaded.fingerprint, loaded.source)
+cam_layer = links.selectbox(left, "CAM layer", cam_options, index=cam_options.index(cam_default), param="cam_layer",
                             key=f"attr_cam_layer_{loaded.fingerprint}",
-                            help="Default: the last conv layer whose map is larger than 1 x 1.")
+                            help=f"Default: {cam_default}, {cam_why}.")
+if cam_layer == cam_default:
+    left.caption(f"CAM layer {cam_default}: {cam_why}.")
 methods = links.multiselect(st, "Methods", list(attribution.METHODS), param="methods", key="attr_methods",
                             default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
 size = min(x.shape[:2])
@@ -97,11 +100,11 @@ if not methods:
 
 
 def passes(method: str) -> float:
-    """Image passes of a method and its deletion curve (a backward pass counts as two forward ones)."""
+    """Image passes of a method (a backward pass counts as two forward ones); its trust curves are their own job."""
     steps_of = {"SmoothGrad": 3 * samples, "Integrated Gradients": 3 * (steps + 1), "Score-CAM": channels + 2,
                 "Guided Grad-CAM": 6,
                 "Occlusion": ((size - patch) // stride + 2) ** 2}
-    return steps_of.get(method, 3) + 21 + 63 / max(len(methods), 1)  # its deletion curve; a share of the random ones
+    return steps_of.get(method, 3)
 
 
 # a method whose maps would take long starts on a click, never by itself (a link cannot start hours of work)
@@ -116,6 +119,7 @@ for method in waiting:
 waiting = [m for m in waiting if (m, options_for(m)) not in approved]
 ready = [m for m in methods if m not in waiting]
 
+common.warn_if_at_chance(selection)
 st.subheader(f"Why {label}?")
 # the grid is laid out first and each map fills its place as soon as it is ready, the cheapest first
 per_row = min(4, len(ready) + 1)
@@ -147,39 +151,56 @@ with jobs.progress_bar("Attribution maps", on_cancel=approved.clear) as progress
 results = {method: results[method] for method in ready if method in results}  # the table in the chosen order
 
 st.subheader("Can the maps be trusted?")
-rows = []
-for method, values in results.items():
-    row = {"method": method}
-    if selection.masks is not None:  # the shape's mask, fitted to the model's input as its image was
-        mask = images.fit_mask(selection.masks[[item.name for item in selection.image_set].index(
-            selection.image.name)], loaded.input_size, selection.fit)
-        row["mass on the object"] = attribution.mass_inside(values, mask)
-        row["peak on the object"] = attribution.peak_inside(values, mask)
-    fractions, scores, area = common.deletion(loaded.fingerprint, loaded.source, input_key, x, values,
-                                              (method, options_for(method)), target, black, selection.device,
-                                              selection.output)
-    row["deletion AUC (lower is better)"] = area
-    rows.append(row)
-    results[method] = (values, fractions, scores)
-chance = common.random_deletion(loaded.fingerprint, loaded.source, input_key, x, target, black, selection.device,
-                                selection.output)
-for row in rows:
-    row["beats random order"] = row["deletion AUC (lower is better)"] < chance[2]
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-resolved_target = common.target_of(target)
-measure = attribution.deletion_measure(resolved_target)
-st.caption(f"Deletion (Petsiuk et al. 2018): {attribution.DELETED_BY} replace the image; the curve is {measure}; "
-           f"its area is lower when the map found what the target depends on. Removing pixels in random order "
-           f"(mean of 3 orders) gives {chance[2]:.3f}: the area to beat.")
-if selection.masks is not None:
-    st.caption(f"The object covers {mask.mean():.0%} of the image: a map spread evenly would put that share of "
-               "its mass on it.")
-results["random order (chance)"] = (None, chance[0], chance[1])
-curves = pd.concat([pd.DataFrame({"removed": f, "score": s, "method": m}) for m, (_, f, s) in results.items()])
-figure = px.line(curves, x="removed", y="score", color="method",
-                 labels={"removed": "share of pixels removed (most attributed first)", "score": measure})
-figure.update_layout(height=320, margin=dict(t=10))
-st.plotly_chart(figure, width="stretch")
+maps = {method: (values, options_for(method)) for method, values in results.items()}
+trust_passes = common.TRUST_PASSES * len(maps) + common.RANDOM_TRUST_PASSES
+cheap = trust_passes * jobs.pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value
+pressed = cheap or st.button(f"Measure deletion and insertion ({jobs.estimate(selection, trust_passes)} here)",
+                             key="attr_trust")
+key = common.trust_key(selection, input_key, target, maps)
+if maps and jobs.job_shown(selection, "trust", pressed, key, cheap or jobs.has_result(key), trust_passes):
+    with common.user_errors("Deletion and insertion"):
+        curves = common.trust_curves(selection, input_key, x, black, target, maps)
+    chance = curves["random orders"]
+    rows = []
+    for method, values in results.items():
+        row = {"method": method}
+        if selection.masks is not None:  # the shape's mask, fitted to the model's input as its image was
+            mask = images.fit_mask(selection.masks[[item.name for item in selection.image_set].index(
+                selection.image.name)], loaded.input_size, selection.fit)
+            row["mass on the object"] = attribution.mass_inside(values, mask)
+            row["peak on the object"] = attribution.peak_inside(values, mask)
+        row["deletion AUC (lower is better)"] = curves[method]["deletion"][2]
+        row["insertion AUC (higher is better)"] = curves[method]["insertion"][2]
+        for kind in ("deletion", "insertion"):
+            row[f"beats random ({kind})"] = attribution.beats_random(kind, curves[method][kind][2], chance[kind][2])
+        rows.append(row)
+    trust = pd.DataFrame(rows)
+    st.dataframe(trust, hide_index=True, width="stretch", column_config=common.significant(trust))
+    measure = attribution.deletion_measure(common.target_of(target))
+    deletion_areas, insertion_areas = chance["deletion"][2], chance["insertion"][2]
+    if not np.all(np.isfinite(deletion_areas)):
+        st.warning(f"Deletion and insertion are not available for {label}: the filter does not fire on the intact "
+                   "image, so there is no share of its activation to follow.", icon=":material/block:")
+    else:
+        st.caption(f"Deletion (Petsiuk et al. 2018): {attribution.DELETED_BY} replace the image; insertion puts the "
+                   f"image's pixels back on the black image in the same order. The curve is {measure}. A map "
+                   f"**beats random** only when its area is better than each of {len(deletion_areas)} seeded random "
+                   f"orders: deletion below the lowest ({deletion_areas.min():.3f}; the random areas span "
+                   f"{deletion_areas.min():.3f}–{deletion_areas.max():.3f}), insertion above the highest "
+                   f"({insertion_areas.max():.3f}). It fails when one random order does as well: on a model at "
+                   "chance, whose outputs do not move, no map can pass.")
+    if selection.masks is not None:
+        st.caption(f"The object covers {mask.mean():.0%} of the image: a map spread evenly would put that share of "
+                   "its mass on it.")
+    kind = st.radio("Curves", ("deletion", "insertion"), horizontal=True, key="attr_curve_kind")
+    lines = [pd.DataFrame({"share": curves[m][kind][0], "score": curves[m][kind][1], "method": m}) for m in results]
+    lines.append(pd.DataFrame({"share": chance[kind][0], "score": chance[kind][1],
+                               "method": f"random orders (mean of {len(deletion_areas)})"}))
+    figure = px.line(pd.concat(lines), x="share", y="score", color="method",
+                     labels={"share": f"share of pixels {'removed' if kind == 'deletion' else 'inserted'} (most "
+                                      "attributed first)", "score": measure})
+    figure.update_layout(height=320, margin=dict(t=10))
+    st.plotly_chart(figure, width="stretch")
 
 st.subheader("Sanity check: randomise the model from the top")
 st.caption("Adebayo et al. 2018: each step re-initialises one more weighted layer, from the output down, and "

@@ -205,6 +205,19 @@ def layer_table(fingerprint: str, source: str):
     return models.layer_table(get_model(source).model)
 
 
+def map_layers(fingerprint: str, source: str) -> list[str]:
+    """Layers whose output is a spatial map (batch, height, width, channels), in network order."""
+    table = layer_table(fingerprint, source)
+    return [row.path for row in table.itertuples() if row.output_shape is not None and len(row.output_shape) == 4
+            and not row.is_container and row.type != "InputLayer"]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cam_layer(fingerprint: str, source: str) -> tuple[str, str]:
+    """The default CAM layer and why (audit.graph.cam_layer_and_reason), once per model."""
+    return models.cam_layer_and_reason(get_model(source).model)
+
+
 def significant(table: pd.DataFrame, digits: int = 3) -> dict:
     """column_config showing every float column with `digits` significant digits (a Taylor score of 7e-13
     reads as 7.00e-13, not 0.0000000000007)."""
@@ -242,8 +255,8 @@ def image_set_key(selection: "Selection") -> str:
     return images.image_hash([item.pixels for item in selection.image_set])
 
 
-def stats_key(selection: "Selection", layers: tuple[str, ...], threshold: float) -> tuple:
-    return set_key(selection, "filter_stats", layers, float(threshold))
+def stats_key(selection: "Selection", layers: tuple[str, ...], threshold: float, at: str = "used") -> tuple:
+    return set_key(selection, "filter_stats", layers, float(threshold), at)
 
 
 def fitted_image(selection: "Selection") -> np.ndarray:
@@ -251,10 +264,11 @@ def fitted_image(selection: "Selection") -> np.ndarray:
     return images.fit(selection.image.pixels, selection.model.input_size, selection.fit)
 
 
-def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: float):
-    """Per-filter statistics over the image set, once per (model, layers, images, threshold, preprocessing)."""
+def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: float, at: str = "used"):
+    """Per-filter statistics over the image set, once per (model, layers, images, threshold, preprocessing,
+    where measured)."""
     loaded = selection.model
-    key = stats_key(selection, layers, threshold)
+    key = stats_key(selection, layers, threshold, at)
 
     def compute():
         pixels = [item.pixels for item in selection.image_set]
@@ -265,7 +279,7 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
                 x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
                 part = activations.filter_sums(
                     loaded.model, list(layers), x, threshold,
-                    progress=lambda done, _, start=start: progress(start + done, len(pixels)))
+                    progress=lambda done, _, start=start: progress(start + done, len(pixels)), at=at)
                 sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
         return activations.stats_frame(sums, threshold)
 
@@ -274,13 +288,14 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
     return stats
 
 
-def growing_key(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int, largest: int) -> tuple:
+def growing_key(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int, largest: int,
+                at: str = "used") -> tuple:
     return (selection.model.fingerprint, selection.stream.key(), selection.preprocessing, selection.fit,
-            "growing", layers, float(threshold), int(start), int(largest))
+            "growing", layers, float(threshold), int(start), int(largest), at)
 
 
 def growing_stats(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int,
-                  largest: int) -> pd.DataFrame:
+                  largest: int, at: str = "used") -> pd.DataFrame:
     """Statistics of the server folder on a seeded sample doubling from `start` to `largest` images: every
     size's filter_stats rows with an `images` column (see audit.sampling); once per key, shared."""
     loaded, stream = selection.model, selection.stream
@@ -296,11 +311,11 @@ def growing_stats(selection: "Selection", layers: tuple[str, ...], threshold: fl
                 progress(done, total, f"{done:,} / {total:,} images, {rate:.0f} images/s")
 
             for count, stats in sampling.growing(loaded.model, list(layers), stream, model_in, start, largest,
-                                                 threshold=threshold, progress=update):
+                                                 threshold=threshold, progress=update, at=at):
                 steps.append(stats.assign(images=count))
         return pd.concat(steps, ignore_index=True)
 
-    return jobs.shared_result(growing_key(selection, layers, threshold, start, largest), compute)
+    return jobs.shared_result(growing_key(selection, layers, threshold, start, largest, at), compute)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -315,12 +330,14 @@ def _dead_known() -> tuple[dict, threading.Lock]:
 
 
 def _note_dead(selection: "Selection", stats: pd.DataFrame) -> None:
-    """Remember each layer's count of filters never above 0 on this image set (whatever the threshold asked:
-    the maximum does not depend on it), so other pages can show it."""
+    """Remember each layer's count of filters never above 0 where it is used on this image set (whatever the
+    threshold asked: the maximum does not depend on it), so other pages can show it; none for a layer without
+    a zero floor there."""
     store, lock = _dead_known()
     with lock:
         for layer, group in stats.groupby("layer", sort=False):
-            store[set_key(selection, layer)] = int((group["max"] <= 0).sum())
+            if group["apoz"].notna().all():
+                store[set_key(selection, layer)] = int((group["max"] <= 0).sum())
 
 
 def dead_filters(selection: "Selection", layer: str) -> int | None:
@@ -431,23 +448,36 @@ def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black
     return jobs.shared_result(("attribution", loaded.fingerprint, input_key, target, method, options), compute)[0]
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, _map: np.ndarray, map_key: tuple,
-             target: tuple, _fill: np.ndarray, device_name: str, output: int | None = None):
-    loaded = get_model(source)
-    resolved = target_of(target)
-    with loaded.lock, device.scope(device_name):
-        return attribution.deletion_curve(loaded.model, _x, _map, resolved, fill=_fill, output=output)
+TRUST_PASSES = 2 * 21
+"""Image passes of one map's deletion and insertion curves (20 steps each, and the intact image)."""
+RANDOM_TRUST_PASSES = 2 * 21 * attribution.RANDOM_ORDERS
+"""Image passes of the random orders' curves: the chance level every map of an image and target is held to."""
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def random_deletion(fingerprint: str, source: str, image_key: str, _x: np.ndarray, target: tuple, _fill: np.ndarray,
-                    device_name: str, output: int | None = None):
-    """The chance level of the deletion curves of one image and target (no map in it)."""
-    loaded = get_model(source)
+def trust_key(selection: "Selection", input_key: str, target: tuple, maps: dict) -> tuple:
+    return ("trust", selection.model.fingerprint, input_key, target, tuple((m, o) for m, (_, o) in maps.items()))
+
+
+def trust_curves(selection: "Selection", input_key: str, x: np.ndarray, black: np.ndarray, target: tuple,
+                 maps: dict[str, tuple[np.ndarray, tuple]]) -> dict:
+    """Deletion and insertion curves (audit.attribution) of every map {method: (values, options)} and of the
+    random orders ("random orders"), once per (model, input, target, maps) for every session; a job with a bar."""
+    loaded = selection.model
     resolved = target_of(target)
-    with loaded.lock, device.scope(device_name):
-        return attribution.random_deletion_curve(loaded.model, _x, resolved, fill=_fill, output=output)
+
+    def compute():
+        with jobs.model_job(selection, "Deletion and insertion curves", "trust") as progress:
+            found = {"random orders": attribution.random_curves(loaded.model, x, resolved, fill=black,
+                                                                output=selection.output)}
+            progress(1, len(maps) + 1)
+            for done, (method, (values, _)) in enumerate(maps.items()):
+                found[method] = {kind: curve(loaded.model, x, values, resolved, fill=black, output=selection.output)
+                                 for kind, curve in (("deletion", attribution.deletion_curve),
+                                                     ("insertion", attribution.insertion_curve))}
+                progress(done + 2, len(maps) + 1)
+        return found
+
+    return jobs.shared_result(trust_key(selection, input_key, target, maps), compute)
 
 
 # --- pruning ---------------------------------------------------------------------------------
@@ -465,7 +495,7 @@ def labels_of(selection: "Selection") -> np.ndarray | None:
 def filter_scores(selection: "Selection"):
     """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
     loaded = selection.model
-    key = set_key(selection, "filter_scores", selection.output)
+    key = set_key(selection, "filter_scores", "where used", selection.output)
 
     def compute():
         x = image_set_input(selection)
@@ -474,6 +504,47 @@ def filter_scores(selection: "Selection"):
                                          progress=progress)
 
     return jobs.shared_result(key, compute)
+
+
+def knowledge(selection: "Selection") -> dict | None:
+    """What the classifier shows it knows on the image set (audit.pruning.knowledge: accuracy with its Wilson
+    interval against chance, or how flat its outputs are without labels); None without a class output. A
+    quick call (a prediction pass), shared and kept like the other results."""
+    if not selection.head.is_classifier:
+        return None
+    loaded = selection.model
+
+    def compute():
+        pixels = [item.pixels for item in selection.image_set]
+        parts = [loaded.predict(loaded.preprocess(pixels[start:start + 64], selection.preprocessing, selection.fit),
+                                selection.device, selection.output) for start in range(0, len(pixels), 64)]
+        return pruning.knowledge(np.concatenate(parts), labels_of(selection))
+
+    return jobs.shared_result(set_key(selection, "knowledge", selection.output), compute)
+
+
+def knowledge_sentence(selection: "Selection", found: dict) -> str:
+    """The accuracy with its interval and the sample behind it, or the outputs' flatness, in words."""
+    labels = labels_of(selection)
+    if labels is None:
+        return (f"no labels on these {found['images']} images; the outputs' mean normalised entropy is "
+                f"{found['entropy']:.2f} (1: every class equally likely)")
+    sample = images.describe_sample(labels, range(len(labels)))
+    return (f"accuracy {found['accuracy']:.0%} (95% interval {found['low']:.0%}–{found['high']:.0%}) on {sample}; "
+            f"chance {found['chance']:.0%}, the share of the most common class")
+
+
+def warn_if_at_chance(selection: "Selection") -> None:
+    """One warning before a page's results when the model shows no knowledge on these images: explanations and
+    pruning advice would then describe noise."""
+    with section("Checking what the model knows"):
+        found = knowledge(selection)
+        if found is None or not found["at_chance"]:
+            return
+        why = "its interval reaches chance" if labels_of(selection) is not None else "its outputs are near flat"
+        st.warning(f"**The model is at chance on these images**: {knowledge_sentence(selection, found)}; {why}. "
+                   "What this page shows describes noise, not knowledge: check the weights, the preprocessing "
+                   "and the output explained before acting on it.", icon=":material/warning:")
 
 
 def set_key(selection: "Selection", *parts) -> tuple:
@@ -503,19 +574,38 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
                                  tuple((k, tuple(v)) for k, v in chosen.items())), compute)
 
 
-def _first(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The model's input and labels (None without) for the first `count` images of the set."""
+def folder_labels(selection: "Selection") -> list:
+    """Each image's class folder (None when it has none): what a sample is stratified by."""
+    return [item.label for item in selection.image_set]
+
+
+def sample_of(selection: "Selection", count: int) -> np.ndarray:
+    """Indices of a seeded sample of `count` images with every class within one image of the others
+    (audit.images.stratified): the images the sweeps measure on."""
+    return images.stratified(folder_labels(selection), count, seed=0)
+
+
+def sample_sentence(selection: "Selection", count: int) -> str:
+    """"12 images, 4 per class (3 classes)": what a sweep is measured on."""
+    return images.describe_sample(folder_labels(selection), sample_of(selection, count))
+
+
+def _sample(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's input and labels (None without) for the stratified sample of `count` images."""
+    chosen = sample_of(selection, count)
     labels = labels_of(selection)
-    return image_set_input(selection)[:count], None if labels is None else labels[:count]
+    pixels = [selection.image_set[int(i)].pixels for i in chosen]
+    x = selection.model.preprocess(pixels, selection.preprocessing, selection.fit)
+    return x, None if labels is None else labels[chosen]
 
 
 def sensitivity(selection: "Selection", scores, criterion: str, count: int):
-    """Each conv layer pruned alone from 10% to 90% on the first `count` images, once per (model, images,
-    criterion)."""
+    """Each conv layer pruned alone from 10% to 90% on a stratified sample of `count` images, once per (model,
+    images, criterion)."""
     loaded = selection.model
 
     def compute():
-        x, labels = _first(selection, count)
+        x, labels = _sample(selection, count)
         with jobs.model_job(selection, "Sensitivity, layer by layer", "sensitivity") as progress:
             return pruning.sensitivity(loaded.model, scores, criterion, x, labels, progress=progress,
                                        output=selection.output)
@@ -524,16 +614,16 @@ def sensitivity(selection: "Selection", scores, criterion: str, count: int):
 
 
 def sensitivity_key(selection: "Selection", criterion: str, count: int) -> tuple:
-    return set_key(selection, "sensitivity", criterion, selection.output, int(count))
+    return set_key(selection, "sensitivity", "stratified", criterion, selection.output, int(count))
 
 
 def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str, count: int):
-    """One layer pruned by the ranking, its inverse and 20 random rankings on the first `count` images, once
-    per (model, images, layer)."""
+    """One layer pruned by the ranking, its inverse and 20 random rankings on a stratified sample of `count`
+    images, once per (model, images, layer)."""
     loaded = selection.model
 
     def compute():
-        x, labels = _first(selection, count)
+        x, labels = _sample(selection, count)
         with jobs.model_job(selection, "Rankings", "chance") as progress:
             return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels,
                                                   progress=progress, output=selection.output)
@@ -542,15 +632,16 @@ def ranking_against_chance(selection: "Selection", scores, layer: str, criterion
 
 
 def chance_key(selection: "Selection", layer: str, criterion: str, count: int) -> tuple:
-    return set_key(selection, "chance", layer, criterion, selection.output, int(count))
+    return set_key(selection, "chance", "stratified", layer, criterion, selection.output, int(count))
 
 
 def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
-    """The true cost of every filter of the layers on the first `count` images, once per (model, images)."""
+    """The true cost of every filter of the layers on a stratified sample of `count` images, once per (model,
+    images)."""
     loaded = selection.model
 
     def compute():
-        x, labels = _first(selection, count)
+        x, labels = _sample(selection, count)
         frames = []
         sizes = [models.output_channels(loaded.model, layer) for layer in layers]
         total = sum(sizes)
@@ -568,7 +659,7 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
 
 
 def leave_one_out_key(selection: "Selection", layers: tuple[str, ...], count: int) -> tuple:
-    return set_key(selection, "leave_one_out", tuple(layers), int(count), selection.output)
+    return set_key(selection, "leave_one_out", "stratified", tuple(layers), int(count), selection.output)
 
 
 def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, learning_rate: float):

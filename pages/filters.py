@@ -151,6 +151,7 @@ st.subheader("Class-model images")
 if not selection.head.is_classifier:
     st.info(f"The model has no class output, so there are no class-model images ({selection.head.description}).")
 else:
+    common.warn_if_at_chance(selection)
     names = selection.class_names()
     picked = links.multiselect(st, "Classes", range(len(names)), default=list(range(min(6, len(names)))),
                                format_func=names.__getitem__, show=names.__getitem__, param="classes",

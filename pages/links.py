@@ -38,6 +38,7 @@ PARAMS = {
     "opacity": "overlay opacity",
     "cmap": "colour map",
     "stats_layers": "layers of the statistics (repeated)",
+    "measure_at": "where the statistics are measured: used (after BatchNorm and activation) or output",
     "stats": "the statistics are shown",
     "threshold": "dead threshold",
     "apoz": "near-dead APoZ bound",
@@ -76,10 +77,11 @@ PARAMS = {
     "channels": "Score-CAM channel cap",
     "patch": "occlusion patch",
     "stride": "occlusion stride",
+    "trust": "the deletion and insertion curves are shown",
     "sanity": "the sanity check is shown",
     # Pruning page
-    "criterion": "pruning criterion",
-    "share": "share of each layer to cut",
+    "criterion": "pruning criterion: dead, l1, mean, taylor, fpgm or apoz (Pruning and Report pages)",
+    "share": "share of each layer to cut (Pruning and Report pages)",
     "scatter_layer": "layer of the filter scatter",
     "evidence": "filter whose evidence is shown",
     "rank_by": "ranking for sensitivity and chance",
@@ -101,7 +103,6 @@ PARAMS = {
     "report_steps": "ascent steps of the report",
     "report_images": "images with attribution overlays",
     "report_methods": "attribution methods of the report (repeated)",
-    "report_share": "lowest-L1 share listed per layer",
     "report": "the report is built",
 }
 

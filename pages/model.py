@@ -26,6 +26,20 @@ columns[2].metric("Parameters", f"{int(leaves.params.sum()):,}")
 columns[3].metric("Input", "×".join(str(s) for s in model.inputs[0].shape[1:]))
 columns[4].metric("Preprocessing", selection.preprocessing)
 
+if selection.head.is_classifier:
+    with common.section("Accuracy on the images"):
+        found = common.knowledge(selection)
+        if common.labels_of(selection) is not None:
+            st.metric("Accuracy on the images", f"{found['accuracy']:.1%}",
+                      help="Top-1 accuracy of the explained output on the image set, with its Wilson 95% interval.")
+            st.caption(common.knowledge_sentence(selection, found)[0].upper() + common.knowledge_sentence(
+                selection, found)[1:] + ".")
+        else:
+            st.caption("Accuracy needs labelled images (demo shapes, or a zip with one folder per class); "
+                       + common.knowledge_sentence(selection, found) + ".")
+        if found["at_chance"]:
+            common.warn_if_at_chance(selection)
+
 st.subheader("Layers")
 show_conv_only = links.toggle(st, "Convolutional layers only", param="conv_only", key="model_conv_only")
 shown = table[table.is_conv] if show_conv_only else table

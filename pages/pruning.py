@@ -5,7 +5,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import activations, filters, models, pruning, render
+from audit import activations, filters, images, models, pruning, render
+from pages import candidates as candidates_choice
 from pages import common, jobs, links
 
 # ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality
@@ -20,28 +21,18 @@ common.what_these_mean("Pruning")
 st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
            "to remove; everything below is measured before any fine-tuning.")
 
+common.warn_if_at_chance(selection)
 with common.user_errors("Scoring the filters"):
     scores = common.filter_scores(selection)
 
-criteria = {
-    "dead or near-dead (APoZ)": None,
-    "lowest L1 norm (Li et al. 2017)": "l1",
-    "lowest mean activation": "mean",
-    "lowest Taylor score (Molchanov et al. 2017)": "taylor",
-    "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)": "fpgm",
-}
-if scores["taylor"].isna().all():
-    criteria.pop("lowest Taylor score (Molchanov et al. 2017)")
-criterion = links.selectbox(st.sidebar, "Pruning criterion", list(criteria), param="criterion", key="prune_criterion",
-                            show=lambda name: criteria[name] or "apoz", format_func=str)
-share = links.number(st.sidebar, "Share of each layer to cut", 0.0, 0.9, 0.3, step=0.05, slider=True, param="share",
-                     key="prune_share", disabled=criteria[criterion] is None)
-column = criteria[criterion]
-if column is None:
-    candidates = scores[scores.dead | scores.near_dead]
-else:
-    candidates = scores[pruning.lowest_share(scores, column, share)]
+criterion, share = candidates_choice.choose(st, scores)
+with common.user_errors():
+    candidates = pruning.candidates(scores, criterion, share)
 selection_map = {layer: sorted(group["filter"].astype(int)) for layer, group in candidates.groupby("layer", sort=False)}
+unfloored = scores[scores.apoz.isna()].groupby("layer", sort=False).size()
+if len(unfloored) and criterion in ("dead", "apoz"):
+    st.caption(f"{len(unfloored)} layers have no APoZ and no dead filters and are left out: their filters are "
+               "used after an activation without a zero floor (ELU, swish, linear; see the Activations page).")
 
 counts = scores.groupby("layer", sort=False).size().rename("total").to_frame()
 counts["candidates"] = candidates.groupby("layer", sort=False).size()
@@ -59,11 +50,14 @@ candidates = scores.loc[candidates.index]
 layer_pick = links.selectbox(st, "Filters of layer", list(counts["layer"]), param="scatter_layer",
                              key="prune_scatter_layer")
 shown = scores[scores.layer == layer_pick].assign(candidate=lambda f: f["filter"].isin(selection_map.get(layer_pick, [])))
-scatter = px.scatter(shown.assign(status=np.where(shown.candidate, "candidate", "kept")), x="l1", y="apoz",
+floored = shown.apoz.notna().all()  # APoZ on the y axis where defined, else the mean activation
+scatter = px.scatter(shown.assign(status=np.where(shown.candidate, "candidate", "kept")), x="l1",
+                     y="apoz" if floored else "mean",
                      color="redundancy", symbol="status", symbol_map={"candidate": "x", "kept": "circle"},
                      custom_data=["filter"], hover_data={"filter": True, "mean": ":.3g", "nearest": True,
                                                          "fpgm": ":.3g", "taylor": ":.3g", "ascent": ":.3g"},
-                     labels={"l1": "L1 norm", "apoz": "APoZ", "ascent": "gallery response", "status": ""},
+                     labels={"l1": "L1 norm", "apoz": "APoZ", "mean": "mean activation", "ascent": "gallery response",
+                             "status": ""},
                      color_continuous_scale="Viridis")
 scatter.update_layout(height=380, margin=dict(t=30), legend=dict(orientation="h", y=1.1, title_text=""))
 st.caption("Click a filter to see its evidence below. The gallery response is known for filters whose "
@@ -82,7 +76,8 @@ first_candidate = selection_map.get(layer_pick, [0])[0]
 index = links.number(st, "Evidence for filter", 0, layer_filters - 1, int(first_candidate), param="evidence",
                      key=evidence_key)
 row = shown[shown["filter"] == index].iloc[0]
-st.caption(f"Filter {index} of {layer_pick}: L1 {row.l1:.3g}, APoZ {row.apoz:.1%}, mean {row['mean']:.3g}, "
+apoz_said = f"APoZ {row.apoz:.1%}" if np.isfinite(row.apoz) else f"no APoZ (no zero floor at {row.measured_at})"
+st.caption(f"Filter {index} of {layer_pick}: L1 {row.l1:.3g}, {apoz_said}, mean {row['mean']:.3g} at {row.measured_at}, "
            f"most similar to filter {int(row.nearest)} (cosine {row.redundancy:.2f})"
            + (", a candidate" if row.candidate else "") + ".")
 weights_col, map_col, tile_col = st.columns(3)
@@ -119,7 +114,7 @@ st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "fil
 st.subheader("Dependency groups")
 with st.spinner("Reading the dependency groups…"):
     graph = loaded.dependency_graph()
-group_criterion = criteria[criterion] or "l1"
+group_criterion = criterion if criterion not in ("dead", "apoz") else "l1"
 coupled = pruning.group_table(graph, scores, group_criterion)
 st.caption("Channels that must go together (Fang et al. 2023, DepGraph): the two sides of a residual add, a "
            "concatenation's slices, a depthwise layer's channel and the filter that makes it, a "
@@ -155,11 +150,15 @@ else:
     metrics[0].metric("Relative feature error", f"{measured['feature_error']:.3f}")
 
 st.subheader("Which layers can lose how much?")
-ranking_criteria = {"L1 norm": "l1", "mean activation": "mean", "APoZ": "apoz", "FPGM distance": "fpgm"}
-if not scores["taylor"].isna().all():
-    ranking_criteria["Taylor score"] = "taylor"
+ranking_criteria = {name: code for name, code in (("L1 norm", "l1"), ("mean activation", "mean"), ("APoZ", "apoz"),
+                                                  ("FPGM distance", "fpgm"), ("Taylor score", "taylor"))
+                    if scores[code].notna().any()}
 rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="rank_by", key="prune_rank_by",
                           show=ranking_criteria.get, format_func=str)
+ranked = pruning.ranked_layers(scores, ranking_criteria[rank_by])
+if len(ranked) < len(counts):
+    st.caption(f"{len(counts) - len(ranked)} of {len(counts)} layers have no {rank_by} scores and are left out of "
+               f"the sweeps: {pruning.unavailable(ranking_criteria[rank_by])}")
 measures = (MEASURES_WITH_LABELS if labels is not None else MEASURES if head.is_classifier
             else {"relative feature error": "feature_error"})
 if len(measures) > 1:
@@ -174,12 +173,15 @@ else:
                "accuracy or agreement to measure.")
 measure = measures[measure_name]
 images_count = len(selection.image_set)
-sensitivity_passes = 9 * len(counts) + 1  # per image: each layer at 9 shares, and the unpruned model
+sensitivity_passes = 9 * len(ranked) + 1  # per image: each layer at 9 shares, and the unpruned model
 sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
-                            jobs.images_within(selection, sensitivity_passes, images_count), param="sweep_images",
-                            key=f"prune_sweep_images_{images_count}",
-                            help="The first images of the set. The default gives a first answer in seconds; "
-                                 "more images give steadier curves (the estimate is on each button).")
+                            images.balanced_count(jobs.images_within(selection, sensitivity_passes, images_count),
+                                                  common.folder_labels(selection)),
+                            param="sweep_images", key=f"prune_sweep_images_{images_count}",
+                            help="A seeded sample with every class within one image of the others. The default "
+                                 "gives a first answer in seconds; more images give steadier curves (the estimate is "
+                                 "on each button).")
+st.caption(f"The sweeps measure on {common.sample_sentence(selection, sweep_images)}.")
 cost = jobs.estimate(selection, sensitivity_passes * sweep_images)
 pressed = st.button(f"Run the sensitivity analysis ({cost} here)", key="prune_sensitivity")
 sensitivity_key = common.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
@@ -190,11 +192,11 @@ if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_r
                     labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
-    st.caption(f"Each layer pruned alone, the others intact (Li et al. 2017), on {sweep_images} "
-               f"image{'s' if sweep_images > 1 else ''}: flat curves mark robust layers.")
+    st.caption(f"Each layer pruned alone, the others intact (Li et al. 2017), on "
+               f"{common.sample_sentence(selection, sweep_images)}: flat curves mark robust layers.")
 
-chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", list(counts["layer"]),
-                               index=len(counts) - 1, param="chance_layer", key="prune_chance_layer")
+chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", ranked,
+                               index=len(ranked) - 1, param="chance_layer", key="prune_chance_layer")
 chance_passes = 22 * 9 + 1
 cost = jobs.estimate(selection, chance_passes * sweep_images)
 pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
@@ -232,8 +234,11 @@ loo_layers = links.multiselect(st, "Layers", all_layers, default=[smallest], par
                                help="Default: the deepest of the smallest layers, for a first answer in seconds; "
                                     "one forward pass per filter and image.")
 loo_count = links.number(st, "Images used", 1, images_count,
-                         jobs.images_within(selection, int(filters_of[smallest]) + 1, min(100, images_count)),
-                         param="loo_images", key=f"loo_images_{images_count}")
+                         images.balanced_count(jobs.images_within(selection, int(filters_of[smallest]) + 1,
+                                                                  min(100, images_count)), common.folder_labels(selection)),
+                         param="loo_images", key=f"loo_images_{images_count}",
+                         help="A seeded sample with every class within one image of the others.")
+st.caption(f"Measured on {common.sample_sentence(selection, int(loo_count))}.")
 loo_filters = int(filters_of.loc[loo_layers].sum()) if loo_layers else 0
 cost = jobs.estimate(selection, (loo_filters + 1) * int(loo_count))
 pressed = st.button(f"Measure leave-one-filter-out ({cost} here)", key="prune_loo")

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from audit import attribution, models, report
-from pages import common, jobs, links
+from pages import candidates, common, jobs, links
 
 selection = common.current()
 loaded = selection.model
@@ -25,11 +25,11 @@ shown = links.number(right, "Images with attribution overlays", 1, 16, 4, slider
                      key="report_images")
 methods = links.multiselect(right, "Attribution methods", list(attribution.METHODS), default=["Grad-CAM", "Saliency"],
                             param="report_methods", key="report_methods")
-share = links.number(right, "Lowest-L1 share listed per layer", 0.0, 0.9, 0.3, step=0.05, slider=True,
-                     param="report_share", key="report_share")
+st.markdown("**Pruning candidates** (the Pruning page's choice: the same link lists the same filters)")
+criterion, share = candidates.choose(st)
 options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int(count), gallery_steps=int(steps),
-                               attribution_images=int(shown), methods=tuple(methods), prune_share=float(share),
-                               fit=selection.fit, preprocessing=selection.preprocessing)
+                               attribution_images=int(shown), methods=tuple(methods), prune_criterion=criterion,
+                               prune_share=share, fit=selection.fit, preprocessing=selection.preprocessing)
 key = common.set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")
 report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (int(steps) or 40)

@@ -168,8 +168,10 @@ def test_attribution_page_on_a_demo_shapes_image_reports_trust():
     assert len(at.get("image")) == 6  # the image and five overlays
     trust = at.dataframe[1].value
     assert list(trust.columns) == ["method", "mass on the object", "peak on the object", "deletion AUC (lower is better)",
-                                   "beats random order"]
+                                   "insertion AUC (higher is better)", "beats random (deletion)",
+                                   "beats random (insertion)"]
     assert len(trust) == 5 and trust["mass on the object"].between(0, 1).all()
+    assert trust["insertion AUC (higher is better)"].between(0, 1).all()
     _submit(at, "Run the sanity check")
     assert not at.exception, at.exception
 
@@ -225,7 +227,7 @@ def test_pruning_page_on_the_demo_model_measures_and_exports():
     assert labels == ["Top-1 agreement", "Mean KL(before ‖ after)", "Accuracy"]
     export = at.dataframe[-1].value
     assert export["after"][0] < export["before"][0]  # fewer parameters
-    at.selectbox(key="prune_criterion").set_value("lowest L1 norm (Li et al. 2017)").run()
+    at.selectbox(key="prune_criterion").set_value("l1").run()
     assert not at.exception, at.exception
     _submit(at, "Fine-tune and compare")
     assert not at.exception, at.exception

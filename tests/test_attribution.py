@@ -221,9 +221,13 @@ def test_deletion_measures_the_class_probability_with_its_random_order_chance_le
         cam = attribution.grad_cam(loaded.model, x[i], label)
         fractions, scores, area = attribution.deletion_curve(loaded.model, x[i], cam, label, fill=black)
         _, _, reverse = attribution.deletion_curve(loaded.model, x[i], -cam, label, fill=black)
-        _, chance, chance_area = attribution.random_deletion_curve(loaded.model, x[i], label, fill=black)
-        assert fractions[0] == 0 and fractions[-1] == 1 and len(scores) == len(chance) == 21
-        assert 0 <= area <= 1 and 0 <= chance_area <= 1  # probabilities: never a negative area
+        chance = attribution.random_curves(loaded.model, x[i], label, fill=black)
+        _, mean_curve, chance_areas = chance["deletion"]
+        assert fractions[0] == 0 and fractions[-1] == 1 and len(scores) == len(mean_curve) == 21
+        assert len(chance_areas) == attribution.RANDOM_ORDERS
+        assert 0 <= area <= 1 and ((0 <= chance_areas) & (chance_areas <= 1)).all()  # probabilities
+        assert attribution.beats_random("deletion", area, chance_areas) == (area < chance_areas.min())
+        assert not attribution.beats_random("deletion", chance_areas.min(), chance_areas)  # a tie is no win
         # by hand: half the pixels, the most attributed first, turned black; the model's own softmax
         half = x[i].copy()
         top = np.argsort(cam.ravel(), kind="stable")[::-1][:int(round(0.5 * cam.size))]
@@ -233,14 +237,58 @@ def test_deletion_measures_the_class_probability_with_its_random_order_chance_le
         np.testing.assert_allclose(scores[10], probability, rtol=1e-4, atol=1e-6)
         better_than_reverse.append(area < reverse)
     assert np.mean(better_than_reverse) == 1.0
-    # the random curve is the map curve of random orders: order k removed k-th, seed by seed
+    # the random curves are the map curves of random orders: order k removed (or inserted) k-th, seed by seed
     rng = np.random.default_rng(0)
     order = rng.permutation(64 * 64)
     as_map = np.empty(64 * 64)
     as_map[order] = np.arange(64 * 64, 0, -1)
-    one = attribution.random_deletion_curve(loaded.model, x[0], int(data.labels[0]), fill=black, repeats=1)
+    one = attribution.random_curves(loaded.model, x[0], int(data.labels[0]), fill=black, orders=1)
     by_map = attribution.deletion_curve(loaded.model, x[0], as_map.reshape(64, 64), int(data.labels[0]), fill=black)
-    np.testing.assert_allclose(one[1], by_map[1], rtol=1e-6)
+    np.testing.assert_allclose(one["deletion"][1], by_map[1], rtol=1e-6)
+    inserted = attribution.insertion_curve(loaded.model, x[0], as_map.reshape(64, 64), int(data.labels[0]), fill=black)
+    np.testing.assert_allclose(one["insertion"][1], inserted[1], rtol=1e-6)
+    # insertion by hand: the black image with the most attributed half put back
+    cam = attribution.grad_cam(loaded.model, x[0], int(data.labels[0]))
+    _, inserted, _ = attribution.insertion_curve(loaded.model, x[0], cam, int(data.labels[0]), fill=black)
+    half = black.copy()
+    top = np.argsort(cam.ravel(), kind="stable")[::-1][:int(round(0.5 * cam.size))]
+    rows, cols = np.unravel_index(top, cam.shape)
+    half[rows, cols] = x[0][rows, cols]
+    probability = np.asarray(loaded.model(half[None], training=False))[0, int(data.labels[0])]
+    np.testing.assert_allclose(inserted[10], probability, rtol=1e-4, atol=1e-6)
+
+
+def test_the_trust_numbers_can_say_yes_and_no():
+    """A perfect map beats every random order; on a model at chance (flat outputs) nothing does."""
+    inputs = keras.Input((8, 8, 1))
+    evidence = keras.layers.Conv2D(1, 8, use_bias=False, name="quadrant")(inputs)  # the top-left quadrant's sum
+    scores = keras.layers.Dense(2, use_bias=False)(keras.layers.Flatten()(evidence))
+    model = keras.Model(inputs, keras.layers.Softmax()(scores))
+    mask = np.zeros((8, 8), np.float32)
+    mask[:4, :4] = 1.0
+    model.get_layer("quadrant").set_weights([mask[:, :, None, None] / 4])
+    model.layers[-2].set_weights([np.array([[-1.0, 1.0]], np.float32)])
+    image = np.ones((8, 8, 1), np.float32)
+    chance = attribution.random_curves(model, image, 1)
+    assert attribution.beats_random("deletion", attribution.deletion_curve(model, image, mask, 1)[2],
+                                    chance["deletion"][2])
+    assert attribution.beats_random("insertion", attribution.insertion_curve(model, image, mask, 1)[2],
+                                    chance["insertion"][2])
+    assert not attribution.beats_random("deletion", attribution.deletion_curve(model, image, -mask, 1)[2],
+                                        chance["deletion"][2])
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, name="conv", kernel_initializer="zeros")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", kernel_initializer="zeros")(x))
+    image = np.random.default_rng(1).uniform(-1, 1, (8, 8, 3)).astype(np.float32)
+    saliency = attribution.saliency(model, image, 0)
+    _, values, area = attribution.deletion_curve(model, image, saliency, 0)
+    chance = attribution.random_curves(model, image, 0)
+    np.testing.assert_allclose(values, 0.5)
+    assert not attribution.beats_random("deletion", area, chance["deletion"][2])
+    assert not attribution.beats_random("insertion", attribution.insertion_curve(model, image, saliency, 0)[2],
+                                        chance["insertion"][2])
 
 
 def test_deletion_of_a_filter_target_is_relative_to_the_intact_image():
@@ -252,6 +300,10 @@ def test_deletion_of_a_filter_target_is_relative_to_the_intact_image():
     kept = [np.sort(ramp.ravel())[:16 - n].sum() / ramp.sum() for n in (0, 4, 8, 12, 16)]
     np.testing.assert_allclose(scores, kept, rtol=1e-6)
     assert scores[0] == 1.0 and np.isclose(area, np.trapezoid(kept, fractions))
+    # a filter that never fires on the intact image has no share to measure: NaN, never a number
+    silent = attribution.FilterTarget("conv", 0)
+    model.get_layer("conv").set_weights([w * -1 for w in model.get_layer("conv").get_weights()])
+    assert np.isnan(attribution.deletion_curve(model, image, ramp, silent, steps=4)[2])
 
 
 def test_sanity_check_maps_change_when_the_model_is_randomised(demo):

@@ -118,7 +118,7 @@ def test_attribution_page_link_for_another_class():
 
 def test_pruning_page_link():
     a = _open("pages/pruning.py", {})
-    a.selectbox(key="prune_criterion").set_value("lowest L1 norm (Li et al. 2017)").run()
+    a.selectbox(key="prune_criterion").set_value("l1").run()
     a.slider(key="prune_share").set_value(0.5)
     a.selectbox(key="prune_scatter_layer").set_value("block2_conv2")
     a.run()
