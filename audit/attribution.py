@@ -566,12 +566,24 @@ def random_curves(model: keras.Model, image: np.ndarray, target: Target = None, 
 
 
 def beats_random(kind: str, area: float, random_areas: np.ndarray) -> bool:
-    """A map beats chance only when its area is better than every random order's: below the lowest deletion
-    area, above the highest insertion area (a tie or a NaN is not a win)."""
+    """A map beats chance only when its area is better than every random order's by more than the random
+    orders differ among themselves (their spread is the measure's noise): below the lowest deletion area
+    minus that spread, above the highest insertion area plus it. A tie, a hair's breadth or a NaN is no win."""
     random_areas = np.asarray(random_areas, np.float64)
     if not np.isfinite(area) or not np.all(np.isfinite(random_areas)):
         return False
-    return bool(area < random_areas.min()) if kind == "deletion" else bool(area > random_areas.max())
+    spread = random_areas.max() - random_areas.min()
+    if kind == "deletion":
+        return bool(area < random_areas.min() - spread)
+    return bool(area > random_areas.max() + spread)
+
+
+def saturated(chance: tuple[np.ndarray, np.ndarray, np.ndarray]) -> bool:
+    """Whether a deletion curve collapses at its first step in random order (the first 5% of pixels already
+    take the measure below a tenth of the intact image's): its areas then differ only in that step and can
+    hardly tell maps apart."""
+    _, values, _ = chance
+    return bool(np.isfinite(values[0]) and values[0] > 0 and values[1] < 0.1 * values[0])
 
 
 def _area(values: np.ndarray, fractions: np.ndarray) -> float:

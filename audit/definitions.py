@@ -156,8 +156,9 @@ DEFINITIONS = (
                A + "test_deletion_measures_the_class_probability_with_its_random_order_chance_level"),
     Definition("Beats random", ("Attribution",),
                "The same curves with pixels taken in 5 seeded random orders, each with its own area: a map beats "
-               "random only when its deletion area is below the lowest of them (insertion: above the highest); a "
-               "tie is no win, so on a model at chance nothing passes.", "Petsiuk et al. 2018",
+               "random only when its deletion area is below the lowest of them by more than their spread (max - "
+               "min, the measure's noise; insertion: above the highest by more than it); a tie is no win, so on "
+               "a model at chance nothing passes.", "Petsiuk et al. 2018",
                A + "test_the_trust_numbers_can_say_yes_and_no"),
     Definition("Sanity check", ("Attribution",),
                "Spearman rank correlation between the map and the map of copies with more and more top layers "

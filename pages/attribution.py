@@ -182,13 +182,21 @@ if maps and jobs.job_shown(selection, "trust", pressed, key, cheap or jobs.has_r
         st.warning(f"Deletion and insertion are not available for {label}: the filter does not fire on the intact "
                    "image, so there is no share of its activation to follow.", icon=":material/block:")
     else:
+        spread = {kind: chance[kind][2].max() - chance[kind][2].min() for kind in ("deletion", "insertion")}
         st.caption(f"Deletion (Petsiuk et al. 2018): {attribution.DELETED_BY} replace the image; insertion puts the "
                    f"image's pixels back on the black image in the same order. The curve is {measure}. A map "
                    f"**beats random** only when its area is better than each of {len(deletion_areas)} seeded random "
-                   f"orders: deletion below the lowest ({deletion_areas.min():.3f}; the random areas span "
-                   f"{deletion_areas.min():.3f}–{deletion_areas.max():.3f}), insertion above the highest "
-                   f"({insertion_areas.max():.3f}). It fails when one random order does as well: on a model at "
-                   "chance, whose outputs do not move, no map can pass.")
+                   "orders by more than they differ among themselves: deletion below "
+                   f"{deletion_areas.min() - spread['deletion']:.4f} (the random areas span "
+                   f"{deletion_areas.min():.4f}–{deletion_areas.max():.4f}), insertion above "
+                   f"{insertion_areas.max() + spread['insertion']:.4f}. It fails when a random order does about as "
+                   "well: on a model at chance, whose outputs do not move, no map can pass.")
+        if attribution.saturated(chance["deletion"]):
+            first = chance["deletion"][1]
+            st.warning(f"Deletion saturates on this image: the first 5% of pixels removed in random order already "
+                       f"take the score from {first[0]:.3g} to {first[1]:.3g}, so the deletion areas differ only in "
+                       "that first step and say little about the maps; insertion tells them apart better here.",
+                       icon=":material/compress:")
     if selection.masks is not None:
         st.caption(f"The object covers {mask.mean():.0%} of the image: a map spread evenly would put that share of "
                    "its mass on it.")

@@ -226,7 +226,8 @@ def test_deletion_measures_the_class_probability_with_its_random_order_chance_le
         assert fractions[0] == 0 and fractions[-1] == 1 and len(scores) == len(mean_curve) == 21
         assert len(chance_areas) == attribution.RANDOM_ORDERS
         assert 0 <= area <= 1 and ((0 <= chance_areas) & (chance_areas <= 1)).all()  # probabilities
-        assert attribution.beats_random("deletion", area, chance_areas) == (area < chance_areas.min())
+        spread = chance_areas.max() - chance_areas.min()
+        assert attribution.beats_random("deletion", area, chance_areas) == (area < chance_areas.min() - spread)
         assert not attribution.beats_random("deletion", chance_areas.min(), chance_areas)  # a tie is no win
         # by hand: half the pixels, the most attributed first, turned black; the model's own softmax
         half = x[i].copy()
@@ -260,15 +261,15 @@ def test_deletion_measures_the_class_probability_with_its_random_order_chance_le
 
 def test_the_trust_numbers_can_say_yes_and_no():
     """A perfect map beats every random order; on a model at chance (flat outputs) nothing does."""
-    inputs = keras.Input((8, 8, 1))
-    evidence = keras.layers.Conv2D(1, 8, use_bias=False, name="quadrant")(inputs)  # the top-left quadrant's sum
+    inputs = keras.Input((32, 32, 1))
+    evidence = keras.layers.Conv2D(1, 32, use_bias=False, name="quadrant")(inputs)  # the top-left quadrant's sum
     scores = keras.layers.Dense(2, use_bias=False)(keras.layers.Flatten()(evidence))
     model = keras.Model(inputs, keras.layers.Softmax()(scores))
-    mask = np.zeros((8, 8), np.float32)
-    mask[:4, :4] = 1.0
-    model.get_layer("quadrant").set_weights([mask[:, :, None, None] / 4])
+    mask = np.zeros((32, 32), np.float32)
+    mask[:16, :16] = 1.0
+    model.get_layer("quadrant").set_weights([mask[:, :, None, None] / 128])  # class 1's logit: 2 x quadrant mean
     model.layers[-2].set_weights([np.array([[-1.0, 1.0]], np.float32)])
-    image = np.ones((8, 8, 1), np.float32)
+    image = np.ones((32, 32, 1), np.float32)
     chance = attribution.random_curves(model, image, 1)
     assert attribution.beats_random("deletion", attribution.deletion_curve(model, image, mask, 1)[2],
                                     chance["deletion"][2])
