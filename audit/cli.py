@@ -14,6 +14,7 @@ stderr, so stdout stays clean for `--csv -`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -247,6 +248,54 @@ def _methods() -> list[str]:
     return list(attribution.METHODS)
 
 
+SHAPES_MAX = 20_000
+"""The most demo shapes the command line generates in memory (20,000 x 64 x 64 x 3: 250 MB, 1 GB as floats)."""
+
+
+def _count(low: int, high: int):
+    """An argparse type: a whole number in [low, high] (exit 2 with the usage line otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high:,}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a share between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    return value
+
+
+def _image_spec(text: str) -> str:
+    """--images: 'shapes:N' is checked here (a count, at most SHAPES_MAX); paths are checked when read."""
+    if text.startswith("shapes:"):
+        _count(1, SHAPES_MAX)(text.split(":", 1)[1])
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="python -m audit", description="Audit a trained image CNN.")
     commands = main.add_subparsers(dest="command", required=True)
@@ -255,47 +304,47 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="demo:shapes",
                          help="demo:shapes, demo:shapes-gap, demo:vgg16, keras:<Name>[:untrained], "
                               "or a .keras/.h5 file")
-        sub.add_argument("--images", required=True, help=IMAGES_HELP)
+        sub.add_argument("--images", required=True, type=_image_spec, help=IMAGES_HELP)
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def streaming(sub):
-        sub.add_argument("--shards", type=int, default=0,
+        sub.add_argument("--shards", type=_count(0, 100_000), default=0,
                          help="split a set on disk into this many shards (default: one per 1,000 images); "
                               "a restarted run reads back the shards already done")
         sub.add_argument("--ray", metavar="ADDRESS",
                          help="run the shards on Ray: 'local' (an embedded Ray here) or a cluster's address")
-        sub.add_argument("--sample", type=int, default=0, help="a seeded sample of this many images")
-        sub.add_argument("--seed", type=int, default=0, help="the sample's seed")
+        sub.add_argument("--sample", type=_count(0, 100_000_000), default=0, help="a seeded sample of this many images")
+        sub.add_argument("--seed", type=_count(0, 2**32 - 1), default=0, help="the sample's seed")
 
     report = commands.add_parser("report", help="a self-contained HTML report")
     common(report)
     report.add_argument("--out", required=True, help="the .html file to write")
     report.add_argument("--gallery-layers", nargs="*", help="conv layers to draw (default: first and last)")
-    report.add_argument("--gallery-filters", type=int, default=8, help="filters per gallery")
-    report.add_argument("--steps", type=int, default=0, help="gradient-ascent steps (default: per layer)")
-    report.add_argument("--attribution-images", type=int, default=4, help="images with attribution overlays")
+    report.add_argument("--gallery-filters", type=_count(1, 512), default=8, help="filters per gallery")
+    report.add_argument("--steps", type=_count(0, 2000), default=0, help="gradient-ascent steps (default: per layer)")
+    report.add_argument("--attribution-images", type=_count(0, 256), default=4, help="images with attribution overlays")
     report.add_argument("--methods", nargs="+", default=["Grad-CAM", "Saliency"], help="attribution methods")
     report.add_argument("--criterion", default="dead", choices=list(_criteria()),
                         help="pruning candidates listed: dead (dead or near-dead) or the lowest share by a score, as "
                              "on the Pruning page")
-    report.add_argument("--prune-share", type=float, default=0.3, help="share of each layer listed as candidates")
+    report.add_argument("--prune-share", type=_share, default=0.3, help="share of each layer listed as candidates")
     report.set_defaults(run=_report)
 
     stats = commands.add_parser("stats", help="per-filter activation statistics and dead-filter counts")
     common(stats)
     stats.add_argument("--layers", nargs="*", default=[], help="layers (default: every conv layer)")
-    stats.add_argument("--threshold", type=float, default=0.0, help="a filter is dead if never above this")
+    stats.add_argument("--threshold", type=_finite, default=0.0, help="a filter is dead if never above this")
     stats.add_argument("--at", default="used", choices=["used", "output"],
                        help="measure each filter where its channel is used (after its BatchNorm and activation; the "
                             "default) or at the layer's own output")
-    stats.add_argument("--near-dead", type=float, default=0.99, help="near-dead: APoZ above this")
+    stats.add_argument("--near-dead", type=_share, default=0.99, help="near-dead: APoZ above this")
     stats.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     stats.set_defaults(run=_stats)
     streaming(stats)
 
     scores = commands.add_parser("scores", help="every conv layer's pruning scores over a set on disk (streamed)")
     common(scores)
-    scores.add_argument("--threshold", type=float, default=0.0, help="APoZ counts values at or below this")
+    scores.add_argument("--threshold", type=_finite, default=0.0, help="APoZ counts values at or below this")
     scores.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     scores.set_defaults(run=_scores)
     streaming(scores)
@@ -306,11 +355,11 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--criterion", default="l1", choices=list(_criteria()),
                        help="rank filters by this score (lowest first; APoZ: highest first; dead: every dead or "
                             "near-dead filter)")
-    prune.add_argument("--share", type=float, default=0.3, help="share of each layer's filters to remove")
+    prune.add_argument("--share", type=_share, default=0.3, help="share of each layer's filters to remove (0 to 1)")
     prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
-    prune.add_argument("--fine-tune", type=int, default=0, metavar="EPOCHS",
+    prune.add_argument("--fine-tune", type=_count(0, 1000), default=0, metavar="EPOCHS",
                        help="fine-tune for this many epochs and compare with a random ranking (needs labels)")
-    prune.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    prune.add_argument("--lr", type=_positive, default=1e-3, help="fine-tuning learning rate")
     prune.set_defaults(run=_prune)
     streaming(prune)
 

@@ -82,7 +82,7 @@ class FileSet:
             return images.read(Path(self.root) / name)
         info = _archive(self.root).getinfo(name)
         limits.ZIP_IMAGE_BYTES.check(info.file_size, name, ImageError)
-        return images.decode(_archive(self.root).read(info), name)
+        return images.decode(_archive(self.root).read(info), name, max_side=limits.IMAGE_SIDE.value)
 
 
 def _permutation(count: int, seed: int) -> np.ndarray:

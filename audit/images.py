@@ -87,20 +87,30 @@ def sample(name: str) -> np.ndarray:
     return to_rgb(getattr(skimage.data, name)())
 
 
-def decode(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to uint8 RGB, refusing files that are not images or too large.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+"""The only image formats opened: Pillow's other readers (EPS runs Ghostscript, PSD, ...) are never tried."""
 
-    The size and shape are checked from the header, before any pixel is decoded; the EXIF orientation
-    is applied (a phone's portrait photo stands up); 16-bit images are scaled to 8 bits, not clipped.
+
+def decode(data: bytes, name: str = "image", max_side: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG/WebP/BMP/GIF/TIFF bytes to uint8 RGB, refusing files that are not images or too large.
+
+    The format, size and shape are checked from the header, before any pixel is decoded; the EXIF orientation
+    is applied (a phone's portrait photo stands up); 16-bit images are scaled to 8 bits, not clipped. With
+    `max_side`, a larger image is reduced to fit it as it is decoded (JPEG at a reduced scale, the others
+    resized right after), so a set of photos holds megabytes, not gigabytes.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             width, height = img.size
             limits.IMAGE_PIXELS.check(width * height, f"{name} ({width} x {height})", ImageError)
             limits.ASPECT_RATIO.check(max(width, height) / max(1, min(width, height)),
                                       f"{name} ({width} x {height})", ImageError)
+            if max_side and max(width, height) > max_side:
+                img.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale; others ignore it
             img.load()
             img = ImageOps.exif_transpose(img)
+            if max_side and max(img.size) > max_side:
+                img.thumbnail((max_side, max_side), Image.BILINEAR)
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey: 0..65535 to 0..255
                 return to_rgb(np.round(np.asarray(img, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
             if img.mode not in ("L", "LA", "RGB", "RGBA"):
@@ -110,7 +120,17 @@ def decode(data: bytes, name: str = "image") -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
-        raise ImageError(f"{name}: cannot be read as an image ({detail}).") from exc
+        raise ImageError(f"{name}: cannot be read as an image ({detail}; {', '.join(FORMATS)} are read)."
+                         ) from exc
+
+
+def header_pixels(data_or_file, name: str) -> int:
+    """Width x height from an image's header alone (nothing decoded); 0 when it is not an image we read."""
+    try:
+        with Image.open(data_or_file, formats=FORMATS) as img:
+            return img.size[0] * img.size[1]
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0
 
 
 def read(path: str | Path) -> np.ndarray:
@@ -120,7 +140,7 @@ def read(path: str | Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
-    return decode(data, path.name)
+    return decode(data, path.name, max_side=limits.IMAGE_SIDE.value)
 
 
 def class_label(relative: Path) -> str | None:
@@ -168,25 +188,34 @@ def read_zip_report(data: bytes, limit: int | None = None, name: str = "the zip 
                     ) -> tuple[list[LabelledImage], list[str]]:
     """The images of a zip archive and, for each member skipped, which and why.
 
-    Sizes are read from the archive's directory before a member is decompressed; a member that cannot
-    be read is skipped (said so), not a reason to refuse the whole archive; the archive's total pixels
-    are bounded too.
+    Sizes are read from the archive's directory before a member is decompressed, and the archive's total
+    pixels from the members' headers before any is decoded; a member that cannot be read is skipped (said
+    so), not a reason to refuse the whole archive; each image is kept at most limits.IMAGE_SIDE on its
+    longer side.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
         raise ImageError(f"{name}: not a readable zip archive ({exc}).") from exc
-    infos = zip_members(archive, name)
-    images, skipped, pixels = [], [], 0
-    for info in infos[:limit]:
+    infos = zip_members(archive, name)[:limit]
+    pixels = 0
+    for info in infos:  # the budget from the headers first: a refusal costs milliseconds, not a decode
+        if info.file_size <= limits.ZIP_IMAGE_BYTES.value:
+            try:
+                with archive.open(info) as member:
+                    pixels += header_pixels(member, info.filename)
+            except (zipfile.BadZipFile, OSError, RuntimeError, EOFError):
+                continue
+        limits.ZIP_TOTAL_PIXELS.check(pixels, name, ImageError)
+    images, skipped = [], []
+    side = limits.IMAGE_SIDE.value
+    for info in infos:  # one member at a time, reduced to the pages' size as it is decoded, then freed
         try:
             limits.ZIP_IMAGE_BYTES.check(info.file_size, info.filename, ImageError)
-            image = decode(archive.read(info), info.filename)
+            image = decode(archive.read(info), info.filename, max_side=side)
         except (ImageError, zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
             skipped.append(str(exc) if isinstance(exc, ImageError) else f"{info.filename}: unreadable ({exc}).")
             continue
-        pixels += image.shape[0] * image.shape[1]
-        limits.ZIP_TOTAL_PIXELS.check(pixels, name, ImageError)
         images.append(LabelledImage(info.filename, image, class_label(Path(info.filename))))
     if not images:
         reasons = f" Skipped: {' '.join(skipped[:3])}" if skipped else ""

@@ -53,13 +53,22 @@ ARCHIVE_MEMBERS = Limit("max_archive_members", 10_000, "files in the archive")
 IMAGE_PIXELS = Limit("max_image_pixels", 50_000_000, "pixels")
 ASPECT_RATIO = Limit("max_aspect_ratio", 50, "times longer than wide")
 ZIP_IMAGE_BYTES = Limit("max_zip_member_bytes", 256 * 2**20, "bytes once decompressed")
-ZIP_TOTAL_PIXELS = Limit("max_zip_pixels", 2_000_000_000, "pixels in all the archive's images")
+ZIP_TOTAL_PIXELS = Limit("max_zip_pixels", 500_000_000, "pixels in all the archive's images (read from their headers)")
 UPLOADS_BYTES = Limit("max_uploads_bytes", 5 * 2**30, "bytes of stored uploads (the oldest unused go first)")
 LOADED_MODELS = Limit("max_loaded_models", 4, "models kept loaded (the least recently used go first)")
 LOADED_MODEL_BYTES = Limit("max_loaded_model_bytes", 3 * 2**30, "bytes of weights of the models kept loaded")
 LINK_JOB_SECONDS = Limit("link_job_seconds", 20, "seconds of estimated work a link may start without a click")
+LAYERS = Limit("max_layers", 3000, "layers")
+ACTIVATION_BYTES = Limit("max_activation_bytes", 2 * 2**30,
+                         "bytes of activations held at once for one image (float32)")
+MACS = Limit("max_macs", 100_000_000_000, "multiply-adds for one image")
+TRIAL_BYTES = Limit("max_trial_bytes", 2**30,
+                    "bytes a new model file's first load may take beyond three times its own size")
+TRIAL_CPU_SECONDS = Limit("max_trial_cpu_seconds", 120, "seconds of CPU for a new model file's first load and pass")
+BATCH_BYTES = Limit("max_batch_bytes", 2**30, "bytes of activations per batch of a job (the batch is cut to fit)")
+IMAGE_SIDE = Limit("max_image_side", 2048, "pixels on the longer side of an image kept for the pages")
 
 ALL = (UPLOAD_BYTES, PARAMETERS, WEIGHT_BYTES, INPUT_PIXELS, CONFIG_DEPTH, ARCHIVE_MEMBERS, IMAGE_PIXELS,
        ASPECT_RATIO, ZIP_IMAGE_BYTES, ZIP_TOTAL_PIXELS, UPLOADS_BYTES, LOADED_MODELS, LOADED_MODEL_BYTES,
-       LINK_JOB_SECONDS)
+       LINK_JOB_SECONDS, LAYERS, ACTIVATION_BYTES, MACS, TRIAL_BYTES, TRIAL_CPU_SECONDS, BATCH_BYTES, IMAGE_SIDE)
 """Every limit, for the README's table and the tests."""

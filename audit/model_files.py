@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from audit import limits
+from audit import limits, model_kinds
 from audit.errors import ModelFileError, UnsafeModelError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -58,7 +58,7 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def load_model_file(path: str | Path):
+def load_model_file(path: str | Path, shown: str | None = None):
     """Screen, then load a .keras or .h5 file in safe mode, from a private copy named by us.
 
     The bytes are copied first and the copy is what gets screened and loaded, so the file cannot
@@ -67,6 +67,7 @@ def load_model_file(path: str | Path):
     import keras
 
     path = Path(path)
+    shown = shown or path.name  # an upload is named by its file name, not its hash
     _refuse_folder_or_missing(path)
     from audit import storage
 
@@ -75,24 +76,27 @@ def load_model_file(path: str | Path):
     with tempfile.TemporaryDirectory(prefix="cnn-audit-", dir=scratch) as folder:
         staged = Path(folder) / "upload"
         shutil.copyfile(path, staged)
-        kind = _screen(staged, path.name)
+        kind = _screen(staged, shown)
         copy = staged.rename(Path(folder) / f"model.{kind}")
         try:
             return keras.saving.load_model(copy, compile=False, safe_mode=True)
         except Exception as exc:  # Keras raises many types on bad files; all mean "cannot load"
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            if isinstance(exc, MemoryError) or "ResourceExhausted" in type(exc).__name__ or "OOM" in str(exc):
+                raise ModelFileError(f"{shown}: building its layers needs more memory than this process may "
+                                     "use (its config declares more weights than its file holds?); refused.") from exc
             if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
-                raise UnsafeModelError(f"{path.name} was refused by Keras's safe mode ({detail}).") from exc
+                raise UnsafeModelError(f"{shown} was refused by Keras's safe mode ({detail}).") from exc
             raise ModelFileError(
-                f"{path.name} passed the checks but could not be loaded as a Keras model (corrupt, "
+                f"{shown} passed the checks but could not be loaded as a Keras model (corrupt, "
                 f"truncated or made by an incompatible Keras?): {detail}") from exc
 
 
-def check_model_file(path: str | Path) -> str:
+def check_model_file(path: str | Path, shown: str | None = None) -> str:
     """Screen a model file without loading it; return its format ("keras" or "h5") or raise."""
     path = Path(path)
     _refuse_folder_or_missing(path)
-    return _screen(path, path.name)
+    return _screen(path, shown or path.name)
 
 
 def _refuse_folder_or_missing(path: Path) -> None:
@@ -115,6 +119,7 @@ def _screen(path: Path, shown: str) -> str:
         config = _hdf5_config(path, shown)
         check_budgets(config, shown)
         scan_config(config)
+        model_kinds.check_kinds(config, shown)
         return "h5"
     raise ModelFileError(
         f"{shown} is not a Keras model file: expected a .keras (zip) or .h5 (HDF5) file, and its "
@@ -141,6 +146,7 @@ def _screen_zip(path: Path, shown: str) -> None:
                 raise ModelFileError(f"{shown}: its config.json does not describe a model.")
             check_budgets(config, shown)
             scan_config(config)
+            model_kinds.check_kinds(config, shown)
             limits.ARCHIVE_MEMBERS.check(len(names), shown, ModelFileError)
             unpacked = sum(info.file_size for info in archive.infolist())
             limits.WEIGHT_BYTES.check(unpacked, f"{shown} (its members)", ModelFileError)

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from audit import images as image_utils
-from audit import storage
-from audit.errors import NotAnImageModelError, UnknownSourceError, WeightsUnavailableError
+from audit import limits, storage
+from audit.errors import ModelFileError, NotAnImageModelError, UnknownSourceError, WeightsUnavailableError
+from audit.graph import cost as graph_cost
 from audit.graph import (  # noqa: F401 (the model graph's public names, long read from here)
     CONV_TYPES,
     Point,
@@ -97,6 +98,7 @@ class LoadedModel:
     display_name: str = ""  # shown instead of the source (an upload's file name, not its hash)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     job_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    cost: object = field(default=None, repr=False, compare=False)  # audit.graph.Cost of one image, set by load
     _outputs: dict = field(default_factory=dict, repr=False, compare=False)
     _graph: object = field(default=None, repr=False, compare=False)
 
@@ -183,9 +185,27 @@ def load(source: str = DEFAULT_SOURCE, allow_download: bool = False) -> LoadedMo
     else:
         loaded = _load_file(storage.upload_path("models", argument), source)
     check_image_model(loaded.model)
-    with loaded.lock:  # the first call traces the graph; pay it at load, not in a user's click
-        loaded.model(np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32))
+    shown = loaded.display_name or (Path(argument).name if kind == "file" else loaded.title)
+    loaded.cost = check_cost(loaded.model, loaded.input_size, shown)
+    try:
+        with loaded.lock:  # the first call traces the graph; pay it at load, not in a user's click
+            loaded.model(np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32))
+    except Exception as exc:  # noqa: BLE001 (a model that cannot run one image is refused in a sentence)
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ModelFileError(f"{shown} loaded, but running it on one image failed "
+                             f"({type(exc).__name__}: {text}).") from exc
     return loaded
+
+
+def check_cost(model: keras.Model, size: tuple[int, int], shown: str):
+    """What one image costs at the size the pages run it (audit.graph.cost, from symbolic shapes), against
+    this server's limits, before anything is computed: the activations held at once, the multiply-adds and
+    the layer count. A 30 KB file asking for an 8 GB activation is refused here, not by the kernel."""
+    found = graph_cost(model, size)
+    limits.ACTIVATION_BYTES.check(found.peak_bytes, f"{shown} (one image at {size[0]}×{size[1]})", ModelFileError)
+    limits.MACS.check(found.macs, f"{shown} (one image at {size[0]}×{size[1]})", ModelFileError)
+    limits.LAYERS.check(found.layers, shown, ModelFileError)
+    return found
 
 
 def _load_demo(name: str) -> LoadedModel:
@@ -304,7 +324,7 @@ def _load_keras_application(argument: str, allow_download: bool = False) -> Load
         class_names = imagenet_class_names()
     return LoadedModel(
         model=model, source=f"keras:{argument}", fingerprint=fingerprint, class_names=class_names,
-        input_size=tuple(model.inputs[0].shape[1:3]), preprocessing=KERAS_APPLICATIONS[name],
+        input_size=tuple(s or 224 for s in model.inputs[0].shape[1:3]), preprocessing=KERAS_APPLICATIONS[name],
         untrained=variant == "untrained",
         description=(f"keras.applications.{name} with ImageNet weights." if not variant else
                      f"keras.applications.{name} with random weights (untrained): the architecture is "
@@ -329,15 +349,22 @@ def imagenet_class_names() -> list[str] | None:
 
 
 def _load_file(path: Path, source: str) -> LoadedModel:
-    from audit.model_files import load_model_file
+    from audit import trial
+    from audit.model_files import check_model_file, load_model_file
 
-    model = load_model_file(path)
+    uploaded = source.startswith("upload:")
+    if not path.is_file():
+        load_model_file(path)  # says why (a folder, a missing file) in its own words
     digest = storage.file_sha256(path)
+    shown = storage.upload_name("models", digest) if uploaded else path.name
+    if not trial.in_trial():
+        check_model_file(path, shown)  # the screens first, in this process: they read, never build
+        trial.vet(path, digest, shown)
+    model = load_model_file(path, shown)
     check_image_model(model)
     size = model.inputs[0].shape[1:3]
     mode, reason = detect_preprocessing(model)
-    uploaded = source.startswith("upload:")
-    name = storage.upload_name("models", digest) if uploaded else path.name
+    name = shown
     return LoadedModel(
         model=model, source=source, fingerprint=_fingerprint("file", digest), class_names=None,
         input_size=tuple(s or 224 for s in size), preprocessing=mode, preprocessing_reason=reason,

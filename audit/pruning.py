@@ -19,6 +19,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit import activations, datasets, groups, heads, models, passes
+from audit import graph as model_graph
 from audit import images as image_utils
 from audit.graph import as_list
 from audit.errors import AuditError
@@ -469,20 +470,9 @@ def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray) ->
 
 
 def flops(model: keras.Model) -> int:
-    """Multiply-accumulates of conv and dense layers for one image (the cost pruning removes)."""
-    total = 0
-    for _, layer, _ in models.iter_layers(model):
-        kind = type(layer).__name__
-        if kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose"):
-            weights = layer.get_weights()
-            kh, kw, a, b = weights[0].shape  # (.., in, out), (.., in, multiplier), transpose (.., out, in)
-            h, w = (layer.input if kind == "Conv2DTranspose" else layer.output).shape[1:3]
-            total += kh * kw * a * b * h * w
-            if kind == "SeparableConv2D":  # the pointwise step after the depthwise one
-                total += int(np.prod(weights[1].shape)) * h * w
-        elif kind == "Dense":
-            total += int(np.prod(layer.get_weights()[0].shape))
-    return int(total)
+    """Multiply-accumulates of conv and dense layers for one image (the cost pruning removes), from the graph's
+    symbolic shapes (graph.cost): a Dense applied to every position of a map counts at every position."""
+    return model_graph.cost(model).macs
 
 
 # --- recovery ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import activations, models, render, runs, sampling
-from pages import common, jobs, links
+from pages import common, jobs, links, markup
 
 selection = common.current()
 loaded = selection.model
@@ -33,7 +33,7 @@ with common.user_errors():
                              before and fused, selection.device)
 channels = maps.shape[-1]
 rows, cols = activations.grid_shape(channels)
-st.subheader(f"All {channels} channels of {layer}" + (" (before the activation)" if before and fused else ""))
+st.subheader(f"All {channels} channels of {markup.escape(layer)}" + (" (before the activation)" if before and fused else ""))
 st.caption(f"{maps.shape[0]}×{maps.shape[1]} maps in a {rows}×{cols} grid, each scaled to [0, 1] on its own "
            "(black: its minimum, white: its maximum).")
 grid = activations.montage(maps)
@@ -75,7 +75,7 @@ def show_stats(stats, near: float, name: str) -> None:
     counts = activations.dead_counts(stats, near)
     unfloored = activations.unfloored_layers(stats)
     if len(unfloored):
-        named = ", ".join(f"{row.layer}" + (f" (at {row.measured_at})" if row.measured_at != row.layer else "")
+        named = ", ".join(markup.escape(row.layer) + (f" (at {markup.escape(row.measured_at)})" if row.measured_at != row.layer else "")
                           for row in unfloored.head(6).itertuples())
         more = f" and {len(unfloored) - 6} more" if len(unfloored) > 6 else ""
         st.info(f"{len(unfloored)} of {len(counts)} layers are measured where the output has no zero floor: "
@@ -91,7 +91,7 @@ def show_stats(stats, near: float, name: str) -> None:
     st.dataframe(counts, hide_index=True, width="stretch", key=f"{name}_counts")
     with st.expander("Dead filters per layer"):
         for layer_name, group in stats[stats.dead].groupby("layer", sort=False):
-            st.markdown(f"**{layer_name}** ({len(group)}): {', '.join(map(str, group['filter']))}")
+            st.markdown(f"**{markup.escape(layer_name)}** ({len(group)}): {', '.join(map(str, group['filter']))}")
     st.dataframe(stats, hide_index=True, width="stretch", height=300, key=f"{name}_rows")
     st.download_button("Download statistics (CSV)", stats.to_csv(index=False), f"{name}.csv", "text/csv",
                        key=f"{name}_csv")

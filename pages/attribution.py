@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import attribution, images, limits, models, render
-from pages import common, jobs, links
+from pages import common, jobs, links, markup
 
 selection = common.current()
 loaded = selection.model
@@ -52,9 +52,9 @@ else:
 cam_options = common.map_layers(loaded.fingerprint, loaded.source)
 cam_layer = links.selectbox(left, "CAM layer", cam_options, index=cam_options.index(cam_default), param="cam_layer",
                             key=f"attr_cam_layer_{loaded.fingerprint}",
-                            help=f"Default: {cam_default}, {cam_why}.")
+                            help=f"Default: {markup.escape(cam_default)}, {markup.escape(cam_why)}.")
 if cam_layer == cam_default:
-    left.caption(f"CAM layer {cam_default}: {cam_why}.")
+    left.caption(f"CAM layer {markup.escape(cam_default)}: {markup.escape(cam_why)}.")
 methods = links.multiselect(st, "Methods", list(attribution.METHODS), param="methods", key="attr_methods",
                             default=["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++"])
 size = min(x.shape[:2])
@@ -120,7 +120,7 @@ waiting = [m for m in waiting if (m, options_for(m)) not in approved]
 ready = [m for m in methods if m not in waiting]
 
 common.warn_if_at_chance(selection)
-st.subheader(f"Why {label}?")
+st.subheader(f"Why {markup.escape(label)}?")
 # the grid is laid out first and each map fills its place as soon as it is ready, the cheapest first
 per_row = min(4, len(ready) + 1)
 places = {}
@@ -179,7 +179,7 @@ if maps and jobs.job_shown(selection, "trust", pressed, key, cheap or jobs.has_r
     measure = attribution.deletion_measure(common.target_of(target))
     deletion_areas, insertion_areas = chance["deletion"][2], chance["insertion"][2]
     if not np.all(np.isfinite(deletion_areas)):
-        st.warning(f"Deletion and insertion are not available for {label}: the filter does not fire on the intact "
+        st.warning(f"Deletion and insertion are not available for {markup.escape(label)}: the filter does not fire on the intact "
                    "image, so there is no share of its activation to follow.", icon=":material/block:")
     else:
         spread = {kind: chance[kind][2].max() - chance[kind][2].min() for kind in ("deletion", "insertion")}

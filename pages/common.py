@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from audit import (activations, attribution, datasets, device, filters, images, models, pruning, registry, runs,
-                   sampling, storage)
+from audit import (activations, attribution, datasets, device, filters, images, limits, models, pruning, registry,
+                   runs, sampling, storage)
 from audit.disk_cache import DiskCache
 from audit.errors import AuditError
-from pages import jobs
+from pages import jobs, markup
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 log = logging.getLogger("cnn_audit")
@@ -73,7 +73,7 @@ def decode_upload(digest: str) -> tuple[list[images.LabelledImage], list[str]]:
     name = storage.upload_name("images", digest)
     if data[:4] == b"PK\x03\x04":
         return images.read_zip_report(data, name=name)
-    return [images.LabelledImage(name, images.decode(data, name))], []
+    return [images.LabelledImage(name, images.decode(data, name, max_side=limits.IMAGE_SIDE.value))], []
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -113,12 +113,12 @@ def user_errors(what: str = "This part of the page", stop_page: bool = True):
     except ScriptControlException:  # st.stop and st.rerun
         raise
     except AuditError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(markup.escape(str(exc)), icon=":material/error:")
         if stop_page:
             stop()
     except Exception as exc:  # noqa: BLE001 (the last line of defence of a page)
         log.exception("%s failed", what)
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        first = markup.escape(str(exc).splitlines()[0][:300]) if str(exc) else ""
         st.error(f"{what} failed: {type(exc).__name__}{': ' + first if first else ''}. This is a bug of CNN "
                  "Audit, not of your model; the details below help us fix it.", icon=":material/bug_report:")
         with st.expander("Details"):
@@ -379,7 +379,7 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
         gallery_cache().put(key, {"images": result.images, "activations": result.activations,
                                   "curves": result.curves, "responded": result.responded, "started": result.started})
     except StorageError as exc:
-        st.warning(str(exc), icon=":material/save:")
+        st.warning(markup.escape(str(exc)), icon=":material/save:")
     if not classes:
         _note_responses(loaded.fingerprint, layer, indices, result)
     return result
@@ -529,7 +529,7 @@ def knowledge_sentence(selection: "Selection", found: dict) -> str:
     if labels is None:
         return (f"no labels on these {found['images']} images; the outputs' mean normalised entropy is "
                 f"{found['entropy']:.2f} (1: every class equally likely)")
-    sample = images.describe_sample(labels, range(len(labels)))
+    sample = markup.escape(images.describe_sample(folder_labels(selection), range(len(labels))))
     return (f"accuracy {found['accuracy']:.0%} (95% interval {found['low']:.0%}–{found['high']:.0%}) on {sample}; "
             f"chance {found['chance']:.0%}, the share of the most common class")
 
@@ -587,7 +587,7 @@ def sample_of(selection: "Selection", count: int) -> np.ndarray:
 
 def sample_sentence(selection: "Selection", count: int) -> str:
     """"12 images, 4 per class (3 classes)": what a sweep is measured on."""
-    return images.describe_sample(folder_labels(selection), sample_of(selection, count))
+    return markup.escape(images.describe_sample(folder_labels(selection), sample_of(selection, count)))
 
 
 def _sample(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:

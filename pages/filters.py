@@ -8,7 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from audit import filters, models, render
-from pages import common, jobs, links
+from pages import common, jobs, links, markup
 
 selection = common.current()
 loaded = selection.model
@@ -37,7 +37,7 @@ if how == "By index":
         common.stop()
     bad = [i for i in indices if not 0 <= i < channels]
     if bad or not indices:
-        st.error(f"{layer} has filters 0 to {channels - 1}; {bad or 'none given'} cannot be drawn.")
+        st.error(f"{markup.escape(layer)} has filters 0 to {channels - 1}; {bad or 'none given'} cannot be drawn.")
         common.stop()
 else:
     count = links.number(left, "N", 1, channels, min(8, channels), slider=True, param="n", key="filters_n",
@@ -84,7 +84,7 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
     with common.user_errors():
         result = common.gallery(selection, layer, key, options, int(seed))
     never, silent = int((~result.started).sum()), int((~result.responded).sum())
-    st.subheader(f"{layer}: {len(key)} filters, {silent} with no response")
+    st.subheader(f"{markup.escape(layer)}: {len(key)} filters, {silent} with no response")
     st.caption(f"No response: the final image does not drive the filter's mean activation above "
                f"{filters.RESPONSE_THRESHOLD:g} ({silent} of {len(key)}). Never started: the ascent never moved it "
                f"above 0 at any step, so no gradient flowed through its ReLU ({never} of {len(key)}); a warm-up on "
@@ -132,7 +132,7 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
             "no response with warm-up": ~warm.responded,
         }), hide_index=True)
         if dead is None:
-            st.caption(f"How many of {layer}'s filters are dead on the image set (never above 0) is known once its "
+            st.caption(f"How many of {markup.escape(layer)}'s filters are dead on the image set (never above 0) is known once its "
                        "statistics are computed (Activations page, **Compute statistics**).")
 else:
     st.info("Choose the filters and press **Grow the gallery**: on a CPU a deep layer takes a minute.")
@@ -141,7 +141,7 @@ st.divider()
 st.subheader("First-layer weights")
 with common.user_errors():
     first, tiles = filters.first_layer_weights(loaded.model)
-st.caption(f"The kernels of {first} drawn as RGB tiles (each scaled to [0, 1]): they act on pixels directly.")
+st.caption(f"The kernels of {markup.escape(first)} drawn as RGB tiles (each scaled to [0, 1]): they act on pixels directly.")
 grid = st.columns(16)
 for index, tile in enumerate(tiles[:64]):
     grid[index % 16].image(np.kron(tile, np.ones((8, 8, 1))), clamp=True, caption=str(index), width="stretch")
@@ -149,7 +149,7 @@ for index, tile in enumerate(tiles[:64]):
 st.divider()
 st.subheader("Class-model images")
 if not selection.head.is_classifier:
-    st.info(f"The model has no class output, so there are no class-model images ({selection.head.description}).")
+    st.info(f"The model has no class output, so there are no class-model images ({markup.escape(selection.head.description)}).")
 else:
     common.warn_if_at_chance(selection)
     names = selection.class_names()

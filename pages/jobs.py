@@ -58,7 +58,7 @@ def _to_disk(key: tuple, value) -> None:
         elif isinstance(value, tuple) and all(isinstance(part, np.ndarray) for part in value):
             results_cache().put(key, {f"part{i}": part for i, part in enumerate(value)})
     except StorageError as exc:
-        st.warning(str(exc), icon=":material/save:")
+        st.warning(markup.escape(str(exc)), icon=":material/save:")
 
 
 def shared_result(key: tuple, compute, limit: int = 64):

@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from pages import common, links
+from pages import common, links, markup
 
 READABLE_BARS = 40  # layer names stay readable under the chart up to this many bars
 
@@ -13,9 +13,9 @@ selection = common.current()
 loaded = selection.model
 model = loaded.model
 
-st.title(f"Model: {loaded.title}")
+st.title(f"Model: {markup.escape(loaded.title)}")
 common.what_these_mean("Model")
-st.caption(loaded.description)
+st.caption(markup.escape(loaded.description))
 
 table = common.layer_table(loaded.fingerprint, loaded.source)
 leaves = table[~table.is_container]
@@ -69,8 +69,8 @@ if not named:
 
 st.subheader("On the current image")
 left, right = st.columns([1, 2])
-left.image(selection.image.pixels, caption=selection.image.name + (f" ({selection.image.label})"
-                                                                    if selection.image.label else ""))
+left.image(selection.image.pixels, caption=markup.escape(selection.image.name + (
+    f" ({selection.image.label})" if selection.image.label else "")))
 with common.user_errors("The prediction"):
     output = selection.predict()
 head = selection.head
@@ -80,11 +80,11 @@ if head.is_classifier:
     right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
                     column_config={"probability": st.column_config.ProgressColumn(
                         "probability", min_value=0.0, max_value=1.0, format="%.3f")})
-    right.caption(head.description[0].upper() + head.description[1:] + "."
+    right.caption(markup.escape(head.description[0].upper() + head.description[1:]) + "."
                   + (f" Class names from {origin}." if origin and origin != "the model" else ""))
     if loaded.untrained:
         right.caption("Random weights: these probabilities mean nothing.")
 else:
     right.write(f"Output shape {tuple(output.shape)}: the model has no class output "
-                f"(mean {output.mean():.3g}, max {output.max():.3g}). {head.description[0].upper()}"
-                f"{head.description[1:]}.")
+                f"(mean {output.mean():.3g}, max {output.max():.3g}). "
+                f"{markup.escape(head.description[0].upper() + head.description[1:])}.")

@@ -7,7 +7,7 @@ import streamlit as st
 
 from audit import activations, filters, images, models, pruning, render
 from pages import candidates as candidates_choice
-from pages import common, jobs, links
+from pages import common, jobs, links, markup
 
 # ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality
 # (a bare string here would be drawn on the page by Streamlit's magic)
@@ -76,8 +76,8 @@ first_candidate = selection_map.get(layer_pick, [0])[0]
 index = links.number(st, "Evidence for filter", 0, layer_filters - 1, int(first_candidate), param="evidence",
                      key=evidence_key)
 row = shown[shown["filter"] == index].iloc[0]
-apoz_said = f"APoZ {row.apoz:.1%}" if np.isfinite(row.apoz) else f"no APoZ (no zero floor at {row.measured_at})"
-st.caption(f"Filter {index} of {layer_pick}: L1 {row.l1:.3g}, {apoz_said}, mean {row['mean']:.3g} at {row.measured_at}, "
+apoz_said = f"APoZ {row.apoz:.1%}" if np.isfinite(row.apoz) else f"no APoZ (no zero floor at {markup.escape(row.measured_at)})"
+st.caption(f"Filter {index} of {markup.escape(layer_pick)}: L1 {row.l1:.3g}, {apoz_said}, mean {row['mean']:.3g} at {markup.escape(row.measured_at)}, "
            f"most similar to filter {int(row.nearest)} (cosine {row.redundancy:.2f})"
            + (", a candidate" if row.candidate else "") + ".")
 weights_col, map_col, tile_col = st.columns(3)
@@ -215,7 +215,7 @@ if jobs.job_shown(selection, "chance", pressed, chance_key, jobs.has_result(chan
     chart.update_layout(height=360, margin=dict(t=10))
     st.plotly_chart(chart, width="stretch")
     verdict = pruning.verdict_against_chance(runs, measure, 0.5)
-    st.caption(f"At 50% of {chance_layer} pruned, by {measure_name}: the chosen ranking beats "
+    st.caption(f"At 50% of {markup.escape(chance_layer)} pruned, by {measure_name}: the chosen ranking beats "
                f"{verdict['beaten']} of {verdict['random']} random rankings (a tie is not a win); the inverted "
                f"ranking is {'worse than every' if verdict['inverted_worst'] else 'not worse than every'} random "
                "one. Quality before fine-tuning.")
@@ -269,7 +269,7 @@ selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_ma
 with common.user_errors("Building the smaller model"):
     data, sizes, reason, plan = common.pruned_export(loaded.fingerprint, loaded.source, selection_key)
 if reason:
-    st.warning(f"{reason} The masked model is offered instead.")
+    st.warning(f"{markup.escape(reason)} The masked model is offered instead.")
 removed, held = plan[plan.removed > 0], plan[plan["kept because"] != ""]
 st.caption(f"The {len(candidates)} candidates grow to their dependency groups: {int(removed.removed.sum())} "
            f"channels leave {len(removed)} layers" + (f"; {len(held)} layers keep their selected filters "

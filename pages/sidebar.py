@@ -10,7 +10,7 @@ import streamlit as st
 
 from audit import datasets, device, images, models, storage
 from audit.errors import AuditError, WeightsUnavailableError
-from pages import links
+from pages import links, markup
 from pages.common import (Selection, decode_upload, demo_images, get_model, sample_photo, server_sample, server_set,
                           user_errors)
 
@@ -61,7 +61,7 @@ def _model_picker() -> models.LoadedModel | None:
     try:
         loaded = get_model(source)
     except WeightsUnavailableError as exc:
-        st.error(str(exc), icon=":material/cloud_off:")
+        st.error(markup.escape(str(exc)), icon=":material/cloud_off:")
         st.info("Tick **Random weights (untrained)** in the sidebar to open the architecture anyway, or fetch "
                 "the weights into the Keras cache (tens to hundreds of MB; never started by a link).")
         if source.startswith("keras:") and st.button("Download the ImageNet weights", icon=":material/download:"):
@@ -70,7 +70,7 @@ def _model_picker() -> models.LoadedModel | None:
                 st.rerun()
         return None
     except AuditError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(markup.escape(str(exc)), icon=":material/error:")
         return None
     st.query_params["model"] = source
     if loaded.untrained:
@@ -85,7 +85,7 @@ def _uploaded_model_source(initial: str) -> str | None:
         try:
             return "upload:" + storage.save_upload(upload.getvalue(), "models", upload.name)
         except AuditError as exc:
-            st.sidebar.error(str(exc))
+            st.sidebar.error(markup.escape(str(exc)))
             return None
     if initial.startswith("upload:"):
         return initial  # a link naming an upload on this server
@@ -119,7 +119,7 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
         try:
             digests.append(storage.save_upload(file.getvalue(), "images", file.name))
         except AuditError as exc:
-            st.sidebar.error(str(exc))
+            st.sidebar.error(markup.escape(str(exc)))
     if not files:  # a link names earlier uploads on this server by their content hash
         digests = links.from_link("uploads") or st.session_state.get("_linked_uploads", [])
         st.session_state["_linked_uploads"] = digests
@@ -128,7 +128,7 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
         try:
             found, skipped = decode_upload(digest)
         except AuditError as exc:
-            st.sidebar.error(str(exc))
+            st.sidebar.error(markup.escape(str(exc)))
             continue
         decoded += found
         _show_skipped(skipped)
@@ -143,7 +143,7 @@ def _show_skipped(skipped: list[str]) -> None:
     """The files of an image set that could not be read, and why, folded away in the sidebar."""
     if skipped:
         with st.sidebar.expander(f"{len(skipped)} files skipped", icon=":material/warning:"):
-            st.write("\n".join(f"- {reason}" for reason in skipped))
+            st.write("\n".join(f"- {markup.escape(reason)}" for reason in skipped))
 
 
 def _server_folder(photos):
@@ -157,14 +157,14 @@ def _server_folder(photos):
     try:
         stream = server_set(name)
     except AuditError as exc:
-        st.sidebar.error(str(exc))
+        st.sidebar.error(markup.escape(str(exc)))
         return photos, None, None
     count = links.number(st.sidebar, "Images for the pages", 1, 2048, min(60, len(stream)), param="count",
                          key=f"server_count_{name}", help="A seeded sample, decoded for the per-image views; the "
                          "statistics can stream the whole set.")
     sample, skipped = server_sample(name, stream.key(), min(int(count), len(stream)))
     _show_skipped(skipped)
-    st.sidebar.caption(f"{len(stream):,} images in {name}; {len(sample)} decoded for the pages.")
+    st.sidebar.caption(f"{len(stream):,} images in {markup.escape(name)}; {len(sample)} decoded for the pages.")
     return (sample, None, stream) if sample else (photos, None, None)
 
 
@@ -187,7 +187,7 @@ def sidebar() -> Selection | None:
                                         format_func=lambda m: f"{m}: {images.PREPROCESSING[m]}",
                                         param="preprocessing", key=f"preprocessing_{loaded.source}")
         if loaded.preprocessing_reason:
-            st.caption(f"Default **{loaded.preprocessing}**: {loaded.preprocessing_reason}.")
+            st.caption(f"Default **{loaded.preprocessing}**: {markup.escape(loaded.preprocessing_reason)}.")
         fit = links.selectbox(st, "Resize", ("crop", "squash"), param="fit", key="fit", radio=True,
                               horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
         devices = device.available()
@@ -210,13 +210,13 @@ def _output_picker(loaded: models.LoadedModel) -> int | None:
     output = links.selectbox(st.sidebar, "Explain output", range(len(described)), index=chosen, param="output",
                              key=f"output_{loaded.fingerprint}", show=lambda i: described[i].path,
                              format_func=lambda i: f"{described[i].path} ({'classes' if described[i].is_classifier else 'no classes'})")
-    st.sidebar.caption(described[output].description[0].upper() + described[output].description[1:] + ".")
+    st.sidebar.caption(markup.escape(described[output].description[0].upper() + described[output].description[1:]) + ".")
     return int(output)
 
 
 def _show_link_warnings(where) -> None:
     for message in links.warnings():
-        where.warning(message, icon=":material/link_off:")
+        where.warning(markup.escape(message), icon=":material/link_off:")
 
 
 def share_box() -> None:

@@ -51,7 +51,6 @@ def test_stats_csv_equals_a_numpy_recomputation(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["stats", "--images", "shapes:6", "--layers", "no_such_layer"], "no_such_layer"),
     (["stats", "--images", "/no/such/folder"], "not a folder"),
-    (["stats", "--images", "shapes:many"], "shapes:N"),
     (["report", "--images", "photos", "--out", "x.html", "--methods", "Magic"], "Unknown attribution method"),
 ])
 def test_bad_input_exits_1_with_the_dashboards_message(argv, message, capsys):
@@ -74,6 +73,23 @@ def test_bad_usage_exits_2():
     with pytest.raises(SystemExit) as stop:
         cli.main(["report", "--images", "photos"])  # no --out
     assert stop.value.code == 2
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["stats", "--images", "shapes:100000000"], "--images: 100000000 is outside 1..20,000"),  # 1.12 TiB otherwise
+    (["stats", "--images", "shapes:many"], "--images: 'many' is not a whole number"),
+    (["prune", "--images", "shapes:6", "--share", "nan", "--out", "x.keras"], "--share: 'nan' is not a finite number"),
+    (["prune", "--images", "shapes:6", "--share", "5", "--out", "x.keras"], "--share: 5.0 is not a share"),
+    (["stats", "--images", "shapes:6", "--shards", "-5"], "--shards: -5 is outside 0..100,000"),
+    (["stats", "--images", "shapes:6", "--sample", "-3"], "--sample: -3 is outside"),
+    (["prune", "--images", "shapes:6", "--lr", "0", "--out", "x.keras"], "--lr: 0.0 is not above 0"),
+])
+def test_misused_arguments_exit_2_with_the_usage_line(argv, said, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m audit") and said in err, err
 
 
 def test_prune_writes_a_smaller_model_and_check_reports_every_capability(tmp_path, capsys):
