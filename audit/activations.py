@@ -210,6 +210,8 @@ def filter_sums(model: keras.Model, layers: list[str], images, threshold: float 
     channels = {point: int(out.shape[-1]) for point, out in zip(points, cut.outputs)}
     sums = {m.layer: FilterSums.empty(channels[m.measured_at], m.measured_at, m.floored) for m in chosen}
     if isinstance(images, np.ndarray):
+        kept = sum(4 * int(np.prod(out.shape[1:])) for out in cut.outputs)  # the measured maps of each image
+        batch_size = graph.batch_within(model, batch_size, kept_per_image=kept)
         images, total = datasets.in_memory(images, None, batch_size), len(images)
     strategy = strategy if strategy is not None else passes.local_replicas()
     for replicas in passes.run(reduce, images, strategy, progress, total):

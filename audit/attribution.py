@@ -134,6 +134,7 @@ def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, sam
     sigma = noise * float(image.max() - image.min() or 1.0)
     rng = np.random.default_rng(seed)
     total = np.zeros(image.shape, np.float64)
+    batch_size = graph.batch_within(model, batch_size, passes=3)  # within the server's activation budget
     for start in range(0, samples, batch_size):
         count = min(batch_size, samples - start)
         noisy = image[None] + rng.normal(0, sigma, (count, *image.shape)).astype(np.float32)
@@ -171,6 +172,7 @@ def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target =
     scorer = score_model(model, resolve_target(model, image, target, output), output)
     alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
     gradients = []
+    batch_size = graph.batch_within(model, batch_size, passes=3)
     for start in range(0, len(alphas), batch_size):
         chunk = alphas[start:start + batch_size, None, None, None]
         gradient, _ = _gradients(scorer, baseline[None] + chunk * (image - baseline)[None])
@@ -295,6 +297,7 @@ def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
     fill = np.zeros_like(image) if fill is None else np.broadcast_to(fill, image.shape)
     masks = np.stack([_scaled01(_resize(maps[:, :, k], image.shape[:2])) for k in keep])
     scores = []
+    batch_size = graph.batch_within(model, batch_size)
     for start in range(0, len(keep), batch_size):
         m = masks[start:start + batch_size, :, :, None]
         scores.append(np.asarray(scorer(image[None] * m + fill[None] * (1 - m), training=False)))
@@ -346,6 +349,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
     base = float(np.asarray(scorer(image[None], training=False))[0])
     corners = [(y, x) for y in patch_starts(height, patch, stride) for x in patch_starts(width, patch, stride)]
     drops, counts = np.zeros((height, width)), np.zeros((height, width))
+    batch_size = graph.batch_within(model, batch_size)
     for start in range(0, len(corners), batch_size):
         chunk = corners[start:start + batch_size]
         batch = np.repeat(image[None], len(chunk), axis=0)

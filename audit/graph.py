@@ -288,10 +288,29 @@ class Cost:
     layers: int  # leaf layer calls
 
 
+_COSTS: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
 def cost(model: keras.Model, size: tuple[int, int] | None = None) -> Cost:
     """The cost of one image of `size` (height, width; the model's own input size when it has one), from the
     shapes Keras infers symbolically: nothing is allocated or computed, so a file can be judged before its
-    first pass."""
+    first pass. Kept per model and size while the model lives."""
+    known = _COSTS.setdefault(model, {})
+    if size not in known:
+        known[size] = _cost(model, size)
+    return known[size]
+
+
+def batch_within(model: keras.Model, batch_size: int, passes: int = 1, kept_per_image: int = 0) -> int:
+    """The largest batch up to `batch_size` whose activations fit limits.BATCH_BYTES: one image's peak (times
+    `passes`: 3 for a forward and a backward pass) plus what the job keeps per image (maps it returns)."""
+    from audit import limits
+
+    per_image = passes * cost(model).peak_bytes + int(kept_per_image)
+    return int(max(1, min(batch_size, limits.BATCH_BYTES.value // max(per_image, 1))))
+
+
+def _cost(model: keras.Model, size: tuple[int, int] | None) -> Cost:
     shape = tuple(model.inputs[0].shape)
     height = shape[1] or (size or (224, 224))[0]
     width = shape[2] or (size or (224, 224))[1]

@@ -302,8 +302,9 @@ def per_class(labels, indices) -> dict:
     return {label: chosen.count(label) for label in sorted(set(list(labels)), key=str)}
 
 
-def describe_sample(labels, indices) -> str:
-    """"12 images, 4 per class (3 classes)" or "12 images: cat 5, dog 7" or "12 images (no labels)"."""
+def describe_sample(labels, indices, show=str) -> str:
+    """"12 images, 4 per class (3 classes)" or "12 images: cat 5, dog 7" or "12 images (no labels)" (`show`
+    writes a class name, e.g. escaped for markdown)."""
     counts = per_class(labels, indices)
     total = len(indices)
     noun = "image" if total == 1 else "images"
@@ -312,7 +313,7 @@ def describe_sample(labels, indices) -> str:
     values = set(counts.values())
     if len(values) == 1:
         return f"{total} {noun}, {values.pop()} per class ({len(counts)} classes)"
-    return f"{total} {noun}: " + ", ".join(f"{label} {n}" for label, n in counts.items())
+    return f"{total} {noun}: " + ", ".join(f"{show(label)} {n}" for label, n in counts.items())
 
 
 def balanced_count(budget: int, labels) -> int:

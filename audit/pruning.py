@@ -254,9 +254,10 @@ def scores_batch_size(model: keras.Model, output: int | None = None, batch_size:
 
 
 def _within_memory(cut: keras.Model, batch_size: int) -> int:
-    """A batch whose maps and gradients of every layer stay within about 512 MB."""
-    per_image = sum(int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
-    return max(1, min(batch_size, (64 * 2**20) // max(per_image, 1)))
+    """A batch whose forward and backward pass, with the maps and gradients of every layer kept, fits the
+    server's activation budget (limits.BATCH_BYTES, see graph.batch_within)."""
+    kept = sum(2 * 4 * int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
+    return model_graph.batch_within(cut, batch_size, passes=3, kept_per_image=kept)
 
 
 def merge_score_sums(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:

@@ -529,7 +529,7 @@ def knowledge_sentence(selection: "Selection", found: dict) -> str:
     if labels is None:
         return (f"no labels on these {found['images']} images; the outputs' mean normalised entropy is "
                 f"{found['entropy']:.2f} (1: every class equally likely)")
-    sample = markup.escape(images.describe_sample(folder_labels(selection), range(len(labels))))
+    sample = images.describe_sample(folder_labels(selection), range(len(labels)), markup.escape)
     return (f"accuracy {found['accuracy']:.0%} (95% interval {found['low']:.0%}–{found['high']:.0%}) on {sample}; "
             f"chance {found['chance']:.0%}, the share of the most common class")
 
@@ -587,7 +587,7 @@ def sample_of(selection: "Selection", count: int) -> np.ndarray:
 
 def sample_sentence(selection: "Selection", count: int) -> str:
     """"12 images, 4 per class (3 classes)": what a sweep is measured on."""
-    return markup.escape(images.describe_sample(folder_labels(selection), sample_of(selection, count)))
+    return images.describe_sample(folder_labels(selection), sample_of(selection, count), markup.escape)
 
 
 def _sample(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -4,9 +4,10 @@ make every viewer's browser fetch that address."""
 
 import re
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-!|<>~$])")
+_MARKDOWN = re.compile(r"([\\`\[\]()!<>$])")
 
 
 def escape(text) -> str:
-    """The text with every markdown and HTML character backslash-escaped and line breaks made spaces."""
+    """The text with the characters that make links, images, HTML, code and formulas backslash-escaped, and line
+    breaks made spaces (emphasis characters stay: `block1_conv1` reads as it is, and a stray `*` fetches nothing)."""
     return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
