@@ -21,7 +21,7 @@ from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlExcepti
 
 from audit import device, storage
 from audit.disk_cache import DiskCache
-from pages import links
+from pages import links, markup
 
 if TYPE_CHECKING:
     from pages import common

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import h5py
 import keras
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from audit import storage

@@ -1,0 +1,82 @@
+"""Which filters to propose: candidates by a criterion and a share, rankings, and the random baseline.
+
+One answer for the Pruning page, the report and the command line (`candidates`); a layer whose score is
+undefined (APoZ without a zero floor, Taylor without classes) is left out with the reason (`unavailable`).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+
+from audit.errors import AuditError
+from audit.pruning.scores import filter_kernels
+
+def lowest_share(scores: pd.DataFrame, criterion: str, share: float) -> pd.Series:
+    """Rows among the lowest `share` of their layer by a score (ties in row order): the candidates. A layer
+    whose score is undefined (NaN: APoZ without a zero floor, Taylor without classes) gives none."""
+    rank = scores.groupby("layer")[criterion].rank(method="first")
+    return rank <= (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
+
+
+CRITERIA = {
+    "dead": "dead or near-dead (APoZ)",
+    "l1": "lowest L1 norm (Li et al. 2017)",
+    "mean": "lowest mean activation",
+    "taylor": "lowest Taylor score (Molchanov et al. 2017)",
+    "fpgm": "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)",
+    "apoz": "highest APoZ (Hu et al. 2016)",
+}
+"""Ways to choose candidates, by the code a link, the report and the command line carry. "dead" takes no share."""
+
+
+def candidates(scores: pd.DataFrame, criterion: str, share: float) -> pd.DataFrame:
+    """The filters proposed for removal, one answer for the Pruning page, the report and the command line:
+    the dead and near-dead ones (criterion "dead"), or the lowest `share` of each layer by the criterion
+    (APoZ: the highest first). Rows of `scores` in their order, with `why` (the criterion's name)."""
+    if criterion not in CRITERIA:
+        raise AuditError(f"Unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+    if not 0.0 <= float(share) <= 1.0:
+        raise AuditError(f"The share of each layer to cut is between 0 and 1, not {share}.")
+    if criterion == "dead":
+        chosen = scores.dead | scores.near_dead
+        why = np.where(scores.dead, "dead", "near-dead")
+        return scores.assign(why=why)[chosen]
+    if criterion not in scores or scores[criterion].isna().all():
+        raise AuditError(unavailable(criterion))
+    ranked = scores.assign(apoz=-scores.apoz) if criterion == "apoz" else scores  # APoZ: most zeros first
+    return scores.assign(why=CRITERIA[criterion])[lowest_share(ranked, criterion, share)]
+
+
+def unavailable(criterion: str) -> str:
+    """Why a criterion has no scores for a model or a layer."""
+    if criterion == "taylor":
+        return "Taylor scores need a class output (they are the gradient of the class's log-probability)."
+    if criterion in ("apoz", "dead"):
+        return ("APoZ and dead filters are defined only where a filter's output has a zero floor (after a ReLU); "
+                "this layer's filters are used after an activation without one (ELU, swish, linear).")
+    return f"No {criterion} scores."
+
+
+def ranking(scores: pd.DataFrame, layer: str, criterion: str) -> list[int]:
+    """The layer's filters in pruning order: the lowest score first (dead first for APoZ: highest first)."""
+    part = scores[scores.layer == layer]
+    if criterion not in part or part[criterion].isna().all():
+        raise AuditError(f"{layer}: {unavailable(criterion)}")
+    ascending = criterion != "apoz"
+    return list(part.sort_values(criterion, ascending=ascending, kind="stable")["filter"].astype(int))
+
+
+def ranked_layers(scores: pd.DataFrame, criterion: str) -> list[str]:
+    """The layers a criterion can rank (the others have no such score: see `unavailable`)."""
+    defined = scores.groupby("layer", sort=False)[criterion].apply(lambda values: values.notna().any())
+    return [layer for layer, ok in defined.items() if ok]
+
+
+def random_selection(selection: dict[str, list[int]], model: keras.Model, seed: int = 0) -> dict[str, list[int]]:
+    """As many filters per layer as the selection, drawn at random (seeded): the baseline every ranking
+    has to beat (Mittal et al. 2018)."""
+    rng = np.random.default_rng(seed)
+    return {layer: sorted(rng.choice(filter_kernels(model, layer).shape[-1], len(channels), replace=False).tolist())
+            for layer, channels in selection.items()}

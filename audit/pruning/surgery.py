@@ -1,0 +1,203 @@
+"""Masks for what-if checks, and surgery that really removes filters, both by dependency groups.
+
+A selection grows to every channel that must go with it (audit.groups, after DepGraph), and the surgery
+rebuilds the model without them, slicing every weight that reads them; the smaller model computes what the
+masked one computes.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+
+from audit import graph as model_graph
+from audit import groups, models
+from audit.errors import AuditError
+from audit.graph import as_list
+
+class PruningError(AuditError):
+    """The model's graph cannot be cut as asked (a residual add or concat, a nested model, ...)."""
+
+
+def silence(weights: list[np.ndarray], kind: str, channels) -> list[np.ndarray]:
+    """A layer's weights with the given output channels made to output zero (before any activation).
+
+    Per output channel whatever the layer: a DepthwiseConv2D's channel c * m + j is its kernel's
+    (c, j) slice, not the multiplier axis; a SeparableConv2D's is a pointwise column; a
+    BatchNormalization's or LayerScale's are its gamma and beta.
+    """
+    weights = [w.copy() for w in weights]
+    channels = np.asarray(channels)
+    if kind in ("BatchNormalization", "LayerScale"):
+        for index in range(min(2, len(weights))):  # gamma, beta (LayerScale: its one scale)
+            weights[index][..., channels] = 0
+        return weights
+    if kind in groups.DEPTHWISE:
+        kernel = weights[0]
+        flat = kernel.reshape(*kernel.shape[:-2], -1)  # a view: (kh, kw, in * multiplier)
+        flat[..., channels] = 0
+    elif kind in ("SeparableConv2D", "SeparableConv1D"):
+        weights[1][..., channels] = 0
+    elif kind.endswith("Transpose"):
+        weights[0][..., channels, :] = 0
+    else:
+        weights[0][..., channels] = 0
+    bias = 2 if kind in ("SeparableConv2D", "SeparableConv1D") else 1
+    if len(weights) > bias:
+        weights[bias][channels] = 0
+    return weights
+
+
+SILENCED = groups.SOURCES | groups.DEPTHWISE | {"BatchNormalization", "LayerScale"}
+"""Layers whose per-channel parameters make a channel zero (the others pass a zero on as zero)."""
+
+
+def silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selection: dict[str, list[int]]
+                      ) -> dict[str, list[np.ndarray]]:
+    """The weights that silence the selection: whole groups where they can go; a filter whose group is
+    locked alone (a what-if the smaller model cannot express), with the normalisation right after it."""
+    chosen, _ = graph.expand(selection)
+    zeroed: dict[int, np.ndarray] = {}  # tensor id -> channels forced to zero
+    for call in graph.calls:
+        output = as_list(call.output)[0]
+        zeroed[id(output)] = graph.removed(output, chosen)
+    for layer, channels in selection.items():  # locked filters: silenced alone, on through a following BN
+        path = models.resolve_layer(model, layer)
+        tensor = as_list(graph.producers()[path].output)[0]
+        alone = np.zeros(len(graph.elements(tensor)), bool)
+        alone[list(channels)] = True
+        while tensor is not None:
+            zeroed[id(tensor)] = zeroed[id(tensor)] | alone
+            readers = [call for call in graph.calls if any(t is tensor for t in call.inputs)]
+            tensor = (as_list(readers[0].output)[0] if len(readers) == 1 and readers[0].kind
+                      in groups.PASS and readers[0].kind != "Flatten" else None)
+    weights = {}
+    for call in graph.calls:
+        mask = zeroed[id(as_list(call.output)[0])]
+        if call.kind in SILENCED and mask.any() and call.layer.weights:
+            weights[call.path] = silence(call.layer.get_weights(), call.kind, np.flatnonzero(mask))
+    return weights
+
+
+def masked(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
+           ) -> keras.Model:
+    """A clone whose selected filters output zero: what-if pruning, the model untouched.
+
+    The selection is expanded to whole dependency groups as `prune` expands it (a filter on a residual
+    stream silences that channel in every layer of the stream), so the smaller model computes what
+    this one computes. A filter whose group is locked (it reaches the model's output, say) is silenced
+    alone: a what-if that surgery cannot make real.
+    """
+    graph = graph or groups.DependencyGraph(model)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    for path, weights in silenced_weights(model, graph, selection).items():
+        models.get_layer(clone, path).set_weights(weights)
+    return clone
+
+
+def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
+         ) -> pd.DataFrame:
+    """What pruning the selection does, per layer: channels before, removed, after, and why any
+    selected filter is kept (its group is locked)."""
+    graph = graph or groups.DependencyGraph(model)
+    chosen, kept = graph.expand(selection)
+    rows = []
+    for path, call in graph.producers().items():
+        mask = graph.removed(as_list(call.output)[0], chosen)
+        if mask.any() or path in kept or path in selection:
+            rows.append({"layer": path, "channels": len(mask), "selected": len(selection.get(path, [])),
+                         "removed": int(mask.sum()), "kept because": kept.get(path, "")})
+    return pd.DataFrame(rows, columns=["layer", "channels", "selected", "removed", "kept because"])
+
+
+def group_table(graph: groups.DependencyGraph, scores: pd.DataFrame, criterion: str = "l1") -> pd.DataFrame:
+    """Groups that tie several layers' channels together, with their score: the sum of their filters'
+    scores by the criterion (a group goes as one, so its members' costs add up)."""
+    by_filter = scores.set_index(["layer", "filter"])[criterion] if criterion in scores else None
+    rows = []
+    for group in graph.groups():
+        if len(group.filters) < 2 and not group.coupled_by:
+            continue
+        members = [(layer, channel) for layer, channels in group.filters.items() for channel in channels]
+        score = (float(sum(by_filter.get(member, np.nan) for member in members)) if by_filter is not None
+                 else np.nan)
+        rows.append({"group": group.index, "filters": group.size, f"{criterion} (sum)": score,
+                     "can go": not group.locked, "coupled by": ", ".join(group.coupled_by),
+                     "layers": ", ".join(f"{layer}[{','.join(map(str, channels))}]"
+                                         for layer, channels in group.filters.items()),
+                     "locked because": group.locked})
+    return pd.DataFrame(rows)
+
+
+def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
+          ) -> keras.Model:
+    """A new, smaller model without the selected filters' groups; the input model is untouched.
+
+    Every group that can go goes: its filters, and every weight that reads its channels (the next
+    convs and denses, batch norms, depthwise kernels, the rows of a Dense after Flatten, the other
+    side of a residual add, a concatenation's slice). Filters whose group is locked stay (see `plan`).
+    Nested models keep their structure: a smaller base inside the same head.
+    """
+    graph = graph or groups.DependencyGraph(model)
+    chosen, kept = graph.expand(selection)
+    if not chosen:
+        reasons = "; ".join(f"{layer}: {why}" for layer, why in kept.items())
+        raise PruningError(f"None of the selected filters can be removed: {reasons or 'nothing was selected'}.")
+    configs, weights = {}, {}
+    for call in graph.calls:
+        output = as_list(call.output)[0]
+        out_keep = ~graph.removed(output, chosen)
+        in_keep = ~graph.removed(call.inputs[0], chosen) if call.inputs else None
+        if not out_keep.any():
+            raise PruningError(f"Removing these groups would take every channel of {call.path}; keep some.")
+        if out_keep.all() and (in_keep is None or in_keep.all()):
+            continue
+        config, sliced = _cut(call, in_keep, out_keep)
+        if config:
+            configs[call.path] = config
+        if sliced is not None:
+            weights[call.path] = sliced
+    paths = {id(layer): path for path, layer, _ in models.iter_layers(model)}
+
+    def clone_layer(layer):
+        return type(layer).from_config({**layer.get_config(), **configs.get(paths.get(id(layer)), {})})
+
+    smaller = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    for path in models.weighted_layers(model):
+        models.get_layer(smaller, path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
+    return smaller
+
+
+def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray) -> tuple[dict, list | None]:
+    """The config changes and the sliced weights of one layer (None: its weights stay as they are)."""
+    kind, layer = call.kind, call.layer
+    old = [np.asarray(w) for w in layer.get_weights()]
+    count = int(out_keep.sum())
+    if kind == "Dense":
+        return {"units": count}, [old[0][in_keep][:, out_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in ("SeparableConv1D", "SeparableConv2D"):
+        multiplier = old[0].shape[-1]
+        rows = np.repeat(in_keep, multiplier)
+        return {"filters": count}, [old[0][..., in_keep, :], old[1][..., rows, :][..., out_keep],
+                                    *[b[out_keep] for b in old[2:]]]
+    if kind.endswith("Transpose"):
+        return {"filters": count}, [old[0][..., out_keep, :][..., in_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in groups.SOURCES:
+        return {"filters": count}, [old[0][..., in_keep, :][..., out_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in groups.DEPTHWISE:
+        return {}, [old[0][..., in_keep, :], *[b[out_keep] for b in old[1:]]]
+    if kind == "LayerScale":
+        return {"projection_dim": count}, [w[..., out_keep] for w in old]
+    if kind == "Reshape":
+        return {"target_shape": (*layer.get_config()["target_shape"][:-1], count)}, None
+    if old:  # BatchNormalization, PReLU: per-channel parameters on the last axis
+        return {}, [w[..., out_keep] for w in old]
+    return {}, None
+
+
+def flops(model: keras.Model) -> int:
+    """Multiply-accumulates of conv and dense layers for one image (the cost pruning removes), from the graph's
+    symbolic shapes (graph.cost): a Dense applied to every position of a map counts at every position."""
+    return model_graph.cost(model).macs
