@@ -366,8 +366,10 @@ def test_the_cam_methods_share_one_pass_inside_shared_passes_and_nothing_is_kept
     alone = {name: attribution.METHODS[name](loaded.model, image, target)
              for name in ("Grad-CAM", "Grad-CAM++", "Layer-CAM")}
     passes = []
-    real = attribution._one_pass
-    monkeypatch.setattr(attribution, "_one_pass", lambda *args: passes.append(args[2:]) or real(*args))
+    from audit.attribution import cams
+
+    real = cams._one_pass
+    monkeypatch.setattr(cams, "_one_pass", lambda *args: passes.append(args[2:]) or real(*args))
     with attribution.shared_passes():
         shared = {name: attribution.METHODS[name](loaded.model, image, target) for name in alone}
         attribution.grad_cam(loaded.model, image, target, layer="block2_conv2")  # another layer: its own pass

@@ -239,7 +239,7 @@ def test_depthwise_and_separable_scores_are_per_output_channel():
 def test_guided_backprop_keeps_relu6_forward_and_only_changes_the_backward_pass():
     model = _depthwise_model()
     x = _image((1, 8, 8, 3), seed=11) * 40  # large inputs: many units above the cap of 6
-    graph = attribution._graph_with_score(model, 0, replace=attribution._guided_replacement)
+    graph = attribution.graph_with_score(model, 0, replace=attribution.guided_replacement)
     plain = heads.scores_model(model, heads.find_head(model))
     np.testing.assert_allclose(graph(x), plain(x), rtol=1e-5)
     # backward: positive gradients only, and none through a unit above the cap
@@ -276,13 +276,15 @@ def test_a_non_finite_copy_is_an_error_not_a_number():
     def explode(layer):  # a layer whose fresh weights are NaN: its copy outputs NaN
         return [np.full_like(w, np.nan) for w in layer.get_weights()]
 
-    original = attribution._fresh_weights
-    attribution._fresh_weights = lambda layer, rng: explode(layer)
+    from audit.attribution import trust
+
+    original = trust._fresh_weights
+    trust._fresh_weights = lambda layer, rng: explode(layer)
     try:
         with pytest.raises(AuditError, match="non-finite"):
             attribution.sanity_check(model, x, attribution.saliency, 0)
     finally:
-        attribution._fresh_weights = original
+        trust._fresh_weights = original
 
 
 def test_the_cam_default_skips_a_1x1_classifier_conv():
