@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from audit import limits, storage
-from audit.errors import AuditError, ModelFileError, UnsafeModelError
+from audit.errors import ModelFileError, UnsafeModelError
 
 IN_TRIAL = "CNN_AUDIT_IN_TRIAL"
 """Set in the child: its own load does not start another trial."""
@@ -75,7 +74,7 @@ def _try(path: Path, shown: str) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     try:
-        child = subprocess.run([sys.executable, "-m", "audit.trial", str(path), shown, str(budget), str(cpu)],
+        child = subprocess.run([sys.executable, "-m", "audit.trial_child", str(path), shown, str(budget), str(cpu)],
                                capture_output=True, text=True, env=env, timeout=4 * cpu + 60)
     except subprocess.TimeoutExpired:
         return {"ok": False, "message": f"{shown}: its first load and pass took longer than {4 * cpu + 60} s; refused "
@@ -89,7 +88,7 @@ def _try(path: Path, shown: str) -> dict:
     if child.returncode in (-signal.SIGXCPU, -signal.SIGKILL) or "CPU time" in child.stderr:
         what = f"more than {cpu} s of CPU ({limits.TRIAL_CPU_SECONDS.variable})"
     elif child.returncode in (-signal.SIGSEGV, -signal.SIGABRT) or "bad_alloc" in child.stderr:
-        what = (f"more than {_gib(budget)} of memory beyond what a loaded model starts from "
+        what = (f"more than {gib(budget)} of memory beyond what a loaded model starts from "
                 f"({limits.TRIAL_BYTES.variable})")
     else:
         what = f"a process that ended with code {child.returncode}"
@@ -97,47 +96,5 @@ def _try(path: Path, shown: str) -> dict:
                                     "never ran it."}
 
 
-def _gib(amount: int) -> str:
+def gib(amount: int) -> str:
     return f"{amount / 2**30:.1f} GB"
-
-
-def _vm_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _child(path: str, shown: str, budget: int, cpu: int) -> dict:
-    """In the child: cap this process, then load the file and run one image, as the server would."""
-    from audit import models  # imports TensorFlow first: the cap starts from a process that holds it
-
-    address_space = _vm_bytes() + budget
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-    try:
-        loaded = models.load(f"file:{path}")
-    except AuditError as exc:
-        return {"ok": False, "message": str(exc).replace(Path(path).name, shown),
-                "unsafe": isinstance(exc, UnsafeModelError)}
-    except MemoryError:
-        return {"ok": False, "message": f"{shown}: its first load and pass needed more than {_gib(budget)} of memory "
-                                        f"beyond what a loaded model starts from ({limits.TRIAL_BYTES.variable}); "
-                                        "refused."}
-    except Exception as exc:  # noqa: BLE001 (any failure of a stranger's file is a refusal, said in a sentence)
-        text = str(exc).splitlines()[0][:200] if str(exc) else ""
-        if "OOM" in text or "ResourceExhausted" in type(exc).__name__ or "alloc" in text.lower():
-            return {"ok": False, "message": f"{shown}: its first load and pass needed more than {_gib(budget)} of "
-                                            f"memory beyond what a loaded model starts from "
-                                            f"({limits.TRIAL_BYTES.variable}); refused."}
-        return {"ok": False, "message": f"{shown} could not be loaded and run as a Keras model "
-                                        f"({type(exc).__name__}: {text})."}
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"ok": True, "parameters": int(loaded.model.count_params()), "peak_bytes": usage.ru_maxrss * 1024,
-            "activation_bytes": loaded.cost.activation_bytes, "macs": loaded.cost.macs}
-
-
-if __name__ == "__main__":
-    verdict = _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-    print(json.dumps(verdict), flush=True)

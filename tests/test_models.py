@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audit import models
+from audit import models, sources
 from audit.errors import (
     NotAnImageModelError,
     UnknownLayerError,
@@ -48,7 +48,7 @@ def test_vgg16_layer_table_matches_known_shapes_and_parameters(vgg16):
 def test_vgg16_carries_the_hed_weights_not_random_ones(vgg16):
     import h5py
 
-    with h5py.File(models._hed_weights_path()) as weights:
+    with h5py.File(sources.hed_weights_path()) as weights:
         expected = weights["block5/layers/conv2d_2/vars/0"][()]
     np.testing.assert_array_equal(vgg16.model.get_layer("block5_conv3").get_weights()[0], expected)
     assert vgg16.class_names is None and vgg16.preprocessing == "caffe_bsds"
