@@ -4,7 +4,7 @@ import streamlit as st
 
 st.set_page_config(page_title="CNN Audit", page_icon=":material/biotech:", layout="wide")
 
-from pages import common, sidebar  # noqa: E402  (after set_page_config, which must come first)
+from pages import links, selection, sidebar  # noqa: E402  (after set_page_config, which must come first)
 
 PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
@@ -20,8 +20,8 @@ st.sidebar.title("CNN Audit")
 if sidebar.sidebar() is None:
     st.stop()
 try:
-    with common.user_errors("This page", stop_page=False):  # what was drawn stays; the error is shown below it
+    with selection.user_errors("This page", stop_page=False):  # what was drawn stays; the error is shown below it
         navigation.run()
-    sidebar.share_box()
+    links.share_box()
 finally:  # the selection is for this run only: a kept session must not keep a dropped model alive
     st.session_state.pop("_selection", None)

@@ -9,12 +9,13 @@ import plotly.express as px
 import streamlit as st
 
 from audit import activations, models, render, runs, sampling
-from pages import common, jobs, links, markup
+from pages import activations_jobs, common, jobs, links, markup
+from pages.selection import current, fitted_image, user_errors, what_these_mean
 
-selection = common.current()
+selection = current()
 loaded = selection.model
 st.title("Activations")
-common.what_these_mean("Activations")
+what_these_mean("Activations")
 
 table = common.layer_table(loaded.fingerprint, loaded.source)
 map_layers = common.map_layers(loaded.fingerprint, loaded.source)
@@ -27,7 +28,7 @@ before = links.toggle(st, "Before the activation", param="before", key="act_befo
                    help="For layers with a fused activation such as Conv2D(activation='relu'): "
                         "the map before it, as MATLAB shows conv5 against relu5.")
 
-with common.user_errors():
+with user_errors():
     maps = common.layer_maps(loaded.fingerprint, loaded.source, layer, selection.image_key,
                              selection.image.pixels, selection.preprocessing, selection.fit,
                              before and fused, selection.device)
@@ -47,7 +48,7 @@ channel = links.number(left, "Channel", 0, channels - 1, strongest, param="chann
 left.caption(f"Strongest channel: **{strongest}** (max {maps[..., strongest].max():.3g}).")
 opacity = links.number(left, "Opacity", 0.0, 1.0, 0.5, slider=True, param="opacity", key="act_opacity")
 colour_map = links.selectbox(left, "Colour map", render.COLOUR_MAPS, param="cmap", key="act_cmap")
-shown = common.fitted_image(selection)
+shown = fitted_image(selection)
 upsampled = activations.upsample(maps[..., channel], shown.shape[:2])
 columns = right.columns(3)
 columns[0].image(shown, caption="input (as the model sees it)", width="stretch")
@@ -112,11 +113,11 @@ with st.form("stats_form"):
                                       "activation. The raw output is there for comparison.")
     run = st.form_submit_button("Compute statistics", type="primary")
 key_layers = tuple(chosen)
-stats_key = common.stats_key(selection, key_layers, threshold, measure_at)
+stats_key = activations_jobs.stats_key(selection, key_layers, threshold, measure_at)
 if chosen and jobs.job_shown(selection, "stats", run, stats_key, jobs.has_result(stats_key),
                                len(selection.image_set)):
-    with common.user_errors():
-        stats = common.filter_stats(selection, key_layers, float(threshold), measure_at)
+    with user_errors():
+        stats = activations_jobs.filter_stats(selection, key_layers, float(threshold), measure_at)
     show_stats(stats, near, "filter_stats")
 elif not chosen:
     st.info("Choose at least one layer.")
@@ -136,10 +137,10 @@ if selection.stream is not None:
                                param="grow_to", key=f"grow_to_{stream.key()}")
         grow = st.form_submit_button("Compute on a growing sample", type="primary")
     start, largest = int(start), max(int(start), int(largest))
-    grow_key = common.growing_key(selection, key_layers, threshold, start, largest, measure_at) if chosen else None
+    grow_key = activations_jobs.growing_key(selection, key_layers, threshold, start, largest, measure_at) if chosen else None
     if chosen and jobs.job_shown(selection, "grow", grow, grow_key, jobs.has_result(grow_key), largest):
-        with common.user_errors():
-            steps = common.growing_stats(selection, key_layers, float(threshold), start, largest, measure_at)
+        with user_errors():
+            steps = activations_jobs.growing_stats(selection, key_layers, float(threshold), start, largest, measure_at)
         history = pd.concat([sampling.history_row(count, part, near) for count, part in steps.groupby("images")],
                             ignore_index=True)
         lines = history.melt(id_vars=["images", "layer"], value_vars=["dead", "near_dead"], var_name="count",
@@ -168,5 +169,5 @@ if finished:
     run = st.selectbox("Run", finished, key="finished_run", format_func=lambda r: (
         f"{runs.WHATS[r['what']]} of {r['images']:,} images in {Path(r['root']).name}, threshold {r['threshold']:g}, "
         f"finished {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['finished']))}"))
-    with common.user_errors():
-        show_stats(common.finished_run(run["folder"], run["finished"]), near, "run_" + Path(run["folder"]).name)
+    with user_errors():
+        show_stats(activations_jobs.finished_run(run["folder"], run["finished"]), near, "run_" + Path(run["folder"]).name)

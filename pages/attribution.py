@@ -6,19 +6,20 @@ import plotly.express as px
 import streamlit as st
 
 from audit import attribution, images, limits, models, render
-from pages import common, jobs, links, markup
+from pages import attribution_jobs, common, jobs, links, markup
+from pages.selection import current, fitted_image, section, stop, user_errors, what_these_mean
 
-selection = common.current()
+selection = current()
 loaded = selection.model
 st.title("Attribution")
-common.what_these_mean("Attribution")
+what_these_mean("Attribution")
 st.caption("Gradients are taken on the class score before the softmax or sigmoid, or on the mean activation of "
            "one filter (the target for models without a class output).")
 
 x = loaded.preprocess(selection.image.pixels, selection.preprocessing, selection.fit)[0]
-shown = common.fitted_image(selection)
+shown = fitted_image(selection)
 convs = models.conv_layers(loaded.model)
-with common.user_errors("The prediction"):
+with user_errors("The prediction"):
     output = selection.predict()
     cam_default, cam_why = common.cam_layer(loaded.fingerprint, loaded.source)
 
@@ -37,7 +38,7 @@ if selection.head.is_classifier:
 else:
     target_layer = links.selectbox(left, "Target: a filter of layer", convs, index=len(convs) - 1,
                                    param="target_layer", key=f"attr_target_layer_{loaded.fingerprint}")
-    with common.user_errors():
+    with user_errors():
         maps = common.layer_maps(loaded.fingerprint, loaded.source, target_layer, selection.image_key,
                                  selection.image.pixels, selection.preprocessing, selection.fit, False,
                                  selection.device)
@@ -96,7 +97,7 @@ def options_for(method: str) -> tuple:
 
 if not methods:
     st.info("Choose at least one method.")
-    common.stop()
+    stop()
 
 
 def passes(method: str) -> float:
@@ -136,8 +137,8 @@ results = {}
 with jobs.progress_bar("Attribution maps", on_cancel=approved.clear) as progress, attribution.shared_passes():
     for done, method in enumerate(sorted(ready, key=passes)):  # the CAM methods share one pass
         progress(done, len(ready), f"{done} of {len(ready)} maps ready; computing {method}")
-        with common.section(method):
-            values = common.attribution_map(
+        with section(method):
+            values = attribution_jobs.attribution_map(
                 selection, input_key, x, black, target, method, options_for(method),
                 on_cancel=lambda method=method: approved.discard((method, options_for(method))))
             picture = render.overlay(shown, values, opacity, colour_map)
@@ -152,14 +153,14 @@ results = {method: results[method] for method in ready if method in results}  # 
 
 st.subheader("Can the maps be trusted?")
 maps = {method: (values, options_for(method)) for method, values in results.items()}
-trust_passes = common.TRUST_PASSES * len(maps) + common.RANDOM_TRUST_PASSES
+trust_passes = attribution_jobs.TRUST_PASSES * len(maps) + attribution_jobs.RANDOM_TRUST_PASSES
 cheap = trust_passes * jobs.pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value
 pressed = cheap or st.button(f"Measure deletion and insertion ({jobs.estimate(selection, trust_passes)} here)",
                              key="attr_trust")
-key = common.trust_key(selection, input_key, target, maps)
+key = attribution_jobs.trust_key(selection, input_key, target, maps)
 if maps and jobs.job_shown(selection, "trust", pressed, key, cheap or jobs.has_result(key), trust_passes):
-    with common.user_errors("Deletion and insertion"):
-        curves = common.trust_curves(selection, input_key, x, black, target, maps)
+    with user_errors("Deletion and insertion"):
+        curves = attribution_jobs.trust_curves(selection, input_key, x, black, target, maps)
     chance = curves["random orders"]
     rows = []
     for method, values in results.items():
@@ -176,7 +177,7 @@ if maps and jobs.job_shown(selection, "trust", pressed, key, cheap or jobs.has_r
         rows.append(row)
     trust = pd.DataFrame(rows)
     st.dataframe(trust, hide_index=True, width="stretch", column_config=common.significant(trust))
-    measure = attribution.deletion_measure(common.target_of(target))
+    measure = attribution.deletion_measure(attribution_jobs.target_of(target))
     deletion_areas, insertion_areas = chance["deletion"][2], chance["insertion"][2]
     if not np.all(np.isfinite(deletion_areas)):
         st.warning(f"Deletion and insertion are not available for {markup.escape(label)}: the filter does not fire on the intact "
@@ -224,11 +225,11 @@ if jobs.job_shown(selection, "sanity", pressed, sanity_key, jobs.has_result(sani
     def randomise_layer_after_layer():
         options = {**dict(options_for(method)), **attribution.black_options(method, black)}
         with jobs.model_job(selection, "Randomising layer after layer", "sanity") as progress:
-            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], common.target_of(target),
+            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], attribution_jobs.target_of(target),
                                               limit=int(limit), progress=progress, **options)
         return pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
 
-    with common.user_errors("The sanity check"):
+    with user_errors("The sanity check"):
         frame = jobs.shared_result(sanity_key, randomise_layer_after_layer)
     chart = px.line(frame, x="randomised down to", y="rank correlation", markers=True, range_y=[-1, 1])
     chart.update_layout(height=300, margin=dict(t=10))

@@ -8,12 +8,13 @@ import plotly.express as px
 import streamlit as st
 
 from audit import filters, models, render
-from pages import common, jobs, links, markup
+from pages import activations_jobs, common, filters_jobs, jobs, links, markup
+from pages.selection import current, stop, user_errors, what_these_mean
 
-selection = common.current()
+selection = current()
 loaded = selection.model
 st.title("Filters")
-common.what_these_mean("Filters")
+what_these_mean("Filters")
 st.caption("Each tile is an input grown from noise by gradient ascent on the mean activation of one filter "
            "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
            "on its own image.")
@@ -34,11 +35,11 @@ if how == "By index":
         indices = sorted({int(part) for part in typed.replace(" ", "").split(",") if part})
     except ValueError:
         st.error("Indices must be whole numbers separated by commas.")
-        common.stop()
+        stop()
     bad = [i for i in indices if not 0 <= i < channels]
     if bad or not indices:
         st.error(f"{markup.escape(layer)} has filters 0 to {channels - 1}; {bad or 'none given'} cannot be drawn.")
-        common.stop()
+        stop()
 else:
     count = links.number(left, "N", 1, channels, min(8, channels), slider=True, param="n", key="filters_n",
                         help="All of a layer's filters give its no-response count; on a CPU a deep layer "
@@ -46,8 +47,8 @@ else:
     if how == "First N":
         indices = list(range(count))
     else:
-        with common.user_errors():
-            stats = common.filter_stats(selection, (layer,), 0.0)
+        with user_errors():
+            stats = activations_jobs.filter_stats(selection, (layer,), 0.0)
         indices = list(stats.sort_values("mean", ascending=False)["filter"].head(count).astype(int))
 
 with right.expander("Ascent options", expanded=False):
@@ -78,11 +79,11 @@ options = filters.Options(**{**asdict(defaults), "size": size, "steps": steps, "
                              "l2_decay": l2_decay, "total_variation": total_variation, "warmup": warmup})
 key = tuple(int(i) for i in indices)
 grow = st.button("Grow the gallery", type="primary", key="filters_go")
-cached = common.has_gallery(selection, layer, key, options, int(seed))
+cached = filters_jobs.has_gallery(selection, layer, key, options, int(seed))
 if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), cached,
                     jobs.ascent_passes(selection, len(key), options)) or cached:
-    with common.user_errors():
-        result = common.gallery(selection, layer, key, options, int(seed))
+    with user_errors():
+        result = filters_jobs.gallery(selection, layer, key, options, int(seed))
     never, silent = int((~result.started).sum()), int((~result.responded).sum())
     st.subheader(f"{markup.escape(layer)}: {len(key)} filters, {silent} with no response")
     st.caption(f"No response: the final image does not drive the filter's mean activation above "
@@ -112,10 +113,10 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
     other = filters.Options(**{**asdict(options), "warmup": 0 if warmup else 5})
     compare = st.button("Compare with and without warm-up", key="filters_compare")
     if jobs.job_shown(selection, "compare", compare, (layer, key, other, int(seed)),
-                      common.has_gallery(selection, layer, key, other, int(seed)),
+                      filters_jobs.has_gallery(selection, layer, key, other, int(seed)),
                       jobs.ascent_passes(selection, len(key), other)):
-        with common.user_errors():
-            second = common.gallery(selection, layer, key, other, int(seed))
+        with user_errors():
+            second = filters_jobs.gallery(selection, layer, key, other, int(seed))
         cold, warm = (result, second) if not warmup else (second, result)
         counts = st.columns(4)
         counts[0].metric("Never started, no warm-up", int((~cold.started).sum()))
@@ -139,7 +140,7 @@ else:
 
 st.divider()
 st.subheader("First-layer weights")
-with common.user_errors():
+with user_errors():
     first, tiles = filters.first_layer_weights(loaded.model)
 st.caption(f"The kernels of {markup.escape(first)} drawn as RGB tiles (each scaled to [0, 1]): they act on pixels directly.")
 grid = st.columns(16)
@@ -163,12 +164,12 @@ else:
     class_options = filters.Options(**{**asdict(options), "warmup": 0})
     class_key = tuple(int(i) for i in picked)
     grow_classes = st.button("Grow class images", key="filters_classes_go")
-    cached = common.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)
+    cached = filters_jobs.has_gallery(selection, "", class_key, class_options, int(seed), classes=True)
     if picked and (jobs.job_shown(selection, "class_images", grow_classes, (class_key, class_options, int(seed)),
                                     cached, jobs.ascent_passes(selection, len(class_key), class_options))
                    or cached):
-        with common.user_errors():
-            result = common.gallery(selection, "", class_key, class_options, int(seed), classes=True)
+        with user_errors():
+            result = filters_jobs.gallery(selection, "", class_key, class_options, int(seed), classes=True)
         largest = float(np.max(np.abs(result.activations)))
         if largest < FLAT_SCORE:
             st.warning(f"The class scores stay near 0 (largest {largest:.2g}): their gradients are too small to grow "

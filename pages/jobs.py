@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,9 +21,8 @@ from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlExcepti
 from audit import device, storage
 from audit.disk_cache import DiskCache
 from pages import links, markup
+from pages.selection import Selection, stop
 
-if TYPE_CHECKING:
-    from pages import common
 
 log = logging.getLogger("cnn_audit")
 
@@ -110,9 +108,7 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
         if on_cancel is not None:
             on_cancel()
         st.info(f"{label}: cancelled. Press its button to start again.", icon=":material/cancel:")
-        from pages import common
-
-        common.stop()
+        stop()
     reached = [0, 0]
 
     def update(done: int, total: int, note: str | None = None) -> None:
@@ -128,7 +124,7 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
 
 
 @contextlib.contextmanager
-def model_job(selection: "common.Selection", label: str, param: str | None = None, on_cancel=None):
+def model_job(selection: Selection, label: str, param: str | None = None, on_cancel=None):
     """A long computation on the selection's model: a progress bar with Cancel (see progress_bar), one job
     per model at a time (a job waiting for another says so and can be cancelled while it waits), on the
     chosen device. Quick views of the model (predictions, the layer table, one map) do not wait for it."""
@@ -151,7 +147,7 @@ def _pass_times() -> dict:
     return {}
 
 
-def pass_seconds(selection: "common.Selection") -> float:
+def pass_seconds(selection: Selection) -> float:
     """Seconds of one forward pass of one image on this model here (measured once per model and device);
     a backward pass counts as two."""
     loaded = selection.model
@@ -176,12 +172,12 @@ def about(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} h"
 
 
-def estimate(selection: "common.Selection", passes: float) -> str:
+def estimate(selection: Selection, passes: float) -> str:
     """What `passes` image passes cost on this model here, as a person would say it."""
     return about(passes * pass_seconds(selection))
 
 
-def images_within(selection: "common.Selection", passes_per_image: float, available: int, floor: int = 2) -> int:
+def images_within(selection: Selection, passes_per_image: float, available: int, floor: int = 2) -> int:
     """A default image count for a sweep: as many as fit the link budget (a first answer in seconds), at
     least `floor`, at most `available`; the user raises it and sees the new estimate."""
     from audit import limits
@@ -190,13 +186,13 @@ def images_within(selection: "common.Selection", passes_per_image: float, availa
     return max(1, min(available, max(floor, fitting)))
 
 
-def ascent_passes(selection: "common.Selection", count: int, options) -> float:
+def ascent_passes(selection: Selection, count: int, options) -> float:
     """Image passes of a gallery: forward and backward (3) per filter and step, scaled by its image's area."""
     height, width = selection.model.input_size
     return 3.0 * count * options.steps * max(options.size ** 2 / (height * width), 0.05) * (2 if options.warmup else 1)
 
 
-def job_shown(selection: "common.Selection", param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,
+def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,
               where=st) -> bool:
     """Whether a job's result is shown (see links.shown): a link runs it only when it is computed already or
     its estimated cost (image passes x this model's time per pass) is under the link budget; the estimate is

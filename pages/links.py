@@ -16,6 +16,8 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from pages import markup
+
 PARAMS = {
     # frame (sidebar)
     "model": "model source: demo:shapes, demo:shapes-gap, demo:vgg16, keras:<Name>[:untrained], upload:<sha256>",
@@ -262,3 +264,20 @@ def url() -> str:
     """The link to the current view: the page's address and the query parameters."""
     query = urlencode([(name, value) for name in st.query_params for value in st.query_params.get_all(name)])
     return (st.context.url or "") + ("?" + query if query else "")
+
+
+def show_link_warnings(where) -> None:
+    for message in warnings():
+        where.warning(markup.escape(message), icon=":material/link_off:")
+
+
+def share_box() -> None:
+    """The link to this view, with a copy button; drawn last, when every widget has written its value (and
+    the link's warnings, where the sidebar left room for them)."""
+    notices = st.session_state.get("_link_notices")
+    if notices is not None:
+        show_link_warnings(notices)
+    with st.sidebar.popover("Share this view", icon=":material/link:", width="stretch"):
+        st.caption("Anyone on this server who opens the link sees this page with the same choices "
+                   "(uploads are named by their content hash).")
+        st.code(url(), language=None, wrap_lines=True)

@@ -6,15 +6,16 @@ import plotly.express as px
 import streamlit as st
 
 from pages import common, links, markup
+from pages.selection import current, labels_of, section, user_errors, what_these_mean
 
 READABLE_BARS = 40  # layer names stay readable under the chart up to this many bars
 
-selection = common.current()
+selection = current()
 loaded = selection.model
 model = loaded.model
 
 st.title(f"Model: {markup.escape(loaded.title)}")
-common.what_these_mean("Model")
+what_these_mean("Model")
 st.caption(markup.escape(loaded.description))
 
 table = common.layer_table(loaded.fingerprint, loaded.source)
@@ -27,9 +28,9 @@ columns[3].metric("Input", "×".join(str(s) for s in model.inputs[0].shape[1:]))
 columns[4].metric("Preprocessing", selection.preprocessing)
 
 if selection.head.is_classifier:
-    with common.section("Accuracy on the images"):
+    with section("Accuracy on the images"):
         found = common.knowledge(selection)
-        if common.labels_of(selection) is not None:
+        if labels_of(selection) is not None:
             st.metric("Accuracy on the images", f"{found['accuracy']:.1%}",
                       help="Top-1 accuracy of the explained output on the image set, with its Wilson 95% interval.")
             st.caption(common.knowledge_sentence(selection, found)[0].upper() + common.knowledge_sentence(
@@ -71,7 +72,7 @@ st.subheader("On the current image")
 left, right = st.columns([1, 2])
 left.image(selection.image.pixels, caption=markup.escape(selection.image.name + (
     f" ({selection.image.label})" if selection.image.label else "")))
-with common.user_errors("The prediction"):
+with user_errors("The prediction"):
     output = selection.predict()
 head = selection.head
 if head.is_classifier:

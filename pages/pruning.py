@@ -7,26 +7,27 @@ import streamlit as st
 
 from audit import activations, filters, images, models, pruning, render
 from pages import candidates as candidates_choice
-from pages import common, jobs, links, markup
+from pages import common, filters_jobs, jobs, links, markup, pruning_jobs
+from pages.selection import current, fitted_image, folder_labels, labels_of, set_key, stop, user_errors, what_these_mean
 
 # ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality
 # (a bare string here would be drawn on the page by Streamlit's magic)
 MEASURES = {"top-1 agreement": "agreement", "KL divergence": "kl"}
 MEASURES_WITH_LABELS = {"accuracy": "accuracy", **MEASURES}
 
-selection = common.current()
+selection = current()
 loaded = selection.model
 st.title("Pruning")
-common.what_these_mean("Pruning")
+what_these_mean("Pruning")
 st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
            "to remove; everything below is measured before any fine-tuning.")
 
 common.warn_if_at_chance(selection)
-with common.user_errors("Scoring the filters"):
-    scores = common.filter_scores(selection)
+with user_errors("Scoring the filters"):
+    scores = pruning_jobs.filter_scores(selection)
 
 criterion, share = candidates_choice.choose(st, scores)
-with common.user_errors():
+with user_errors():
     candidates = pruning.candidates(scores, criterion, share)
 selection_map = {layer: sorted(group["filter"].astype(int)) for layer, group in candidates.groupby("layer", sort=False)}
 unfloored = scores[scores.apoz.isna()].groupby("layer", sort=False).size()
@@ -90,18 +91,18 @@ else:
     picture, what = activations.montage(kernel), f"its kernel, one {kernel.shape[0]}×{kernel.shape[1]} slice per input channel"
 weights_col.image(np.kron(picture, np.ones((8, 8) + (1,) * (picture.ndim - 2))), clamp=True, width="stretch",
                   caption=f"Weights: {what}")
-with common.user_errors():
+with user_errors():
     maps = common.layer_maps(loaded.fingerprint, loaded.source, layer_pick, selection.image_key,
                              selection.image.pixels, selection.preprocessing, selection.fit, False, selection.device)
-fitted = common.fitted_image(selection)
+fitted = fitted_image(selection)
 values = activations.upsample(maps[..., index], fitted.shape[:2])
 map_col.image(render.overlay(fitted, render.scale01(values), 0.5, "Inferno"), width="stretch",
               caption=f"On {selection.image.name}: max {maps[..., index].max():.3g}")
 tile_options = filters.default_options(loaded.model, layer_pick, selection.preprocessing)
-if common.has_gallery(selection, layer_pick, (index,), tile_options, 0) or \
+if filters_jobs.has_gallery(selection, layer_pick, (index,), tile_options, 0) or \
         tile_col.button("Grow its gallery tile", key="evidence_tile"):
-    with common.user_errors():
-        tile = common.gallery(selection, layer_pick, (index,), tile_options, 0)
+    with user_errors():
+        tile = filters_jobs.gallery(selection, layer_pick, (index,), tile_options, 0)
     tile_col.image(tile.images[0], width="stretch")
     tile_col.caption(f"Gallery tile: response {tile.activations[0]:.3g}" + (
         "" if tile.responded[0] else " (no response)" if tile.started[0] else " (never started)"))
@@ -132,12 +133,12 @@ st.caption("The candidates' outputs are zeroed on a copy of the model (the loade
            "compared with the unpruned model on the image set. Quality before fine-tuning.")
 if not selection_map:
     st.info("No candidates with this criterion.")
-    common.stop()
-with common.user_errors("What-if pruning"):
-    before, after = common.what_if(selection, selection_map)
+    stop()
+with user_errors("What-if pruning"):
+    before, after = pruning_jobs.what_if(selection, selection_map)
 metrics = st.columns(3)
 head = selection.head
-labels = common.labels_of(selection)
+labels = labels_of(selection)
 measured = pruning.quality(before, after, labels, head.distribution == "sigmoid" and not head.binary)
 if head.is_classifier:
     metrics[0].metric("Top-1 agreement", f"{measured['agreement']:.1%}")
@@ -176,7 +177,7 @@ images_count = len(selection.image_set)
 sensitivity_passes = 9 * len(ranked) + 1  # per image: each layer at 9 shares, and the unpruned model
 sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
                             images.balanced_count(jobs.images_within(selection, sensitivity_passes, images_count),
-                                                  common.folder_labels(selection)),
+                                                  folder_labels(selection)),
                             param="sweep_images", key=f"prune_sweep_images_{images_count}",
                             help="A seeded sample with every class within one image of the others. The default "
                                  "gives a first answer in seconds; more images give steadier curves (the estimate is "
@@ -184,10 +185,10 @@ sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
 st.caption(f"The sweeps measure on {common.sample_sentence(selection, sweep_images)}.")
 cost = jobs.estimate(selection, sensitivity_passes * sweep_images)
 pressed = st.button(f"Run the sensitivity analysis ({cost} here)", key="prune_sensitivity")
-sensitivity_key = common.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
+sensitivity_key = pruning_jobs.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
 if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_result(sensitivity_key),
                   sensitivity_passes * sweep_images):
-    sensitivity = common.sensitivity(selection, scores, ranking_criteria[rank_by], sweep_images)
+    sensitivity = pruning_jobs.sensitivity(selection, scores, ranking_criteria[rank_by], sweep_images)
     chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
                     labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
     chart.update_layout(height=360, margin=dict(t=10))
@@ -200,10 +201,10 @@ chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", ranked
 chance_passes = 22 * 9 + 1
 cost = jobs.estimate(selection, chance_passes * sweep_images)
 pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
-chance_key = common.chance_key(selection, chance_layer, ranking_criteria[rank_by], sweep_images)
+chance_key = pruning_jobs.chance_key(selection, chance_layer, ranking_criteria[rank_by], sweep_images)
 if jobs.job_shown(selection, "chance", pressed, chance_key, jobs.has_result(chance_key),
                   chance_passes * sweep_images):
-    runs = common.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by], sweep_images)
+    runs = pruning_jobs.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by], sweep_images)
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
     chart = px.line(runs[~runs.ranking.str.startswith("random")], x="fraction", y=measure, color="ranking",
@@ -235,18 +236,18 @@ loo_layers = links.multiselect(st, "Layers", all_layers, default=[smallest], par
                                     "one forward pass per filter and image.")
 loo_count = links.number(st, "Images used", 1, images_count,
                          images.balanced_count(jobs.images_within(selection, int(filters_of[smallest]) + 1,
-                                                                  min(100, images_count)), common.folder_labels(selection)),
+                                                                  min(100, images_count)), folder_labels(selection)),
                          param="loo_images", key=f"loo_images_{images_count}",
                          help="A seeded sample with every class within one image of the others.")
 st.caption(f"Measured on {common.sample_sentence(selection, int(loo_count))}.")
 loo_filters = int(filters_of.loc[loo_layers].sum()) if loo_layers else 0
 cost = jobs.estimate(selection, (loo_filters + 1) * int(loo_count))
 pressed = st.button(f"Measure leave-one-filter-out ({cost} here)", key="prune_loo")
-loo_key = common.leave_one_out_key(selection, tuple(loo_layers), int(loo_count))
+loo_key = pruning_jobs.leave_one_out_key(selection, tuple(loo_layers), int(loo_count))
 if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_result(loo_key),
                                    (loo_filters + 1) * int(loo_count)):
-    with common.user_errors():
-        costs = common.leave_one_out(selection, tuple(loo_layers), int(loo_count))
+    with user_errors():
+        costs = pruning_jobs.leave_one_out(selection, tuple(loo_layers), int(loo_count))
     changes = {layer: group.sort_values("filter")["cost"].to_numpy() for layer, group in costs.groupby("layer", sort=False)}
     correlation = pruning.importance_correlation(scores, changes)
     heatmap = px.imshow(correlation.set_index("layer"), text_auto=".2f", zmin=-1, zmax=1, aspect="auto",
@@ -266,8 +267,8 @@ if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_re
 
 st.subheader("Export a smaller model")
 selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())
-with common.user_errors("Building the smaller model"):
-    data, sizes, reason, plan = common.pruned_export(loaded.fingerprint, loaded.source, selection_key)
+with user_errors("Building the smaller model"):
+    data, sizes, reason, plan = pruning_jobs.pruned_export(loaded.fingerprint, loaded.source, selection_key)
 if reason:
     st.warning(f"{markup.escape(reason)} The masked model is offered instead.")
 removed, held = plan[plan.removed > 0], plan[plan["kept because"] != ""]
@@ -287,7 +288,7 @@ st.caption("Pruning papers report accuracy after a short retraining, and random 
            "(Mittal et al. 2018). The labelled images are split once (25% held out, seeded); the smaller model is "
            "fine-tuned on the rest, and so is a random choice of the same number of filters per layer, pruned "
            "the same way. Accuracy and cross-entropy on the held-out images.")
-labels = common.labels_of(selection)
+labels = labels_of(selection)
 if labels is None or not selection.head.is_classifier:
     st.info("Fine-tuning needs labelled images the model's classes name: demo shapes, or an uploaded zip with one "
             "folder per class.")
@@ -299,12 +300,12 @@ else:
     learning_rate = links.number(c2, "Learning rate", 1e-5, 1e-1, 1e-3, format="%.5f", param="tune_lr",
                                  key="prune_tune_lr")
     pressed = st.button("Fine-tune and compare", key="prune_tune")
-    recovery_key = common.set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
+    recovery_key = set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
                                   tuple((k, tuple(v)) for k, v in selection_map.items()))
     if jobs.job_shown(selection, "recovery", pressed, recovery_key, jobs.has_result(recovery_key),
                         (6 * int(epochs) + 6) * images_count):
-        with common.user_errors("Fine-tuning"):
-            table, tuned = common.recovery(selection, selection_map, int(epochs), float(learning_rate))
+        with user_errors("Fine-tuning"):
+            table, tuned = pruning_jobs.recovery(selection, selection_map, int(epochs), float(learning_rate))
         st.dataframe(table, hide_index=True, column_config={
             "accuracy": st.column_config.NumberColumn(format="percent"),
             "cross-entropy": st.column_config.NumberColumn(format="%.4f")})

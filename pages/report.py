@@ -3,12 +3,13 @@
 import streamlit as st
 
 from audit import attribution, models, report
-from pages import candidates, common, jobs, links
+from pages import candidates, jobs, links
+from pages.selection import current, set_key, user_errors, what_these_mean
 
-selection = common.current()
+selection = current()
 loaded = selection.model
 st.title("Report")
-common.what_these_mean("Report")
+what_these_mean("Report")
 st.caption("One HTML file that opens offline: the model and its layer table, dead filters over the image set, "
            "filter galleries, attribution overlays and pruning candidates. The same file as "
            "`python -m audit report`.")
@@ -30,7 +31,7 @@ criterion, share = candidates.choose(st)
 options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int(count), gallery_steps=int(steps),
                                attribution_images=int(shown), methods=tuple(methods), prune_criterion=criterion,
                                prune_share=share, fit=selection.fit, preprocessing=selection.preprocessing)
-key = common.set_key(selection, "report", options)
+key = set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")
 report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (int(steps) or 40)
                  + int(shown) * len(methods) * 30)
@@ -39,7 +40,7 @@ if jobs.job_shown(selection, "report", pressed, key, jobs.has_result(key), repor
         with jobs.model_job(selection, "Building the report", "report") as progress:
             return report.build(loaded, selection.image_set, options, progress)
 
-    with common.user_errors():
+    with user_errors():
         page = jobs.shared_result(key, build)
     name = f"cnn_audit_{loaded.file_stem}.html"
     st.success(f"The report is ready: {len(page.encode()) / 2**20:.1f} MB, {len(selection.image_set)} images.")

@@ -1,6 +1,6 @@
 """The sidebar: the model, the explained output, the images, preprocessing and device; the Share box.
 
-Its choices become the `common.Selection` every page reads; each is a link parameter (pages.links).
+Its choices become the `selection.Selection` every page reads; each is a link parameter (pages.links).
 """
 
 from __future__ import annotations
@@ -8,11 +8,54 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from audit import datasets, device, images, models, storage
+from audit import datasets, device, images, limits, models, storage
 from audit.errors import AuditError, WeightsUnavailableError
 from pages import links, markup
-from pages.common import (Selection, decode_upload, demo_images, get_model, sample_photo, server_sample, server_set,
-                          user_errors)
+from pages.selection import Selection, get_model, user_errors
+
+# --- the images the sidebar offers, decoded once per server --------------------------------------
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def demo_images(count: int, seed: int):
+    """Generated shapes with labels and object masks."""
+    from audit.zoo import shapes
+
+    return shapes.generate(count, seed)
+
+
+@st.cache_data(show_spinner=False)
+def sample_photo(name: str) -> np.ndarray:
+    return images.sample(name)
+
+
+@st.cache_data(show_spinner="Decoding images…", max_entries=8)
+def decode_upload(digest: str) -> tuple[list[images.LabelledImage], list[str]]:
+    """Decode a stored upload (one image, or a zip of images) by its content hash; and what was skipped."""
+    data = storage.upload_path("images", digest).read_bytes()
+    name = storage.upload_name("images", digest)
+    if data[:4] == b"PK\x03\x04":
+        return images.read_zip_report(data, name=name)
+    return [images.LabelledImage(name, images.decode(data, name, max_side=limits.IMAGE_SIDE.value))], []
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def server_set(name: str) -> datasets.FileSet:
+    """A server image set's file list (read once per process; a changed folder needs a restart or a new name)."""
+    return datasets.open_set(storage.server_set_path(name))
+
+
+@st.cache_data(show_spinner="Decoding a sample of the folder…", max_entries=8)
+def server_sample(name: str, set_key: str, count: int) -> tuple[list[images.LabelledImage], list[str]]:
+    """A seeded sample of a server image set, decoded for the per-image views; and what was skipped."""
+    stream = server_set(name).sample(count, 0)
+    decoded, skipped = [], []
+    for position, file in enumerate(stream.names):
+        try:
+            decoded.append(images.LabelledImage(file, stream.read(position), stream.labels[position]))
+        except AuditError as exc:
+            skipped.append(str(exc))
+    return decoded, skipped
+
 
 IMAGE_SOURCES = ("Sample photos", "Demo shapes", "Upload", "Server folder")
 IMAGE_PARAM = {"Sample photos": "photos", "Demo shapes": "shapes", "Upload": "upload", "Server folder": "folder"}
@@ -174,7 +217,7 @@ def sidebar() -> Selection | None:
     notices = st.sidebar.container()  # the link's problems, if any, go on top
     loaded = _model_picker()
     if loaded is None:
-        _show_link_warnings(notices)
+        links.show_link_warnings(notices)
         return None
     output = _output_picker(loaded)
     image_set, masks, stream = _image_picker(loaded)
@@ -212,19 +255,3 @@ def _output_picker(loaded: models.LoadedModel) -> int | None:
                              format_func=lambda i: f"{described[i].path} ({'classes' if described[i].is_classifier else 'no classes'})")
     st.sidebar.caption(markup.escape(described[output].description[0].upper() + described[output].description[1:]) + ".")
     return int(output)
-
-
-def _show_link_warnings(where) -> None:
-    for message in links.warnings():
-        where.warning(markup.escape(message), icon=":material/link_off:")
-
-
-def share_box() -> None:
-    """The link to this view, with a copy button; drawn last, when every widget has written its value."""
-    notices = st.session_state.get("_link_notices")
-    if notices is not None:
-        _show_link_warnings(notices)
-    with st.sidebar.popover("Share this view", icon=":material/link:", width="stretch"):
-        st.caption("Anyone on this server who opens the link sees this page with the same choices "
-                   "(uploads are named by their content hash).")
-        st.code(links.url(), language=None, wrap_lines=True)

@@ -294,7 +294,7 @@ def test_pruning_page_reports_how_each_criterion_tracks_the_true_cost():
 
 
 def test_pruning_page_shows_a_filters_evidence_and_its_gallery_response():
-    from pages import common
+    from pages import common, selection
 
     common._responses()[0].clear()  # galleries grown by earlier tests in this process are forgotten
     at = _app(count="12", evidence="3")
@@ -308,7 +308,7 @@ def test_pruning_page_shows_a_filters_evidence_and_its_gallery_response():
     _submit(at, "Grow its gallery tile")
     assert not at.exception, at.exception
     assert any(c.value.startswith("Gallery tile: response") for c in at.caption)
-    fingerprint = common.get_model("demo:shapes").fingerprint
+    fingerprint = selection.get_model("demo:shapes").fingerprint
     assert ("block1_conv1", 3) in common.ascent_responses(fingerprint)  # the scores' "ascent" column
 
 

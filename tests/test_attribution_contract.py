@@ -1,5 +1,5 @@
 """One map per method, whoever asks (as Xplique's API tests do): the API (attribution.explain), the
-dashboard's cached path (pages.common.attribution_map) and the report (report.attribution_maps) give
+dashboard's cached path (pages.attribution_jobs.attribution_map) and the report (report.attribution_maps) give
 the same map of the same image, with black baselines and fills that are black pixels."""
 
 import numpy as np
@@ -21,13 +21,13 @@ def case():
 
 @pytest.mark.parametrize("method", list(attribution.METHODS))
 def test_the_api_the_dashboard_and_the_report_give_the_same_map(case, method):
-    from pages import common
+    from pages import attribution_jobs, selection
 
     loaded, item, x, black, target = case
     api = attribution.explain(loaded, item.pixels, method, target)
-    selection = common.Selection(model=loaded, image_set=[item], image=item, preprocessing=loaded.preprocessing,
+    chosen = selection.Selection(model=loaded, image_set=[item], image=item, preprocessing=loaded.preprocessing,
                                  fit="crop", device="/CPU:0")
-    page = common.attribution_map(selection, images.image_hash([x, black]), x, black, ("class", target), method, ())
+    page = attribution_jobs.attribution_map(chosen, images.image_hash([x, black]), x, black, ("class", target), method, ())
     in_report = report.attribution_maps(loaded, item, target, report.ReportOptions(methods=(method,)))[method]
     assert api.shape == (64, 64) and np.ptp(api) > 0
     np.testing.assert_allclose(page, api, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,7 @@ def test_every_named_test_exists(row):
 @pytest.mark.parametrize("page", ["Model", "Activations", "Filters", "Attribution", "Pruning", "Report"])
 def test_every_page_shows_its_own_definitions(page):
     source = (ROOT / "pages" / f"{page.lower()}.py").read_text()
-    assert f'common.what_these_mean("{page}")' in source
+    assert f'what_these_mean("{page}")' in source
     assert definitions.for_page(page)
 
 

@@ -65,10 +65,10 @@ def test_quick_views_of_a_model_open_while_another_users_job_holds_it():
     layer's maps still open, and a job of this session waits for its turn, then runs."""
     import threading
 
-    from pages import common
+    from pages import selection
 
     at, _ = _open("pages/model.py", model="demo:shapes")  # loads the model into the server-wide cache
-    loaded = common.get_model("demo:shapes")  # the very object every session shares
+    loaded = selection.get_model("demo:shapes")  # the very object every session shares
     assert loaded.job_lock.acquire(timeout=30)
     try:
         at, seconds = _open("pages/model.py", model="demo:shapes", image="chelsea")

@@ -105,7 +105,7 @@ def _screenshot(page, name):
 
 def test_activations_page_on_vgg16_and_chelsea(server, browser):
     # First in the file on purpose: a page URL as a fresh server's first request (Streamlit's legacy
-    # pages/ mode would skip the frame; pages.common.current() recovers).
+    # pages/ mode would skip the frame; pages.selection.current() recovers).
     url, _ = server
     context, page = _open(browser, f"{url}/activations?model=demo:vgg16&image=chelsea")
     page.get_by_text("One channel over the image").wait_for()

@@ -1,0 +1,173 @@
+"""The Pruning page's work: scores, what-if, sweeps, leave-one-out, recovery and the smaller model, each once
+per (model, images, settings) for every session."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from audit import models, pruning
+from audit.errors import AuditError
+from pages import jobs
+from pages.selection import get_model, Selection, set_key, image_set_input, labels_of
+from pages.common import sample_of
+
+
+def filter_scores(selection: "Selection"):
+    """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
+    loaded = selection.model
+    key = set_key(selection, "filter_scores", "where used", selection.output)
+
+    def compute():
+        x = image_set_input(selection)
+        with jobs.model_job(selection, "Scoring every filter (statistics, Taylor, redundancy)") as progress:
+            return pruning.filter_scores(loaded.model, x, labels_of(selection), output=selection.output,
+                                         progress=progress)
+
+    return jobs.shared_result(key, compute)
+
+
+def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (or outputs without classes) of the model and of its masked copy on the image
+    set, once per (model, images, filters, output)."""
+    from audit import heads
+
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with jobs.model_job(selection, "Running both models on the image set"):
+            masked = pruning.masked(loaded.model, chosen, loaded.dependency_graph())
+            head = loaded.head(selection.output)
+            return heads.Outputs(loaded.model, head=head)(x), heads.Outputs(masked, head=head)(x)
+
+    return jobs.shared_result(set_key(selection, "what_if", selection.output,
+                                 tuple((k, tuple(v)) for k, v in chosen.items())), compute)
+
+
+def _sample(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's input and labels (None without) for the stratified sample of `count` images."""
+    chosen = sample_of(selection, count)
+    labels = labels_of(selection)
+    pixels = [selection.image_set[int(i)].pixels for i in chosen]
+    x = selection.model.preprocess(pixels, selection.preprocessing, selection.fit)
+    return x, None if labels is None else labels[chosen]
+
+
+def sensitivity(selection: "Selection", scores, criterion: str, count: int):
+    """Each conv layer pruned alone from 10% to 90% on a stratified sample of `count` images, once per (model,
+    images, criterion)."""
+    loaded = selection.model
+
+    def compute():
+        x, labels = _sample(selection, count)
+        with jobs.model_job(selection, "Sensitivity, layer by layer", "sensitivity") as progress:
+            return pruning.sensitivity(loaded.model, scores, criterion, x, labels, progress=progress,
+                                       output=selection.output)
+
+    return jobs.shared_result(sensitivity_key(selection, criterion, count), compute)
+
+
+def sensitivity_key(selection: "Selection", criterion: str, count: int) -> tuple:
+    return set_key(selection, "sensitivity", "stratified", criterion, selection.output, int(count))
+
+
+def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str, count: int):
+    """One layer pruned by the ranking, its inverse and 20 random rankings on a stratified sample of `count`
+    images, once per (model, images, layer)."""
+    loaded = selection.model
+
+    def compute():
+        x, labels = _sample(selection, count)
+        with jobs.model_job(selection, "Rankings", "chance") as progress:
+            return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels,
+                                                  progress=progress, output=selection.output)
+
+    return jobs.shared_result(chance_key(selection, layer, criterion, count), compute)
+
+
+def chance_key(selection: "Selection", layer: str, criterion: str, count: int) -> tuple:
+    return set_key(selection, "chance", "stratified", layer, criterion, selection.output, int(count))
+
+
+def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
+    """The true cost of every filter of the layers on a stratified sample of `count` images, once per (model,
+    images)."""
+    loaded = selection.model
+
+    def compute():
+        x, labels = _sample(selection, count)
+        frames = []
+        sizes = [models.output_channels(loaded.model, layer) for layer in layers]
+        total = sum(sizes)
+        with jobs.model_job(selection, f"Leave-one-filter-out on {total} filters of {len(layers)} layers", "loo") \
+                as progress:
+            for layer, before in zip(layers, np.cumsum([0] + sizes[:-1])):
+                changes = pruning.leave_one_out(
+                    loaded.model, layer, x, labels, output=selection.output,
+                    progress=lambda i, n, before=int(before), layer=layer: progress(
+                        before + min(i, n), total, f"{before + min(i, n)} / {total} filters (now {layer})"))
+                frames.append(pd.DataFrame({"layer": layer, "filter": np.arange(len(changes)), "cost": changes}))
+        return pd.concat(frames, ignore_index=True)
+
+    return jobs.shared_result(leave_one_out_key(selection, layers, count), compute)
+
+
+def leave_one_out_key(selection: "Selection", layers: tuple[str, ...], count: int) -> tuple:
+    return set_key(selection, "leave_one_out", "stratified", tuple(layers), int(count), selection.output)
+
+
+def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, learning_rate: float):
+    """Prune, fine-tune and compare with a random ranking of the same size, once per (model, images,
+    filters, settings): the table and the fine-tuned model as .keras bytes (kept in memory)."""
+    import tempfile
+    from pathlib import Path
+
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with jobs.model_job(selection, "Fine-tuning the pruned model and a random one", "recovery") as progress:
+            table, tuned = pruning.recovery(loaded.model, chosen, x, labels_of(selection), epochs, learning_rate,
+                                            output=selection.output, progress=progress)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "fine_tuned.keras"
+            tuned.save(path)
+            return table, path.read_bytes()
+
+    key = set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
+                  tuple((k, tuple(v)) for k, v in chosen.items()))
+    return jobs.shared_result(key, compute)
+
+
+@st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
+def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None, pd.DataFrame]:
+    """The smaller model as .keras bytes, its before/after sizes, why the masked one is given instead (when
+    no selected group can go), and per layer what was removed and what was kept and why."""
+    import tempfile
+    from pathlib import Path
+
+    loaded = get_model(source)
+    graph = loaded.dependency_graph()
+    chosen = {layer: list(filters) for layer, filters in selection_key}
+    reason = None
+    with loaded.lock:
+        plan = pruning.plan(loaded.model, chosen, graph)
+        try:
+            smaller = pruning.prune(loaded.model, chosen, graph)
+        except AuditError as exc:
+            reason = str(exc)
+            smaller = pruning.masked(loaded.model, chosen, graph)
+        with tempfile.TemporaryDirectory() as folder:
+            original, pruned = Path(folder) / "original.keras", Path(folder) / "pruned.keras"
+            loaded.model.save(original)
+            smaller.save(pruned)
+            data = pruned.read_bytes()
+            sizes = {
+                "parameters": (loaded.model.count_params(), smaller.count_params()),
+                "multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
+                "file size (bytes)": (original.stat().st_size, len(data)),
+            }
+    return data, sizes, reason, plan
