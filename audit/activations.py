@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import datasets, graph, models, passes
+from audit import cost, datasets, models, passes, usage
 from audit.errors import AuditError, NotAnImageModelError
 
 
@@ -79,7 +79,7 @@ def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 MEASURE_AT = {"used": "where each filter's channel is used (after its BatchNorm and activation)",
               "output": "each layer's own output (a conv's raw output)"}
-"""Where filter statistics are taken (graph.where_used): the decision lives where the channel is used."""
+"""Where filter statistics are taken (usage.where_used): the decision lives where the channel is used."""
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,15 @@ class Measure:
 
 
 def measures(model: keras.Model, layers: list[str], at: str = "used") -> list[Measure]:
-    """Where each layer is measured: `at="used"` follows a filter's chain (graph.where_used), `"output"` takes
+    """Where each layer is measured: `at="used"` follows a filter's chain (usage.where_used), `"output"` takes
     the layer's own output."""
     if at not in MEASURE_AT:
         raise AuditError(f"Statistics are measured at {' or '.join(MEASURE_AT)}, not {at!r}.")
     found = []
     for layer in layers:
         path = models.resolve_layer(model, layer)
-        point = graph.where_used(model, path) if at == "used" else path
-        found.append(Measure(path, point, graph.zero_floored(model, point)))
+        point = usage.where_used(model, path) if at == "used" else path
+        found.append(Measure(path, point, usage.zero_floored(model, point)))
     return found
 
 
@@ -211,7 +211,7 @@ def filter_sums(model: keras.Model, layers: list[str], images, threshold: float 
     sums = {m.layer: FilterSums.empty(channels[m.measured_at], m.measured_at, m.floored) for m in chosen}
     if isinstance(images, np.ndarray):
         kept = sum(4 * int(np.prod(out.shape[1:])) for out in cut.outputs)  # the measured maps of each image
-        batch_size = graph.batch_within(model, batch_size, kept_per_image=kept)
+        batch_size = cost.batch_within(model, batch_size, kept_per_image=kept)
         images, total = datasets.in_memory(images, None, batch_size), len(images)
     strategy = strategy if strategy is not None else passes.local_replicas()
     for replicas in passes.run(reduce, images, strategy, progress, total):

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from audit import activations, attribution, filters, graph, images, models, pruning
+from audit import activations, attribution, filters, images, models, pruning, usage
 from audit.errors import AuditError
 
 # Small settings: every method runs, none for long.
@@ -65,7 +65,7 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
     head = loaded.head()
     first, nested = (convs[0] if convs else ""), [path for path in convs if "/" in path]
     late = models.cam_layer(model) if convs else ""  # the map the head reads (may follow the last conv)
-    late_conv = graph.last_spatial_conv(model) if convs else ""
+    late_conv = usage.last_spatial_conv(model) if convs else ""
     deepest = nested[len(nested) // 2] if nested else (convs[len(convs) // 2] if convs else "")
     late_options = filters.default_options(model, late, loaded.preprocessing)
     quick = {"steps": 2, "size": min(64, loaded.input_size[0])}

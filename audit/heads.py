@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import graph
+from audit import cost, graph
 from audit.errors import AuditError
 
 _SQUASHES = ("softmax", "sigmoid")
@@ -198,6 +198,6 @@ class Outputs:
         return self.head.distribution == "sigmoid" and not self.head.binary
 
     def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        batch_size = graph.batch_within(self.graph, batch_size)  # within the server's activation budget
+        batch_size = cost.batch_within(self.graph, batch_size)  # within the server's activation budget
         values = np.asarray(self.graph.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0))
         return probabilities(values, self.head) if self.head.is_classifier else values

@@ -20,8 +20,6 @@ from audit.graph import (  # noqa: F401 (the model graph's public names, long re
     CONV_TYPES,
     Point,
     activation_name,
-    cam_layer,
-    cam_layer_and_reason,
     conv_layers,
     get_layer,
     graph_model,
@@ -31,10 +29,9 @@ from audit.graph import (  # noqa: F401 (the model graph's public names, long re
     resolve_layer,
     submodel,
     weighted_layers,
-    where_used,
-    zero_floored,
 )
-from audit.graph import cost as graph_cost
+from audit.cost import cost as graph_cost
+from audit.usage import cam_layer, cam_layer_and_reason, where_used, zero_floored  # noqa: F401
 from audit.loaded_model import (  # noqa: F401
     LoadedModel,
     check_image_model,
@@ -73,7 +70,7 @@ def load(source: str = DEFAULT_SOURCE, allow_download: bool = False) -> LoadedMo
 
 
 def check_cost(model: keras.Model, size: tuple[int, int], shown: str):
-    """What one image costs at the size the pages run it (audit.graph.cost, from symbolic shapes), against
+    """What one image costs at the size the pages run it (audit.cost, from symbolic shapes), against
     this server's limits, before anything is computed: the activations held at once, the multiply-adds and
     the layer count. A 30 KB file asking for an 8 GB activation is refused here, not by the kernel."""
     found = graph_cost(model, size)

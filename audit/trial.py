@@ -1,6 +1,6 @@
 """A new model file's first load and first pass, in a child process the kernel may stop.
 
-The screens of audit.model_files and audit.model_kinds read what a file declares, and audit.graph.cost
+The screens of audit.model_files and audit.model_kinds read what a file declares, and audit.cost
 bounds what its graph says one image costs; both must foresee the trick. This second line does not: the
 file is loaded and run on one image in a child process whose address space (what it already uses, plus
 three times the file's size, plus limits.TRIAL_BYTES) and CPU time (limits.TRIAL_CPU_SECONDS) are capped

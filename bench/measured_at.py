@@ -2,7 +2,7 @@
 
 Trains a Conv -> BatchNorm -> ReLU version of the demo CNN on the generated shapes (seeded), then
 takes the statistics of its six conv layers on held-out images twice: on each conv's raw output, and
-where each filter's channel is used (after its BatchNorm and ReLU, audit.graph.where_used). Prints
+where each filter's channel is used (after its BatchNorm and ReLU, audit.usage.where_used). Prints
 validation accuracy, dead and near-dead counts for both, and how many of the highest-APoZ 30% of each
 layer the two agree on, beside what two random rankings would share (30%).
 

@@ -32,7 +32,7 @@ def map_layers(fingerprint: str, source: str) -> list[str]:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def cam_layer(fingerprint: str, source: str) -> tuple[str, str]:
-    """The default CAM layer and why (audit.graph.cam_layer_and_reason), once per model."""
+    """The default CAM layer and why (audit.usage.cam_layer_and_reason), once per model."""
     return models.cam_layer_and_reason(get_model(source).model)
 
 

@@ -10,13 +10,10 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
-from streamlit.testing.v1 import AppTest
 
 from audit import cli, images, models, pruning, storage
 from audit.zoo import shapes
-from tests.fixtures import random_images, tiny_cnn
-
-DASHBOARD = str(Path(__file__).resolve().parent.parent / "dashboard.py")
+from tests.fixtures import open_page, random_images, tiny_cnn
 
 
 def test_the_wilson_interval_equals_the_formula_on_paper():
@@ -100,15 +97,8 @@ def _class_zip() -> str:
     return storage.save_upload(buffer.getvalue(), "images", "classes.zip")
 
 
-def _app(page: str, **query) -> AppTest:
-    at = AppTest.from_file(DASHBOARD, default_timeout=180)
-    for key, value in query.items():
-        at.query_params[key] = value
-    at.run()
-    if page != "pages/model.py":
-        at.switch_page(page).run()
-    assert not at.exception, at.exception
-    return at
+def _app(page: str, **query):
+    return open_page(page, query)
 
 
 def test_an_upload_at_chance_is_said_so_before_its_explanations_and_sweeps_see_both_classes():

@@ -3,7 +3,7 @@
 import keras
 import pytest
 
-from audit import graph
+from audit import usage
 from tests.fixtures import nested_cnn
 
 
@@ -16,29 +16,29 @@ from tests.fixtures import nested_cnn
 ])
 def test_the_cam_layer_is_the_map_the_head_reads(name, expected):
     model = getattr(keras.applications, name)(weights=None, input_shape=(64, 64, 3), classes=4)
-    layer, why = graph.cam_layer_and_reason(model)
+    layer, why = usage.cam_layer_and_reason(model)
     assert layer == expected
     assert why
 
 
 def test_where_used_follows_batchnorm_and_activation_in_keras_applications():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=4)
-    assert graph.where_used(model, "Conv1") == "Conv1_relu" and graph.zero_floored(model, "Conv1_relu")
-    assert graph.where_used(model, "block_1_depthwise") == "block_1_depthwise_relu"
+    assert usage.where_used(model, "Conv1") == "Conv1_relu" and usage.zero_floored(model, "Conv1_relu")
+    assert usage.where_used(model, "block_1_depthwise") == "block_1_depthwise_relu"
     # a linear bottleneck: its BN output goes to the next block (or a residual Add), no zero floor
-    assert graph.where_used(model, "block_1_project") == "block_1_project_BN"
-    assert not graph.zero_floored(model, "block_1_project_BN")
-    assert graph.where_used(model, "predictions") == "predictions"  # softmax mixes channels: the layer itself
+    assert usage.where_used(model, "block_1_project") == "block_1_project_BN"
+    assert not usage.zero_floored(model, "block_1_project_BN")
+    assert usage.where_used(model, "predictions") == "predictions"  # softmax mixes channels: the layer itself
 
 
 def test_where_used_inside_a_nested_base_and_through_value_keeping_layers():
     model = nested_cnn()
-    assert graph.where_used(model, "conv1") == "base/conv1"  # a fused ReLU: the conv's own output
-    assert graph.zero_floored(model, "base/conv1") and graph.zero_floored(model, "base/pool1")
-    assert not graph.zero_floored(model, "head")
+    assert usage.where_used(model, "conv1") == "base/conv1"  # a fused ReLU: the conv's own output
+    assert usage.zero_floored(model, "base/conv1") and usage.zero_floored(model, "base/pool1")
+    assert not usage.zero_floored(model, "head")
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)  # Conv -> ReLU -> BN: a dead channel is a constant here
     x = keras.layers.Conv2D(2, 3, name="next")(x)
     model = keras.Model(inputs, x)
-    assert graph.where_used(model, "conv") == "conv"
+    assert usage.where_used(model, "conv") == "conv"

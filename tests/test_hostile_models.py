@@ -16,6 +16,7 @@ import keras
 from streamlit.testing.v1 import AppTest
 
 from audit import storage
+from tests.fixtures import LOAD_IN_A_CHILD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,30 +92,12 @@ def _hostile(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return files
 
 
-CHILD = """
-import json, resource, sys, time
-from audit import models
-from audit.errors import AuditError
-results = {}
-for label, path in json.loads(sys.argv[1]).items():
-    start = time.perf_counter()
-    try:
-        models.load("file:" + path)
-        results[label] = ["loaded", "", time.perf_counter() - start]
-    except AuditError as exc:
-        results[label] = [type(exc).__name__, str(exc), time.perf_counter() - start]
-    except BaseException as exc:
-        results[label] = ["crashed " + type(exc).__name__, str(exc)[:300], time.perf_counter() - start]
-own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) * 1024
-trials = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"results": results, "peak": own, "trial_peak": trials}))
-"""
 
 
 def test_small_hostile_files_are_refused_with_a_sentence_and_bounded_memory(tmp_path):
     files = _hostile(tmp_path)
     assert all(path.stat().st_size < 2_000_000 for path, _ in files.values()), "kilobytes each"
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps({k: str(p) for k, (p, _) in files.items()})],
+    run = subprocess.run([sys.executable, "-c", LOAD_IN_A_CHILD, json.dumps({k: str(p) for k, (p, _) in files.items()})],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]  # the process that opened them is alive
     report = json.loads(run.stdout.strip().splitlines()[-1])

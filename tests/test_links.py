@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.fixtures import open_page
+
 DASHBOARD = str(Path(__file__).resolve().parent.parent / "dashboard.py")
 
 
 def _open(page: str, query: dict) -> AppTest:
-    at = AppTest.from_file(DASHBOARD, default_timeout=180)
-    for key, value in query.items():
-        at.query_params[key] = value
-    at.run()
-    if page != "pages/model.py":
-        at.switch_page(page).run()
-    assert not at.exception, at.exception
-    return at
+    return open_page(page, query)
 
 
 def _link(at: AppTest) -> dict:

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import graph, models
+from audit import cost, graph, models
 from audit.attribution.targets import (Progress, Target, gradients_of, graph_with_score, normalise, report_progress,
                                        resolve_target, score_model, score_of)
 from audit.errors import AuditError
@@ -29,7 +29,7 @@ def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, sam
     sigma = noise * float(image.max() - image.min() or 1.0)
     rng = np.random.default_rng(seed)
     total = np.zeros(image.shape, np.float64)
-    batch_size = graph.batch_within(model, batch_size, passes=3)  # within the server's activation budget
+    batch_size = cost.batch_within(model, batch_size, passes=3)  # within the server's activation budget
     for start in range(0, samples, batch_size):
         count = min(batch_size, samples - start)
         noisy = image[None] + rng.normal(0, sigma, (count, *image.shape)).astype(np.float32)
@@ -67,7 +67,7 @@ def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target =
     scorer = score_model(model, resolve_target(model, image, target, output), output)
     alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
     gradients = []
-    batch_size = graph.batch_within(model, batch_size, passes=3)
+    batch_size = cost.batch_within(model, batch_size, passes=3)
     for start in range(0, len(alphas), batch_size):
         chunk = alphas[start:start + batch_size, None, None, None]
         gradient, _ = gradients_of(scorer, baseline[None] + chunk * (image - baseline)[None])

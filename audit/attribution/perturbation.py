@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from audit import graph, models
+from audit import cost, models
 from audit.attribution.cams import weighted_maps
 from audit.attribution.targets import Progress, Target, normalise, report_progress, resize, resolve_target, score_model
 
@@ -25,7 +25,7 @@ def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
     fill = np.zeros_like(image) if fill is None else np.broadcast_to(fill, image.shape)
     masks = np.stack([_scaled01(resize(maps[:, :, k], image.shape[:2])) for k in keep])
     scores = []
-    batch_size = graph.batch_within(model, batch_size)
+    batch_size = cost.batch_within(model, batch_size)
     for start in range(0, len(keep), batch_size):
         m = masks[start:start + batch_size, :, :, None]
         scores.append(np.asarray(scorer(image[None] * m + fill[None] * (1 - m), training=False)))
@@ -77,7 +77,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
     base = float(np.asarray(scorer(image[None], training=False))[0])
     corners = [(y, x) for y in patch_starts(height, patch, stride) for x in patch_starts(width, patch, stride)]
     drops, counts = np.zeros((height, width)), np.zeros((height, width))
-    batch_size = graph.batch_within(model, batch_size)
+    batch_size = cost.batch_within(model, batch_size)
     for start in range(0, len(corners), batch_size):
         chunk = corners[start:start + batch_size]
         batch = np.repeat(image[None], len(chunk), axis=0)

@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit import activations, datasets, heads, models, passes
-from audit import graph as model_graph
+from audit import cost
 
 _PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 """Per model, while it lives: compiled score passes and weight-only results (audit never changes weights)."""
@@ -244,9 +244,9 @@ def scores_batch_size(model: keras.Model, output: int | None = None, batch_size:
 
 def _within_memory(cut: keras.Model, batch_size: int) -> int:
     """A batch whose forward and backward pass, with the maps and gradients of every layer kept, fits the
-    server's activation budget (limits.BATCH_BYTES, see graph.batch_within)."""
+    server's activation budget (limits.BATCH_BYTES, see cost.batch_within)."""
     kept = sum(2 * 4 * int(np.prod(out.shape[1:])) for out in cut.outputs[:-1])
-    return model_graph.batch_within(cut, batch_size, passes=3, kept_per_image=kept)
+    return cost.batch_within(cut, batch_size, passes=3, kept_per_image=kept)
 
 
 def merge_score_sums(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:

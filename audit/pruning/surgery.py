@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from audit import graph as model_graph
+from audit import cost
 from audit import groups, models
 from audit.errors import AuditError
 from audit.graph import as_list
@@ -199,5 +199,5 @@ def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray) ->
 
 def flops(model: keras.Model) -> int:
     """Multiply-accumulates of conv and dense layers for one image (the cost pruning removes), from the graph's
-    symbolic shapes (graph.cost): a Dense applied to every position of a map counts at every position."""
-    return model_graph.cost(model).macs
+    symbolic shapes (audit.cost): a Dense applied to every position of a map counts at every position."""
+    return cost.cost(model).macs
