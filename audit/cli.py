@@ -98,7 +98,7 @@ def _report(args) -> int:
 
 
 def _stats(args) -> int:
-    from audit import activations, models
+    from audit import activations, models, precision
 
     loaded = models.load(_source(args.model))
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or models.conv_layers(loaded.model)
@@ -108,7 +108,8 @@ def _stats(args) -> int:
         image_set = read_images(args.images)
         x = loaded.preprocess([item.pixels for item in image_set])
         with progress_bar("Filter statistics", args.quiet) as progress, loaded.job_lock:
-            stats = activations.filter_stats(loaded.model, layers, x, args.threshold, progress=progress, at=args.at)
+            stats = activations.filter_stats(precision.for_compute(loaded.model), layers, x, args.threshold,
+                                             progress=progress, at=args.at)
     if args.csv:
         stats.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     counts = activations.dead_counts(stats, args.near_dead)
@@ -183,7 +184,7 @@ def _prune(args) -> int:
 
     A set on disk is streamed: its scores are a sharded run (resumable, --ray) and the pruned model is
     measured against the model over the whole set, one batch in memory at a time."""
-    from audit import datasets, models, pruning
+    from audit import datasets, models, precision, pruning
 
     loaded = models.load(_source(args.model))
     streamed = _on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
@@ -199,7 +200,7 @@ def _prune(args) -> int:
                              "folders as it has classes (in sorted order); or shapes:N for the demo models.")
         x = loaded.preprocess([item.pixels for item in image_set])
         with progress_bar("Scoring every filter", args.quiet), loaded.job_lock:
-            scores = pruning.filter_scores(loaded.model, x, labels)
+            scores = pruning.filter_scores(precision.for_compute(loaded.model), x, labels)
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or list(dict.fromkeys(scores.layer))
     chosen = pruning.candidates(scores[scores.layer.isin(layers)], args.criterion, args.share)
     selection = {layer: sorted(group["filter"].astype(int)) for layer, group in chosen.groupby("layer", sort=False)}
@@ -216,7 +217,8 @@ def _prune(args) -> int:
         if streamed:
             batches = datasets.batches(files, datasets.model_input(loaded, labels=files.labels))
             with progress_bar("Measuring the pruned model on the set", args.quiet, unit="images") as progress:
-                measured = pruning.what_if(loaded.model, selection, batches, progress=progress, total=len(files))
+                measured = pruning.what_if(precision.for_compute(loaded.model), selection, batches, progress=progress,
+                                           total=len(files))
             print("pruned against the model on the whole set: " +
                   ", ".join(f"{name} {value:.4g}" for name, value in measured.items()))
     smaller.save(args.out)
@@ -306,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
                               "or a .keras/.h5 file")
         sub.add_argument("--images", required=True, type=_image_spec, help=IMAGES_HELP)
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        sub.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                         help="heavy passes in bfloat16 where the hardware computes it natively (auto), or as asked")
 
     def streaming(sub):
         sub.add_argument("--shards", type=_count(0, 100_000), default=0,
@@ -373,6 +377,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if getattr(args, "precision", "auto") != "auto":
+            import os
+
+            os.environ["CNN_AUDIT_PRECISION"] = args.precision  # this process and its Ray workers
+            from audit import device
+
+            device.use_precision(args.precision)
         return args.run(args)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)

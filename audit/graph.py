@@ -144,7 +144,8 @@ def graph_model(model: keras.Model, points: list[Point], any_size: bool = False,
         raise AuditError(f"The layers {', '.join(missing)} are not on the path from the model's input to its "
                          "outputs (a layer the graph never calls, or one inside a nested model with several "
                          "inputs).")
-    outputs = [found[point] for point in points]
+    # a bfloat16 compute copy (audit.precision) hands on float32: sums, maxima and softmax stay exact
+    outputs = [_float32(found[point]) for point in points]
     if extra is not None:
         outputs = extra(outputs)
     name = f"{model.name}_to_{points[-1].path.replace('/', '_')}"
@@ -164,6 +165,13 @@ def linear_twin(layer, input_shape=None):
     twin.build(input_shape if input_shape is not None else layer.input.shape)
     twin.set_weights(layer.get_weights())
     return twin
+
+
+def _float32(tensor):
+    """A tensor as float32 (a bfloat16 compute copy's outputs); float32 and multi-output values as they are."""
+    if isinstance(tensor, (list, tuple)) or getattr(tensor, "dtype", "float32") in ("float32", "int32", "int64"):
+        return tensor
+    return keras.ops.cast(tensor, "float32")
 
 
 def trace(model: keras.Model, x, wanted: dict[str, set[str]], prefix: str, found: dict, replace=None):
@@ -187,6 +195,7 @@ def trace(model: keras.Model, x, wanted: dict[str, set[str]], prefix: str, found
                 elif where == "pre_activation" and has_fused_activation(layer):
                     found[Point(path, where)] = linear_twin(layer, args[0].shape)(*args, **kwargs)
                 else:
+                    output = _float32(output)  # a bfloat16 copy's tensor, read and differentiated as float32
                     found[Point(path, where)] = output
             return output
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from audit import activations, attribution, filters, heads, images, models, pruning, render
+from audit import activations, attribution, device, filters, heads, images, models, precision, pruning, render
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -36,6 +36,7 @@ class ReportOptions:
     near_dead_apoz: float = 0.99
     fit: str = "crop"
     preprocessing: str = ""  # empty: the model's own
+    precision: str = ""  # of the heavy passes: empty, this machine's (audit.device.precision)
 
 
 @dataclass
@@ -76,7 +77,8 @@ def attribution_maps(loaded: models.LoadedModel, item: images.LabelledImage, tar
     defaults (black baselines and fills are black pixels under the report's preprocessing and fit)."""
     with attribution.shared_passes():  # the CAM methods of one image read one pass
         return {method: attribution.explain(loaded, item.pixels, method, target, options.preprocessing or None,
-                                            options.fit) for method in options.methods}
+                                            options.fit, precision=options.precision or device.precision())
+                for method in options.methods}
 
 
 def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], options: ReportOptions = ReportOptions(),
@@ -105,7 +107,8 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         labels = np.array([names.index(item.label) for item in image_set])
     outputs = loaded.predict(x)
     stages.step()
-    scores = pruning.filter_scores(model, x, labels, near_dead_apoz=options.near_dead_apoz)
+    compute = precision.for_compute(model, options.precision or device.precision())  # bfloat16 where native
+    scores = pruning.filter_scores(compute, x, labels, near_dead_apoz=options.near_dead_apoz)
     stages.step()
     sections = []
 
@@ -116,6 +119,8 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         "Conv layers": len(convs), "Parameters": f"{int(leaves.params.sum()):,}",
         "Multiply-adds per image": f"{pruning.flops(model):,}", "Images": len(image_set),
         "Preprocessing": preprocessing,
+        "Computed in": ("bfloat16 (statistics, scores, galleries and attribution; Integrated Gradients in float32; "
+                        "see the definitions for the agreement with float32)" if compute is not model else "float32"),
     }
     warning = ""
     if head.is_classifier:
@@ -156,7 +161,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         settings = filters.default_options(model, layer, preprocessing)
         if options.gallery_steps:
             settings = filters.Options(**{**settings.__dict__, "steps": options.gallery_steps})
-        result = filters.render(model, layer, list(range(count)), settings)
+        result = filters.render(compute, layer, list(range(count)), settings)
         cells = "".join(_figure_cell(image, f"#{i} · {value:.3g}" + ("" if ok else " · no response" if started
                                                                         else " · never started"))
                         for i, (image, value, ok, started) in enumerate(zip(result.images, result.activations,

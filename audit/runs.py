@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from audit import activations, datasets, models, pruning, storage
+from audit import activations, datasets, device, models, precision, pruning, storage
 from audit.errors import AuditError
 
 WHATS = {"stats": "filter statistics", "scores": "pruning scores"}
@@ -42,6 +42,7 @@ class Job:
     preprocessing: str | None = None
     fit: str = "crop"
     at: str = "used"  # stats: where each filter is measured (activations.MEASURE_AT); scores: always where used
+    precision: str = ""  # of the passes: "float32" or "bfloat16" ("": this machine's, device.precision())
 
     def __post_init__(self):
         if self.what not in WHATS:
@@ -69,14 +70,15 @@ def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, fo
     """One shard's partial sums as named arrays (what a shard file holds). `folders`: the whole set's
     class folders, so every shard numbers the labels alike (a shard may hold only some classes)."""
     model_in = datasets.model_input(loaded, job.preprocessing, job.fit, folders)
+    compute = precision.for_compute(loaded.model, job.precision or None)  # bfloat16 where it is native
     if job.what == "stats":
         batches = datasets.batches(shard, model_in)
-        sums = activations.filter_sums(loaded.model, list(job.layers), batches, job.threshold,
+        sums = activations.filter_sums(compute, list(job.layers), batches, job.threshold,
                                        progress=progress, total=len(shard), at=job.at)
         taylor = {}
     else:
-        batches = datasets.batches(shard, model_in, pruning.scores_batch_size(loaded.model))
-        sums, taylor = pruning.score_sums(loaded.model, batches, threshold=job.threshold, progress=progress,
+        batches = datasets.batches(shard, model_in, pruning.scores_batch_size(compute))
+        sums, taylor = pruning.score_sums(compute, batches, threshold=job.threshold, progress=progress,
                                           total=len(shard))
     arrays = {"skipped": np.array(len(shard.skipped))}
     for path, part in sums.items():
@@ -114,6 +116,7 @@ def run(loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shard
     """
     if not 1 <= shards <= len(image_set):
         raise AuditError(f"Between 1 and {len(image_set)} shards for {len(image_set)} images (asked {shards}).")
+    job = Job(**{**asdict(job), "precision": job.precision or device.precision()})  # part of the run's key
     if job.what == "stats":
         layers = tuple(models.resolve_layer(loaded.model, name) for name in job.layers) or tuple(
             models.conv_layers(loaded.model))

@@ -67,7 +67,8 @@ st.subheader("Filter statistics over the image set")
 st.caption(f"{len(selection.image_set)} images. APoZ: the share of a filter's values (all images, all positions) "
            "at or below the threshold (at 0, the average percentage of zeros of Hu et al. 2016). Dead: never above "
            "the threshold, so APoZ = 1; near-dead: the others with APoZ above the bound. A conv's filters are "
-           "measured where their channel is used: after its BatchNorm and activation (the `measured_at` column).")
+           "measured where their channel is used: after its BatchNorm and activation (the `measured_at` column)."
+           + common.precision_note(selection))
 
 
 def show_stats(stats, near: float, name: str) -> None:

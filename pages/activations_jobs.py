@@ -32,7 +32,7 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
             for start in range(0, len(pixels), chunk):
                 x = loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit)
                 part = activations.filter_sums(
-                    loaded.model, list(layers), x, threshold,
+                    selection.compute_model, list(layers), x, threshold,
                     progress=lambda done, _, start=start: progress(start + done, len(pixels)), at=at)
                 sums = part if sums is None else {k: sums[k].merge(part[k]) for k in sums}
         return activations.stats_frame(sums, threshold)
@@ -45,7 +45,7 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
 def growing_key(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int, largest: int,
                 at: str = "used") -> tuple:
     return (selection.model.fingerprint, selection.stream.key(), selection.preprocessing, selection.fit,
-            "growing", layers, float(threshold), int(start), int(largest), at)
+            "growing", layers, float(threshold), int(start), int(largest), at, selection.precision)
 
 
 def growing_stats(selection: "Selection", layers: tuple[str, ...], threshold: float, start: int,
@@ -64,7 +64,7 @@ def growing_stats(selection: "Selection", layers: tuple[str, ...], threshold: fl
                 rate = done / max(time.perf_counter() - began, 1e-9)
                 progress(done, total, f"{done:,} / {total:,} images, {rate:.0f} images/s")
 
-            for count, stats in sampling.growing(loaded.model, list(layers), stream, model_in, start, largest,
+            for count, stats in sampling.growing(selection.compute_model, list(layers), stream, model_in, start, largest,
                                                  threshold=threshold, progress=update, at=at):
                 steps.append(stats.assign(images=count))
         return pd.concat(steps, ignore_index=True)

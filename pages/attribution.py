@@ -14,7 +14,9 @@ loaded = selection.model
 st.title("Attribution")
 what_these_mean("Attribution")
 st.caption("Gradients are taken on the class score before the softmax or sigmoid, or on the mean activation of "
-           "one filter (the target for models without a class output).")
+           "one filter (the target for models without a class output)." + common.precision_note(selection)
+           + (" Integrated Gradients runs in float32, to keep its completeness." if selection.precision == "bfloat16"
+              else ""))
 
 x = loaded.preprocess(selection.image.pixels, selection.preprocessing, selection.fit)[0]
 shown = fitted_image(selection)
@@ -220,12 +222,14 @@ weighted = len(models.weighted_layers(loaded.model))
 limit = right.number_input("Layers to randomise, from the top", 1, max(weighted, 1), min(weighted, 8),
                            key="attr_sanity_limit")
 pressed = st.button("Run the sanity check", key="attr_sanity_go")
-sanity_key = ("sanity", loaded.fingerprint, input_key, target, method, options_for(method), int(limit))
+sanity_key = ("sanity", loaded.fingerprint, input_key, target, method, options_for(method), int(limit),
+              selection.precision)
 if jobs.job_shown(selection, "sanity", pressed, sanity_key, jobs.has_result(sanity_key), int(limit) * passes(method)):
     def randomise_layer_after_layer():
         options = {**dict(options_for(method)), **attribution.black_options(method, black)}
         with jobs.model_job(selection, "Randomising layer after layer", "sanity") as progress:
-            checks = attribution.sanity_check(loaded.model, x, attribution.METHODS[method], attribution_jobs.target_of(target),
+            checks = attribution.sanity_check(attribution_jobs.compute_for(selection, method), x,
+                                              attribution.METHODS[method], attribution_jobs.target_of(target),
                                               limit=int(limit), progress=progress, **options)
         return pd.DataFrame(checks, columns=["randomised down to", "rank correlation"])
 

@@ -10,6 +10,12 @@ from pages import jobs
 from pages.selection import Selection
 
 
+def compute_for(selection: Selection, method: str):
+    """The model a method runs on: the selection's compute model, but float32 for the methods whose own check
+    bfloat16 would break (attribution.FLOAT32_METHODS)."""
+    return selection.model.model if method in attribution.FLOAT32_METHODS else selection.compute_model
+
+
 def target_of(target: tuple) -> attribution.Target:
     """The page's hashable target ("class", i) or ("filter", layer, index) as the attribution API takes it."""
     return target[1] if target[0] == "class" else attribution.FilterTarget(*target[1:])
@@ -30,11 +36,13 @@ def attribution_map(selection: "Selection", input_key: str, x: np.ndarray, black
     def compute():
         if method in attribution.BATCHED:
             with jobs.model_job(selection, method, on_cancel=on_cancel) as progress:
-                return (attribution.map_of(loaded.model, x, black, method, resolved, progress, **dict(options)),)
+                return (attribution.map_of(compute_for(selection, method), x, black, method, resolved, progress,
+                                           **dict(options)),)
         with loaded.lock, device.scope(selection.device):
-            return (attribution.map_of(loaded.model, x, black, method, resolved, **dict(options)),)
+            return (attribution.map_of(compute_for(selection, method), x, black, method, resolved, **dict(options)),)
 
-    return jobs.shared_result(("attribution", loaded.fingerprint, input_key, target, method, options), compute)[0]
+    key = ("attribution", loaded.fingerprint, input_key, target, method, options, selection.precision)
+    return jobs.shared_result(key, compute)[0]
 
 
 TRUST_PASSES = 2 * 21
@@ -46,23 +54,23 @@ RANDOM_TRUST_PASSES = 2 * 21 * attribution.RANDOM_ORDERS
 
 
 def trust_key(selection: "Selection", input_key: str, target: tuple, maps: dict) -> tuple:
-    return ("trust", selection.model.fingerprint, input_key, target, tuple((m, o) for m, (_, o) in maps.items()))
+    return ("trust", selection.model.fingerprint, input_key, target, tuple((m, o) for m, (_, o) in maps.items()),
+            selection.precision)
 
 
 def trust_curves(selection: "Selection", input_key: str, x: np.ndarray, black: np.ndarray, target: tuple,
                  maps: dict[str, tuple[np.ndarray, tuple]]) -> dict:
     """Deletion and insertion curves (audit.attribution) of every map {method: (values, options)} and of the
     random orders ("random orders"), once per (model, input, target, maps) for every session; a job with a bar."""
-    loaded = selection.model
     resolved = target_of(target)
 
     def compute():
         with jobs.model_job(selection, "Deletion and insertion curves", "trust") as progress:
-            found = {"random orders": attribution.random_curves(loaded.model, x, resolved, fill=black,
+            found = {"random orders": attribution.random_curves(selection.compute_model, x, resolved, fill=black,
                                                                 output=selection.output)}
             progress(1, len(maps) + 1)
             for done, (method, (values, _)) in enumerate(maps.items()):
-                found[method] = {kind: curve(loaded.model, x, values, resolved, fill=black, output=selection.output)
+                found[method] = {kind: curve(selection.compute_model, x, values, resolved, fill=black, output=selection.output)
                                  for kind, curve in (("deletion", attribution.deletion_curve),
                                                      ("insertion", attribution.insertion_curve))}
                 progress(done + 2, len(maps) + 1)

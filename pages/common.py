@@ -164,3 +164,11 @@ def ascent_responses(fingerprint: str) -> dict[tuple[str, int], float]:
     with lock:
         return {(layer, index): value for (owner, layer), known in store.items() if owner == fingerprint
                 for index, value in known.items()}
+
+
+def precision_note(selection: Selection) -> str:
+    """What a page says after a result computed in bfloat16 ("" in float32)."""
+    if selection.precision != "bfloat16":
+        return ""
+    return (" Computed in bfloat16 on this hardware's native units (the definitions give each figure's agreement "
+            "with float32; the sidebar's Exact switch recomputes in float32).")

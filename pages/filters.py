@@ -17,7 +17,7 @@ st.title("Filters")
 what_these_mean("Filters")
 st.caption("Each tile is an input grown from noise by gradient ascent on the mean activation of one filter "
            "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
-           "on its own image.")
+           "on its own image." + common.precision_note(selection))
 
 FLAT_SCORE = 1e-6  # class scores all below this after the ascent: nothing was grown
 PICKS = {"First N": "first", "By index": "index", "Top N by mean activation on the image set": "top"}

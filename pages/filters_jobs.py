@@ -33,9 +33,10 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
     with jobs.model_job(selection, f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}",
                         "class_images" if classes else "gallery") as progress:
         if classes:
-            result = filters.class_images(loaded.model, list(indices), options, seed, progress, selection.output)
+            result = filters.class_images(selection.compute_model, list(indices), options, seed, progress,
+                                          selection.output)
         else:
-            result = filters.render(loaded.model, layer, list(indices), options, seed, progress)
+            result = filters.render(selection.compute_model, layer, list(indices), options, seed, progress)
     from audit.errors import StorageError
 
     try:
@@ -57,4 +58,4 @@ def _gallery_key(selection: "Selection", layer: str, indices: tuple[int, ...], o
                  classes: bool) -> tuple:
     # "v2": galleries stored before the started / responded flags were split are computed again
     return ("gallery", "v2", selection.model.fingerprint, layer, indices, options.key(), seed, classes,
-            selection.output if classes else None)
+            selection.output if classes else None, selection.precision)

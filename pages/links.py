@@ -30,6 +30,7 @@ PARAMS = {
     "preprocessing": "preprocessing mode",
     "fit": "crop or squash",
     "output": "the output explained, for models with several",
+    "exact": "1: heavy passes in float32 even where bfloat16 is native",
     # Model page
     "conv_only": "layer table: convolutional layers only",
     "log": "parameters chart on a log scale",

@@ -20,7 +20,7 @@ loaded = selection.model
 st.title("Pruning")
 what_these_mean("Pruning")
 st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
-           "to remove; everything below is measured before any fine-tuning.")
+           "to remove; everything below is measured before any fine-tuning." + common.precision_note(selection))
 
 common.warn_if_at_chance(selection)
 with user_errors("Scoring the filters"):

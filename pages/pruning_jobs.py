@@ -17,13 +17,12 @@ from pages.common import sample_of
 
 def filter_scores(selection: "Selection"):
     """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
-    loaded = selection.model
     key = set_key(selection, "filter_scores", "where used", selection.output)
 
     def compute():
         x = image_set_input(selection)
         with jobs.model_job(selection, "Scoring every filter (statistics, Taylor, redundancy)") as progress:
-            return pruning.filter_scores(loaded.model, x, labels_of(selection), output=selection.output,
+            return pruning.filter_scores(selection.compute_model, x, labels_of(selection), output=selection.output,
                                          progress=progress)
 
     return jobs.shared_result(key, compute)
@@ -39,9 +38,10 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
     def compute():
         x = image_set_input(selection)
         with jobs.model_job(selection, "Running both models on the image set"):
-            masked = pruning.masked(loaded.model, chosen, loaded.dependency_graph())
+            model = selection.compute_model
+            masked = pruning.masked(model, chosen, loaded.dependency_graph())
             head = loaded.head(selection.output)
-            return heads.Outputs(loaded.model, head=head)(x), heads.Outputs(masked, head=head)(x)
+            return heads.Outputs(model, head=head)(x), heads.Outputs(masked, head=head)(x)
 
     return jobs.shared_result(set_key(selection, "what_if", selection.output,
                                  tuple((k, tuple(v)) for k, v in chosen.items())), compute)
@@ -59,12 +59,11 @@ def _sample(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray 
 def sensitivity(selection: "Selection", scores, criterion: str, count: int):
     """Each conv layer pruned alone from 10% to 90% on a stratified sample of `count` images, once per (model,
     images, criterion)."""
-    loaded = selection.model
 
     def compute():
         x, labels = _sample(selection, count)
         with jobs.model_job(selection, "Sensitivity, layer by layer", "sensitivity") as progress:
-            return pruning.sensitivity(loaded.model, scores, criterion, x, labels, progress=progress,
+            return pruning.sensitivity(selection.compute_model, scores, criterion, x, labels, progress=progress,
                                        output=selection.output)
 
     return jobs.shared_result(sensitivity_key(selection, criterion, count), compute)
@@ -77,12 +76,11 @@ def sensitivity_key(selection: "Selection", criterion: str, count: int) -> tuple
 def ranking_against_chance(selection: "Selection", scores, layer: str, criterion: str, count: int):
     """One layer pruned by the ranking, its inverse and 20 random rankings on a stratified sample of `count`
     images, once per (model, images, layer)."""
-    loaded = selection.model
 
     def compute():
         x, labels = _sample(selection, count)
         with jobs.model_job(selection, "Rankings", "chance") as progress:
-            return pruning.ranking_against_chance(loaded.model, scores, layer, criterion, x, labels,
+            return pruning.ranking_against_chance(selection.compute_model, scores, layer, criterion, x, labels,
                                                   progress=progress, output=selection.output)
 
     return jobs.shared_result(chance_key(selection, layer, criterion, count), compute)
@@ -106,7 +104,7 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
                 as progress:
             for layer, before in zip(layers, np.cumsum([0] + sizes[:-1])):
                 changes = pruning.leave_one_out(
-                    loaded.model, layer, x, labels, output=selection.output,
+                    selection.compute_model, layer, x, labels, output=selection.output,
                     progress=lambda i, n, before=int(before), layer=layer: progress(
                         before + min(i, n), total, f"{before + min(i, n)} / {total} filters (now {layer})"))
                 frames.append(pd.DataFrame({"layer": layer, "filter": np.arange(len(changes)), "cost": changes}))

@@ -30,7 +30,8 @@ st.markdown("**Pruning candidates** (the Pruning page's choice: the same link li
 criterion, share = candidates.choose(st)
 options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int(count), gallery_steps=int(steps),
                                attribution_images=int(shown), methods=tuple(methods), prune_criterion=criterion,
-                               prune_share=share, fit=selection.fit, preprocessing=selection.preprocessing)
+                               prune_share=share, fit=selection.fit, preprocessing=selection.preprocessing,
+                               precision=selection.precision)
 key = set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")
 report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (int(steps) or 40)

@@ -114,6 +114,14 @@ class Selection:
     masks: np.ndarray | None = None  # object masks of demo shapes, aligned with image_set
     output: int | None = None  # the output explained (None: the classifier heads.find_head picks)
     stream: datasets.FileSet | None = None  # a server folder: image_set is a sample of it, statistics stream it
+    precision: str = "float32"  # of the heavy passes: "bfloat16" on native hardware unless the user asks exact
+
+    @property
+    def compute_model(self):
+        """The model heavy passes run on: the loaded model, or its bfloat16 copy (audit.precision)."""
+        from audit import precision
+
+        return precision.for_compute(self.model.model, self.precision)
 
     @property
     def image_key(self) -> str:
@@ -153,7 +161,8 @@ def current() -> Selection:
 
 
 def set_key(selection: "Selection", *parts) -> tuple:
-    return (selection.model.fingerprint, image_set_key(selection), selection.preprocessing, selection.fit, *parts)
+    return (selection.model.fingerprint, image_set_key(selection), selection.preprocessing, selection.fit,
+            selection.precision, *parts)
 
 
 def image_set_key(selection: "Selection") -> str:

@@ -235,8 +235,17 @@ def sidebar() -> Selection | None:
                               horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
         devices = device.available()
         device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
+        native = device.native_bfloat16()
+        exact = links.toggle(st, "Exact (float32)", param="exact", key="exact", value=not native,
+                             disabled=not native,
+                             help="Heavy passes (statistics, scores, sweeps, galleries, attribution) run in bfloat16 "
+                                  "where the hardware computes it natively, several times faster; their agreement "
+                                  "with float32 is in the definitions. Exact runs them in float32.")
+        precision = "float32" if exact or not native else "bfloat16"
+        st.caption(f"Heavy passes in **{precision}**" + (f" on {native}." if precision == "bfloat16" else
+                                                         " (no native bfloat16 here)." if not native else "."))
     selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks, output,
-                          stream)
+                          stream, precision)
     st.session_state["_selection"] = selection
     st.session_state["_link_notices"] = notices
     return selection

@@ -75,6 +75,7 @@ from audit.attribution.trust import (  # noqa: F401
 )
 from audit.attribution.methods import (  # noqa: F401
     METHODS,
+    FLOAT32_METHODS,
     BATCHED,
     black_options,
     map_of,

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from audit import models
+from audit import precision as compute_precision
 from audit.attribution.cams import grad_cam, grad_cam_plus_plus, guided_grad_cam, layer_cam
 from audit.attribution.gradients import guided_backprop, integrated_gradients, saliency, smoothgrad
 from audit.attribution.perturbation import occlusion, score_cam
@@ -25,6 +26,10 @@ METHODS = {
 }
 """Every method by the name the dashboard shows; each takes (model, image, target, **options)."""
 
+
+FLOAT32_METHODS = frozenset({"Integrated Gradients"})
+"""Methods that run in float32 even where heavy passes run in bfloat16: their own check (Integrated Gradients'
+completeness, the attributions summing to the score's change) would not hold to its tolerance (bench/precision.py)."""
 
 BATCHED = frozenset({"SmoothGrad", "Integrated Gradients", "Score-CAM", "Occlusion"})
 """The methods that run many passes in batches: they take `progress` (done, total) between batches."""
@@ -49,7 +54,7 @@ def map_of(model: keras.Model, x: np.ndarray, black: np.ndarray, method: str, ta
 
 def explain(loaded: models.LoadedModel, pixels: np.ndarray, method: str, target: Target = None,
             preprocessing: str | None = None, fit: str = "crop", progress: Progress | None = None,
-            **options) -> np.ndarray:
+            precision: str = "float32", **options) -> np.ndarray:
     """One method's map for a uint8 RGB image: the code path of the dashboard, the report and notebooks.
 
     The image and an all-black image of its size both go through the model's preprocessing and fit, so
@@ -59,4 +64,5 @@ def explain(loaded: models.LoadedModel, pixels: np.ndarray, method: str, target:
     pixels = np.asarray(pixels)
     x = loaded.preprocess(pixels, preprocessing, fit)[0]
     black = loaded.preprocess(np.zeros_like(pixels), preprocessing, fit)[0]
-    return map_of(loaded.model, x, black, method, target, progress, **options)
+    model = loaded.model if method in FLOAT32_METHODS else compute_precision.for_compute(loaded.model, precision)
+    return map_of(model, x, black, method, target, progress, **options)
