@@ -86,6 +86,11 @@ def precision(cpuinfo: str | None = None) -> str:
     return "bfloat16" if native_bfloat16(cpuinfo) else "float32"
 
 
+def chosen_precision() -> str:
+    """What the process was told: "auto" (the default), "float32" or "bfloat16"."""
+    return _CHOSEN["precision"]
+
+
 def use_precision(choice: str) -> None:
     """Set the process's precision: "auto", "float32" or "bfloat16"."""
     from audit.errors import AuditError

@@ -9,9 +9,11 @@ sums, means, maxima and softmax stay float32. Surgery, exports and fine-tuning k
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import keras
+import numpy as np
 
 from audit import device
 
@@ -35,5 +37,49 @@ def bfloat16_copy(model: keras.Model) -> keras.Model:
 
 
 def for_compute(model: keras.Model, precision: str | None = None) -> keras.Model:
-    """The model heavy passes run on: its bfloat16 copy when the precision is bfloat16, else the model."""
-    return bfloat16_copy(model) if (precision or device.precision()) == "bfloat16" else model
+    """The model heavy passes run on: its bfloat16 copy when the precision is bfloat16 (None: `decide`'s choice
+    at the model's input size, 224 where it has none), else the model."""
+    if precision is None:
+        size = tuple(s or 224 for s in model.inputs[0].shape[1:3])
+        precision = decide(model, size)[0]
+    return bfloat16_copy(model) if precision == "bfloat16" else model
+
+
+MIN_SPEEDUP = 1.2
+"""bfloat16 is chosen for a model only where it measures at least this much faster than float32 here: AVX-512
+BF16 CPUs speed VGG16 up 1.6-2x but run MobileNetV2's depthwise layers slower (bench/precision.py)."""
+_SPEEDUPS: "weakref.WeakKeyDictionary[keras.Model, float]" = weakref.WeakKeyDictionary()
+
+
+def measured_speedup(model: keras.Model, size: tuple[int, int]) -> float:
+    """float32 time over bfloat16 time of one forward pass of 4 images (each warmed, the best of 3), measured
+    once per model while it lives."""
+    if model not in _SPEEDUPS:
+        x = np.random.default_rng(0).uniform(-1, 1, (4, *size, model.inputs[0].shape[-1])).astype(np.float32)
+        times = []
+        for candidate in (model, bfloat16_copy(model)):
+            candidate(x, training=False)  # traced and warm
+            best = np.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                candidate(x, training=False)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        _SPEEDUPS[model] = times[0] / max(times[1], 1e-9)
+    return _SPEEDUPS[model]
+
+
+def decide(model: keras.Model, size: tuple[int, int], asked: str | None = None) -> tuple[str, str]:
+    """The precision heavy passes of this model run in, and why: what was asked ("float32", "bfloat16"), or for
+    "auto" (the default, device.precision's setting) bfloat16 where the hardware computes it natively and this
+    model measures at least MIN_SPEEDUP faster in it."""
+    asked = asked or device.chosen_precision()
+    if asked in ("float32", "bfloat16"):
+        return asked, "as asked"
+    native = device.native_bfloat16()
+    if not native:
+        return "float32", "no native bfloat16 here"
+    speedup = measured_speedup(model, size)
+    if speedup < MIN_SPEEDUP:
+        return "float32", f"bfloat16 measured {speedup:.2f}x float32's speed for this model here"
+    return "bfloat16", f"{native}, {speedup:.1f}x faster for this model here"

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from audit import activations, attribution, device, filters, heads, images, models, precision, pruning, render
+from audit import activations, attribution, filters, heads, images, models, precision, pruning, render
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -72,12 +72,12 @@ def _figure_cell(pixels: np.ndarray, caption: str) -> str:
 
 
 def attribution_maps(loaded: models.LoadedModel, item: images.LabelledImage, target: attribution.Target,
-                     options: ReportOptions) -> dict[str, np.ndarray]:
+                     options: ReportOptions, chosen: str = "float32") -> dict[str, np.ndarray]:
     """The report's maps of one image: attribution.explain, the dashboard's own path, with each method's
     defaults (black baselines and fills are black pixels under the report's preprocessing and fit)."""
     with attribution.shared_passes():  # the CAM methods of one image read one pass
         return {method: attribution.explain(loaded, item.pixels, method, target, options.preprocessing or None,
-                                            options.fit, precision=options.precision or device.precision())
+                                            options.fit, precision=chosen)
                 for method in options.methods}
 
 
@@ -90,6 +90,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     if not image_set:
         raise AuditError("The report needs at least one image.")
     model = loaded.model
+    chosen = options.precision or precision.decide(model, loaded.input_size)[0]  # bfloat16 where native and faster
     convs = models.conv_layers(model)
     if not convs:
         raise AuditError("The model has no convolutional layer to audit.")
@@ -107,7 +108,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         labels = np.array([names.index(item.label) for item in image_set])
     outputs = loaded.predict(x)
     stages.step()
-    compute = precision.for_compute(model, options.precision or device.precision())  # bfloat16 where native
+    compute = precision.for_compute(model, chosen)
     scores = pruning.filter_scores(compute, x, labels, near_dead_apoz=options.near_dead_apoz)
     stages.step()
     sections = []
@@ -184,7 +185,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
             target = attribution.resolve_target(model, xi, None)
             said = f"filter {target.index} of {target.layer}"
         cells = [_figure_cell(picture, f"{item.name}: {said}")]
-        for method, values in attribution_maps(loaded, item, target, options).items():
+        for method, values in attribution_maps(loaded, item, target, options, chosen).items():
             cells.append(_figure_cell(render.overlay(picture, values, 0.5, "Jet"), method))
         rows.append(f"<div class='grid'>{''.join(cells)}</div>")
         stages.step()

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from audit import activations, datasets, device, models, precision, pruning, storage
+from audit import activations, datasets, models, precision, pruning, storage
 from audit.errors import AuditError
 
 WHATS = {"stats": "filter statistics", "scores": "pruning scores"}
@@ -42,7 +42,7 @@ class Job:
     preprocessing: str | None = None
     fit: str = "crop"
     at: str = "used"  # stats: where each filter is measured (activations.MEASURE_AT); scores: always where used
-    precision: str = ""  # of the passes: "float32" or "bfloat16" ("": this machine's, device.precision())
+    precision: str = ""  # of the passes: "float32" or "bfloat16" ("": precision.decide's for the model here)
 
     def __post_init__(self):
         if self.what not in WHATS:
@@ -116,7 +116,8 @@ def run(loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shard
     """
     if not 1 <= shards <= len(image_set):
         raise AuditError(f"Between 1 and {len(image_set)} shards for {len(image_set)} images (asked {shards}).")
-    job = Job(**{**asdict(job), "precision": job.precision or device.precision()})  # part of the run's key
+    chosen = job.precision or precision.decide(loaded.model, loaded.input_size)[0]
+    job = Job(**{**asdict(job), "precision": chosen})  # part of the run's key
     if job.what == "stats":
         layers = tuple(models.resolve_layer(loaded.model, name) for name in job.layers) or tuple(
             models.conv_layers(loaded.model))

@@ -3,7 +3,8 @@
 demo:vgg16 block4_conv1, 16 filters, 128x128, 20 steps by default. Printed side by side:
 - the floor: a plain batched loop, one compiled step (forward to the layer, gradient with respect to
   the input, normalised update; nothing else);
-- ours with the layer's default options, and with each regulariser alone;
+- ours with the layer's default options (in float32 and on the bfloat16 compute copy), and with each
+  regulariser alone;
 - tf-keras-vis's ActivationMaximization on the same filters (bench-only: pip install -r bench/requirements.txt);
 each with its median final own-filter activation (mean over the map, border excluded, measured the same
 way for all). Goals (issue 17): ours within 1.3x of the floor, at least 2x faster than tf-keras-vis, at
@@ -20,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 import tensorflow as tf
 
-from audit import filters, models
+from audit import filters, models, precision
 
 
 def own_activation(cut, images01, indices, preprocessing, border=0.1):
@@ -97,6 +98,8 @@ def main():
         "plain batched loop (floor)": lambda: plain_loop(step, indices, args.size, args.steps),
         "ours, no regulariser": lambda: filters.render(model, layer, indices, bare).images / 255.0,
         "ours, default options": lambda: filters.render(model, layer, indices, defaults).images / 255.0,
+        "ours, default options, bfloat16": lambda: filters.render(precision.bfloat16_copy(model), layer, indices,
+                                                                  defaults).images / 255.0,
         **{f"ours, {name} alone": (lambda change=change: filters.render(
             model, layer, indices, filters.Options(**{**asdict(bare), **change})).images / 255.0)
            for name, change in ({} if args.without_alone else alone).items()},
@@ -121,8 +124,12 @@ def main():
     floor = rows["plain batched loop (floor)"][0]
     ours = rows["ours, default options"][0]
     print(f"{'ours (defaults) / floor':40s} {ours / floor:8.2f} x")
+    fast = rows["ours, default options, bfloat16"][0]
+    print(f"{'ours float32 / ours bfloat16':40s} {ours / fast:8.2f} x")
     if "tf-keras-vis ActivationMaximization" in rows:
-        print(f"{'tf-keras-vis / ours (defaults)':40s} {rows['tf-keras-vis ActivationMaximization'][0] / ours:8.2f} x")
+        peer = rows["tf-keras-vis ActivationMaximization"][0]
+        print(f"{'tf-keras-vis / ours (defaults)':40s} {peer / ours:8.2f} x")
+        print(f"{'tf-keras-vis / ours (defaults, bfloat16)':40s} {peer / fast:8.2f} x")
 
 
 if __name__ == "__main__":

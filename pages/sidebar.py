@@ -8,10 +8,19 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from audit import datasets, device, images, limits, models, storage
+from audit import datasets, device, images, limits, models, precision, storage
 from audit.errors import AuditError, WeightsUnavailableError
 from pages import links, markup
 from pages.selection import Selection, get_model, user_errors
+
+@st.cache_data(show_spinner="Timing bfloat16 against float32 for this model (once)…", max_entries=64)
+def compute_precision(fingerprint: str, source: str) -> tuple[str, str]:
+    """The precision this model's heavy passes run in where bfloat16 is native, and why (audit.precision.decide:
+    measured once per model, as its speed-up differs by architecture)."""
+    loaded = get_model(source)
+    with loaded.lock:
+        return precision.decide(loaded.model, loaded.input_size, "auto")
+
 
 # --- the images the sidebar offers, decoded once per server --------------------------------------
 
@@ -235,17 +244,22 @@ def sidebar() -> Selection | None:
                               horizontal=True, help="crop keeps the aspect ratio and cuts the centre; squash stretches.")
         devices = device.available()
         device_name = st.selectbox("Run on", devices, format_func=device.describe, key="device")
-        native = device.native_bfloat16()
-        exact = links.toggle(st, "Exact (float32)", param="exact", key="exact", value=not native,
-                             disabled=not native,
+        asked, native = device.chosen_precision(), device.native_bfloat16()
+        possible = asked == "bfloat16" or (asked == "auto" and bool(native))
+        exact = links.toggle(st, "Exact (float32)", param="exact", key="exact", disabled=not possible,
                              help="Heavy passes (statistics, scores, sweeps, galleries, attribution) run in bfloat16 "
-                                  "where the hardware computes it natively, several times faster; their agreement "
-                                  "with float32 is in the definitions. Exact runs them in float32.")
-        precision = "float32" if exact or not native else "bfloat16"
-        st.caption(f"Heavy passes in **{precision}**" + (f" on {native}." if precision == "bfloat16" else
-                                                         " (no native bfloat16 here)." if not native else "."))
+                                  "where the hardware computes it natively and it measures faster for this model; "
+                                  "their agreement with float32 is in the definitions. Exact runs them in float32.")
+        if exact or not possible:
+            computed, why = "float32", ("as asked" if exact else "set by CNN_AUDIT_PRECISION" if asked == "float32"
+                                        else "no native bfloat16 here")
+        elif asked == "bfloat16":
+            computed, why = "bfloat16", "set by CNN_AUDIT_PRECISION"
+        else:
+            computed, why = compute_precision(loaded.fingerprint, loaded.source)
+        st.caption(f"Heavy passes in **{computed}** ({why}).")
     selection = Selection(loaded, image_set, image_set[index], preprocessing, fit, device_name, masks, output,
-                          stream, precision)
+                          stream, computed)
     st.session_state["_selection"] = selection
     st.session_state["_link_notices"] = notices
     return selection

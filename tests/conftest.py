@@ -4,6 +4,8 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Uploads and cached results of the tests go to a throwaway folder, never the repository's data/.
 os.environ.setdefault("CNN_AUDIT_DATA", tempfile.mkdtemp(prefix="cnn-audit-tests-"))
+# Exact numbers by default, whatever the machine: the bfloat16 path is tested where asked (tests/test_precision.py).
+os.environ.setdefault("CNN_AUDIT_PRECISION", "float32")
 
 import pytest  # noqa: E402
 from streamlit.runtime.pages_manager import PagesManager  # noqa: E402

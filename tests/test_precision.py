@@ -14,6 +14,7 @@ OLD = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
 
 def test_precision_follows_the_cpu_flags_and_the_override(monkeypatch):
     monkeypatch.setattr(device.tf.config, "list_physical_devices", lambda kind=None: [])
+    before = device.chosen_precision()
     device.use_precision("auto")
     assert device.precision(AMX) == "bfloat16" and "amx_bf16" in device.native_bfloat16(AMX)
     assert device.precision(ZEN4) == "bfloat16" and "avx512_bf16" in device.native_bfloat16(ZEN4)
@@ -26,7 +27,7 @@ def test_precision_follows_the_cpu_flags_and_the_override(monkeypatch):
         with pytest.raises(Exception, match="choose one of auto, float32, bfloat16"):
             device.use_precision("half")
     finally:
-        device.use_precision("auto")
+        device.use_precision(before)
 
 
 def test_the_compute_copy_computes_in_bfloat16_and_hands_on_float32():
@@ -87,3 +88,34 @@ def test_every_job_key_differs_between_precisions():
                      filters_jobs._gallery_key(chosen, "block1_conv1", (0,), filters.Options(), 0, False)))
     for exact, fast in zip(*keys):
         assert exact != fast
+
+
+def test_a_page_in_bfloat16_runs_on_the_copy_and_says_so():
+    from tests.fixtures import open_page
+
+    before = device.chosen_precision()
+    device.use_precision("bfloat16")
+    try:
+        at = open_page("pages/attribution.py", {"model": "demo:shapes-gap", "methods": ["Saliency", "Grad-CAM"]})
+        assert any("Heavy passes in **bfloat16**" in c.value for c in at.sidebar.caption)
+        assert any("Computed in bfloat16" in c.value for c in at.caption)
+        assert not at.error, [e.value for e in at.error]
+        exact = open_page("pages/attribution.py", {"model": "demo:shapes-gap", "methods": ["Saliency", "Grad-CAM"],
+                                                    "exact": "1"})
+        assert any("Heavy passes in **float32**" in c.value for c in exact.sidebar.caption)
+        assert not any("Computed in bfloat16" in c.value for c in exact.caption)
+    finally:
+        device.use_precision(before)
+
+
+def test_auto_chooses_bfloat16_only_where_it_measures_faster(monkeypatch):
+    model = tiny_cnn(input_shape=(16, 16, 3), classes=3, seed=3)
+    monkeypatch.setattr(device, "native_bfloat16", lambda cpuinfo=None: "test units")
+    monkeypatch.setitem(precision._SPEEDUPS, model, 0.8)
+    assert precision.decide(model, (16, 16), "auto") == ("float32", "bfloat16 measured 0.80x float32's speed for "
+                                                                     "this model here")
+    monkeypatch.setitem(precision._SPEEDUPS, model, 2.0)
+    assert precision.decide(model, (16, 16), "auto")[0] == "bfloat16"
+    assert precision.decide(model, (16, 16), "float32") == ("float32", "as asked")
+    monkeypatch.setattr(device, "native_bfloat16", lambda cpuinfo=None: "")
+    assert precision.decide(model, (16, 16), "auto") == ("float32", "no native bfloat16 here")
