@@ -119,3 +119,18 @@ def test_auto_chooses_bfloat16_only_where_it_measures_faster(monkeypatch):
     assert precision.decide(model, (16, 16), "float32") == ("float32", "as asked")
     monkeypatch.setattr(device, "native_bfloat16", lambda cpuinfo=None: "")
     assert precision.decide(model, (16, 16), "auto") == ("float32", "no native bfloat16 here")
+
+
+def test_integrated_gradients_stays_float32_when_the_rest_is_bfloat16():
+    """Completeness (the attributions sum to the score's change from the baseline) is IG's own check; in bfloat16
+    it drifts past 1% on deep nets, so explain() runs it on the float32 model whatever the precision."""
+    from audit.loaded_model import LoadedModel
+
+    model = tiny_cnn(input_shape=(16, 16, 3), classes=3, seed=4)
+    loaded = LoadedModel(model, "test", "ig", ["a", "b", "c"], (16, 16), "unit", "tiny")
+    pixels = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    exact = attribution.explain(loaded, pixels, "Integrated Gradients", 1, precision="float32", steps=64)
+    fast = attribution.explain(loaded, pixels, "Integrated Gradients", 1, precision="bfloat16", steps=64)
+    np.testing.assert_array_equal(fast, exact)
+    saliency = attribution.explain(loaded, pixels, "Saliency", 1, precision="bfloat16")  # the others do change
+    assert not np.array_equal(saliency, attribution.explain(loaded, pixels, "Saliency", 1, precision="float32"))
