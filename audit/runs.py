@@ -11,6 +11,8 @@ on a GPU where the cluster has them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ WHATS = {"stats": "filter statistics", "scores": "pruning scores"}
 SHARD_IMAGES = 1000
 """Images per shard by default: what a restart can lose, and a unit of work for one Ray actor."""
 RESULT = "result.csv"
+LOCK = ".lock"  # held while a run computes its shards
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,24 @@ def run(loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shard
         job = Job(**{**asdict(job), "layers": layers})
     folder = folder_of(job, loaded.fingerprint, image_set, shards)
     folder.mkdir(parents=True, exist_ok=True)
+    with _one_run_at_a_time(folder):
+        return _run_in(folder, loaded, job, image_set, shards, address, progress)
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(folder: Path):
+    """Two runs of one job (two command lines, a notebook beside them) compute its shards once: the second
+    waits here for the first, then finds every shard written and only merges them."""
+    with open(folder / LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_in(folder: Path, loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shards: int,
+            address: str | None, progress: Callable[[int, int], None] | None) -> Result:
     (folder / "job.json").write_text(json.dumps({**asdict(job), "title": loaded.title, "fingerprint": loaded.fingerprint,
                                                  "images": len(image_set), "root": image_set.root, "shards": shards}))
     files = [folder / f"shard-{k:05d}.npz" for k in range(shards)]

@@ -8,6 +8,7 @@ within one batch.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -30,6 +31,25 @@ log = logging.getLogger("cnn_audit")
 @st.cache_resource
 def _results() -> tuple[dict, threading.Lock]:
     return OrderedDict(), threading.Lock()
+
+
+@st.cache_resource
+def _running() -> dict:
+    """The results being computed now, by key: the second request for one waits for it (guarded by _results' lock)."""
+    return {}
+
+
+class Running:
+    """A result one session is computing for every session: how far it got, and its value when done."""
+
+    def __init__(self):
+        self.finished = threading.Event()
+        self.value = None
+        self.label = "The same job"
+        self.reached: tuple[int, int, str | None] = (0, 1, None)
+
+
+_COMPUTING: contextvars.ContextVar[Running | None] = contextvars.ContextVar("computing", default=None)
 
 
 @st.cache_resource
@@ -63,23 +83,50 @@ def shared_result(key: tuple, compute, limit: int = 64):
     """A finished result computed once for its key (fingerprint, images, options), for every session.
 
     Kept in memory (the last `limit`) and on disk, so a shared link opens fast for the second viewer,
-    even after a restart. Long passes are not wrapped in st.cache_data because they draw a progress
-    bar as they go; the value is stored only when the pass finishes, so a cancelled pass leaves nothing.
+    even after a restart. A request for a result another session is computing waits for it, following
+    its progress, and takes its value: two users pressing the same button run one pass. Long passes are
+    not wrapped in st.cache_data because they draw a progress bar as they go; the value is stored only
+    when the pass finishes, so a cancelled pass leaves nothing (and whoever waited for it computes it).
     """
     store, lock = _results()
-    with lock:
-        if key in store:
-            store.move_to_end(key)
-            return store[key]
-    value = _from_disk(key)
-    if value is None:
-        value = compute()
-        _to_disk(key, value)
-    with lock:
-        store[key] = value
-        while len(store) > limit:
-            store.popitem(last=False)
+    while True:
+        with lock:
+            if key in store:
+                store.move_to_end(key)
+                return store[key]
+            running = _running().get(key)
+            if running is None:
+                running = _running()[key] = Running()
+                break
+        value = _wait_for(running)
+        if value is not None:
+            return value
+    token = _COMPUTING.set(running)
+    try:
+        value = _from_disk(key)
+        if value is None:
+            value = compute()
+            _to_disk(key, value)
+        running.value = value
+    finally:
+        _COMPUTING.reset(token)
+        with lock:
+            _running().pop(key, None)
+            if running.value is not None:
+                store[key] = running.value
+                while len(store) > limit:
+                    store.popitem(last=False)
+        running.finished.set()
     return value
+
+
+def _wait_for(running: Running):
+    """Follow another session's pass of the same result with its own bar (Cancel stops only this wait); its
+    value, or None when that pass was cancelled or failed."""
+    with progress_bar(f"{running.label} (started by another session)") as progress:
+        while not running.finished.wait(0.5):
+            progress(*running.reached)
+    return running.value
 
 
 def has_result(key: tuple) -> bool:
@@ -111,8 +158,14 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
         stop()
     reached = [0, 0]
 
+    running = _COMPUTING.get()
+    if running is not None:
+        running.label = label
+
     def update(done: int, total: int, note: str | None = None) -> None:
         reached[:] = done, total
+        if running is not None:  # whoever waits for the same result follows this bar
+            running.reached = (done, total, note)
         bar.progress(done / max(total, 1), text=f"{label}: {note or f'{done} / {total}'}")
 
     try:
@@ -133,9 +186,11 @@ def model_job(selection: Selection, label: str, param: str | None = None, on_can
         while not loaded.job_lock.acquire(timeout=0.5):
             # an update each half second: Cancel or a closed session ends the wait here
             progress(0, 1, "waiting for another job on this model to finish…")
+        start, busy = time.perf_counter(), busy_factor()
         try:
             with device.scope(selection.device):
                 yield progress
+            _learn(selection, param, time.perf_counter() - start, busy)
         finally:
             loaded.job_lock.release()
 
@@ -147,9 +202,19 @@ def _pass_times() -> dict:
     return {}
 
 
-def pass_seconds(selection: Selection) -> float:
-    """Seconds of one forward pass of one image on this model here (measured once per model and device);
-    a backward pass counts as two."""
+@st.cache_resource
+def _calibration() -> tuple[dict, dict]:
+    """Per model, device and precision: the image passes each job's estimate counted (by its link parameter),
+    and the ratios of the time jobs took to their estimate (the last 8)."""
+    return {}, {}
+
+
+def _cost_key(selection: Selection) -> tuple:
+    return selection.model.fingerprint, selection.device, selection.precision
+
+
+def idle_pass_seconds(selection: Selection) -> float:
+    """Seconds of one forward pass of one image on this model here, timed once per model and device."""
     loaded = selection.model
     key = (loaded.fingerprint, selection.device)
     times = _pass_times()
@@ -163,6 +228,45 @@ def pass_seconds(selection: Selection) -> float:
     return times[key]
 
 
+def pass_seconds(selection: Selection) -> float:
+    """Seconds one image pass of a job takes on this model here when the server is idle: the timed forward
+    pass, corrected by how long this model's finished jobs took against their estimates (decoding,
+    preprocessing, several outputs, the bfloat16 copy); a backward pass counts as two."""
+    ratios = _calibration()[1].get(_cost_key(selection))
+    return idle_pass_seconds(selection) * (float(np.median(ratios)) if ratios else 1.0)
+
+
+def _learn(selection: Selection, param: str | None, seconds: float, busy: float) -> None:
+    """Keep how long a finished job took against its estimate (both idle: the busy factor taken out)."""
+    expected, ratios = _calibration()
+    passes = expected.get((*_cost_key(selection), param)) if param else None
+    if passes:
+        predicted = passes * idle_pass_seconds(selection) * busy
+        kept = ratios.setdefault(_cost_key(selection), [])
+        kept.append(min(max(seconds / max(predicted, 1e-9), 0.1), 10.0))
+        del kept[:-8]
+
+
+_PROBE = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+_probe_times: list[float] = []  # [fastest seen, time of the last probe, its factor]
+
+
+def busy_factor() -> float:
+    """How much slower work runs now than on an idle server: a fixed 10 ms probe timed now against the fastest
+    it ever ran in this process (re-measured at most every 2 s). Every job on the server, of every session
+    and model, shares the same cores."""
+    now = time.monotonic()
+    if _probe_times and now - _probe_times[1] < 2.0:
+        return _probe_times[2]
+    start = time.perf_counter()
+    for _ in range(40):
+        _PROBE @ _PROBE
+    took = time.perf_counter() - start
+    fastest = min(took, _probe_times[0]) if _probe_times else took
+    _probe_times[:] = fastest, now, max(1.0, took / fastest)
+    return _probe_times[2]
+
+
 def about(seconds: float) -> str:
     """A duration as a person would say it."""
     if seconds < 90:
@@ -173,8 +277,11 @@ def about(seconds: float) -> str:
 
 
 def estimate(selection: Selection, passes: float) -> str:
-    """What `passes` image passes cost on this model here, as a person would say it."""
-    return about(passes * pass_seconds(selection))
+    """What `passes` image passes cost on this model here now, as a person would say it (slower while the
+    server is busy, said)."""
+    busy = busy_factor()
+    said = about(passes * pass_seconds(selection) * busy)
+    return said + (f" (the server is busy: {busy:.1f}x slower than idle now)" if busy >= 1.3 else "")
 
 
 def images_within(selection: Selection, passes_per_image: float, available: int, floor: int = 2) -> int:
@@ -199,6 +306,7 @@ def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, ca
     shown while the result is not."""
     from audit import limits
 
+    _calibration()[0][(*_cost_key(selection), param)] = passes
     on = links.shown(param, pressed, inputs,
                      ready=cached or passes * pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value)
     if not on:

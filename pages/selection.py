@@ -72,14 +72,19 @@ def user_errors(what: str = "This part of the page", stop_page: bool = True):
         if stop_page:
             stop()
     except Exception as exc:  # noqa: BLE001 (the last line of defence of a page)
-        log.exception("%s failed", what)
-        first = markup.escape(str(exc).splitlines()[0][:300]) if str(exc) else ""
-        st.error(f"{what} failed: {type(exc).__name__}{': ' + first if first else ''}. This is a bug of CNN "
-                 "Audit, not of your model; the details below help us fix it.", icon=":material/bug_report:")
-        with st.expander("Details"):
-            st.code("".join(traceback.format_exception(exc)), language=None)
+        show_bug(what, exc)
         if stop_page:
             stop()
+
+
+def show_bug(what: str, exc: Exception) -> None:
+    """An unexpected error as a short message naming what failed, the traceback in an expander and the log."""
+    log.exception("%s failed", what, exc_info=exc)
+    first = markup.escape(str(exc).splitlines()[0][:300]) if str(exc) else ""
+    st.error(f"{what} failed: {type(exc).__name__}{': ' + first if first else ''}. This is a bug of CNN "
+             "Audit, not of your model; the details below help us fix it.", icon=":material/bug_report:")
+    with st.expander("Details"):
+        st.code("".join(traceback.format_exception(exc)), language=None)
 
 
 def what_these_mean(page: str) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from audit import datasets, device, images, limits, models, precision, storage
 from audit.errors import AuditError, WeightsUnavailableError
 from pages import links, markup
-from pages.selection import Selection, get_model, user_errors
+from pages.selection import Selection, get_model, show_bug, user_errors
 
 @st.cache_data(show_spinner="Timing bfloat16 against float32 for this model (once)…", max_entries=64)
 def compute_precision(fingerprint: str, source: str) -> tuple[str, str]:
@@ -123,6 +124,11 @@ def _model_picker() -> models.LoadedModel | None:
         return None
     except AuditError as exc:
         st.error(markup.escape(str(exc)), icon=":material/error:")
+        return None
+    except ScriptControlException:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a model that fails to open must not take the page with it)
+        show_bug(f"Opening {source}", exc)
         return None
     st.query_params["model"] = source
     if loaded.untrained:

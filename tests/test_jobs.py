@@ -84,3 +84,65 @@ def test_quick_views_of_a_model_open_while_another_users_job_holds_it():
     assert not at.exception, at.exception
     assert seconds > 2.5 and not loaded.job_lock.locked()
     assert _has_statistics(at)
+
+
+def test_two_sessions_asking_for_the_same_statistics_at_once_run_one_pass(monkeypatch):
+    """The second request follows the first's pass and takes its result: one pass, not two (issue #29)."""
+    import threading
+
+    from audit import activations
+
+    passes = []
+    original = activations.filter_sums
+
+    def counted(*args, **kwargs):
+        passes.append(threading.get_ident())
+        time.sleep(1.5)  # long enough for the second session to arrive while it runs
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "filter_sums", counted)
+    _open("pages/model.py", model="demo:shapes")  # loaded once for both sessions
+    opened = {}
+
+    def session(name: str, delay: float) -> None:
+        time.sleep(delay)
+        opened[name] = _open("pages/activations.py", model="demo:shapes", count="11", stats="1")[0]
+
+    threads = [threading.Thread(target=session, args=(name, delay)) for name, delay in (("a", 0), ("b", 0.3))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sorted(opened) == ["a", "b"]
+    for at in opened.values():
+        assert not at.exception, at.exception
+        assert _has_statistics(at)
+    assert len(passes) == 1
+    tables = [next(frame.value for frame in at.dataframe if "apoz" in frame.value.columns) for at in opened.values()]
+    assert tables[0].equals(tables[1])
+
+
+def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(monkeypatch):
+    """A job that took 27% longer than its estimate makes the next estimate 27% longer; a busy server (the
+    probe 2x slower) doubles it and says why. Ratios are kept idle: a job on a busy server is divided back."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pytest
+
+    from pages import jobs
+
+    selection = SimpleNamespace(model=SimpleNamespace(fingerprint="calibrated"), device="cpu", precision="float32")
+    jobs._pass_times()[("calibrated", "cpu")] = 0.01
+    monkeypatch.setattr(jobs, "busy_factor", lambda: 1.0)
+    assert jobs.pass_seconds(selection) == 0.01
+    jobs._calibration()[0][("calibrated", "cpu", "float32", "stats")] = 100  # what job_shown counted
+    jobs._learn(selection, "stats", 1.27, busy=1.0)
+    assert jobs.pass_seconds(selection) == pytest.approx(0.0127)
+    jobs._learn(selection, "stats", 3.0, busy=2.0)  # 1.5 s idle
+    assert jobs.pass_seconds(selection) == pytest.approx(0.01 * np.median([1.27, 1.5]))
+    jobs._learn(selection, "gallery", 50.0, busy=1.0)  # no estimate was shown for it: nothing learnt
+    assert jobs.pass_seconds(selection) == pytest.approx(0.01 * np.median([1.27, 1.5]))
+    assert jobs.estimate(selection, 100) == "about 1 s"
+    monkeypatch.setattr(jobs, "busy_factor", lambda: 2.5)
+    assert jobs.estimate(selection, 100) == "about 3 s (the server is busy: 2.5x slower than idle now)"

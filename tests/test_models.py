@@ -213,3 +213,29 @@ def test_a_keras_application_link_never_starts_a_download(monkeypatch, tmp_path)
     with pytest.raises(WeightsUnavailableError, match="were not downloaded"):
         models.load("keras:MobileNetV2")
     assert not any(path.suffix == ".h5" for path in tmp_path.rglob("*"))
+
+
+README_KERAS_NAMES = __import__("re").findall(r"^\| (\w+) \| keras\.applications", (
+    __import__("pathlib").Path(__file__).resolve().parent.parent / "README.md").read_text(), __import__("re").M)
+
+
+def test_the_readme_tables_keras_names_are_all_offered():
+    assert len(README_KERAS_NAMES) >= 8
+    assert set(README_KERAS_NAMES) <= set(sources.KERAS_APPLICATIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(sources.KERAS_APPLICATIONS))
+def test_every_offered_keras_architecture_opens_untrained_through_its_source(name):
+    """The sidebar's keras:<Name>:untrained, not a file built by the test: the path a user clicks (a free input
+    size once made MobileNetV3 fail here with a TypeError)."""
+    loaded = models.load(f"keras:{name}:untrained")
+    assert loaded.untrained and loaded.class_names is None
+    height, width = loaded.input_size
+    assert 200 <= height == width <= 331
+    pixels = np.random.default_rng(0).integers(0, 256, (height + 7, width + 3, 3), dtype=np.uint8)
+    probabilities = loaded.predict(loaded.preprocess(pixels))[0]
+    assert probabilities.shape == (1000,) and abs(float(probabilities.sum()) - 1.0) < 1e-3
+    table = models.layer_table(loaded.model)
+    assert len(table) > 10 and table["params"][~table["is_container"]].sum() == loaded.model.count_params()
+    assert models.conv_layers(loaded.model)

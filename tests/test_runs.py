@@ -90,7 +90,7 @@ def test_an_interrupted_run_resumes_from_its_shards(loaded, folder, reference, d
     folder_of = runs.folder_of(runs.Job(loaded.source, layers=tuple(models.conv_layers(loaded.model)),
                                         precision="float32"),  # as the run resolved it (tests/conftest.py)
                                loaded.fingerprint, image_set, 4)
-    written = sorted(p.name for p in folder_of.iterdir())
+    written = sorted(p.name for p in folder_of.iterdir() if p.name != runs.LOCK)
     assert written == ["job.json", "shard-00000.npz"]  # no half shard, no result
     kept = (folder_of / "shard-00000.npz").stat().st_mtime_ns
     seen = []
@@ -247,3 +247,31 @@ def test_sensitivity_and_what_if_stream_to_the_figures_of_the_masked_model(loade
     measured = pruning.what_if(loaded.model, selection, stream(), total=30)
     for column, value in by_hand(selection).items():
         assert measured[column] == pytest.approx(value, rel=1e-4, abs=1e-6), column
+
+
+def test_two_runs_of_one_job_at_once_compute_each_shard_once(loaded, folder, reference, monkeypatch):
+    """Two command lines started together: the second waits for the first's shards and only merges them."""
+    import threading
+
+    computed = []
+    original = runs.shard_sums
+
+    def counted(*args, **kwargs):
+        computed.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "shard_sums", counted)
+    image_set = datasets.from_folder(folder)
+    results = {}
+
+    def command_line(name):
+        results[name] = runs.run(loaded, runs.Job(loaded.source, threshold=0.0123), image_set, shards=3)
+
+    threads = [threading.Thread(target=command_line, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(computed) == 3  # not 6
+    assert sorted(len(result.computed) for result in results.values()) == [0, 3]
+    assert_same(results["a"].table, results["b"].table, STATS, 0)
