@@ -60,7 +60,7 @@ class DiskCache:
         part = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".part", delete=False) as handle:
+            with tempfile.NamedTemporaryFile(dir=self.folder, suffix=f".{os.getpid()}.part", delete=False) as handle:
                 part = Path(handle.name)
                 save(handle)
             os.replace(part, path)

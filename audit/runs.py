@@ -106,8 +106,9 @@ def _unpack(arrays) -> tuple[dict, dict]:
 
 def _write(path: Path, arrays: dict) -> None:
     """Atomically: a run killed mid-write leaves no half shard that a restart would trust."""
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
+    partial = storage.part_path(path)
+    with open(partial, "wb") as handle:
+        np.savez(handle, **arrays)
     os.replace(partial, path)
 
 
@@ -128,6 +129,7 @@ def run(loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shard
     folder = folder_of(job, loaded.fingerprint, image_set, shards)
     folder.mkdir(parents=True, exist_ok=True)
     with _one_run_at_a_time(folder):
+        storage.sweep_parts(folder)  # what a run killed mid-write left
         return _run_in(folder, loaded, job, image_set, shards, address, progress)
 
 

@@ -36,7 +36,7 @@ def save_upload(data: bytes, kind: str, name: str | None = None) -> str:
     path = upload_path(kind, digest, must_exist=False)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
+        partial = part_path(path)
         try:
             partial.write_bytes(data)
             partial.replace(path)  # atomic: a reader never sees half a file
@@ -47,6 +47,35 @@ def save_upload(data: bytes, kind: str, name: str | None = None) -> str:
         path.with_suffix(".name").write_text(Path(name).name[:200], encoding="utf-8")
     evict_uploads(keep=path)
     return digest
+
+
+def part_path(path: Path) -> Path:
+    """Where `path` is written before its atomic rename: named by the writing process, so a part file whose
+    writer is gone (killed mid-write) is known as such and swept (sweep_parts)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.part")
+
+
+def sweep_parts(folder: Path | None = None) -> int:
+    """Delete the part files under `folder` (the data folder) whose writing process no longer runs: what a
+    kill -9 during a write leaves. Returns how many went. Finished files are never touched."""
+    removed = 0
+    for part in (folder or data_dir()).rglob("*.part"):
+        pid = part.suffixes[-2][1:] if len(part.suffixes) >= 2 else ""
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        part.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def evict_uploads(keep: Path | None = None) -> None:

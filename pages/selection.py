@@ -33,7 +33,13 @@ if not log.handlers:  # the server log says when a model is really loaded (once 
 
 @st.cache_resource
 def loaded_models() -> registry.ModelCache:
-    """The server's loaded models, shared by every session, bounded by count and bytes (audit.limits)."""
+    """The server's loaded models, shared by every session, bounded by count and bytes (audit.limits).
+    Made once per server process: the moment to sweep the part files a killed server left in the data folder."""
+    from audit import storage
+
+    removed = storage.sweep_parts()
+    if removed:
+        log.info("removed %d part files left by an interrupted write", removed)
     return registry.ModelCache()
 
 

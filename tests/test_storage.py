@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from pathlib import Path
 
 from audit import storage
 from audit.errors import AuditError
@@ -119,3 +120,79 @@ def test_uploads_are_bounded_and_the_least_recently_used_go_first(tmp_path, monk
     with pytest.raises(AuditError, match="removed to make room"):
         storage.upload_path("models", second)
     assert storage.upload_name("images", third) == "c.png"
+
+
+def _child(script: str, data: Path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CNN_AUDIT_DATA": str(data), "PYTHONPATH": str(root)})
+
+
+def test_a_full_data_folder_refuses_the_write_keeps_earlier_results_and_leaves_no_part(tmp_path):
+    """A real full disk, not a mock: the child's files may not grow past 100 kB (RLIMIT_FSIZE, as a full
+    filesystem would stop them); an earlier upload and cached result stay readable."""
+    done = _child("""
+import resource, signal
+import numpy as np
+from audit import storage
+from audit.disk_cache import DiskCache
+from audit.errors import StorageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+first = storage.save_upload(b"a" * 1000, "images", "first.png")
+cache = DiskCache(storage.data_dir() / "cache")
+cache.put(("kept",), {"x": np.arange(10)})
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+for write in (lambda: storage.save_upload(b"b" * 400_000, "images", "big.png"),
+              lambda: cache.put(("big",), {"x": np.random.default_rng(0).standard_normal(100_000)})):
+    try:
+        write()
+        print("stored")
+    except StorageError as exc:
+        print("refused:", exc)
+print(first)
+""", tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused: The upload cannot be stored in") and "too large" in lines[0].lower()
+    assert lines[1].startswith("refused: The results cache") and "not kept" in lines[1]
+    # the earlier upload and cache entry are intact
+    first = tmp_path / "uploads" / "images" / lines[2]
+    assert first.read_bytes() == b"a" * 1000
+    from audit.disk_cache import DiskCache
+
+    assert list(DiskCache(tmp_path / "cache").get(("kept",))["x"]) == list(range(10))
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_a_kill_during_an_upload_write_loses_nothing_earlier_and_its_part_file_is_swept(tmp_path, monkeypatch):
+    """The writer killed with SIGKILL half-way through its part file: the upload never appears half-written,
+    the next server start sweeps the orphaned part, and a live writer's part is left alone."""
+    import os
+
+    done = _child("""
+import os, signal
+from pathlib import Path
+from audit import storage
+print(storage.save_upload(b"a" * 1000, "images", "first.png"), flush=True)
+def killed_half_way(self, data):
+    with open(self, "wb") as handle:
+        handle.write(data[:len(data) // 2])
+        handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+Path.write_bytes = killed_half_way
+storage.save_upload(b"b" * 100_000, "images", "second.png")
+""", tmp_path)
+    assert done.returncode == -9
+    first = tmp_path / "uploads" / "images" / done.stdout.split()[0]
+    orphans = list(tmp_path.rglob("*.part"))
+    assert len(orphans) == 1 and orphans[0].stat().st_size == 50_000
+    live = tmp_path / "uploads" / "images" / f"someone.{os.getpid()}.part"  # a write in progress here
+    live.write_bytes(b"x")
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(tmp_path))
+    assert storage.sweep_parts() == 1
+    assert list(tmp_path.rglob("*.part")) == [live] and first.read_bytes() == b"a" * 1000
+    assert sorted(p.name for p in first.parent.iterdir() if p.suffix != ".name") == [first.name, live.name]
