@@ -21,8 +21,9 @@ def _values(tensor) -> int:
     return int(np.prod([d or 1 for d in tensor.shape[1:]], dtype=np.int64))
 
 
-def _macs(call: Call) -> int:
-    """Multiply-adds of one call for one image: convolutions and dense layers (the rest is element-wise)."""
+def call_macs(call: Call, kept_in: float = 1.0, kept_out: float = 1.0) -> float:
+    """Multiply-adds of one call for one image: convolutions and dense layers (the rest is element-wise).
+    `kept_in` and `kept_out`: the shares of its input and output channels that stay (a pruned model's cost)."""
     layer, kind = call.layer, call.kind
     if not call.inputs or not hasattr(layer, "kernel_size") and kind != "Dense":
         return 0
@@ -31,15 +32,17 @@ def _macs(call: Call) -> int:
     positions_out = _values(out) // channels_out
     kernel = int(np.prod(getattr(layer, "kernel_size", (1,))))
     if kind == "Dense":
-        return _values(source) * channels_out
+        return _values(source) * channels_out * kept_in * kept_out
     if kind.startswith("Depthwise"):
-        return positions_out * channels_out * kernel
+        return positions_out * channels_out * kernel * kept_out
     if kind.startswith("Separable"):
         middle = channels_in * int(getattr(layer, "depth_multiplier", 1))
-        return positions_out * middle * kernel + positions_out * middle * channels_out
+        return (positions_out * middle * kernel * kept_in
+                + positions_out * middle * channels_out * kept_in * kept_out)
     if kind.endswith("Transpose"):
-        return (_values(source) // channels_in) * channels_in * kernel * channels_out
-    return positions_out * channels_out * kernel * channels_in // int(getattr(layer, "groups", 1) or 1)
+        return (_values(source) // channels_in) * channels_in * kernel * channels_out * kept_in * kept_out
+    return (positions_out * channels_out * kernel * channels_in // int(getattr(layer, "groups", 1) or 1)
+            * kept_in * kept_out)
 
 
 @dataclass(frozen=True)
@@ -93,4 +96,4 @@ def _cost(model: keras.Model, size: tuple[int, int] | None) -> Cost:
         for tensor in as_list(call.output):
             freed[last_use.get(id(tensor), index) + 1] += 4 * _values(tensor)
         held -= freed[index + 1]
-    return Cost(int(total), int(peak), int(sum(_macs(call) for call in calls)), len(calls))
+    return Cost(int(total), int(peak), int(sum(call_macs(call) for call in calls)), len(calls))

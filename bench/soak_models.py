@@ -1,12 +1,15 @@
-"""Soak: 20 different uploaded models opened in turn on a live server; the server's memory after each.
+"""Soak: models opened in turn on a live server for a while; the server's resident memory after each load.
 
-Starts `streamlit run dashboard.py` on a fresh data folder holding 20 uploads (different weights, 39 MB
-of weights each), opens each one's Model page in Chromium (as a link, `?model=upload:<sha256>`), waits
-for the page to finish and prints the server's resident memory. With the default bound
-(CNN_AUDIT_MAX_LOADED_MODELS=4) memory should stop growing after the fourth model; printed, never
-asserted. Needs Debian's chromium and playwright (as the browser tests).
+Starts `streamlit run dashboard.py` on a fresh data folder and, in Chromium, opens model after model
+from a cycle of sources (the three demos and eight keras.applications architectures, untrained, by
+default; `--uploads N` adds N different uploaded files), each by a link to its Model page and then its
+saliency map, so loading, tracing and gradients all run. Past CNN_AUDIT_MAX_LOADED_MODELS (`--bound`)
+the server drops the least recently used model; its memory should stop growing once the bound is
+reached. Prints the memory after each load and, at the end, after the first load against after 30 and
+after the last. `--env NAME=VALUE` passes settings to the server (for example MALLOC_ARENA_MAX=2, to see
+the allocator's part). Printed, never asserted.
 
-    python -m bench.soak_models [--models 20] [--bound 4]
+    python -m bench.soak_models [--minutes 30] [--bound 4] [--uploads 0] [--env NAME=VALUE ...]
 """
 
 import argparse
@@ -21,22 +24,25 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("demo:shapes", "demo:shapes-gap", "demo:vgg16") + tuple(
+    f"keras:{name}:untrained" for name in ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121",
+                                           "MobileNetV3Small", "Xception", "InceptionV3", "ConvNeXtTiny"))
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of the server and its children (streamlit runs in one process)."""
+def rss_mb(pid: int) -> float:
+    """Resident memory of the server (streamlit runs in one process)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _uploads(folder: Path, count: int) -> list[str]:
-    """Store `count` different models as uploads (in a child process: this one stays small)."""
+def uploads(folder: Path, count: int) -> list[str]:
+    """Store `count` different model files as uploads (in a child process: this one stays small)."""
     script = f"""
 import keras
 from audit import storage
-import io, tempfile, pathlib
+import tempfile, pathlib
 for seed in range({count}):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Conv2D(16, 3, activation="relu", name="conv"),
@@ -48,28 +54,40 @@ for seed in range({count}):
         print(storage.save_upload(path.read_bytes(), "models", f"soak_{{seed}}.keras"))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-                          env={**os.environ, "CNN_AUDIT_DATA": str(folder)})
-    return done.stdout.split()
+                          env={**os.environ, "CNN_AUDIT_DATA": str(folder), "PYTHONPATH": str(ROOT)})
+    return [f"upload:{digest}" for digest in done.stdout.split()]
+
+
+def settle(page) -> None:
+    quiet = 0
+    while quiet < 2:
+        quiet = 0 if page.locator("[data-testid=stStatusWidget]").count() else quiet + 1
+        page.wait_for_timeout(250)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--bound", type=int, default=4, help="CNN_AUDIT_MAX_LOADED_MODELS for the server")
+    parser.add_argument("--uploads", type=int, default=0, help="different uploaded files added to the cycle")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server's environment")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
     folder = Path(tempfile.mkdtemp(prefix="cnn_audit_soak_"))
-    digests = _uploads(folder, args.models)
+    sources = list(SOURCES) + uploads(folder, args.uploads)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "CNN_AUDIT_DATA": str(folder), "CNN_AUDIT_MAX_LOADED_MODELS": str(args.bound)}
+    env = {**os.environ, "CNN_AUDIT_DATA": str(folder), "CNN_AUDIT_MAX_LOADED_MODELS": str(args.bound),
+           **dict(setting.split("=", 1) for setting in args.env)}
     log = open(folder / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1"],
+                               "--server.port", str(port), "--server.address", "127.0.0.1",
+                               "--browser.gatherUsageStats", "false"],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    after = {}
     try:
         for _ in range(240):
             try:
@@ -80,22 +98,34 @@ def main():
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
                                                  args=["--no-sandbox", "--disable-gpu"])
-            print(f"{'model':>5} {'server MB':>10} {'change':>8}  (bound: {args.bound} models)")
-            before = _rss_mb(server.pid)
-            print(f"{'start':>5} {before:10.0f}")
-            for number, digest in enumerate(digests, start=1):
+            print(f"bound: {args.bound} models; {len(sources)} sources in turn; {args.env or 'default allocator'}")
+            print(f"{'load':>5} {'seconds':>8} {'server MB':>10} {'change':>8}  source")
+            before = after[0] = rss_mb(server.pid)
+            print(f"{'start':>5} {'':>8} {before:10.0f}")
+            deadline, number = time.time() + 60 * args.minutes, 0
+            while time.time() < deadline:
+                source = sources[number % len(sources)]
+                number += 1
+                start = time.perf_counter()
                 page = browser.new_page()
-                page.set_default_timeout(180_000)
-                page.goto(f"{url}/?model=upload:{digest}&image=chelsea")
+                page.set_default_timeout(600_000)
+                page.goto(f"{url}/?model={source}&image=chelsea")
                 page.get_by_text("Layers", exact=True).first.wait_for()
-                page.wait_for_timeout(500)
-                page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')")
+                settle(page)
+                page.goto(f"{url}/attribution?model={source}&image=chelsea&methods=Saliency")
+                page.locator("[data-testid=stImage]").first.wait_for()
+                settle(page)
+                errors = page.locator("[data-testid=stException]").count()
                 page.close()
                 time.sleep(1.0)
-                now = _rss_mb(server.pid)
-                print(f"{number:5d} {now:10.0f} {now - before:+8.0f}")
+                now = after[number] = rss_mb(server.pid)
+                print(f"{number:5d} {time.perf_counter() - start:8.1f} {now:10.0f} {now - before:+8.0f}  {source}"
+                      + (f"  ({errors} exceptions)" if errors else ""), flush=True)
                 before = now
             browser.close()
+        last = max(after)
+        print(f"\nafter the first load {after[1]:.0f} MB; after load 30 {after.get(30, float('nan')):.0f} MB; "
+              f"after load {last} (the last) {after[last]:.0f} MB; highest {max(after.values()):.0f} MB")
     finally:
         server.terminate()
         server.wait(30)

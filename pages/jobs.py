@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 import threading
 import time
@@ -98,6 +99,7 @@ def shared_result(key: tuple, compute, limit: int = 64):
             if running is None:
                 running = _running()[key] = Running()
                 break
+        log.info("result %s: waiting for the session computing it", _short(key))
         value = _wait_for(running)
         if value is not None:
             return value
@@ -105,6 +107,7 @@ def shared_result(key: tuple, compute, limit: int = 64):
     try:
         value = _from_disk(key)
         if value is None:
+            log.info("result %s: computing", _short(key))  # bench/load.py counts these per result
             value = compute()
             _to_disk(key, value)
         running.value = value
@@ -118,6 +121,10 @@ def shared_result(key: tuple, compute, limit: int = 64):
                     store.popitem(last=False)
         running.finished.set()
     return value
+
+
+def _short(key: tuple) -> str:
+    return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
 
 def _wait_for(running: Running):

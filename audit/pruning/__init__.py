@@ -3,7 +3,8 @@ cutting costs, and recovery by fine-tuning.
 
 One idea per module, re-exported here so `from audit import pruning` and `pruning.filter_scores(...)` keep
 working: `scores` (L1, APoZ, mean, Taylor, redundancy, FPGM), `selection` (candidates, rankings, the random
-baseline), `surgery` (masks, plans, the smaller model, multiply-adds), `quality` (what-if, sensitivity, the
+baseline), `surgery` (masks, plans, the smaller model, multiply-adds), `targets` (whole groups ranked and taken until
+the share, parameters or multiply-adds asked), `quality` (what-if, sensitivity, the
 ranking against chance, leave-one-out) and `recovery` (fine-tuning, accuracy against chance). Each reads the
 ones before it, never the ones after.
 """
@@ -40,6 +41,14 @@ from audit.pruning.surgery import (  # noqa: F401
     group_table,
     prune,
     flops,
+    kept_cost,
+)
+from audit.pruning.targets import (  # noqa: F401
+    SCOPES,
+    RANKING_CRITERIA,
+    group_importance,
+    select,
+    to_target,
 )
 from audit.pruning.quality import (  # noqa: F401
     QualitySums,
@@ -62,4 +71,11 @@ from audit.pruning.recovery import (  # noqa: F401
     knowledge,
     accuracy,
     recovery,
+)
+from audit.pruning.schedule import (  # noqa: F401
+    TRADE_OFF_METHODS,
+    latency,
+    split,
+    iterative,
+    trade_off,
 )

@@ -97,19 +97,23 @@ def masked(model: keras.Model, selection: dict[str, list[int]], graph: groups.De
     return clone
 
 
-def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None
-         ) -> pd.DataFrame:
-    """What pruning the selection does, per layer: channels before, removed, after, and why any
-    selected filter is kept (its group is locked)."""
+def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None,
+         share: float | None = None) -> pd.DataFrame:
+    """What pruning the selection does, per layer: channels before, selected, removed (with every channel
+    coupled to the selected ones), the share removed, and why any selected filter is kept (its group is
+    locked); with the `share` asked per layer, the channels that share asks for beside them."""
     graph = graph or groups.DependencyGraph(model)
     chosen, kept = graph.expand(selection)
     rows = []
     for path, call in graph.producers().items():
         mask = graph.removed(as_list(call.output)[0], chosen)
         if mask.any() or path in kept or path in selection:
-            rows.append({"layer": path, "channels": len(mask), "selected": len(selection.get(path, [])),
-                         "removed": int(mask.sum()), "kept because": kept.get(path, "")})
-    return pd.DataFrame(rows, columns=["layer", "channels", "selected", "removed", "kept because"])
+            rows.append({"layer": path, "channels": len(mask), "asked": round(share * len(mask)) if share else None,
+                         "selected": len(selection.get(path, [])), "removed": int(mask.sum()),
+                         "share removed": float(mask.mean()), "kept because": kept.get(path, "")})
+    columns = ["layer", "channels", "asked", "selected", "removed", "share removed", "kept because"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table if share is not None else table.drop(columns="asked")
 
 
 def group_table(graph: groups.DependencyGraph, scores: pd.DataFrame, criterion: str = "l1") -> pd.DataFrame:
@@ -170,10 +174,37 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
     return smaller
 
 
-def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray) -> tuple[dict, list | None]:
-    """The config changes and the sliced weights of one layer (None: its weights stay as they are)."""
+def kept_cost(graph: groups.DependencyGraph, chosen: set[int]) -> tuple[int, int]:
+    """Parameters and multiply-adds per image of the model with the `chosen` groups removed, without building it:
+    every cut layer's weights sliced as `prune` slices them (on one-byte stand-ins of their shapes), and each
+    conv and dense call's multiply-adds scaled by the shares of its input and output channels kept."""
+    params = macs = 0
+    for call in graph.calls:
+        output = as_list(call.output)[0]
+        out_keep = ~graph.removed(output, chosen)
+        in_keep = ~graph.removed(call.inputs[0], chosen) if call.inputs else None
+        weights = _weights_of(call.layer)
+        changed = not out_keep.all() or (in_keep is not None and not in_keep.all())
+        sliced = _cut(call, in_keep, out_keep, [np.empty(w.shape, np.uint8) for w in weights])[1] if changed else None
+        params += sum(int(np.prod(w.shape)) for w in (weights if sliced is None else sliced))
+        macs += cost.call_macs(call, float(in_keep.mean()) if in_keep is not None and in_keep.size else 1.0,
+                               float(out_keep.mean()) if out_keep.size else 1.0)
+    return params, int(macs)
+
+
+def _weights_of(layer) -> list:
+    """A layer's weights; none for keras.ops arithmetic in a graph (MobileNetV3's hard sigmoid: x + 3, * 1/6),
+    which is a weightless operation, not a layer."""
+    return list(layer.weights) if isinstance(layer, keras.layers.Layer) else []
+
+
+def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray, old: list | None = None
+         ) -> tuple[dict, list | None]:
+    """The config changes and the sliced weights of one layer (None: its weights stay as they are); `old`: the
+    weights to slice (the layer's own by default)."""
     kind, layer = call.kind, call.layer
-    old = [np.asarray(w) for w in layer.get_weights()]
+    if old is None:
+        old = [np.asarray(w) for w in _weights_of(layer)]
     count = int(out_keep.sum())
     if kind == "Dense":
         return {"units": count}, [old[0][in_keep][:, out_keep], *[b[out_keep] for b in old[1:]]]
