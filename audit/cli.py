@@ -85,7 +85,8 @@ def _report(args) -> int:
     options = report.ReportOptions(
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
         gallery_steps=args.steps, attribution_images=args.attribution_images,
-        methods=tuple(args.methods), prune_criterion=args.criterion, prune_share=args.prune_share)
+        methods=tuple(args.methods), prune_criterion=args.criterion, prune_target=args.prune_target,
+        prune_share=args.prune_share)
     unknown = [m for m in options.methods if m not in _methods()]
     if unknown:
         raise AuditError(f"Unknown attribution method(s) {unknown}; choose from {_methods()}.")
@@ -202,10 +203,22 @@ def _prune(args) -> int:
         with progress_bar("Scoring every filter", args.quiet), loaded.job_lock:
             scores = pruning.filter_scores(precision.for_compute(loaded.model), x, labels)
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or list(dict.fromkeys(scores.layer))
-    chosen = pruning.candidates(scores[scores.layer.isin(layers)], args.criterion, args.share)
-    selection = {layer: sorted(group["filter"].astype(int)) for layer, group in chosen.groupby("layer", sort=False)}
+    target = _target(args)
+    graph = loaded.dependency_graph()
+    if args.steps:
+        if streamed or labels is None:
+            raise AuditError("--steps fine-tunes between the cuts: it needs labelled images in memory (class "
+                             "folders, a .zip of them, or shapes:N), and --params or --macs.")
+        with progress_bar(f"Pruning in {args.steps} steps, beside one cut and a random ranking", args.quiet) \
+                as progress, loaded.job_lock:
+            smaller, table = pruning.trade_off(loaded.model, x, labels, args.criterion, steps=args.steps,
+                                               epochs=args.fine_tune or 1, progress=progress,
+                                               **{target.kind: target.value})
+        print(table.to_string(index=False))
+        return _save(args, loaded.model, smaller)
+    selection = pruning.selection_for(loaded.model, scores[scores.layer.isin(layers)], args.criterion, target, graph)
     with loaded.job_lock:
-        plan = pruning.plan(loaded.model, selection)
+        plan = pruning.plan(loaded.model, selection, graph, share=target.value if target.kind == "layer" else None)
         print(plan.to_string(index=False))
         if args.fine_tune:
             with progress_bar("Fine-tuning", args.quiet) as progress:
@@ -221,8 +234,37 @@ def _prune(args) -> int:
                                            total=len(files))
             print("pruned against the model on the whole set: " +
                   ", ".join(f"{name} {value:.4g}" for name, value in measured.items()))
+    return _save(args, loaded.model, smaller)
+
+
+def _target(args):
+    """The pruning target the arguments ask: --params or --macs (a share to keep), else --share per --scope."""
+    from audit import pruning
+
+    if args.params is not None and args.macs is not None:
+        raise AuditError("Give --params or --macs, not both.")
+    if args.steps and args.params is None and args.macs is None:
+        raise AuditError("--steps needs a target to reach: --params or --macs (the share to keep).")
+    if args.params is not None or args.macs is not None:
+        kind, value = ("params", args.params) if args.params is not None else ("macs", args.macs)
+    else:
+        kind, value = args.scope, args.share
+    return pruning.Target(kind, value, args.max_per_layer)
+
+
+def _save(args, model, smaller) -> int:
+    """Write the smaller model (and its SavedModel), and say what it keeps and how fast it runs here."""
+    from audit import pruning
+
     smaller.save(args.out)
-    print(f"{args.out}: {smaller.count_params():,} parameters (from {loaded.model.count_params():,})")
+    if args.saved_model:
+        smaller.export(args.saved_model, format="tf_saved_model", verbose=False)
+    before, after = pruning.latency(model), pruning.latency(smaller)
+    print(f"{args.out}: {smaller.count_params():,} parameters (from {model.count_params():,}, "
+          f"{smaller.count_params() / model.count_params():.1%}), {pruning.flops(smaller):,} multiply-adds per image "
+          f"({pruning.flops(smaller) / pruning.flops(model):.1%}), {1e3 * after:.2f} ms per image here "
+          f"(from {1e3 * before:.2f} ms{'; no faster, though smaller' if after >= before else ''})"
+          + (f"; SavedModel in {args.saved_model}" if args.saved_model else ""))
     return 0
 
 
@@ -331,7 +373,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--criterion", default="dead", choices=list(_criteria()),
                         help="pruning candidates listed: dead (dead or near-dead) or the lowest share by a score, as "
                              "on the Pruning page")
-    report.add_argument("--prune-share", type=_share, default=0.3, help="share of each layer listed as candidates")
+    report.add_argument("--prune-target", default="layer", choices=["layer", "global", "params", "macs"],
+                        help="what --prune-share counts: channels cut per layer or overall, parameters or MACs kept")
+    report.add_argument("--prune-share", type=_share, default=0.3, help="the target's share")
     report.set_defaults(run=_report)
 
     stats = commands.add_parser("stats", help="per-filter activation statistics and dead-filter counts")
@@ -359,7 +403,17 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--criterion", default="l1", choices=list(_criteria()),
                        help="rank filters by this score (lowest first; APoZ: highest first; dead: every dead or "
                             "near-dead filter)")
-    prune.add_argument("--share", type=_share, default=0.3, help="share of each layer's filters to remove (0 to 1)")
+    prune.add_argument("--share", type=_share, default=0.3,
+                       help="share of channels to remove, whole dependency groups (0 to 1), per --scope")
+    prune.add_argument("--scope", default="layer", choices=["layer", "global"],
+                       help="the share of each layer, or of all the layers' channels together")
+    prune.add_argument("--params", type=_share, help="instead of --share: the share of the parameters to keep")
+    prune.add_argument("--macs", type=_share, help="instead of --share: the share of multiply-adds to keep")
+    prune.add_argument("--max-per-layer", type=_share, default=0.9, help="the most any layer may lose")
+    prune.add_argument("--steps", type=_count(0, 20), default=0,
+                       help="reach --params or --macs in this many steps, fine-tuning --fine-tune epochs (1 by "
+                            "default) between them, beside one cut and a random ranking (needs labels)")
+    prune.add_argument("--saved-model", help="also export a SavedModel (for TF Serving) to this folder")
     prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
     prune.add_argument("--fine-tune", type=_count(0, 1000), default=0, metavar="EPOCHS",
                        help="fine-tune for this many epochs and compare with a random ranking (needs labels)")

@@ -32,7 +32,8 @@ class ReportOptions:
     attribution_images: int = 4
     methods: tuple[str, ...] = ("Grad-CAM", "Saliency")
     prune_criterion: str = "dead"  # as on the Pruning page (audit.pruning.CRITERIA)
-    prune_share: float = 0.3  # the share of each layer listed as candidates (not used by "dead")
+    prune_target: str = "layer"  # what the share counts (audit.pruning.TARGET_KINDS), as on the Pruning page
+    prune_share: float = 0.3  # the target's share: to cut (layer, global) or to keep (params, macs); not for "dead"
     near_dead_apoz: float = 0.99
     fit: str = "crop"
     preprocessing: str = ""  # empty: the model's own
@@ -192,12 +193,14 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     sections.append("<h2>Attribution</h2><p>For the top-1 class (score before the softmax) or, without a class "
                     "output, the most active filter of the last conv layer.</p>" + "".join(rows))
 
-    candidates = pruning.candidates(scores, options.prune_criterion, options.prune_share)
+    target = pruning.Target(options.prune_target, options.prune_share)
+    candidates = pruning.proposed(scores, pruning.selection_for(loaded.model, scores, options.prune_criterion, target,
+                                                                loaded.dependency_graph()), options.prune_criterion)
     per_layer = candidates.groupby(["layer", "why"], sort=False).size().rename("filters").reset_index()
     chart = px.bar(per_layer, x="layer", y="filters", color="why", barmode="stack",
                    color_discrete_map={"dead": "#d62728", "near-dead": "#ff7f0e"})
-    chosen = ("dead or near-dead" if options.prune_criterion == "dead" else
-              f"the {options.prune_share:.0%} of each layer chosen by {pruning.CRITERIA[options.prune_criterion]}")
+    chosen = ("dead or near-dead, with their groups" if options.prune_criterion == "dead" else
+              f"whole groups by {pruning.CRITERIA[options.prune_criterion]} to the {target.describe()}")
     columns = ["layer", "filter", "why", "measured_at", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]
     sections.append(f"<h2>Pruning candidates</h2><p>{len(candidates)} of {len(scores)} filters: {html.escape(chosen)}. "
                     f"Check them on the dashboard's Pruning page before cutting.</p>{_figure(chart, first=False)}"

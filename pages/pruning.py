@@ -26,10 +26,10 @@ common.warn_if_at_chance(selection)
 with user_errors("Scoring the filters"):
     scores = pruning_jobs.filter_scores(selection)
 
-criterion, share = candidates_choice.choose(st, scores)
+criterion, target = candidates_choice.choose(st, scores)
 with user_errors():
-    candidates = pruning.candidates(scores, criterion, share)
-selection_map = {layer: sorted(group["filter"].astype(int)) for layer, group in candidates.groupby("layer", sort=False)}
+    selection_map, params_kept, macs_kept = pruning_jobs.chosen_filters(selection, scores, criterion, target)
+    candidates = pruning.proposed(scores, selection_map, criterion)
 unfloored = scores[scores.apoz.isna()].groupby("layer", sort=False).size()
 if len(unfloored) and criterion in ("dead", "apoz"):
     st.caption(f"{len(unfloored)} layers have no APoZ and no dead filters and are left out: their filters are "
@@ -42,6 +42,13 @@ figure = px.bar(counts, x="layer", y=["candidates", "total"], barmode="overlay",
                 color_discrete_map={"candidates": "#d62728", "total": "#c7c7c7"})
 figure.update_layout(height=320, margin=dict(t=10), xaxis_tickangle=-45, legend_title_text="")
 st.subheader(f"{len(candidates)} candidates of {len(scores)} filters")
+kept_columns = st.columns(3)
+kept_columns[0].metric("Channels of the scored layers removed", f"{len(candidates) / len(scores):.1%}")
+kept_columns[1].metric("Parameters kept", f"{params_kept:.1%}")
+kept_columns[2].metric("Multiply-adds kept", f"{macs_kept:.1%}")
+st.caption("Whole dependency groups, least important first (each layer's scores over its mean, averaged over the "
+           "group): the share asked is the share of channels really removed, coupled ones included"
+           + ("." if criterion != "dead" else "; here every dead or near-dead filter with its group."))
 st.plotly_chart(figure, width="stretch")
 
 responses = common.ascent_responses(loaded.fingerprint)
@@ -113,8 +120,7 @@ st.dataframe(candidates, hide_index=True, width="stretch", height=260, column_co
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
 
 st.subheader("Dependency groups")
-with st.spinner("Reading the dependency groups…"):
-    graph = loaded.dependency_graph()
+graph = loaded.dependency_graph()
 group_criterion = criterion if criterion not in ("dead", "apoz") else "l1"
 coupled = pruning.group_table(graph, scores, group_criterion)
 st.caption("Channels that must go together (Fang et al. 2023, DepGraph): the two sides of a residual add, a "
@@ -268,20 +274,33 @@ if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_re
 st.subheader("Export a smaller model")
 selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())
 with user_errors("Building the smaller model"):
-    data, sizes, reason, plan = pruning_jobs.pruned_export(loaded.fingerprint, loaded.source, selection_key)
+    data, sizes, reason, plan = pruning_jobs.pruned_export(loaded.fingerprint, loaded.source, selection_key,
+                                                           target.value if target.kind == "layer" else None)
 if reason:
     st.warning(f"{markup.escape(reason)} The masked model is offered instead.")
 removed, held = plan[plan.removed > 0], plan[plan["kept because"] != ""]
-st.caption(f"The {len(candidates)} candidates grow to their dependency groups: {int(removed.removed.sum())} "
-           f"channels leave {len(removed)} layers" + (f"; {len(held)} layers keep their selected filters "
-                                                       "(see why below)" if len(held) else "") + ".")
-with st.expander(f"Per layer: removed and kept ({len(plan)} layers)"):
+st.caption(f"{int(removed.removed.sum())} channels leave {len(removed)} layers, whole dependency groups"
+           + (f"; {len(held)} layers keep their selected filters (see why below)" if len(held) else "") + ".")
+with st.expander(f"Per layer: asked, removed and kept ({len(plan)} layers)"):
     st.dataframe(plan, hide_index=True, width="stretch")
 table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
                      columns=["", "before", "after"])
 table["change"] = (table["after"] / table["before"] - 1).map(lambda v: f"{v:+.1%}")
-st.dataframe(table, hide_index=True)
-st.download_button("Download the pruned model (.keras)", data, "pruned.keras", type="primary")
+st.dataframe(table, hide_index=True, column_config={"before": st.column_config.NumberColumn(format="%.4g"),
+                                                    "after": st.column_config.NumberColumn(format="%.4g")})
+macs_before, macs_after = sizes["multiply-adds per image"]
+time_before, time_after = sizes["milliseconds per image here"]
+if macs_after < macs_before and time_after >= 0.95 * time_before:
+    st.warning("Fewer multiply-adds, but not less time here (one image, a warm compiled prediction): on this "
+               "hardware the cut layers were not what the time is spent on (memory-bound or depthwise layers).",
+               icon=":material/timer:")
+download, saved_model = st.columns(2)
+download.download_button("Download the pruned model (.keras)", data, "pruned.keras", type="primary")
+if not reason:
+    saved_model.download_button(
+        "Download as a SavedModel (.zip, for TF Serving)",
+        lambda: pruning_jobs.pruned_saved_model(loaded.fingerprint, loaded.source, selection_key),
+        "pruned_saved_model.zip", "application/zip")
 
 st.subheader("Recovery by fine-tuning")
 st.caption("Pruning papers report accuracy after a short retraining, and random rankings often catch up then "
@@ -310,3 +329,45 @@ else:
             "accuracy": st.column_config.NumberColumn(format="percent"),
             "cross-entropy": st.column_config.NumberColumn(format="%.4f")})
         st.download_button("Download the fine-tuned model (.keras)", tuned, "pruned_fine_tuned.keras")
+
+st.subheader("Prune in steps to a size")
+st.caption("Practitioners prune in steps with fine-tuning between them (Torch-Pruning's and TF-MOT's schedules, "
+           "NetAdapt). Each step re-scores the current model on the fine-tuning images, cuts whole groups to the "
+           "step's size and fine-tunes; beside it, one cut of the original to each step's size by the same "
+           "criterion, and by a random ranking of groups, fine-tuned for as many epochs. Accuracy on the same "
+           "held-out quarter, drawn class by class (seeded): the trade-off to decide on.")
+if labels is None or not selection.head.is_classifier:
+    st.info("Pruning in steps fine-tunes between the cuts: it needs labelled images the model's classes name.")
+elif criterion == "dead":
+    st.info("Choose a ranking criterion above (dead filters give no order to take groups in).")
+else:
+    c1, c2, c3, c4 = st.columns(4)
+    measure = links.selectbox(c1, "Keep a share of", ["params", "macs"], param="prune_steps_measure",
+                              key="prune_steps_measure", format_func={"params": "parameters", "macs": "multiply-adds"}.get)
+    default_keep = target.value if target.kind == measure else 0.5
+    keep = links.number(c2, "Share to keep", 0.1, 0.95, float(default_keep), step=0.05, param="prune_steps_keep",
+                        key="prune_steps_keep")
+    steps = links.number(c3, "Steps", 1, 10, 3, param="prune_steps", key="prune_steps")
+    step_epochs = links.number(c4, "Epochs per step", 1, 20, 1, param="prune_steps_epochs", key="prune_steps_epochs")
+    goal = pruning.Target(measure, float(keep))
+    passes = pruning_jobs.trade_off_passes(images_count, int(steps), int(step_epochs))
+    pressed = st.button(f"Prune in {int(steps)} steps and compare ({jobs.estimate(selection, passes)} here)",
+                        key="prune_steps_go")
+    steps_key = pruning_jobs.trade_off_key(selection, criterion, goal, int(steps), int(step_epochs))
+    if jobs.job_shown(selection, "trade_off", pressed, steps_key, jobs.has_result(steps_key), passes):
+        with user_errors("Pruning in steps"):
+            curve, tuned = pruning_jobs.trade_off(selection, criterion, goal, int(steps), int(step_epochs))
+        size = "parameters kept" if measure == "params" else "MACs kept"
+        chart = px.line(curve, x=size, y="accuracy fine-tuned", color="method", markers=True,
+                        error_y=curve["high"] - curve["accuracy fine-tuned"],
+                        error_y_minus=curve["accuracy fine-tuned"] - curve["low"],
+                        labels={size: f"share of the {'parameters' if measure == 'params' else 'multiply-adds'} kept",
+                                "accuracy fine-tuned": "held-out accuracy after fine-tuning"})
+        chart.update_xaxes(autorange="reversed")
+        chart.update_layout(height=380, margin=dict(t=10))
+        st.plotly_chart(chart, width="stretch")
+        st.caption(f"Fine-tuned on {curve.attrs['images_tuned']} images, measured on {curve.attrs['images_held_out']} "
+                   "held out (bars: Wilson 95% intervals; with few held-out images the methods' intervals overlap, "
+                   "and so cannot be told apart).")
+        st.dataframe(curve, hide_index=True, width="stretch", column_config=common.significant(curve))
+        st.download_button("Download the model pruned in steps (.keras)", tuned, "pruned_in_steps.keras")

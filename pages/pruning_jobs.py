@@ -28,6 +28,49 @@ def filter_scores(selection: "Selection"):
     return jobs.shared_result(key, compute)
 
 
+def chosen_filters(selection: "Selection", scores: pd.DataFrame, criterion: str, target: pruning.Target) -> dict:
+    """The filters the criterion and target propose (whole groups: audit.pruning.selection_for), once per
+    (model, images, choice), and the shares of parameters and multiply-adds the pruned model keeps."""
+    loaded = selection.model
+
+    def compute():
+        graph = loaded.dependency_graph()
+        chosen = pruning.selection_for(loaded.model, scores, criterion, target, graph)
+        full, kept = pruning.kept_cost(graph, set()), pruning.kept_cost(graph, graph.expand(chosen)[0])
+        return chosen, kept[0] / full[0], kept[1] / max(full[1], 1)
+
+    return jobs.shared_result(set_key(selection, "chosen_filters", selection.output, criterion, target), compute)
+
+
+def trade_off_passes(images: int, steps: int, epochs: int) -> float:
+    """Image passes of pruning in steps beside one cut and a random ranking: per step a scoring (3 passes per
+    image: forward, Taylor's backward) and fine-tuning (3 per image and epoch), the one-shot cuts tuned as long."""
+    iterative = steps * (3 + 3 * epochs)
+    one_cut = sum(3 + 3 * epochs * (k + 1) for k in range(steps))
+    return float(images * (iterative + 2 * one_cut))
+
+
+def trade_off(selection: "Selection", criterion: str, target: pruning.Target, steps: int, epochs: int):
+    """The iterative pruning's rows beside one cut and a random ranking at its sizes (audit.pruning.trade_off),
+    and the iteratively pruned model as .keras bytes, once per (model, images, choice, steps, epochs)."""
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with jobs.model_job(selection, f"Pruning in {steps} steps, beside one cut and a random ranking",
+                            "trade_off") as progress:
+            tuned, table = pruning.trade_off(loaded.model, x, labels_of(selection), criterion, steps=steps,
+                                             epochs=epochs, progress=progress, output=selection.output,
+                                             **{target.kind: target.value})
+        return table, pruning.keras_bytes(tuned)
+
+    return jobs.shared_result(trade_off_key(selection, criterion, target, steps, epochs), compute)
+
+
+def trade_off_key(selection: "Selection", criterion: str, target: pruning.Target, steps: int, epochs: int) -> tuple:
+    return set_key(selection, "trade_off", selection.output, criterion, target, int(steps), int(epochs))
+
+
 def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (or outputs without classes) of the model and of its masked copy on the image
     set, once per (model, images, filters, output)."""
@@ -141,7 +184,8 @@ def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, 
 
 
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
-def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[bytes, dict, str | None, pd.DataFrame]:
+def pruned_export(fingerprint: str, source: str, selection_key: tuple, share: float | None = None
+                  ) -> tuple[bytes, dict, str | None, pd.DataFrame]:
     """The smaller model as .keras bytes, its before/after sizes, why the masked one is given instead (when
     no selected group can go), and per layer what was removed and what was kept and why."""
     import tempfile
@@ -152,7 +196,7 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[
     chosen = {layer: list(filters) for layer, filters in selection_key}
     reason = None
     with loaded.lock:
-        plan = pruning.plan(loaded.model, chosen, graph)
+        plan = pruning.plan(loaded.model, chosen, graph, share=share)
         try:
             smaller = pruning.prune(loaded.model, chosen, graph)
         except AuditError as exc:
@@ -167,5 +211,17 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple) -> tuple[
                 "parameters": (loaded.model.count_params(), smaller.count_params()),
                 "multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
                 "file size (bytes)": (original.stat().st_size, len(data)),
+                "milliseconds per image here": (1e3 * pruning.latency(loaded.model, repeats=10),
+                                                1e3 * pruning.latency(smaller, repeats=10)),
             }
     return data, sizes, reason, plan
+
+
+@st.cache_data(show_spinner="Exporting the SavedModel…", max_entries=4)
+def pruned_saved_model(fingerprint: str, source: str, selection_key: tuple) -> bytes:
+    """The smaller model as a zipped SavedModel (for TF Serving), built when its download is pressed."""
+    loaded = get_model(source)
+    with loaded.lock:
+        smaller = pruning.prune(loaded.model, {layer: list(filters) for layer, filters in selection_key},
+                                loaded.dependency_graph())
+        return pruning.saved_model_zip(smaller)

@@ -27,10 +27,10 @@ shown = links.number(right, "Images with attribution overlays", 1, 16, 4, slider
 methods = links.multiselect(right, "Attribution methods", list(attribution.METHODS), default=["Grad-CAM", "Saliency"],
                             param="report_methods", key="report_methods")
 st.markdown("**Pruning candidates** (the Pruning page's choice: the same link lists the same filters)")
-criterion, share = candidates.choose(st)
+criterion, target = candidates.choose(st)
 options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int(count), gallery_steps=int(steps),
                                attribution_images=int(shown), methods=tuple(methods), prune_criterion=criterion,
-                               prune_share=share, fit=selection.fit, preprocessing=selection.preprocessing,
+                               prune_target=target.kind, prune_share=target.value, fit=selection.fit, preprocessing=selection.preprocessing,
                                precision=selection.precision)
 key = set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")

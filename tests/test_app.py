@@ -224,7 +224,8 @@ def test_pruning_page_on_the_demo_model_measures_and_exports():
     assert not at.exception, at.exception
     assert at.subheader[0].value.endswith("of 448 filters")
     labels = [m.label for m in at.metric]
-    assert labels == ["Top-1 agreement", "Mean KL(before ‖ after)", "Accuracy"]
+    assert labels == ["Channels of the scored layers removed", "Parameters kept", "Multiply-adds kept",
+                      "Top-1 agreement", "Mean KL(before ‖ after)", "Accuracy"]
     export = at.dataframe[-1].value
     assert export["after"][0] < export["before"][0]  # fewer parameters
     at.selectbox(key="prune_criterion").set_value("l1").run()
@@ -237,11 +238,31 @@ def test_pruning_page_on_the_demo_model_measures_and_exports():
     assert recovery["accuracy"].between(0, 1).all()
 
 
+def test_pruning_page_prunes_to_a_parameter_target_and_in_steps():
+    """The target is met by the proposal (the share of parameters kept, said before any cut), and pruning in
+    steps draws iterative, one-shot and random rows at the same sizes."""
+    at = _app(criterion="l1", prune_target="params", keep="0.6", prune_steps="2").run()
+    at.switch_page("pages/pruning.py").run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert abs(float(metrics["Parameters kept"].rstrip("%")) - 60) <= 2
+    export = at.dataframe[-1].value.set_index("")
+    assert abs(export.loc["parameters", "after"] / export.loc["parameters", "before"] - 0.6) <= 0.02
+    assert export.loc["milliseconds per image here", "after"] > 0
+    _submit(at, "Prune in 2 steps and compare")
+    assert not at.exception, at.exception
+    curve = at.dataframe[-1].value
+    assert sorted(set(curve["method"])) == ["iterative", "one-shot", "random ranking"]
+    assert list(curve[curve.method == "iterative"]["step"]) == [0, 1, 2]
+    final = curve[(curve.method == "iterative") & (curve.step == 2)]["parameters kept"].item()
+    assert abs(final - 0.6) <= 0.02
+
+
 def test_pruning_page_on_vgg16_without_class_output():
     at = _app(model="demo:vgg16").run()
     at.switch_page("pages/pruning.py").run()
     assert not at.exception, at.exception
-    assert [m.label for m in at.metric] == ["Relative feature error"]
+    assert [m.label for m in at.metric][3:] == ["Relative feature error"]
     assert not [r for r in at.radio if r.label == "Measure"]  # one measure: no choice to offer
     assert any("no class output" in c.value for c in at.caption)
     # the sweeps default to what answers within the link budget, and each button says its cost

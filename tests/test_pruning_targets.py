@@ -173,3 +173,36 @@ def test_squeeze_excite_channels_of_mobilenet_v3_prune_equal_to_masking_and_relo
     done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 1e-4
+
+
+def test_one_entry_point_chooses_for_every_target_and_the_exports_reload_to_the_masked_model(tmp_path):
+    import io
+    import zipfile
+
+    import tensorflow as tf
+
+    model = _residual_on_paper()
+    keras.utils.set_random_seed(1)
+    model.set_weights([np.random.default_rng(2).normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
+    scores = _l1_scores(model)
+    graph = groups.DependencyGraph(model)
+    assert pruning.selection_for(model, scores, "l1", pruning.Target("layer", 0.5), graph) == \
+        pruning.select(model, scores, "l1", 0.5, graph=graph)
+    assert pruning.selection_for(model, scores, "l1", pruning.Target("global", 0.5), graph) == \
+        pruning.select(model, scores, "l1", 0.5, "global", graph=graph)
+    chosen = pruning.selection_for(model, scores, "l1", pruning.Target("params", 0.7), graph)
+    assert chosen == pruning.to_target(model, scores, "l1", params=0.7, graph=graph)
+    with pytest.raises(AuditError, match="share of the parameters to keep is between 0 and 1"):
+        pruning.Target("params", 0.0)
+    with pytest.raises(AuditError, match="Unknown pruning target"):
+        pruning.Target("latency", 0.5)
+    smaller = pruning.prune(model, chosen, graph)
+    x = random_images(3, (6, 6, 2), seed=4)
+    expected = pruning.masked(model, chosen, graph)(x).numpy()
+    (tmp_path / "pruned.keras").write_bytes(pruning.keras_bytes(smaller))
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "pruned.keras")(x).numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
+    zipfile.ZipFile(io.BytesIO(pruning.saved_model_zip(smaller))).extractall(tmp_path)
+    reloaded = tf.saved_model.load(str(tmp_path / "saved_model"))  # held: its variables live with it
+    served = reloaded.serve(tf.constant(x))
+    np.testing.assert_allclose(np.asarray(served), expected, rtol=1e-5, atol=1e-6)

@@ -49,6 +49,10 @@ from audit.pruning.targets import (  # noqa: F401
     group_importance,
     select,
     to_target,
+    TARGET_KINDS,
+    Target,
+    selection_for,
+    proposed,
 )
 from audit.pruning.quality import (  # noqa: F401
     QualitySums,
@@ -78,4 +82,8 @@ from audit.pruning.schedule import (  # noqa: F401
     split,
     iterative,
     trade_off,
+)
+from audit.pruning.export import (  # noqa: F401
+    keras_bytes,
+    saved_model_zip,
 )

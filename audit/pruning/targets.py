@@ -13,6 +13,7 @@ channels actually removed reach the target.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 from audit import groups
 from audit.errors import AuditError
 from audit.graph import as_list
-from audit.pruning.selection import CRITERIA, unavailable
+from audit.pruning.selection import CRITERIA, candidates, unavailable
 from audit.pruning.surgery import kept_cost
 
 SCOPES = ("layer", "global")
@@ -148,3 +149,54 @@ def to_target(model: keras.Model, scores: pd.DataFrame, criterion: str, params: 
             high = middle
     best = low if abs(kept(low) - fraction) < abs(kept(high) - fraction) else high
     return _as_selection(order[:best])
+
+
+TARGET_KINDS = {
+    "layer": "share of each layer's channels to cut",
+    "global": "share of all channels to cut",
+    "params": "share of the parameters to keep",
+    "macs": "share of the multiply-adds to keep",
+}
+"""What a pruning target counts, by the code a link, the report and the command line carry."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user asks of a pruning: a share to cut (`layer`, `global`) or to keep (`params`, `macs`)."""
+
+    kind: str = "layer"
+    value: float = 0.3
+    max_per_layer: float = 0.9
+
+    def __post_init__(self):
+        if self.kind not in TARGET_KINDS:
+            raise AuditError(f"Unknown pruning target {self.kind!r}; choose one of {', '.join(TARGET_KINDS)}.")
+        if not 0.0 <= float(self.value) <= 1.0 or (self.kind in ("params", "macs") and float(self.value) == 0.0):
+            raise AuditError(f"The {TARGET_KINDS[self.kind]} is between 0 and 1, not {self.value}.")
+
+    def describe(self) -> str:
+        return f"{TARGET_KINDS[self.kind]}: {self.value:.0%}"
+
+
+def selection_for(model: keras.Model, scores: pd.DataFrame, criterion: str, target: Target,
+                  graph: groups.DependencyGraph | None = None) -> dict[str, list[int]]:
+    """The filters the Pruning page, the report and the command line propose for a criterion and a target: the
+    dead and near-dead ones for "dead" (whatever the target; their groups go with them), else whole groups by
+    `select` (a share to cut) or `to_target` (a share of parameters or multiply-adds to keep)."""
+    if criterion == "dead":
+        chosen = candidates(scores, "dead", 0.0)
+        return {layer: sorted(part["filter"].astype(int)) for layer, part in chosen.groupby("layer", sort=False)}
+    if target.kind in ("layer", "global"):
+        return select(model, scores, criterion, target.value, target.kind, target.max_per_layer, graph)
+    return to_target(model, scores, criterion, max_per_layer=target.max_per_layer, graph=graph,
+                     **{target.kind: target.value})
+
+
+def proposed(scores: pd.DataFrame, selection: dict[str, list[int]], criterion: str) -> pd.DataFrame:
+    """The rows of `scores` a selection removes, with `why`: dead or near-dead, or the criterion's name (a filter
+    coupled to a chosen one goes with its group and is listed too)."""
+    chosen = pd.Series(list(zip(scores["layer"], scores["filter"].astype(int)))).isin(
+        {(layer, channel) for layer, channels in selection.items() for channel in channels}).to_numpy()
+    why = (np.where(scores["dead"], "dead", np.where(scores["near_dead"], "near-dead", "coupled"))
+           if criterion == "dead" else CRITERIA[criterion])
+    return scores.assign(why=why)[chosen]
