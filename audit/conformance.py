@@ -115,14 +115,56 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
         ("sanity check", sanity),
         ("filter scores", scores),
         ("masks", masks),
-        ("surgery", lambda: pruning.prune(model, {late_conv: [0]})),
     ]
+    graph = loaded.dependency_graph()
+    for kind, group in group_kinds(graph).items():
+        work.append((f"surgery, {kind}", lambda group=group: _cut_equals_masked(model, graph, group, x[:1])))
+    if not any(name.startswith("surgery") for name, _ in work):
+        work.append(("surgery", lambda: pruning.prune(model, {late_conv: [0]}, graph)))
     cells = []
     for done, (capability, job) in enumerate(work):
         cells.append(_run(capability, job))
         if progress is not None:
             progress(done + 1, len(work))
     return cells
+
+
+GROUP_KINDS = ("chain", "residual", "squeeze-excite", "depthwise", "concatenation")
+_MERGES = {"Add", "Subtract", "Average", "Maximum", "Minimum"}
+
+
+def group_kinds(graph) -> dict[str, object]:
+    """One removable dependency group of each kind the model has: channels tied by a concatenation, by a
+    multiplication (a squeeze-and-excitation gate), by a residual merge, through a depthwise layer, or a plain
+    chain's filter alone."""
+    kind_of = {call.path: call.kind for call in graph.calls}
+    found = {}
+    for group in graph.groups():
+        if group.locked:
+            continue
+        couplers = {kind_of.get(path, "") for path in group.coupled_by}
+        members = {kind_of.get(path, "") for path in group.filters}
+        kind = ("concatenation" if "Concatenate" in couplers else "squeeze-excite" if "Multiply" in couplers
+                else "residual" if couplers & _MERGES
+                else "depthwise" if any(member.startswith("Depthwise") for member in members) else "chain")
+        found.setdefault(kind, group)
+    return {kind: found[kind] for kind in GROUP_KINDS if kind in found}
+
+
+def _cut_equals_masked(model, graph, group, x) -> None:
+    """Remove one group (by its first filter) and check the smaller model computes what the masked one does."""
+    layer, channels = next(iter(group.filters.items()))
+    selection = {layer: [channels[0]]}
+    import keras
+
+    smaller = pruning.prune(model, selection, graph)
+    expected = keras.tree.flatten(pruning.masked(model, selection, graph)(x, training=False))
+    got = keras.tree.flatten(smaller(x, training=False))
+    for mine, theirs in zip(got, expected, strict=True):  # every output of a multi-output model
+        mine, theirs = np.asarray(mine, np.float64), np.asarray(theirs, np.float64)
+        error = float(np.abs(mine - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+        if not error <= 1e-4:
+            raise ValueError(f"the smaller model differs from the masked one by {error:.2g} (relative)")
 
 
 # --- the README's table ----------------------------------------------------------------------
