@@ -31,12 +31,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("demo:shapes", "demo:shapes-gap", "demo:vgg16")
 VIEWS = {  # a cheap view: its path and what shows when it is ready
-    "model page": ("/?model={model}&image=chelsea", "text=Layers"),
+    "model page": ("/?model={model}&image=chelsea", "text=\"Layers\""),
     "layer maps": ("/activations?model={model}&image=coffee", "[data-testid=stImage]"),
     "saliency": ("/attribution?model={model}&image=astronaut&methods=Saliency", "[data-testid=stImage]"),
 }
-STATS_DONE = "text=Dead filters per layer"
-TIMEOUT = 600_000  # ms
+STATS_DONE = 'text="Dead filters per layer"'
+TIMEOUT = 240_000  # ms
 
 
 def rss_mb(pid: int) -> float:
@@ -68,9 +68,13 @@ async def settled(page) -> None:
         await page.wait_for_timeout(250)
 
 
-async def errors_on(page) -> int:
-    return (await page.locator("[data-testid=stException]").count()
-            + await page.get_by_text("This is a bug of CNN Audit").count())
+async def errors_on(page) -> int | str:
+    """0, or the first error's text: an exception box or the app's bug message."""
+    for selector in ("[data-testid=stException]", "[data-testid=stAlertContentError]"):
+        boxes = page.locator(selector)
+        if await boxes.count():
+            return (await boxes.first.inner_text())[:300]
+    return 0
 
 
 async def view(page, url: str, ready: str) -> tuple[float, int]:
@@ -130,7 +134,7 @@ async def drive(base: str, args, memory: Memory) -> None:
         opened = await contexts[0].new_page()
         opened.set_default_timeout(TIMEOUT)
         for model in MODELS:
-            seconds, _ = await view(opened, f"{base}/?model={model}&image=chelsea", "text=Layers")
+            seconds, _ = await view(opened, f"{base}/?model={model}&image=chelsea", VIEWS["model page"][1])
             print(f"first open of {model}: {seconds:.1f} s (loads it for the server)")
         await opened.close()
         print(f"server after loading the models: {rss_mb(memory.pid):.0f} MB")
@@ -151,7 +155,7 @@ async def drive(base: str, args, memory: Memory) -> None:
             for name in VIEWS:
                 print(f"  {name:<11} {percentiles(times[name])}")
             print(f"  all views   {percentiles([t for values in times.values() for t in values])}")
-            failures = [e for e in errors if not isinstance(e, int)] + [e for e in errors if isinstance(e, int) and e]
+            failures = [error for error in errors if error]
             print(f"  errors: {len(failures)} {failures[:5] if failures else ''}")
             for user, job in enumerate(jobs, start=1):
                 seconds, estimate = await job
@@ -165,6 +169,7 @@ def main():
     parser.add_argument("--sessions", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server's environment")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="cnn_audit_load_"))
@@ -172,7 +177,8 @@ def main():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_path = folder / "server.log"
-    env = {**os.environ, "CNN_AUDIT_DATA": str(folder / "data"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "CNN_AUDIT_DATA": str(folder / "data"), "PYTHONUNBUFFERED": "1",
+           **dict(setting.split("=", 1) for setting in args.env)}
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless",
                                    "true", "--server.port", str(port), "--server.address", "127.0.0.1",
@@ -191,10 +197,13 @@ def main():
         asyncio.run(drive(base, args, memory))
         time.sleep(5)
         memory.running = False
-        computed = collections.Counter(re.findall(r"result (\w+): computing", log_path.read_text()))
-        waited = len(re.findall(r"result \w+: waiting", log_path.read_text()))
-        print(f"\nresults computed: {len(computed)}; computed more than once: "
-              f"{sum(count - 1 for count in computed.values())}; requests that waited for another session: {waited}")
+        text = log_path.read_text()
+        computed = collections.Counter(re.findall(r"result (\w+): computed in", text))
+        started = collections.Counter(re.findall(r"result (\w+): computing", text))
+        waited = len(re.findall(r"result \w+: waiting", text))
+        print(f"\nresults computed: {len(computed)}; computed to the end more than once: "
+              f"{sum(count - 1 for count in computed.values())}; started again after a cancelled or abandoned pass: "
+              f"{sum(started.values()) - sum(computed.values())}; requests that waited for another session: {waited}")
         print(f"server memory: peak {max(memory.samples):.0f} MB, final {rss_mb(server.pid):.0f} MB")
     finally:
         server.terminate()

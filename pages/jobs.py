@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -108,7 +109,9 @@ def shared_result(key: tuple, compute, limit: int = 64):
         value = _from_disk(key)
         if value is None:
             log.info("result %s: computing", _short(key))  # bench/load.py counts these per result
+            started = time.perf_counter()
             value = compute()
+            log.info("result %s: computed in %.1f s", _short(key), time.perf_counter() - started)
             _to_disk(key, value)
         running.value = value
     finally:
@@ -229,9 +232,9 @@ def idle_pass_seconds(selection: Selection) -> float:
         x = np.zeros((4, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32)
         with loaded.lock, device.scope(selection.device):
             loaded.model(x, training=False)  # traced at load; this one is warm
-            start = time.perf_counter()
+            busy, start = busy_factor(), time.perf_counter()
             loaded.model(x, training=False)
-            times[key] = (time.perf_counter() - start) / 4
+            times[key] = (time.perf_counter() - start) / 4 / busy  # as if idle: the busy factor is applied later
     return times[key]
 
 
@@ -254,24 +257,16 @@ def _learn(selection: Selection, param: str | None, seconds: float, busy: float)
         del kept[:-8]
 
 
-_PROBE = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
-_probe_times: list[float] = []  # [fastest seen, time of the last probe, its factor]
-
-
 def busy_factor() -> float:
-    """How much slower work runs now than on an idle server: a fixed 10 ms probe timed now against the fastest
-    it ever ran in this process (re-measured at most every 2 s). Every job on the server, of every session
-    and model, shares the same cores."""
-    now = time.monotonic()
-    if _probe_times and now - _probe_times[1] < 2.0:
-        return _probe_times[2]
-    start = time.perf_counter()
-    for _ in range(40):
-        _PROBE @ _PROBE
-    took = time.perf_counter() - start
-    fastest = min(took, _probe_times[0]) if _probe_times else took
-    _probe_times[:] = fastest, now, max(1.0, took / fastest)
-    return _probe_times[2]
+    """How much slower a new job runs now than on an idle server, from the kernel's measure of demand: with
+    `load` runnable threads (the 1-minute load average) on `cores`, a job wanting every core gets about
+    cores / (load + cores) of them: 1 + load / cores. Every job on the machine, of every session and model
+    (and any other process), counts; a probe timed in this process would read Python's lock, not the cores."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform: no correction
+        return 1.0
+    return 1.0 + load / max(os.cpu_count() or 1, 1)
 
 
 def about(seconds: float) -> str:
@@ -288,7 +283,7 @@ def estimate(selection: Selection, passes: float) -> str:
     server is busy, said)."""
     busy = busy_factor()
     said = about(passes * pass_seconds(selection) * busy)
-    return said + (f" (the server is busy: {busy:.1f}x slower than idle now)" if busy >= 1.3 else "")
+    return said + (f" (the server is busy: {busy:.1f}x slower than idle now)" if busy >= 1.5 else "")
 
 
 def images_within(selection: Selection, passes_per_image: float, available: int, floor: int = 2) -> int:
