@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from audit import device, storage
+from audit import device, registry, storage
 from audit.disk_cache import DiskCache
 from pages import links, markup
 from pages.selection import Selection, stop
@@ -203,6 +203,7 @@ def model_job(selection: Selection, label: str, param: str | None = None, on_can
             _learn(selection, param, time.perf_counter() - start, busy)
         finally:
             loaded.job_lock.release()
+            registry.trim_heap()  # what the job's batches took goes back to the system
 
 
 # --- what a job costs ------------------------------------------------------------------------

@@ -286,8 +286,8 @@ with st.expander(f"Per layer: asked, removed and kept ({len(plan)} layers)"):
 table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
                      columns=["", "before", "after"])
 table["change"] = (table["after"] / table["before"] - 1).map(lambda v: f"{v:+.1%}")
-st.dataframe(table, hide_index=True, column_config={"before": st.column_config.NumberColumn(format="%.4g"),
-                                                    "after": st.column_config.NumberColumn(format="%.4g")})
+st.dataframe(table, hide_index=True, column_config={"before": st.column_config.NumberColumn(format="localized"),
+                                                    "after": st.column_config.NumberColumn(format="localized")})
 macs_before, macs_after = sizes["multiply-adds per image"]
 time_before, time_after = sizes["milliseconds per image here"]
 if macs_after < macs_before and time_after >= 0.95 * time_before:
@@ -369,5 +369,6 @@ else:
         st.caption(f"Fine-tuned on {curve.attrs['images_tuned']} images, measured on {curve.attrs['images_held_out']} "
                    "held out (bars: Wilson 95% intervals; with few held-out images the methods' intervals overlap, "
                    "and so cannot be told apart).")
-        st.dataframe(curve, hide_index=True, width="stretch", column_config=common.significant(curve))
+        counts = {name: st.column_config.NumberColumn(format="localized") for name in ("parameters", "MACs")}
+        st.dataframe(curve, hide_index=True, width="stretch", column_config={**common.significant(curve), **counts})
         st.download_button("Download the model pruned in steps (.keras)", tuned, "pruned_in_steps.keras")
