@@ -14,21 +14,15 @@ final resident memory, and errors (exception boxes, bug messages, timeouts). Pri
 import argparse
 import asyncio
 import collections
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.server import rss_mb, serve
+
 MODELS = ("demo:shapes", "demo:shapes-gap", "demo:vgg16")
 VIEWS = {  # a cheap view: its path and what shows when it is ready
     "model page": ("/?model={model}&image=chelsea", "text=\"Layers\""),
@@ -37,13 +31,6 @@ VIEWS = {  # a cheap view: its path and what shows when it is ready
 }
 STATS_DONE = 'text="Dead filters per layer"'
 TIMEOUT = 240_000  # ms
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Memory(threading.Thread):
@@ -171,28 +158,8 @@ def main():
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server's environment")
     args = parser.parse_args()
-
-    folder = Path(tempfile.mkdtemp(prefix="cnn_audit_load_"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = folder / "server.log"
-    env = {**os.environ, "CNN_AUDIT_DATA": str(folder / "data"), "PYTHONUNBUFFERED": "1",
-           **dict(setting.split("=", 1) for setting in args.env)}
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless",
-                                   "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-                                   "--browser.gatherUsageStats", "false"],
-                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    memory = Memory(server.pid)
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{base}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with serve(dict(setting.split("=", 1) for setting in args.env)) as (base, server, log_path):
+        memory = Memory(server.pid)
         memory.start()
         asyncio.run(drive(base, args, memory))
         time.sleep(5)
@@ -205,10 +172,6 @@ def main():
               f"{sum(count - 1 for count in computed.values())}; started again after a cancelled or abandoned pass: "
               f"{sum(started.values()) - sum(computed.values())}; requests that waited for another session: {waited}")
         print(f"server memory: peak {max(memory.samples):.0f} MB, final {rss_mb(server.pid):.0f} MB")
-    finally:
-        server.terminate()
-        server.wait(30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,26 +15,17 @@ the allocator's part). Printed, never asserted.
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.server import ROOT, rss_mb, serve
+
 SOURCES = ("demo:shapes", "demo:shapes-gap", "demo:vgg16") + tuple(
     f"keras:{name}:untrained" for name in ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121",
                                            "MobileNetV3Small", "Xception", "InceptionV3", "ConvNeXtTiny"))
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of the server (streamlit runs in one process)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def uploads(folder: Path, count: int) -> list[str]:
@@ -74,62 +65,42 @@ def main():
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    folder = Path(tempfile.mkdtemp(prefix="cnn_audit_soak_"))
-    sources = list(SOURCES) + uploads(folder, args.uploads)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "CNN_AUDIT_DATA": str(folder), "CNN_AUDIT_MAX_LOADED_MODELS": str(args.bound),
-           **dict(setting.split("=", 1) for setting in args.env)}
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1",
-                               "--browser.gatherUsageStats", "false"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    data = Path(tempfile.mkdtemp(prefix="cnn_audit_soak_"))
+    sources = list(SOURCES) + uploads(data, args.uploads)
+    env = {"CNN_AUDIT_MAX_LOADED_MODELS": str(args.bound), **dict(setting.split("=", 1) for setting in args.env)}
     after = {}
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
-                                                 args=["--no-sandbox", "--disable-gpu"])
-            print(f"bound: {args.bound} models; {len(sources)} sources in turn; {args.env or 'default allocator'}")
-            print(f"{'load':>5} {'seconds':>8} {'server MB':>10} {'change':>8}  source")
-            before = after[0] = rss_mb(server.pid)
-            print(f"{'start':>5} {'':>8} {before:10.0f}")
-            deadline, number = time.time() + 60 * args.minutes, 0
-            while time.time() < deadline:
-                source = sources[number % len(sources)]
-                number += 1
-                start = time.perf_counter()
-                page = browser.new_page()
-                page.set_default_timeout(600_000)
-                page.goto(f"{url}/?model={source}&image=chelsea")
-                page.get_by_text("Layers", exact=True).first.wait_for()
-                settle(page)
-                page.goto(f"{url}/attribution?model={source}&image=chelsea&methods=Saliency")
-                page.locator("[data-testid=stImage]").first.wait_for()
-                settle(page)
-                errors = page.locator("[data-testid=stException]").count()
-                page.close()
-                time.sleep(1.0)
-                now = after[number] = rss_mb(server.pid)
-                print(f"{number:5d} {time.perf_counter() - start:8.1f} {now:10.0f} {now - before:+8.0f}  {source}"
-                      + (f"  ({errors} exceptions)" if errors else ""), flush=True)
-                before = now
-            browser.close()
-        last = max(after)
-        print(f"\nafter the first load {after[1]:.0f} MB; after load 30 {after.get(30, float('nan')):.0f} MB; "
-              f"after load {last} (the last) {after[last]:.0f} MB; highest {max(after.values()):.0f} MB")
-    finally:
-        server.terminate()
-        server.wait(30)
-        shutil.rmtree(folder, ignore_errors=True)
+    with serve(env, data) as (url, server, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
+                                             args=["--no-sandbox", "--disable-gpu"])
+        print(f"bound: {args.bound} models; {len(sources)} sources in turn; {args.env or 'default allocator'}")
+        print(f"{'load':>5} {'seconds':>8} {'server MB':>10} {'change':>8}  source")
+        before = after[0] = rss_mb(server.pid)
+        print(f"{'start':>5} {'':>8} {before:10.0f}")
+        deadline, number = time.time() + 60 * args.minutes, 0
+        while time.time() < deadline:
+            source = sources[number % len(sources)]
+            number += 1
+            start = time.perf_counter()
+            page = browser.new_page()
+            page.set_default_timeout(600_000)
+            page.goto(f"{url}/?model={source}&image=chelsea")
+            page.get_by_text("Layers", exact=True).first.wait_for()
+            settle(page)
+            page.goto(f"{url}/attribution?model={source}&image=chelsea&methods=Saliency")
+            page.locator("[data-testid=stImage]").first.wait_for()
+            settle(page)
+            errors = page.locator("[data-testid=stException]").count()
+            page.close()
+            time.sleep(1.0)
+            now = after[number] = rss_mb(server.pid)
+            print(f"{number:5d} {time.perf_counter() - start:8.1f} {now:10.0f} {now - before:+8.0f}  {source}"
+                  + (f"  ({errors} exceptions)" if errors else ""), flush=True)
+            before = now
+        browser.close()
+    shutil.rmtree(data, ignore_errors=True)
+    last = max(after)
+    print(f"\nafter the first load {after[1]:.0f} MB; after load 30 {after.get(30, float('nan')):.0f} MB; "
+          f"after load {last} (the last) {after[last]:.0f} MB; highest {max(after.values()):.0f} MB")
 
 
 if __name__ == "__main__":

@@ -386,3 +386,26 @@ def test_a_server_folder_grows_a_sample_until_settled_and_shows_command_line_run
     expected = activations.dead_counts(whole)
     assert any(list(frame.value.get("dead", [])) == list(expected.dead) for frame in at.dataframe)
     assert at.selectbox(key="finished_run").options[0].startswith("filter statistics of 40 images in val")
+
+
+README_KERAS = __import__("re").findall(r"^\| (\w+) \| keras\.applications", (
+    __import__("pathlib").Path(DASHBOARD).parent / "README.md").read_text(), __import__("re").M)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", README_KERAS)
+def test_every_keras_architecture_of_the_readme_opens_untrained_in_the_dashboard(name):
+    """Through the sidebar, as a link opens it: the load, the precision choice (its bfloat16 copy) and the
+    Model page; keras:MobileNetV3Small:untrained once failed there though models.load opened it."""
+    from audit import device
+
+    before = device.chosen_precision()
+    device.use_precision("auto")  # the server's default: where bfloat16 is native, the copy is built and timed
+    try:
+        at = _app(model=f"keras:{name}:untrained", image="chelsea").run()
+    finally:
+        device.use_precision(before)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.title[0].value == f"Model: keras:{name}:untrained"
+    assert "Layers" in [s.value for s in at.subheader]

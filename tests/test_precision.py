@@ -134,3 +134,15 @@ def test_integrated_gradients_stays_float32_when_the_rest_is_bfloat16():
     np.testing.assert_array_equal(fast, exact)
     saliency = attribution.explain(loaded, pixels, "Saliency", 1, precision="bfloat16")  # the others do change
     assert not np.array_equal(saliency, attribution.explain(loaded, pixels, "Saliency", 1, precision="float32"))
+
+
+def test_the_copy_takes_keras_ops_arithmetic_in_the_graph():
+    """MobileNetV3's hard sigmoid is keras.ops arithmetic (weightless Operations without a dtype policy): the copy
+    once failed on it, and the sidebar with it, for keras:MobileNetV3Small:untrained."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV3Small(weights=None, input_shape=(64, 64, 3), classes=5,
+                                                include_preprocessing=False)
+    copy = precision.bfloat16_copy(model)
+    x = random_images(2, (64, 64, 3), seed=1)
+    exact, fast = model(x, training=False).numpy(), copy(x, training=False).numpy().astype(np.float32)
+    assert np.abs(fast - exact).max() < 0.05 and fast.argmax(1).tolist() == exact.argmax(1).tolist()
