@@ -280,11 +280,15 @@ def about(seconds: float) -> str:
 
 
 def estimate(selection: Selection, passes: float) -> str:
-    """What `passes` image passes cost on this model here now, as a person would say it (slower while the
-    server is busy, said)."""
+    """What `passes` image passes cost on this model here now, as a person would say it (longer while the
+    server is busy: see busy_note)."""
+    return about(passes * pass_seconds(selection) * busy_factor())
+
+
+def busy_note() -> str:
+    """A sentence when the estimates are stretched by a busy server, else nothing."""
     busy = busy_factor()
-    said = about(passes * pass_seconds(selection) * busy)
-    return said + (f" (the server is busy: {busy:.1f}x slower than idle now)" if busy >= 1.5 else "")
+    return f" The server is busy: work runs about {busy:.1f}x slower than on an idle one now." if busy >= 1.5 else ""
 
 
 def images_within(selection: Selection, passes_per_image: float, available: int, floor: int = 2) -> int:
@@ -313,7 +317,7 @@ def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, ca
     on = links.shown(param, pressed, inputs,
                      ready=cached or passes * pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value)
     if not on:
-        message = f"Estimated cost here: {estimate(selection, passes)} ({passes:,.0f} image passes)."
+        message = f"Estimated cost here: {estimate(selection, passes)} ({passes:,.0f} image passes)." + busy_note()
         if links.waiting(param):
             message = ("The link shows this result, which this server has not computed yet. " + message +
                        " Press the button to start it.")

@@ -143,6 +143,7 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
     assert jobs.pass_seconds(selection) == pytest.approx(0.01 * np.median([1.27, 1.5]))
     jobs._learn(selection, "gallery", 50.0, busy=1.0)  # no estimate was shown for it: nothing learnt
     assert jobs.pass_seconds(selection) == pytest.approx(0.01 * np.median([1.27, 1.5]))
-    assert jobs.estimate(selection, 100) == "about 1 s"
+    assert jobs.estimate(selection, 100) == "about 1 s" and jobs.busy_note() == ""
     monkeypatch.setattr(jobs, "busy_factor", lambda: 2.5)
-    assert jobs.estimate(selection, 100) == "about 3 s (the server is busy: 2.5x slower than idle now)"
+    assert jobs.estimate(selection, 100) == "about 3 s"
+    assert jobs.busy_note() == " The server is busy: work runs about 2.5x slower than on an idle one now."
