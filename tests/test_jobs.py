@@ -26,7 +26,7 @@ def test_a_link_to_hours_of_occlusion_waits_for_a_click():
     at, seconds = _open("pages/attribution.py", model="demo:vgg16", image="chelsea",
                         methods=["Saliency", "Occlusion"], patch="2", stride="1")
     assert not at.exception, at.exception
-    assert seconds < 60
+    assert seconds < 300  # not the hours the job would take (a loaded CI machine can take a minute to draw it)
     button = next(b for b in at.button if b.label.startswith("Compute Occlusion"))
     assert " min here)" in button.label or " h here)" in button.label  # 49,729 passes of VGG16
     assert [b.label for b in at.get("download_button")] == ["PNG"]  # the cheap map is drawn, occlusion is not
@@ -38,7 +38,7 @@ def test_a_link_to_a_huge_gallery_waits_for_a_click_and_says_what_it_would_cost(
     at, seconds = _open("pages/filters.py", model="demo:vgg16", layer="block5_conv3", n="512", size="224",
                         steps="200", octaves="4", gallery="1")
     assert not at.exception, at.exception
-    assert seconds < 60
+    assert seconds < 300  # not the hours the job would take (a loaded CI machine can take a minute to draw it)
     assert not any("filters, " in header.value for header in at.subheader)  # no gallery was grown
     notes = [caption.value for caption in at.caption]
     assert any(note.startswith("The link shows this result, which this server has not computed yet. Estimated "
@@ -49,7 +49,7 @@ def test_a_link_to_a_huge_gallery_waits_for_a_click_and_says_what_it_would_cost(
 def test_a_link_to_statistics_over_2048_images_of_vgg16_waits_for_a_click():
     at, seconds = _open("pages/activations.py", model="demo:vgg16", images="shapes", count="2048", stats="1")
     assert not at.exception, at.exception
-    assert seconds < 60
+    assert seconds < 300  # not the hours the job would take (a loaded CI machine can take a minute to draw it)
     assert not _has_statistics(at)
     assert any("has not computed yet" in caption.value for caption in at.caption)
 
