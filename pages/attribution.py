@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import attribution, images, limits, models, render
+from audit import attribution, images, models, render
 from pages import attribution_jobs, common, jobs, links, markup
 from pages.selection import current, fitted_image, section, stop, user_errors, what_these_mean
 
@@ -112,9 +112,8 @@ def passes(method: str) -> float:
 
 # a method whose maps would take long starts on a click, never by itself (a link cannot start hours of work)
 approved = st.session_state.setdefault("_approved_maps", set())
-budget = limits.LINK_JOB_SECONDS.value
 waiting = [m for m in methods if (m, options_for(m)) not in approved
-           and passes(m) * jobs.pass_seconds(selection) > budget]
+           and not jobs.within_link_budget(selection, passes(m))]
 for method in waiting:
     cost = jobs.estimate(selection, passes(method))
     if st.button(f"Compute {method} ({cost} here)", key=f"attr_go_{method}"):
@@ -156,7 +155,7 @@ results = {method: results[method] for method in ready if method in results}  # 
 st.subheader("Can the maps be trusted?")
 maps = {method: (values, options_for(method)) for method, values in results.items()}
 trust_passes = attribution_jobs.TRUST_PASSES * len(maps) + attribution_jobs.RANDOM_TRUST_PASSES
-cheap = trust_passes * jobs.pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value
+cheap = jobs.within_link_budget(selection, trust_passes)
 pressed = cheap or st.button(f"Measure deletion and insertion ({jobs.estimate(selection, trust_passes)} here)",
                              key="attr_trust")
 key = attribution_jobs.trust_key(selection, input_key, target, maps)

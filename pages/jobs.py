@@ -233,10 +233,18 @@ def idle_pass_seconds(selection: Selection) -> float:
         x = np.zeros((4, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32)
         with loaded.lock, device.scope(selection.device):
             loaded.model(x, training=False)  # traced at load; this one is warm
-            busy, start = busy_factor(), time.perf_counter()
+            start = time.perf_counter()
             loaded.model(x, training=False)
-            times[key] = (time.perf_counter() - start) / 4 / busy  # as if idle: the busy factor is applied later
+            times[key] = (time.perf_counter() - start) / 4
     return times[key]
+
+
+def within_link_budget(selection: Selection, passes: float) -> bool:
+    """Whether a link may start this work by itself: its passes at the timed forward pass, under
+    CNN_AUDIT_LINK_JOB_SECONDS. Neither the server's load nor its history changes what a link may start."""
+    from audit import limits
+
+    return passes * idle_pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value
 
 
 def pass_seconds(selection: Selection) -> float:
@@ -296,7 +304,7 @@ def images_within(selection: Selection, passes_per_image: float, available: int,
     least `floor`, at most `available`; the user raises it and sees the new estimate."""
     from audit import limits
 
-    fitting = int(limits.LINK_JOB_SECONDS.value / max(passes_per_image * pass_seconds(selection), 1e-9))
+    fitting = int(limits.LINK_JOB_SECONDS.value / max(passes_per_image * idle_pass_seconds(selection), 1e-9))
     return max(1, min(available, max(floor, fitting)))
 
 
@@ -311,11 +319,10 @@ def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, ca
     """Whether a job's result is shown (see links.shown): a link runs it only when it is computed already or
     its estimated cost (image passes x this model's time per pass) is under the link budget; the estimate is
     shown while the result is not."""
-    from audit import limits
 
     _calibration()[0][(*_cost_key(selection), param)] = passes
     on = links.shown(param, pressed, inputs,
-                     ready=cached or passes * pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value)
+                     ready=cached or within_link_budget(selection, passes))
     if not on:
         message = f"Estimated cost here: {estimate(selection, passes)} ({passes:,.0f} image passes)." + busy_note()
         if links.waiting(param):

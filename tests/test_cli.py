@@ -105,3 +105,17 @@ def test_prune_writes_a_smaller_model_and_check_reports_every_capability(tmp_pat
     assert cli.main(["check", "--model", str(out), "--quiet"]) == 0
     report = capsys.readouterr().out
     assert "failed" not in report and report.count("ok ") >= 30
+
+
+def test_prune_to_a_parameter_target_writes_a_model_that_keeps_that_share_and_a_saved_model(tmp_path, capsys):
+    out, served = tmp_path / "pruned.keras", tmp_path / "served"
+    code = cli.main(["prune", "--model", "demo:shapes", "--images", "shapes:24", "--params", "0.5",
+                     "--out", str(out), "--saved-model", str(served), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    kept = models.load(f"file:{out}").model.count_params() / 418_534
+    assert abs(kept - 0.5) <= 0.02 and f"{kept:.1%}" in printed and "ms per image here" in printed
+    assert (served / "saved_model.pb").exists()
+    assert cli.main(["prune", "--images", "shapes:6", "--params", "0.5", "--macs", "0.5", "--out", "x.keras",
+                     "--quiet"]) == 1
+    assert "Give --params or --macs, not both." in capsys.readouterr().err
