@@ -12,6 +12,7 @@ channels actually removed reach the target.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -64,6 +65,15 @@ def _ceilings(channels: dict[str, int], max_per_layer: float) -> dict[str, int]:
     return {path: min(int(max_per_layer * count), count - 1) for path, count in channels.items()}
 
 
+def _in_turn(ranked: list[tuple[float, groups.Group]], most: dict[str, int]):
+    """The ranked groups taken in turn, each only while no layer would lose more channels than `most` allows it."""
+    removed: Counter = Counter()
+    for _, group in ranked:
+        if all(removed[path] + len(cut) <= most[path] for path, cut in group.filters.items()):
+            removed.update({path: len(cut) for path, cut in group.filters.items()})
+            yield group
+
+
 def _as_selection(taken: list[groups.Group]) -> dict[str, list[int]]:
     selection: dict[str, list[int]] = {}
     for group in taken:
@@ -87,24 +97,16 @@ def select(model: keras.Model, scores: pd.DataFrame, criterion: str, share: floa
     ceiling = _ceilings(channels, max_per_layer)
     scored = set(scores["layer"]) & set(channels)
     ranked = group_importance(graph, scores, criterion)
-    removed: Counter = Counter()
-    taken = []
     if scope == "layer":
         target = {path: int(round(share * count)) if path in scored else count for path, count in channels.items()}
-        for _, group in ranked:
-            if all(removed[path] + len(cut) <= min(target[path], ceiling[path]) for path, cut in group.filters.items()):
-                taken.append(group)
-                removed.update({path: len(cut) for path, cut in group.filters.items()})
-        return _as_selection(taken)
+        return _as_selection(list(_in_turn(ranked, {path: min(target[path], ceiling[path]) for path in channels})))
     goal = int(round(share * sum(channels[path] for path in scored)))
-    total = 0
-    for _, group in ranked:
+    taken, total = [], 0
+    for group in _in_turn(ranked, ceiling):
         if total >= goal:
             break
-        if all(removed[path] + len(cut) <= ceiling[path] for path, cut in group.filters.items()):
-            taken.append(group)
-            removed.update({path: len(cut) for path, cut in group.filters.items()})
-            total += sum(len(cut) for path, cut in group.filters.items() if path in scored)
+        taken.append(group)
+        total += sum(len(cut) for path, cut in group.filters.items() if path in scored)
     return _as_selection(taken)
 
 
@@ -122,15 +124,11 @@ def to_target(model: keras.Model, scores: pd.DataFrame, criterion: str, params: 
         raise AuditError(f"The share to keep is between 0 and 1, not {fraction}.")
     graph = graph or groups.DependencyGraph(model)
     ceiling = _ceilings(_channels(graph), max_per_layer)
-    removed: Counter = Counter()
-    order = []  # the groups a global ranking would take, in turn, each within every layer's ceiling
-    for _, group in group_importance(graph, scores, criterion):
-        if all(removed[path] + len(cut) <= ceiling[path] for path, cut in group.filters.items()):
-            order.append(group)
-            removed.update({path: len(cut) for path, cut in group.filters.items()})
+    order = list(_in_turn(group_importance(graph, scores, criterion), ceiling))  # what a global ranking takes
     which = 0 if params is not None else 1
     full = kept_cost(graph, set())[which]
 
+    @functools.cache
     def kept(count: int) -> float:
         return kept_cost(graph, {group.index for group in order[:count]})[which] / full
 
