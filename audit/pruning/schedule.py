@@ -78,13 +78,9 @@ def _row(method: str, step: int, model: keras.Model, original: tuple[int, int], 
             "low": tuned["low"], "high": tuned["high"]}
 
 
-def _cut_to(model: keras.Model, images: np.ndarray, labels: np.ndarray, criterion: str, measure: str,
-            fraction: float, output: int | None, rng: np.random.Generator | None = None) -> keras.Model:
-    """`model` cut so that it keeps `fraction` of its own parameters or MACs: scored on `images` (or ranked at
-    random with `rng`), whole groups taken least important first."""
-    scores = filter_scores(model, images, labels, output=output)
-    if rng is not None:
-        scores = scores.assign(**{criterion: rng.permutation(len(scores)).astype(float) + 1.0})
+def _cut_to(model: keras.Model, scores: pd.DataFrame, criterion: str, measure: str, fraction: float) -> keras.Model:
+    """`model` cut so that it keeps `fraction` of its own parameters or MACs, whole groups taken least important
+    first by the criterion's `scores`."""
     graph = groups.DependencyGraph(model)
     selection = to_target(model, scores, criterion, graph=graph, **{measure: fraction})
     if selection:
@@ -141,17 +137,23 @@ def _run(model, images, labels, criterion, params, macs, steps, epochs, seed, pr
     base_seconds = latency(model)
     for method in methods:
         rows.append(_row(method, 0, model, original, before, before, base_seconds))
+    # one cut of the original at each size ranks by the original's scores: computed once, not at every size
+    original_scores = filter_scores(model, images[train], labels[train], output=output) if methods[1:] else None
     current = model
     for k, fraction in enumerate(fractions):
         relative = fraction * original[0 if measure == "params" else 1] / _size(current)[0 if measure == "params" else 1]
-        current = _cut_to(current, images[train], labels[train], criterion, measure, min(relative, 1.0), output)
+        scores = filter_scores(current, images[train], labels[train], output=output)  # re-scored at every step
+        current = _cut_to(current, scores, criterion, measure, min(relative, 1.0))
         after_cut = accuracy(current, images[test], labels[test], output)
         tune(current, epochs)
         rows.append(_row("iterative", k + 1, current, original, after_cut,
                          accuracy(current, images[test], labels[test], output), latency(current)))
         for method in methods[1:]:
-            rng = np.random.default_rng(seed + k) if method == "random ranking" else None
-            once = _cut_to(model, images[train], labels[train], criterion, measure, fraction, output, rng)
+            scores = original_scores
+            if method == "random ranking":
+                rng = np.random.default_rng(seed + k)
+                scores = scores.assign(**{criterion: rng.permutation(len(scores)).astype(float) + 1.0})
+            once = _cut_to(model, scores, criterion, measure, fraction)
             cut_accuracy = accuracy(once, images[test], labels[test], output)
             tune(once, epochs * (k + 1))
             rows.append(_row(method, k + 1, once, original, cut_accuracy,
