@@ -163,9 +163,6 @@ def leave_one_out_key(selection: "Selection", layers: tuple[str, ...], count: in
 def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, learning_rate: float):
     """Prune, fine-tune and compare with a random ranking of the same size, once per (model, images,
     filters, settings): the table and the fine-tuned model as .keras bytes (kept in memory)."""
-    import tempfile
-    from pathlib import Path
-
     loaded = selection.model
 
     def compute():
@@ -173,10 +170,7 @@ def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, 
         with jobs.model_job(selection, "Fine-tuning the pruned model and a random one", "recovery") as progress:
             table, tuned = pruning.recovery(loaded.model, chosen, x, labels_of(selection), epochs, learning_rate,
                                             output=selection.output, progress=progress)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "fine_tuned.keras"
-            tuned.save(path)
-            return table, path.read_bytes()
+        return table, pruning.keras_bytes(tuned)
 
     key = set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
                   tuple((k, tuple(v)) for k, v in chosen.items()))
