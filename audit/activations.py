@@ -9,7 +9,6 @@ computed apart merge exactly (Hu et al. 2016, "Network Trimming", for APoZ).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import cost, datasets, models, passes, usage
+from audit import compiled, cost, datasets, models, passes, usage
 from audit.errors import AuditError, NotAnImageModelError
 
 
@@ -176,14 +175,11 @@ def to_numpy(parts: tuple, measure: Measure | None = None) -> FilterSums:
     return FilterSums(float(count), int(images), *(np.asarray(part, np.float64) for part in arrays), *where)
 
 
-_REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _reducer(model: keras.Model, paths: tuple[str, ...], threshold: float):
-    """One compiled function, kept per model while it lives: a batch in (labels unused), per-filter sums
+    """One compiled function, kept with the model (audit.compiled): a batch in (labels unused), per-filter sums
     of every layer out. Traced once; every later set and shard of a run reuses it."""
-    cache = _REDUCERS.setdefault(model, {})
-    if (paths, threshold) not in cache:
+
+    def build():
         cut = models.submodel(model, list(paths))
         signature = [tf.TensorSpec([None, *cut.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32)]
 
@@ -193,8 +189,9 @@ def _reducer(model: keras.Model, paths: tuple[str, ...], threshold: float):
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             return [batch_sums(a, threshold).parts() for a in outputs]  # tensors out
 
-        cache[(paths, threshold)] = (cut, reduce)
-    return cache[(paths, threshold)]
+        return cut, reduce
+
+    return compiled.kept(model, ("sums", paths, threshold), build)
 
 
 def filter_sums(model: keras.Model, layers: list[str], images, threshold: float = 0.0,

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -24,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import heads, models
+from audit import compiled, heads, models
 from audit.errors import AuditError
 
 _CAFFE_MEAN = {"caffe": [103.939, 116.779, 123.68], "caffe_bsds": [104.00699, 116.66877, 122.67892]}
@@ -219,10 +217,6 @@ class _Compiled:
     floors: dict  # largest size -> the smallest input the cut takes (minimum_size)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILED_LOCK = threading.Lock()
-
-
 def _graph_key(options: Options) -> tuple:
     """The options that are constants of the traced step (the others are its inputs or the loop's)."""
     return (options.preprocessing, options.border, options.learning_rate, options.l2_decay, options.total_variation,
@@ -230,24 +224,19 @@ def _graph_key(options: Options) -> tuple:
 
 
 def _compiled(model: keras.Model, what: tuple, options: Options, cuts: Callable[[], tuple]) -> _Compiled:
-    """The traced pieces for (`what`, the options' graph constants) on this model, built on first use.
+    """The traced pieces for (`what`, the options' graph constants) on this model, built on first use and kept
+    with the model (audit.compiled): a second gallery on the same layer pays only its steps."""
 
-    A gallery re-traced its sub-model and gradient on every call (seconds on VGG16); kept here, a second
-    gallery on the same layer pays only its steps. Weakly keyed by the model: a dropped model takes its
-    traces with it.
-    """
-    key = (what, _graph_key(options))
-    with _COMPILED_LOCK:
-        per_model = _COMPILED.setdefault(model, {})
-        if key not in per_model:
-            cut_post, cut_pre = cuts()
-            objective = _objective_fn(cut_post, cut_pre, options)
-            channels_in = int(cut_post.inputs[0].shape[-1])
-            spec = tf.TensorSpec([None, *cut_post.inputs[0].shape[1:3], channels_in], tf.float32)
-            steps = {pre: _ascent(objective, options, spec, pre)
-                     for pre in {False, cut_pre is not None and options.warmup > 0}}
-            per_model[key] = _Compiled(cut_post, cut_pre, objective, steps, {})
-        return per_model[key]
+    def build():
+        cut_post, cut_pre = cuts()
+        objective = _objective_fn(cut_post, cut_pre, options)
+        channels_in = int(cut_post.inputs[0].shape[-1])
+        spec = tf.TensorSpec([None, *cut_post.inputs[0].shape[1:3], channels_in], tf.float32)
+        steps = {pre: _ascent(objective, options, spec, pre)
+                 for pre in {False, cut_pre is not None and options.warmup > 0}}
+        return _Compiled(cut_post, cut_pre, objective, steps, {})
+
+    return compiled.kept(model, ("gallery", what, _graph_key(options)), build)
 
 
 def render(model: keras.Model, layer: str, filters: list[int], options: Options, seed: int = 0,
@@ -273,8 +262,8 @@ def class_images(model: keras.Model, classes: list[int], options: Options, seed:
     2014: maximising a probability can be done by pushing the other classes down instead)."""
     head = heads.find_head(model, output)
     options = Options(**{**asdict(options), "warmup": 0})  # class scores have no ReLU to open
-    compiled = _compiled(model, ("classes", head.output), options, lambda: (heads.scores_model(model, head), None))
-    return _grow(compiled, "the class scores", list(classes), options, seed, progress)
+    pieces = _compiled(model, ("classes", head.output), options, lambda: (heads.scores_model(model, head), None))
+    return _grow(pieces, "the class scores", list(classes), options, seed, progress)
 
 
 def minimum_size(cut: keras.Model, largest: int) -> int:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import cost, graph
+from audit import compiled, cost, graph
 from audit.errors import AuditError
 
 _SQUASHES = ("softmax", "sigmoid")
@@ -186,11 +186,10 @@ class Outputs:
     these between a model and its masked copy."""
 
     def __init__(self, model: keras.Model, output: int | None = None, head: Head | None = None):
-        self.head = head or find_head(model, output)
-        if self.head.is_classifier:
-            self.graph = scores_model(model, self.head)
-        else:
-            self.graph = graph.graph_model(model, [graph.Point(self.head.path)])
+        self.head = head = head or find_head(model, output)
+        # kept with the model (audit.compiled): Keras's compiled predict function lives on this graph
+        self.graph = compiled.kept(model, ("outputs", head), lambda: scores_model(model, head) if head.is_classifier
+                                   else graph.graph_model(model, [graph.Point(head.path)]))
 
     @property
     def independent(self) -> bool:

@@ -16,9 +16,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 
-from audit import activations, attribution, filters, heads, images, models, precision, pruning, render
+from audit import activations, attribution, charts, filters, heads, images, models, precision, pruning, render
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -60,7 +59,7 @@ def _png(pixels: np.ndarray, width: int = 160) -> str:
 
 
 def _figure(fig, first: bool) -> str:
-    fig.update_layout(height=360, margin=dict(t=20, b=10), template="plotly_white")
+    fig.update_layout(margin=dict(t=20, b=10), template="plotly_white")
     return fig.to_html(full_html=False, include_plotlyjs=True if first else False)
 
 
@@ -146,15 +145,16 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     sections.append(f"<details><summary>Layer table ({len(table)} rows)</summary>{_table(layers)}</details>")
 
     counts = activations.dead_counts(scores, options.near_dead_apoz)
-    chart = px.bar(counts, x="layer", y=["dead", "near_dead", "alive", "no_zero_floor"],
-                   labels={"value": "filters", "variable": ""},
-                   color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c",
-                                       "no_zero_floor": "#c7c7c7"})
+    chart = charts.layer_bars(counts, list(charts.DEAD_COLOURS), charts.DEAD_COLOURS,
+                              names={"no_zero_floor": "no zero floor"})
+    idle = counts.assign(idle=counts.dead + counts.near_dead)
+    most = (f" Most dead or near-dead: {html.escape(charts.top_layers(idle[idle.idle > 0], 'idle'))}."
+            if idle.idle.any() else "")
     sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images, each filter measured where its channel is "
                     "used (after its BatchNorm and activation). Dead: never above 0 (APoZ = 1); near-dead: the others "
                     f"with APoZ (share of values at or below 0) above {options.near_dead_apoz}. No zero floor: the "
                     "filter is used after an activation that is not a ReLU (ELU, swish, linear), where a value at or "
-                    "below 0 is not \"off\", so neither is counted.</p>"
+                    "below 0 is not \"off\", so neither is counted." + most + "</p>"
                     f"{_figure(chart, first=True)}{_table(counts)}")
 
     galleries = []
@@ -196,9 +196,10 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     target = pruning.Target(options.prune_target, options.prune_share)
     candidates = pruning.proposed(scores, pruning.selection_for(loaded.model, scores, options.prune_criterion, target,
                                                                 loaded.dependency_graph()), options.prune_criterion)
-    per_layer = candidates.groupby(["layer", "why"], sort=False).size().rename("filters").reset_index()
-    chart = px.bar(per_layer, x="layer", y="filters", color="why", barmode="stack",
-                   color_discrete_map={"dead": "#d62728", "near-dead": "#ff7f0e"})
+    per_layer = (candidates.groupby(["layer", "why"], sort=False).size().unstack(fill_value=0)
+                 .reindex(counts.layer, fill_value=0).reset_index())
+    whys = [column for column in per_layer.columns if column != "layer"]
+    chart = charts.layer_bars(per_layer, whys, {"dead": "#d62728", "near-dead": "#ff7f0e"})
     chosen = ("dead or near-dead, with their groups" if options.prune_criterion == "dead" else
               f"whole groups by {pruning.CRITERIA[options.prune_criterion]} to the {target.describe()}")
     columns = ["layer", "filter", "why", "measured_at", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]

@@ -54,3 +54,13 @@ def settled(history: pd.DataFrame, doublings: int = 2) -> bool:
         return False
     last = history[history.images.isin(sizes_seen[-(doublings + 1):])]
     return bool((last.groupby("layer")[["dead", "near_dead"]].nunique() == 1).all().all())
+
+
+def moving_layers(history: pd.DataFrame) -> list[str]:
+    """The layers whose dead or near-dead count changed between the last two sample sizes, in network order."""
+    sizes_seen = sorted(history.images.unique())
+    if len(sizes_seen) < 2:
+        return []
+    last = history[history.images.isin(sizes_seen[-2:])]
+    changed = last.groupby("layer", sort=False)[["dead", "near_dead"]].nunique().gt(1).any(axis=1)
+    return list(changed[changed].index)

@@ -45,7 +45,7 @@ def completeness(model, image, target, black):
     """|sum of IG's signed attributions - (score(x) - score(baseline))| over |score(x) - score(baseline)|."""
     signed = attribution.integrated_gradients(model, image, target, signed=True, black=black, steps=32)
     scorer = attribution.score_model(model, attribution.resolve_target(model, image, target))
-    difference = float(np.asarray(scorer(image[None]))[0] - np.asarray(scorer(black[None]))[0])
+    difference = float(scorer(image[None])[0] - scorer(black[None])[0])
     return abs(float(signed.sum()) - difference) / max(abs(difference), 1e-12)
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import activations, models, render, runs, sampling
+from audit import activations, charts, models, render, runs, sampling
 from pages import activations_jobs, common, jobs, links, markup
 from pages.selection import current, fitted_image, user_errors, what_these_mean
 
@@ -84,12 +84,13 @@ def show_stats(stats, near: float, name: str) -> None:
                 f"{named}{more}. There a value at or below 0 is not \"off\" (an ELU, swish or linear output, a "
                 "BatchNorm before a residual Add), so their APoZ, fires and dead are not given (grey in the chart) "
                 "and the APoZ-based pruning criteria leave them out.", icon=":material/info:")
-    figure = px.bar(counts, x="layer", y=["dead", "near_dead", "alive", "no_zero_floor"],
-                    color_discrete_map={"dead": "#d62728", "near_dead": "#ff7f0e", "alive": "#2ca02c",
-                                        "no_zero_floor": "#c7c7c7"},
-                    labels={"value": "filters", "variable": ""})
-    figure.update_layout(barmode="stack", height=380, margin=dict(t=10), xaxis_tickangle=-45)
+    figure = charts.layer_bars(counts, list(charts.DEAD_COLOURS), charts.DEAD_COLOURS,
+                               names={"no_zero_floor": "no zero floor"})
     st.plotly_chart(figure, width="stretch", key=f"{name}_chart")
+    idle = counts.assign(idle=counts.dead + counts.near_dead)
+    if idle.idle.any():
+        st.caption("Most dead or near-dead filters: " + markup.escape(charts.top_layers(idle[idle.idle > 0], "idle"))
+                   + f"; {int(idle.dead.sum()):,} dead and {int(idle.near_dead.sum()):,} near-dead in all.")
     st.dataframe(counts, hide_index=True, width="stretch", key=f"{name}_counts")
     with st.expander("Dead filters per layer"):
         for layer_name, group in stats[stats.dead].groupby("layer", sort=False):
@@ -144,22 +145,32 @@ if selection.stream is not None:
             steps = activations_jobs.growing_stats(selection, key_layers, float(threshold), start, largest, measure_at)
         history = pd.concat([sampling.history_row(count, part, near) for count, part in steps.groupby("images")],
                             ignore_index=True)
-        lines = history.melt(id_vars=["images", "layer"], value_vars=["dead", "near_dead"], var_name="count",
-                             value_name="filters")
+        totals = history.groupby("images", as_index=False)[["dead", "near_dead"]].sum()
         sizes = sorted(int(n) for n in history.images.unique())
-        figure = px.line(lines, x="images", y="filters", color="layer", line_dash="count", markers=True, log_x=True)
-        figure.update_layout(height=360, margin=dict(t=10))
+        figure = px.line(totals.rename(columns={"near_dead": "near-dead"}), x="images", y=["dead", "near-dead"],
+                         markers=True, log_x=True, labels={"value": "filters, all chosen layers", "variable": ""})
+        figure.update_layout(height=320, margin=dict(t=10))
         figure.update_xaxes(tickvals=sizes, ticktext=[f"{n:,}" for n in sizes], title="images in the sample")
         st.plotly_chart(figure, width="stretch", key="growth_chart")
+        moving = sampling.moving_layers(history)
+        if len(moving):
+            st.caption(f"Counts that changed at the last doubling ({len(moving)} of {history.layer.nunique()} layers): "
+                       + markup.escape(", ".join(moving[:8])) + (" and more" if len(moving) > 8 else "") + ".")
+        whole = sizes[-1] >= len(stream)
         if sampling.settled(history):
             st.success(f"Settled: every layer's dead and near-dead counts are the same at "
-                       f"{', '.join(f'{n:,}' for n in sizes[-3:])} images.", icon=":material/check_circle:")
+                       f"{', '.join(f'{n:,}' for n in sizes[-3:])} images"
+                       + (" (the whole folder is in)." if whole else "."), icon=":material/check_circle:")
+        elif whole:
+            st.warning(f"The whole folder is in ({len(stream):,} images) and the counts have not settled over the "
+                       "last doublings: with this folder they are known only to within the last doubling's changes; more "
+                       "images of the same kind would settle them.", icon=":material/trending_up:")
         elif len(sizes) < 3:
             st.warning(f"Only {len(sizes)} sample size{'s' if len(sizes) > 1 else ''} measured: grow up to at least "
                        f"four times the start to see whether the counts settle.", icon=":material/trending_up:")
         else:
             st.warning(f"Still moving at {sizes[-1]:,} images: the counts changed over the last two doublings. "
-                       "Grow the sample further.", icon=":material/trending_up:")
+                       f"Grow the sample further (the folder has {len(stream):,}).", icon=":material/trending_up:")
         show_stats(steps[steps.images == sizes[-1]].drop(columns="images"), near, "folder_stats")
 
 finished = runs.finished(loaded.fingerprint)

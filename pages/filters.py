@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import filters, models, render
+from audit import charts, filters, models, render
 from pages import activations_jobs, common, filters_jobs, jobs, links, markup
 from pages.selection import current, stop, user_errors, what_these_mean
 
@@ -105,8 +105,10 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
                                  key="filters_csv")
     curves = pd.DataFrame(result.curves.T, columns=[f"#{i}" for i in key]).rename_axis("step").reset_index()
     figure = px.line(curves, x="step", y=curves.columns[1:], labels={"value": "mean activation", "variable": "filter"})
-    figure.update_layout(height=300, margin=dict(t=10))
+    figure.update_layout(height=300, margin=dict(t=10), showlegend=len(key) <= charts.MAX_LEGEND)
     st.plotly_chart(figure, width="stretch")
+    if len(key) > charts.MAX_LEGEND:
+        st.caption(f"One line per filter ({len(key)}): hover a line for its filter.")
 
     st.markdown("**Dead, or only failed to start?** A zero loss is not proof of a dead filter: from noise the "
                 "ReLU may never open, so no gradient flows.")

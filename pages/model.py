@@ -2,13 +2,11 @@
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
+from audit import charts
 from pages import common, links, markup
 from pages.selection import current, labels_of, section, user_errors, what_these_mean
-
-READABLE_BARS = 40  # layer names stay readable under the chart up to this many bars
 
 selection = current()
 loaded = selection.model
@@ -56,17 +54,12 @@ st.download_button("Download the layer table (CSV)", common.displayable(table).t
                    file_name=f"{loaded.file_stem}_layers.csv", mime="text/csv")
 
 st.subheader("Parameters per layer")
-with_params = leaves[leaves.params > 0].assign(position=lambda f: range(1, len(f) + 1))
-named = len(with_params) <= READABLE_BARS  # past that, names on the axis overlap: positions, names on hover
-figure = px.bar(with_params, x="path" if named else "position", y="params", color="type",
-                log_y=links.toggle(st, "Log scale", param="log", key="model_log"),
-                category_orders={"path": list(with_params.path)},  # network order, whatever the colours
-                labels={"path": "layer", "params": "parameters", "position": "layer with weights, in network order"},
-                hover_data=["path", "output_shape", "filters"])
-figure.update_layout(xaxis_tickangle=-45 if named else 0, height=420, margin=dict(t=10))
+with_params = leaves[leaves.params > 0]
+figure = charts.layer_groups(with_params, "params", "type", layer="path", value_title="parameters",
+                             log=links.toggle(st, "Log scale", param="log", key="model_log"), height=380)
 st.plotly_chart(figure, width="stretch")
-if not named:
-    st.caption(f"{len(with_params)} layers with weights, in network order: hover a bar for its name.")
+st.caption(f"{len(with_params):,} layers with weights, in network order (hover a bar for its name). Most parameters: "
+           f"{markup.escape(charts.top_layers(with_params, 'params', layer='path'))}.")
 
 st.subheader("On the current image")
 left, right = st.columns([1, 2])

@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from audit import activations, filters, images, models, pruning, render
+from audit import activations, charts, filters, images, models, pruning, render
 from pages import candidates as candidates_choice
 from pages import common, filters_jobs, jobs, links, markup, pruning_jobs
 from pages.selection import current, fitted_image, folder_labels, labels_of, set_key, stop, user_errors, what_these_mean
@@ -38,9 +38,8 @@ if len(unfloored) and criterion in ("dead", "apoz"):
 counts = scores.groupby("layer", sort=False).size().rename("total").to_frame()
 counts["candidates"] = candidates.groupby("layer", sort=False).size()
 counts = counts.fillna(0).astype(int).reset_index()
-figure = px.bar(counts, x="layer", y=["candidates", "total"], barmode="overlay", labels={"value": "filters"},
-                color_discrete_map={"candidates": "#d62728", "total": "#c7c7c7"})
-figure.update_layout(height=320, margin=dict(t=10), xaxis_tickangle=-45, legend_title_text="")
+figure = charts.layer_bars(counts, ["total", "candidates"], {"candidates": "#d62728", "total": "#c7c7c7"},
+                           barmode="overlay", height=320)
 st.subheader(f"{len(candidates)} candidates of {len(scores)} filters")
 kept_columns = st.columns(3)
 kept_columns[0].metric("Channels of the scored layers removed", f"{len(candidates) / len(scores):.1%}")
@@ -50,6 +49,8 @@ st.caption("Whole dependency groups, least important first (each layer's scores 
            "group): the share asked is the share of channels really removed, coupled ones included"
            + ("." if criterion != "dead" else "; here every dead or near-dead filter with its group."))
 st.plotly_chart(figure, width="stretch")
+if len(candidates):
+    st.caption("Most candidates: " + markup.escape(charts.top_layers(counts[counts.candidates > 0], "candidates")) + ".")
 
 responses = common.ascent_responses(loaded.fingerprint)
 scores = scores.assign(ascent=[responses.get((layer, int(index)), np.nan) for layer, index in
@@ -65,11 +66,12 @@ scatter = px.scatter(shown.assign(status=np.where(shown.candidate, "candidate", 
                      custom_data=["filter"], hover_data={"filter": True, "mean": ":.3g", "nearest": True,
                                                          "fpgm": ":.3g", "taylor": ":.3g", "ascent": ":.3g"},
                      labels={"l1": "L1 norm", "apoz": "APoZ", "mean": "mean activation", "ascent": "gallery response",
-                             "status": ""},
+                             "status": "", "redundancy": "redundancy (cosine)"},
                      color_continuous_scale="Viridis")
-scatter.update_layout(height=380, margin=dict(t=30), legend=dict(orientation="h", y=1.1, title_text=""))
-st.caption("Click a filter to see its evidence below. The gallery response is known for filters whose "
-           "gallery was drawn (Filters page, or the button below).")
+scatter.update_layout(height=380, margin=dict(t=10), showlegend=False)  # the symbols are told below, in words
+st.caption("Each point a filter of the layer, coloured by its redundancy (cosine similarity to its nearest "
+           "filter); ✕ marks a candidate, ● a kept filter. Click a filter to see its evidence below. The gallery "
+           "response is known for filters whose gallery was drawn (Filters page, or the button below).")
 event = st.plotly_chart(scatter, width="stretch", on_select="rerun", selection_mode="points",
                         key=f"prune_scatter_{layer_pick}")
 evidence_key = f"evidence_{loaded.fingerprint}_{layer_pick}"
@@ -195,12 +197,18 @@ sensitivity_key = pruning_jobs.sensitivity_key(selection, ranking_criteria[rank_
 if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_result(sensitivity_key),
                   sensitivity_passes * sweep_images):
     sensitivity = pruning_jobs.sensitivity(selection, scores, ranking_criteria[rank_by], sweep_images)
-    chart = px.line(sensitivity, x="fraction", y=measure, color="layer", markers=True,
-                    labels={"fraction": "share of the layer's filters pruned (alone)", measure: measure_name})
-    chart.update_layout(height=360, margin=dict(t=10))
-    st.plotly_chart(chart, width="stretch")
+    grid = sensitivity.pivot_table(index="fraction", columns="layer", values=measure, sort=False)
+    grid = grid[[layer for layer in ranked if layer in grid.columns]]
+    grid.index = [f"{fraction:.0%}" for fraction in grid.index]
+    lower_is_better = measure in ("kl", "feature_error")
+    st.plotly_chart(charts.layer_heatmap(grid, measure_name, "Viridis_r" if lower_is_better else "Viridis",
+                                         text_format=".2f", row_title="share pruned"), width="stretch")
+    half = sensitivity[np.isclose(sensitivity.fraction, 0.5)]
     st.caption(f"Each layer pruned alone, the others intact (Li et al. 2017), on "
-               f"{common.sample_sentence(selection, sweep_images)}: flat curves mark robust layers.")
+               f"{common.sample_sentence(selection, sweep_images)}: a column that keeps its colour down the rows "
+               f"marks a robust layer. Most sensitive at 50% pruned: "
+               + markup.escape(charts.top_layers(half, measure, largest=lower_is_better, format_value=lambda v: f"{v:.3g}"))
+               + ".")
 
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", ranked,
                                index=len(ranked) - 1, param="chance_layer", key="prune_chance_layer")
@@ -256,15 +264,20 @@ if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_re
         costs = pruning_jobs.leave_one_out(selection, tuple(loo_layers), int(loo_count))
     changes = {layer: group.sort_values("filter")["cost"].to_numpy() for layer, group in costs.groupby("layer", sort=False)}
     correlation = pruning.importance_correlation(scores, changes)
-    heatmap = px.imshow(correlation.set_index("layer"), text_auto=".2f", zmin=-1, zmax=1, aspect="auto",
-                        color_continuous_scale="RdBu", labels={"x": "criterion", "y": "", "color": "Spearman"})
-    heatmap.update_layout(height=180 + 40 * len(correlation), margin=dict(t=10))
-    st.plotly_chart(heatmap, width="stretch")
+    if not costs.cost.abs().gt(0).any():
+        st.info(f"Removing any one of these {len(costs):,} filters alone changes nothing on these images (every cost "
+                "is 0): no criterion can be ranked against the cost here. Try other layers or more images.",
+                icon=":material/info:")
+    else:
+        st.plotly_chart(charts.layer_heatmap(correlation.set_index("layer").T, "Spearman", "RdBu", -1, 1,
+                                             text_format=".2f", row_title="criterion"), width="stretch")
     pick = links.selectbox(st, "Cost against", [c for c in correlation.columns[1:]], param="loo_criterion",
                            key="loo_criterion")
     merged = costs.merge(scores[["layer", "filter", pick]], on=["layer", "filter"])
-    chart = px.scatter(merged, x=pick, y="cost", color="layer", hover_data=["filter"],
-                       labels={"cost": "loss increase when removed alone"})
+    by_layer = merged.layer.nunique() <= charts.MAX_LEGEND  # past that, the colour is the depth, not a legend
+    chart = px.scatter(merged.assign(depth=merged.layer.map({layer: n for n, layer in enumerate(all_layers)})),
+                       x=pick, y="cost", color="layer" if by_layer else "depth", hover_data=["layer", "filter"],
+                       labels={"cost": "loss increase when removed alone", "depth": "layer position"})
     chart.update_layout(height=360, margin=dict(t=10))
     chart.update_xaxes(exponentformat="e")  # 1e-13, not plotly's SI "100f"
     chart.update_yaxes(exponentformat="e")

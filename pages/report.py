@@ -47,6 +47,6 @@ if jobs.job_shown(selection, "report", pressed, key, jobs.has_result(key), repor
     st.success(f"The report is ready: {len(page.encode()) / 2**20:.1f} MB, {len(selection.image_set)} images.")
     st.download_button("Download the report (HTML)", page, name, "text/html", type="primary", key="report_download")
     if st.toggle("Preview here", key="report_preview"):
-        st.components.v1.html(page, height=900, scrolling=True)
+        st.iframe(page, height=900)
 else:
     st.info("Choose what goes in and press **Build the report**.")

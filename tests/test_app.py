@@ -64,7 +64,7 @@ def test_model_page_draws_parameters_in_network_order_for_a_deep_model():
     for trace in spec["data"]:
         for position, custom in zip(_plotly_values(trace["x"]), trace["customdata"]):
             bars[int(position)] = custom[0]
-    assert [bars[k] for k in sorted(bars)] == weighted and sorted(bars) == list(range(1, len(weighted) + 1))
+    assert [bars[k] for k in sorted(bars)] == weighted and sorted(bars) == list(range(len(weighted)))
     assert any("hover a bar for its name" in c.value for c in at.caption)
 
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from audit import filters, images, models
+from audit import compiled, filters, images, models
 from audit.errors import AuditError
 
 
@@ -134,16 +134,16 @@ def test_a_second_gallery_reuses_the_traced_step_and_a_dropped_model_takes_it_al
                               keras.layers.Conv2D(4, 3, activation="relu", name="c2")])
     options = filters.Options(size=24, steps=4, jitter=1, preprocessing="unit")
     first = filters.render(model, "c2", [0, 1, 2], options, seed=5)
-    traced = filters._COMPILED[model]
+    traced = compiled.keys(model)
     second = filters.render(model, "c2", [0, 1, 2], options, seed=5)
-    assert filters._COMPILED[model] is traced and len(traced) == 1
+    assert compiled.keys(model) == traced and len(traced) == 1
     np.testing.assert_array_equal(first.images, second.images)
     faster = filters.render(model, "c2", [0, 1, 2], filters.Options(**{**options.__dict__, "learning_rate": 0.5}),
                             seed=5)
-    assert len(traced) == 2 and not np.array_equal(faster.images, first.images)
+    assert len(compiled.keys(model)) == 2 and not np.array_equal(faster.images, first.images)
     filters.render(model, "c2", [3], options, seed=5)  # other filters, same trace
-    assert len(traced) == 2
+    assert len(compiled.keys(model)) == 2
     alive = weakref.ref(model)
-    del model, traced
+    del model
     gc.collect()
     assert alive() is None

@@ -239,9 +239,9 @@ def test_depthwise_and_separable_scores_are_per_output_channel():
 def test_guided_backprop_keeps_relu6_forward_and_only_changes_the_backward_pass():
     model = _depthwise_model()
     x = _image((1, 8, 8, 3), seed=11) * 40  # large inputs: many units above the cap of 6
-    graph = attribution.graph_with_score(model, 0, replace=attribution.guided_replacement)
+    guided = attribution.Scorer(model, 0, replace=attribution.guided_replacement)
     plain = heads.scores_model(model, heads.find_head(model))
-    np.testing.assert_allclose(graph(x), plain(x), rtol=1e-5)
+    np.testing.assert_allclose(guided.outputs(x)[-2], plain(x), rtol=1e-5)
     # backward: positive gradients only, and none through a unit above the cap
     relu = attribution.GuidedReLU(max_value=6.0)
     z = tf.constant([[-1.0, 2.0, 7.0, 3.0]])

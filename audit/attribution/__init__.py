@@ -24,10 +24,9 @@ from audit.attribution.targets import (  # noqa: F401
     Target,
     has_class_output,
     resolve_target,
-    score_of,
     graph_with_score,
+    Scorer,
     score_model,
-    gradients_of,
     normalise,
     resize,
 )

@@ -9,11 +9,10 @@ import hashlib
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from audit import models
 from audit.attribution.gradients import guided_backprop
-from audit.attribution.targets import Target, graph_with_score, normalise, resize, resolve_target, score_of
+from audit.attribution.targets import Scorer, Target, normalise, resize, resolve_target
 from audit.errors import AuditError
 
 def grad_cam_weights(gradients: np.ndarray) -> np.ndarray:
@@ -74,16 +73,10 @@ def _maps_and_gradients(model, image, target, layer, output=None):
 
 
 def _one_pass(model, image, target, layer, output):
-    graph = graph_with_score(model, target, [models.Point(layer)], output)
-    x = tf.convert_to_tensor(image[None], tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(x)  # records every op after the input, also in a frozen base (no trainable weights)
-        maps, last = graph(x, training=False)
-        scores = score_of(target)(last)
-    gradients = tape.gradient(scores, maps)
-    if gradients is None:
+    (maps,), (gradients,), _ = Scorer(model, target, output, points=(layer,)).point_gradients(image[None])
+    if np.isnan(gradients).all():
         raise AuditError(f"The target's score does not depend on layer {layer!r}: choose a layer before it.")
-    return maps.numpy()[0], gradients.numpy()[0]
+    return maps[0], gradients[0]
 
 
 def _cam(model, image, target, layer, combine, upsample: bool, output=None):

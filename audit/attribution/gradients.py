@@ -8,15 +8,14 @@ import numpy as np
 import tensorflow as tf
 
 from audit import cost, graph, models
-from audit.attribution.targets import (Progress, Target, gradients_of, graph_with_score, normalise, report_progress,
-                                       resolve_target, score_model, score_of)
+from audit.attribution.targets import Progress, Scorer, Target, normalise, report_progress, resolve_target
 from audit.errors import AuditError
 
 def saliency(model: keras.Model, image: np.ndarray, target: Target = None, output: int | None = None) -> np.ndarray:
     """Vanilla gradient: max over channels of |d score / d pixel|."""
     image = np.asarray(image, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target, output), output)
-    gradient, _ = gradients_of(scorer, image[None])
+    scorer = Scorer(model, resolve_target(model, image, target, output), output)
+    gradient, _ = scorer.gradients(image[None])
     return normalise(np.abs(gradient[0]).max(axis=-1))
 
 
@@ -25,7 +24,7 @@ def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, sam
                progress: Progress | None = None) -> np.ndarray:
     """Mean |gradient| over noisy copies (noise std as a share of the input's range), batched."""
     image = np.asarray(image, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target, output), output)
+    scorer = Scorer(model, resolve_target(model, image, target, output), output)
     sigma = noise * float(image.max() - image.min() or 1.0)
     rng = np.random.default_rng(seed)
     total = np.zeros(image.shape, np.float64)
@@ -33,7 +32,7 @@ def smoothgrad(model: keras.Model, image: np.ndarray, target: Target = None, sam
     for start in range(0, samples, batch_size):
         count = min(batch_size, samples - start)
         noisy = image[None] + rng.normal(0, sigma, (count, *image.shape)).astype(np.float32)
-        gradient, _ = gradients_of(scorer, noisy)
+        gradient, _ = scorer.gradients(noisy)
         total += np.abs(gradient).sum(axis=0)
         report_progress(progress, start + count, samples)
     return normalise((total / samples).max(axis=-1))
@@ -64,13 +63,13 @@ def integrated_gradients(model: keras.Model, image: np.ndarray, target: Target =
         else:
             raise AuditError(f"Unknown baseline {baseline!r}: use 'black', 'blurred' or an array.")
     baseline = np.asarray(baseline, np.float32)
-    scorer = score_model(model, resolve_target(model, image, target, output), output)
+    scorer = Scorer(model, resolve_target(model, image, target, output), output)
     alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
     gradients = []
     batch_size = cost.batch_within(model, batch_size, passes=3)
     for start in range(0, len(alphas), batch_size):
         chunk = alphas[start:start + batch_size, None, None, None]
-        gradient, _ = gradients_of(scorer, baseline[None] + chunk * (image - baseline)[None])
+        gradient, _ = scorer.gradients(baseline[None] + chunk * (image - baseline)[None])
         gradients.append(gradient)
         report_progress(progress, min(start + batch_size, len(alphas)), len(alphas))
     gradients = np.concatenate(gradients)
@@ -134,10 +133,8 @@ def guided_gradient(model: keras.Model, image: np.ndarray, target: Target = None
                     ) -> np.ndarray:
     """The raw guided-backpropagation gradient (H, W, C) of the target's score."""
     image = np.asarray(image, np.float32)
-    resolved = resolve_target(model, image, target, output)
-    graph = graph_with_score(model, resolved, output=output, replace=guided_replacement)
-    scorer = keras.Model(graph.inputs[0], score_of(resolved)(graph.outputs[-1]))
-    gradient, _ = gradients_of(scorer, image[None])
+    scorer = Scorer(model, resolve_target(model, image, target, output), output, replace=guided_replacement)
+    gradient, _ = scorer.gradients(image[None])
     return gradient[0]
 
 

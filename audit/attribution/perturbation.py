@@ -8,7 +8,7 @@ import numpy as np
 
 from audit import cost, models
 from audit.attribution.cams import weighted_maps
-from audit.attribution.targets import Progress, Target, normalise, report_progress, resize, resolve_target, score_model
+from audit.attribution.targets import Progress, Scorer, Target, normalise, report_progress, resize, resolve_target
 
 def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, layer: str | None = None,
               max_channels: int = 32, batch_size: int = 32, fill: np.ndarray | None = None,
@@ -19,16 +19,16 @@ def score_cam(model: keras.Model, image: np.ndarray, target: Target = None, laye
     image = np.asarray(image, np.float32)
     resolved = resolve_target(model, image, target, output)
     layer = models.resolve_layer(model, layer or models.cam_layer(model))
-    maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
+    scorer = Scorer(model, resolved, output, points=(layer,))
+    maps = scorer.outputs(image[None])[0][0]
     keep = score_cam_channels(maps, max_channels)
-    scorer = score_model(model, resolved, output)
     fill = np.zeros_like(image) if fill is None else np.broadcast_to(fill, image.shape)
     masks = np.stack([_scaled01(resize(maps[:, :, k], image.shape[:2])) for k in keep])
     scores = []
     batch_size = cost.batch_within(model, batch_size)
     for start in range(0, len(keep), batch_size):
         m = masks[start:start + batch_size, :, :, None]
-        scores.append(np.asarray(scorer(image[None] * m + fill[None] * (1 - m), training=False)))
+        scores.append(scorer(image[None] * m + fill[None] * (1 - m)))
         report_progress(progress, start + len(m), len(keep))
     scores = np.concatenate(scores)
     weights = np.exp(scores - scores.max())
@@ -72,9 +72,9 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
     default_patch, default_stride = occlusion_defaults(min(image.shape[:2]))
     patch, stride = patch or default_patch, stride or default_stride
     fill = np.broadcast_to(np.asarray(fill, np.float32), image.shape)
-    scorer = score_model(model, resolve_target(model, image, target, output), output)
+    scorer = Scorer(model, resolve_target(model, image, target, output), output)
     height, width = image.shape[:2]
-    base = float(np.asarray(scorer(image[None], training=False))[0])
+    base = float(scorer(image[None])[0])
     corners = [(y, x) for y in patch_starts(height, patch, stride) for x in patch_starts(width, patch, stride)]
     drops, counts = np.zeros((height, width)), np.zeros((height, width))
     batch_size = cost.batch_within(model, batch_size)
@@ -83,7 +83,7 @@ def occlusion(model: keras.Model, image: np.ndarray, target: Target = None, patc
         batch = np.repeat(image[None], len(chunk), axis=0)
         for i, (y, x) in enumerate(chunk):
             batch[i, y:y + patch, x:x + patch] = fill[y:y + patch, x:x + patch]
-        scores = np.asarray(scorer(batch, training=False))
+        scores = scorer(batch)
         for (y, x), score in zip(chunk, scores):
             drops[y:y + patch, x:x + patch] += base - score
             counts[y:y + patch, x:x + patch] += 1

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import heads, models
+from audit import compiled, heads, models
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -55,22 +55,14 @@ def resolve_target(model: keras.Model, image: np.ndarray, target: Target, output
             raise AuditError(f"Class {target} is out of range: the model has classes 0 to {head.classes - 1}.")
         return int(target)
     if head.is_classifier:
-        scores = np.asarray(heads.scores_model(model, head)(image[None], training=False))[0]
-        return int(np.argmax(scores))
+        return int(np.argmax(Scorer(model, 0, output).outputs(image[None])[-2][0]))
     layer = models.cam_layer(model)
-    maps = np.asarray(models.submodel(model, layer)(image[None], training=False))[0]
+    maps = Scorer(model, FilterTarget(layer, 0)).outputs(image[None])[-2][0]
     return FilterTarget(layer, int(np.argmax(maps.mean(axis=(0, 1)))))
 
 
-def score_of(target: int | FilterTarget):
-    """The scalar per sample that a target names, from the last tensor of a graph model's outputs."""
-    if isinstance(target, FilterTarget):  # keras.ops: works on symbolic and on real tensors
-        return lambda maps: keras.ops.mean(maps[..., target.index], axis=tuple(range(1, len(maps.shape) - 1)))
-    return lambda scores: scores[:, target]
-
-
 def graph_with_score(model: keras.Model, target: int | FilterTarget, points: list[models.Point] = (),
-                      output: int | None = None, replace=None) -> keras.Model:
+                     output: int | None = None, replace=None) -> keras.Model:
     """A model from the image to [tensors at `points`..., the target's tensor], in one pass."""
     points = list(points)
     if isinstance(target, FilterTarget):
@@ -78,18 +70,100 @@ def graph_with_score(model: keras.Model, target: int | FilterTarget, points: lis
     return heads.scores_model(model, heads.find_head(model, output), points, replace=replace)
 
 
-def score_model(model: keras.Model, target: int | FilterTarget, output: int | None = None) -> keras.Model:
-    """A model from the image to one score per sample: the class score or the filter's mean activation."""
-    graph = graph_with_score(model, target, output=output)
-    return keras.Model(graph.inputs[0], score_of(target)(graph.outputs[-1]))
+def _score_of_index(filter_target: bool):
+    """The target's score per sample from the last tensor, the class or filter index a tensor (not traced in)."""
+    if filter_target:
+        return lambda maps, index: tf.reduce_mean(tf.cast(tf.gather(maps, index, axis=-1), tf.float32),
+                                                  axis=list(range(1, len(maps.shape) - 1)))
+    return lambda scores, index: tf.cast(tf.gather(scores, index, axis=1), tf.float32)
 
 
-def gradients_of(scorer: keras.Model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = tf.convert_to_tensor(batch, tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        scores = scorer(x, training=False)
-    return tape.gradient(scores, x).numpy(), scores.numpy()
+@dataclass(frozen=True)
+class _Pass:
+    forward: Callable  # (x, index) -> [tensors at the points..., the last tensor, the score]
+    backward: Callable  # (x, index) -> [d score / d x] or, with points, [tensors at the points..., d score / d each]
+
+
+def _compiled_pass(model: keras.Model, target: int | FilterTarget, points: tuple[str, ...], output: int | None,
+                   replace) -> _Pass:
+    """The forward and backward passes for a kind of target, traced once per (model, target kind and layer,
+    points, output, replacement) and kept with the model (audit.compiled): a new image, class or filter
+    index reuses them. With points, the backward pass stops at them (a CAM needs no input gradient)."""
+    filter_target = isinstance(target, FilterTarget)
+    key = ("attribution", target.layer if filter_target else "class", points, output, replace)
+
+    def build() -> _Pass:
+        graph = graph_with_score(model, target, [models.Point(point) for point in points], output, replace)
+        score = _score_of_index(filter_target)
+        signature = [tf.TensorSpec([None, *graph.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([], tf.int32)]
+
+        @tf.function(input_signature=signature)
+        def forward(x, index):
+            tensors = as_list(graph(x, training=False))
+            return [*tensors, score(tensors[-1], index)]
+
+        @tf.function(input_signature=signature)
+        def backward(x, index):
+            with tf.GradientTape() as tape:
+                tape.watch(x)  # records every op after the input, also in a frozen base (no trainable weights)
+                tensors = as_list(graph(x, training=False))
+                scores = score(tensors[-1], index)
+            at = tensors[:-1] if points else [x]
+            gradients = tape.gradient(scores, at)
+            # a point the score does not depend on has no gradient: NaN says so (zeros would look like an answer)
+            gradients = [g if g is not None else tf.fill(tf.shape(t), float("nan")) for g, t in zip(gradients, at)]
+            return [*(tensors[:-1] if points else []), *gradients, scores]
+
+        return _Pass(forward, backward)
+
+    return compiled.kept(model, key, build)
+
+
+def as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class Scorer:
+    """One score per image for a target: a class's score before the squash, or a filter's mean activation;
+    compiled once per kind of target (audit.compiled), so another image, class or filter pays no tracing.
+
+    `points` are layers whose tensors (and the score's gradients with respect to them) come out of the same
+    pass; `replace` swaps layers in the graph (graph.graph_model), e.g. guided ReLUs.
+    """
+
+    def __init__(self, model: keras.Model, target: int | FilterTarget, output: int | None = None,
+                 points: tuple[str, ...] = (), replace=None):
+        self.target, self.points = target, tuple(points)
+        self.index = tf.constant(target.index if isinstance(target, FilterTarget) else int(target), tf.int32)
+        self._pass = _compiled_pass(model, target, self.points, output, replace)
+
+    def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """[tensors at the points..., the last tensor (class scores or the layer's maps), the scores (N,)]."""
+        return [t.numpy() for t in self._pass.forward(tf.convert_to_tensor(batch, tf.float32), self.index)]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The scores (N,) of a batch."""
+        return self.outputs(batch)[-1]
+
+    def gradients(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(d score / d input, the scores) of a batch."""
+        gradient, scores = (t.numpy() for t in self._pass.backward(tf.convert_to_tensor(batch, tf.float32),
+                                                                     self.index))
+        return gradient, scores
+
+    def point_gradients(self, batch: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """(tensors at the points, d score / d each of them (NaN where the score does not depend on it), the
+        scores) of a batch, from one pass that goes back no further than the points."""
+        if not self.points:
+            raise AuditError("point_gradients needs the scorer's points (layer names).")
+        found = [t.numpy() for t in self._pass.backward(tf.convert_to_tensor(batch, tf.float32), self.index)]
+        count = len(self.points)
+        return found[:count], found[count:2 * count], found[-1]
+
+
+def score_model(model: keras.Model, target: int | FilterTarget, output: int | None = None) -> Scorer:
+    """The compiled scorer of a target (see Scorer): `score_model(model, 3)(batch)` gives class 3's scores."""
+    return Scorer(model, target, output)
 
 
 def normalise(values: np.ndarray) -> np.ndarray:

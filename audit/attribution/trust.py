@@ -7,8 +7,7 @@ import keras
 import numpy as np
 
 from audit import cost, heads, models
-from audit.attribution.targets import (FilterTarget, Progress, Target, report_progress, resolve_target,
-                                       score_model)
+from audit.attribution.targets import FilterTarget, Progress, Scorer, Target, report_progress, resolve_target
 from audit.errors import AuditError, ImageError
 
 def _same_grid(attribution: np.ndarray, mask: np.ndarray) -> None:
@@ -129,11 +128,11 @@ def _curves(model, image, orders, target, steps, fill, output, insert: bool) -> 
             changed = changed.reshape(image.shape[:2])
             batch[number * len(fractions) + row][changed] = source[changed]
     if isinstance(resolved, FilterTarget):
-        cut = models.submodel(model, resolved.layer)
-        size = cost.batch_within(cut, 32)  # 106 images of 224 px at once took 9 GB on MobileNetV2
+        scorer = Scorer(model, resolved, output)
+        size = cost.batch_within(model, 32)  # 106 images of 224 px at once took 9 GB on MobileNetV2
 
         def mean_activation(part: np.ndarray) -> np.ndarray:
-            maps = np.maximum(np.asarray(cut(part, training=False), np.float64)[..., resolved.index], 0)
+            maps = np.maximum(np.asarray(scorer.outputs(part)[-2], np.float64)[..., resolved.index], 0)
             return maps.mean(axis=tuple(range(1, maps.ndim)))
 
         values = np.concatenate([mean_activation(batch[start:start + size]) for start in range(0, len(batch), size)])
@@ -193,7 +192,7 @@ def sanity_check(model: keras.Model, image: np.ndarray, method, target: Target =
                          "its randomised copies with; choose another method or target.")
     results = []
     for done, clone in randomised_copies(model, seed):
-        score = np.asarray(score_model(clone, resolved, output)(image[None], training=False))
+        score = Scorer(clone, resolved, output)(image[None])
         if not np.all(np.isfinite(score)):
             raise AuditError(f"Randomising {done[-1]} made the model's output non-finite ({score.ravel()[0]}); "
                              "the sanity check stops there.")

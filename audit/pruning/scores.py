@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import activations, datasets, heads, models, passes
-from audit import cost
+from audit import activations, compiled, cost, datasets, heads, models, passes
 
 _PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
-"""Per model, while it lives: compiled score passes and weight-only results (audit never changes weights)."""
+"""Per model, while it lives: weight-only results (audit never changes weights)."""
 
 
 def filter_kernels(model: keras.Model, layer: str) -> np.ndarray:
@@ -139,10 +138,10 @@ def taylor_scores_of_layers(model: keras.Model, layers: list[str], images: np.nd
 
 
 def _compiled_pass(model: keras.Model, points: tuple[str, ...], head: heads.Head):
-    """A compiled step, kept per model while it lives: a batch in; per measured layer its Taylor sums and
-    activation sums out, from one forward and backward pass. Traced once; later image sets reuse it."""
-    cache = _PASSES.setdefault(model, {})
-    if (points, head) not in cache:
+    """A compiled step, kept with the model (audit.compiled): a batch in; per measured layer its Taylor sums
+    and activation sums out, from one forward and backward pass. Traced once; later image sets reuse it."""
+
+    def build():
         cut = heads.scores_model(model, head, [models.Point(point) for point in points])
         signature = [tf.TensorSpec([None, *cut.inputs[0].shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32),
                      tf.TensorSpec([], tf.float32)]
@@ -163,8 +162,9 @@ def _compiled_pass(model: keras.Model, points: tuple[str, ...], head: heads.Head
                 results.append((contribution, *activations.batch_sums(a, threshold).parts()))
             return results
 
-        cache[(points, head)] = (cut, step)
-    return cache[(points, head)]
+        return cut, step
+
+    return compiled.kept(model, ("scores", points, head), build)
 
 
 def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarray | None = None,
