@@ -1,10 +1,10 @@
 """The command line: audit a model in a pipeline, without a browser.
 
-    python -m audit report --model demo:shapes --images shapes:60 --out report.html
-    python -m audit stats --model path/to/model.keras --images photos/ --csv stats.csv
-    python -m audit scores --model path/to/model.keras --images val/ --ray local --csv scores.csv
-    python -m audit prune --model demo:shapes --images shapes:480 --share 0.5 --fine-tune 1 --out pruned.keras
-    python -m audit check --model path/to/model.keras
+    cnn-audit report --model demo:shapes --images shapes:60 --out report.html
+    cnn-audit stats --model path/to/model.keras --images photos/ --csv stats.csv
+    cnn-audit scores --model path/to/model.keras --images val/ --ray local --csv scores.csv
+    cnn-audit prune --model demo:shapes --images shapes:480 --share 0.5 --fine-tune 1 --out pruned.keras
+    cnn-audit check --model path/to/model.keras
 
 Exit codes: 0 done, 1 the audit refused the input (the message is the dashboard's), 2 bad usage,
 3 `check` found a capability that failed (a bug of ours), 130 interrupted. A progress bar goes to
@@ -340,8 +340,8 @@ def _image_spec(text: str) -> str:
     return text
 
 
-def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m audit", description="Audit a trained image CNN.")
+def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog=prog, description="Audit a trained image CNN.")
     commands = main.add_subparsers(dest="command", required=True)
 
     def common(sub):
@@ -428,8 +428,9 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "cnn-audit") -> int:
+    """The `cnn-audit` command (installed by `pip install -e .`), also `python -m audit`."""
+    args = parser(prog).parse_args(argv)
     try:
         if getattr(args, "precision", "auto") != "auto":
             import os

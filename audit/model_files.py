@@ -118,7 +118,7 @@ def _screen(path: Path, shown: str) -> str:
     if head == HDF5_MAGIC:
         config = _hdf5_config(path, shown)
         check_budgets(config, shown)
-        scan_config(config)
+        scan_config(config, shown)
         model_kinds.check_kinds(config, shown)
         return "h5"
     raise ModelFileError(
@@ -145,7 +145,7 @@ def _screen_zip(path: Path, shown: str) -> None:
             if not isinstance(config, dict):
                 raise ModelFileError(f"{shown}: its config.json does not describe a model.")
             check_budgets(config, shown)
-            scan_config(config)
+            scan_config(config, shown)
             model_kinds.check_kinds(config, shown)
             limits.ARCHIVE_MEMBERS.check(len(names), shown, ModelFileError)
             unpacked = sum(info.file_size for info in archive.infolist())
@@ -327,7 +327,7 @@ def _check_hdf5_links(group, shown: str, prefix: str = "", seen: set | None = No
             _check_hdf5_links(item, shown, where, seen)
 
 
-def scan_config(config) -> None:
+def scan_config(config, shown: str = "This model file") -> None:
     """Walk a whole model config (nested models, wrapped layers, compile configs) and refuse code.
 
     Raises one UnsafeModelError that lists every problem with where it is. Nested objects'
@@ -338,7 +338,7 @@ def scan_config(config) -> None:
     _walk(config, "", None, problems)
     if problems:
         unique = list(dict.fromkeys(problems))
-        raise UnsafeModelError("This model file is refused: " + "; ".join(unique) + ".")
+        raise UnsafeModelError(f"{shown} is refused: " + "; ".join(unique) + ".")
 
 
 def _walk(node, where: str, key: str | None, problems: list[str]) -> None:

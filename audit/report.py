@@ -2,7 +2,7 @@
 
 One file: the layer table, dead-filter chart, filter galleries, attribution overlays and pruning
 candidates, with images as inline PNG and charts as Plotly with its script inlined once, so it opens
-offline and can be attached to a ticket. The dashboard's Report page and `python -m audit report`
+offline and can be attached to a ticket. The dashboard's Report page and `cnn-audit report`
 both call `build`.
 """
 

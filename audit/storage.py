@@ -104,7 +104,7 @@ def evict_uploads(keep: Path | None = None) -> None:
 def upload_name(kind: str, digest: str) -> str:
     """The file name an upload was made with, or the start of its digest."""
     try:
-        return upload_path(kind, digest).with_suffix(".name").read_text(encoding="utf-8")
+        return upload_path(kind, digest, must_exist=False).with_suffix(".name").read_text(encoding="utf-8")
     except OSError:
         return digest[:12]
 

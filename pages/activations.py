@@ -176,7 +176,7 @@ if selection.stream is not None:
 finished = runs.finished(loaded.fingerprint)
 if finished:
     st.markdown("#### Runs from the command line")
-    st.caption("Finished `python -m audit stats` and `scores` runs of this model on this server (see the README): "
+    st.caption("Finished `cnn-audit stats` and `scores` runs of this model on this server (see the README): "
                "a big set is audited once and reviewed here.")
     run = st.selectbox("Run", finished, key="finished_run", format_func=lambda r: (
         f"{runs.WHATS[r['what']]} of {r['images']:,} images in {Path(r['root']).name}, threshold {r['threshold']:g}, "

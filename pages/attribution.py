@@ -177,7 +177,7 @@ if maps and jobs.job_shown(selection, "trust", pressed, key, cheap or jobs.has_r
             row[f"beats random ({kind})"] = attribution.beats_random(kind, curves[method][kind][2], chance[kind][2])
         rows.append(row)
     trust = pd.DataFrame(rows)
-    st.dataframe(trust, hide_index=True, width="stretch", column_config=common.significant(trust))
+    st.dataframe(trust, hide_index=True, width="stretch", column_config=common.number_columns(trust))
     measure = attribution.deletion_measure(attribution_jobs.target_of(target))
     deletion_areas, insertion_areas = chance["deletion"][2], chance["insertion"][2]
     if not np.all(np.isfinite(deletion_areas)):

@@ -36,11 +36,30 @@ def cam_layer(fingerprint: str, source: str) -> tuple[str, str]:
     return models.cam_layer_and_reason(get_model(source).model)
 
 
-def significant(table: pd.DataFrame, digits: int = 3) -> dict:
-    """column_config showing every float column with `digits` significant digits (a Taylor score of 7e-13
-    reads as 7.00e-13, not 0.0000000000007)."""
-    return {column: st.column_config.NumberColumn(format=f"%.{digits}g")
-            for column in table.columns if pd.api.types.is_float_dtype(table[column])}
+COLUMN_HELP = {
+    "taylor": "Taylor score (Molchanov et al. 2019): |activation × d score / d activation|, summed. Empty where the "
+              "model has no class output (no score to differentiate).",
+    "apoz": "Share of the filter's values at or below 0. Empty where the filter is used after an activation "
+            "without a zero floor (ELU, swish, linear), where 0 is not \"off\".",
+    "fpgm": "Distance to the layer's geometric median (He et al. 2019): small means replaceable.",
+    "redundancy": "Cosine similarity to the most similar filter of the layer.",
+}
+
+
+def number_columns(table: pd.DataFrame, digits: int = 3) -> dict:
+    """column_config for st.dataframe: whole numbers with thousands separators (154,665,344), floats with
+    `digits` significant digits (a Taylor score of 7e-13 reads as 7.00e-13, not 0.0000000000007), and the
+    columns whose empty cells need a word (COLUMN_HELP) explained on hover."""
+    config = {}
+    for column in table.columns:
+        help_text = COLUMN_HELP.get(column)
+        if pd.api.types.is_bool_dtype(table[column]):
+            continue
+        if pd.api.types.is_integer_dtype(table[column]):
+            config[column] = st.column_config.NumberColumn(format="localized", help=help_text)
+        elif pd.api.types.is_float_dtype(table[column]):
+            config[column] = st.column_config.NumberColumn(format=f"%.{digits}g", help=help_text)
+    return config
 
 
 def _dims(value, unknown: str) -> str:

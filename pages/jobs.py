@@ -172,11 +172,17 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
     if running is not None:
         running.label = label
 
+    clock = [0.0, 0]  # when the work (re)started at 0, and where it stood then
+
     def update(done: int, total: int, note: str | None = None) -> None:
         reached[:] = done, total
         if running is not None:  # whoever waits for the same result follows this bar
             running.reached = (done, total, note)
-        bar.progress(done / max(total, 1), text=f"{label}: {note or f'{done} / {total}'}")
+        now = time.perf_counter()
+        if done == 0 or done < clock[1]:  # the start, or a new phase counting again from its beginning
+            clock[:] = now, done
+        bar.progress(done / max(total, 1), text=f"{label}: {note or f'{done:,} / {total:,}'}"
+                                                + time_left(now - clock[0], done - clock[1], total - done))
 
     try:
         yield update
@@ -285,6 +291,13 @@ def about(seconds: float) -> str:
     if seconds < 5400:
         return f"about {round(seconds / 60)} min"
     return f"about {seconds / 3600:.1f} h"
+
+
+def time_left(elapsed: float, done: int, remaining: int) -> str:
+    """", about 2 min left" from the rate so far, once there is one (a second of work and a step done)."""
+    if done <= 0 or remaining <= 0 or elapsed < 1.0:
+        return ""
+    return f", {about(remaining * elapsed / done)} left"
 
 
 def estimate(selection: Selection, passes: float) -> str:

@@ -11,3 +11,8 @@ def escape(text) -> str:
     """The text with the characters that make links, images, HTML, code and formulas backslash-escaped, and line
     breaks made spaces (emphasis characters stay: `block1_conv1` reads as it is, and a stray `*` fetches nothing)."""
     return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """A count in words with its separators and the right number: "1 layer", "2,048 layers"."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"

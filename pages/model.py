@@ -45,7 +45,7 @@ shown = table[table.is_conv] if show_conv_only else table
 st.dataframe(
     common.displayable(shown), hide_index=True, width="stretch",
     column_config={
-        "params": st.column_config.NumberColumn("params", format="localized"),
+        "params": st.column_config.NumberColumn("params", format="localized", width="medium"),
         "is_conv": st.column_config.CheckboxColumn("conv"),
         "is_container": st.column_config.CheckboxColumn("nested model"),
     },

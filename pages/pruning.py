@@ -32,7 +32,7 @@ with user_errors():
     candidates = pruning.proposed(scores, selection_map, criterion)
 unfloored = scores[scores.apoz.isna()].groupby("layer", sort=False).size()
 if len(unfloored) and criterion in ("dead", "apoz"):
-    st.caption(f"{len(unfloored)} layers have no APoZ and no dead filters and are left out: their filters are "
+    st.caption(f"{markup.count(len(unfloored), 'layer')} have no APoZ and no dead filters and are left out: their filters are "
                "used after an activation without a zero floor (ELU, swish, linear; see the Activations page).")
 
 counts = scores.groupby("layer", sort=False).size().rename("total").to_frame()
@@ -40,7 +40,7 @@ counts["candidates"] = candidates.groupby("layer", sort=False).size()
 counts = counts.fillna(0).astype(int).reset_index()
 figure = charts.layer_bars(counts, ["total", "candidates"], {"candidates": "#d62728", "total": "#c7c7c7"},
                            barmode="overlay", height=320)
-st.subheader(f"{len(candidates)} candidates of {len(scores)} filters")
+st.subheader(f"{markup.count(len(candidates), 'candidate')} of {markup.count(len(scores), 'filter')}")
 kept_columns = st.columns(3)
 kept_columns[0].metric("Channels of the scored layers removed", f"{len(candidates) / len(scores):.1%}")
 kept_columns[1].metric("Parameters kept", f"{params_kept:.1%}")
@@ -118,7 +118,7 @@ if filters_jobs.has_gallery(selection, layer_pick, (index,), tile_options, 0) or
 else:
     tile_col.caption("The input that maximises this filter (gradient ascent, the Filters page's defaults).")
 
-st.dataframe(candidates, hide_index=True, width="stretch", height=260, column_config=common.significant(candidates))
+st.dataframe(candidates, hide_index=True, width="stretch", height=260, column_config=common.number_columns(candidates))
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")
 
 st.subheader("Dependency groups")
@@ -130,7 +130,7 @@ st.caption("Channels that must go together (Fang et al. 2023, DepGraph): the two
            "squeeze-and-excitation gate. Removing any filter removes its whole group, in the masks and in the "
            f"smaller model alike; a group's score is the sum of its filters' {group_criterion}. Groups reaching the "
            "model's output or a layer the rule does not follow are locked. Groups of a single filter in a plain "
-           f"chain are not listed ({len(graph.groups())} groups in all).")
+           f"chain are not listed ({markup.count(len(graph.groups()), 'group')} in all).")
 if coupled.empty:
     st.info("Every filter of this model is its own group: a plain chain of layers.")
 else:
@@ -166,7 +166,7 @@ rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="
                           show=ranking_criteria.get, format_func=str)
 ranked = pruning.ranked_layers(scores, ranking_criteria[rank_by])
 if len(ranked) < len(counts):
-    st.caption(f"{len(counts) - len(ranked)} of {len(counts)} layers have no {rank_by} scores and are left out of "
+    st.caption(f"{len(counts) - len(ranked):,} of {markup.count(len(counts), 'layer')} have no {rank_by} scores and are left out of "
                f"the sweeps: {pruning.unavailable(ranking_criteria[rank_by])}")
 measures = (MEASURES_WITH_LABELS if labels is not None else MEASURES if head.is_classifier
             else {"relative feature error": "feature_error"})
@@ -292,9 +292,9 @@ with user_errors("Building the smaller model"):
 if reason:
     st.warning(f"{markup.escape(reason)} The masked model is offered instead.")
 removed, held = plan[plan.removed > 0], plan[plan["kept because"] != ""]
-st.caption(f"{int(removed.removed.sum())} channels leave {len(removed)} layers, whole dependency groups"
-           + (f"; {len(held)} layers keep their selected filters (see why below)" if len(held) else "") + ".")
-with st.expander(f"Per layer: asked, removed and kept ({len(plan)} layers)"):
+st.caption(f"{markup.count(int(removed.removed.sum()), 'channel')} leave {markup.count(len(removed), 'layer')}, whole dependency groups"
+           + (f"; {markup.count(len(held), 'layer')} keep their selected filters (see why below)" if len(held) else "") + ".")
+with st.expander(f"Per layer: asked, removed and kept ({markup.count(len(plan), 'layer')})"):
     st.dataframe(plan, hide_index=True, width="stretch")
 table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
                      columns=["", "before", "after"])
@@ -383,5 +383,5 @@ else:
                    "held out (bars: Wilson 95% intervals; with few held-out images the methods' intervals overlap, "
                    "and so cannot be told apart).")
         counts = {name: st.column_config.NumberColumn(format="localized") for name in ("parameters", "MACs")}
-        st.dataframe(curve, hide_index=True, width="stretch", column_config={**common.significant(curve), **counts})
+        st.dataframe(curve, hide_index=True, width="stretch", column_config={**common.number_columns(curve), **counts})
         st.download_button("Download the model pruned in steps (.keras)", tuned, "pruned_in_steps.keras")

@@ -10,7 +10,7 @@ import streamlit as st
 
 from audit import models, pruning
 from audit.errors import AuditError
-from pages import jobs
+from pages import jobs, markup
 from pages.selection import get_model, Selection, set_key, image_set_input, labels_of
 from pages.common import sample_of
 
@@ -143,7 +143,7 @@ def leave_one_out(selection: "Selection", layers: tuple[str, ...], count: int):
         frames = []
         sizes = [models.output_channels(loaded.model, layer) for layer in layers]
         total = sum(sizes)
-        with jobs.model_job(selection, f"Leave-one-filter-out on {total} filters of {len(layers)} layers", "loo") \
+        with jobs.model_job(selection, f"Leave-one-filter-out on {markup.count(total, 'filter')} of {markup.count(len(layers), 'layer')}", "loo") \
                 as progress:
             for layer, before in zip(layers, np.cumsum([0] + sizes[:-1])):
                 changes = pruning.leave_one_out(

@@ -12,7 +12,7 @@ st.title("Report")
 what_these_mean("Report")
 st.caption("One HTML file that opens offline: the model and its layer table, dead filters over the image set, "
            "filter galleries, attribution overlays and pruning candidates. The same file as "
-           "`python -m audit report`.")
+           "`cnn-audit report`.")
 
 convs = models.conv_layers(loaded.model)
 left, right = st.columns(2)

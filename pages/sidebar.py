@@ -12,7 +12,7 @@ from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlExcepti
 from audit import datasets, device, images, limits, models, precision, storage
 from audit.errors import AuditError, WeightsUnavailableError
 from pages import links, markup
-from pages.selection import Selection, get_model, show_bug, user_errors
+from pages.selection import Selection, get_model, show_bug
 
 @st.cache_data(show_spinner="Timing bfloat16 against float32 for this model (once)…", max_entries=64)
 def compute_precision(fingerprint: str, source: str) -> tuple[str, str]:
@@ -114,12 +114,19 @@ def _model_picker() -> models.LoadedModel | None:
     try:
         loaded = get_model(source)
     except WeightsUnavailableError as exc:
-        st.error(markup.escape(str(exc)), icon=":material/cloud_off:")
+        box = st.empty()  # one error box: a failed download replaces the first message, never adds a second
+        box.error(markup.escape(str(exc)), icon=":material/cloud_off:")
         st.info("Tick **Random weights (untrained)** in the sidebar to open the architecture anyway, or fetch "
                 "the weights into the Keras cache (tens to hundreds of MB; never started by a link).")
         if source.startswith("keras:") and st.button("Download the ImageNet weights", icon=":material/download:"):
-            with st.spinner("Downloading…"), user_errors("The download"):
-                models.load(source, allow_download=True)
+            try:
+                with st.spinner("Downloading…"):
+                    models.load(source, allow_download=True)
+            except Exception as failure:  # noqa: BLE001 (network, disk or file errors alike: said in the one box)
+                box.error(f"The download of the weights failed: {markup.escape(str(failure))}. "
+                          "Open the untrained architecture instead, or copy the weights file into the Keras cache.",
+                          icon=":material/cloud_off:")
+            else:
                 st.rerun()
         return None
     except AuditError as exc:
@@ -145,8 +152,12 @@ def _uploaded_model_source(initial: str) -> str | None:
         except AuditError as exc:
             st.sidebar.error(markup.escape(str(exc)))
             return None
-    if initial.startswith("upload:"):
-        return initial  # a link naming an upload on this server
+    if initial.startswith("upload:"):  # a link naming an upload on this server: the picker is empty, so say what is in
+        digest = initial.split(":", 1)[1]
+        if storage.is_digest(digest):
+            st.sidebar.caption(f"In use, from the link: **{markup.escape(storage.upload_name('models', digest))}**, "
+                               "uploaded to this server earlier. Upload a file to replace it.")
+        return initial
     st.info("Upload a `.keras` or `.h5` model file in the sidebar.")
     return None
 
@@ -181,6 +192,11 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
     if not files:  # a link names earlier uploads on this server by their content hash
         digests = links.from_link("uploads") or st.session_state.get("_linked_uploads", [])
         st.session_state["_linked_uploads"] = digests
+        named = [storage.upload_name("images", d) for d in dict.fromkeys(digests) if storage.is_digest(d)]
+        if named:
+            st.sidebar.caption("In use, from the link: " + markup.escape(", ".join(named[:5]))
+                               + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+                               + ", uploaded to this server earlier. Upload files to replace them.")
     decoded: list[images.LabelledImage] = []
     for digest in dict.fromkeys(digests):
         try:

@@ -409,3 +409,23 @@ def test_every_keras_architecture_of_the_readme_opens_untrained_in_the_dashboard
     assert not at.error, [e.value for e in at.error]
     assert at.title[0].value == f"Model: keras:{name}:untrained"
     assert "Layers" in [s.value for s in at.subheader]
+
+
+def test_a_failed_weights_download_says_so_in_one_error_box(monkeypatch):
+    """keras:<Name> without cached weights: one error and the way out; a failed download replaces that
+    error, never adds a second one that contradicts it."""
+    from audit import sources
+    from audit.errors import WeightsUnavailableError
+
+    def offline(name, allow_download):
+        if allow_download:
+            raise OSError("Temporary failure in name resolution")
+        raise WeightsUnavailableError(f"The ImageNet weights of {name} are not in the Keras cache.")
+
+    monkeypatch.setattr(sources, "_load_keras_application", offline)
+    at = _app(model="keras:VGG19").run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == ["The ImageNet weights of VGG19 are not in the Keras cache."]
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("The download of the weights failed: Temporary failure")

@@ -89,7 +89,7 @@ def test_misused_arguments_exit_2_with_the_usage_line(argv, said, capsys):
         cli.main(argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: python -m audit") and said in err, err
+    assert err.startswith("usage: cnn-audit") and said in err, err
 
 
 def test_prune_writes_a_smaller_model_and_check_reports_every_capability(tmp_path, capsys):
@@ -119,3 +119,21 @@ def test_prune_to_a_parameter_target_writes_a_model_that_keeps_that_share_and_a_
     assert cli.main(["prune", "--images", "shapes:6", "--params", "0.5", "--macs", "0.5", "--out", "x.keras",
                      "--quiet"]) == 1
     assert "Give --params or --macs, not both." in capsys.readouterr().err
+
+
+def test_the_installed_command_runs_from_any_folder(tmp_path):
+    """`pip install -e .` (the README's set-up) puts `cnn-audit` beside this Python; it runs outside the
+    repository, and `python -m audit` names itself so in its usage line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("cnn-audit")
+    assert script.exists(), "cnn-audit is not installed: run pip install -e . (the README's set-up does)"
+    env = {key: value for key, value in __import__("os").environ.items() if key != "PYTHONPATH"}
+    shown = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: cnn-audit"), shown.stderr[-2000:]
+    assert "report" in shown.stdout and "prune" in shown.stdout
+    module = subprocess.run([sys.executable, "-m", "audit", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert module.returncode == 0 and module.stdout.startswith("usage: python -m audit"), module.stderr[-2000:]

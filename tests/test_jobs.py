@@ -147,3 +147,12 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
     monkeypatch.setattr(jobs, "busy_factor", lambda: 2.5)
     assert jobs.estimate(selection, 100) == "about 3 s"
     assert jobs.busy_note() == " The server is busy: work runs about 2.5x slower than on an idle one now."
+
+
+def test_a_bar_gives_the_time_left_from_its_rate_once_it_has_one():
+    from pages import jobs
+
+    assert jobs.time_left(10.0, 5, 5) == ", about 10 s left"  # 2 s a step, 5 steps to go
+    assert jobs.time_left(30.0, 10, 190) == ", about 10 min left"  # 3 s a step, 190 steps: 570 s
+    assert jobs.time_left(0.5, 5, 5) == ""  # under a second of work: no rate yet
+    assert jobs.time_left(10.0, 0, 5) == "" and jobs.time_left(10.0, 5, 0) == ""

@@ -42,11 +42,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _server_data(tmp_path_factory) -> Path:
+    """The server's data folder (uploads), where a test may store a model as an earlier upload would have."""
+    folder = tmp_path_factory.getbasetemp() / "server_data"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "streamlit.log"
-    env = {**os.environ, "CNN_AUDIT_DATA": str(tmp_path_factory.mktemp("data")), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "CNN_AUDIT_DATA": str(_server_data(tmp_path_factory)), "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
@@ -508,6 +515,75 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
     context.close()
 
 
+FIGURE_PROBLEMS = """() => {
+  // every Plotly figure on the page: at most 12 legend entries, and no two tick labels of an axis overlap
+  const problems = [];
+  document.querySelectorAll('.js-plotly-plot').forEach((plot, number) => {
+    const entries = plot.querySelectorAll('g.legend g.traces').length;
+    if (entries > 12) problems.push(`figure ${number}: ${entries} legend entries`);
+    for (const kind of ['xtick', 'ytick']) {
+      const labels = [...plot.querySelectorAll(`g.${kind} > text`)].filter(t => t.textContent.trim() !== '');
+      const boxes = labels.map(t => ({box: t.getBoundingClientRect(), turned: /rotate\((-?\d+)/.test(t.getAttribute('transform') || ''),
+                                        size: parseFloat(getComputedStyle(t).fontSize) || 12}));
+      boxes.sort((a, b) => kind === 'xtick' ? a.box.left - b.box.left : a.box.top - b.box.top);
+      for (let i = 1; i < boxes.length; i++) {
+        const [a, b] = [boxes[i - 1], boxes[i]];
+        const apart = b.turned  // parallel slanted labels: their distance across the slant must hold a line of text
+          ? (b.box.left + b.box.right - a.box.left - a.box.right) / 2 * Math.SQRT1_2 >= 0.9 * b.size
+          : (kind === 'xtick' ? b.box.left >= a.box.right - 1 : b.box.top >= a.box.bottom - 1);
+        if (!apart) { problems.push(`figure ${number}: ${kind} labels "${labels[i - 1].textContent}" and "${labels[i].textContent}" overlap`); break; }
+      }
+    }
+  });
+  return problems;
+}"""
+
+DEEP_MODELS = {  # keras.applications at 64 px, weights=None: a deep residual network and a compound-scaled one
+    "ResNet152": lambda keras: keras.applications.ResNet152(weights=None, input_shape=(64, 64, 3), classes=6),
+    "EfficientNetB3": lambda keras: keras.applications.EfficientNetB3(weights=None, input_shape=(64, 64, 3), classes=6),
+}
+DEEP_BUTTONS = {"model": [], "activations": ["Compute statistics"], "filters": ["Grow the gallery"], "attribution": [],
+                "pruning": ["Run the sensitivity analysis", "Measure leave-one-filter-out"], "report": ["Build the report"]}
+
+
+@pytest.mark.parametrize("name", list(DEEP_MODELS))
+def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path_factory, monkeypatch, name):
+    """150-390 layers: no figure on any page or in the report has more than 12 legend entries or overlapping
+    tick labels. The model is stored as an earlier upload (ResNet152 is 233 MB, over the uploader's 200)."""
+    import keras
+
+    from audit import storage
+
+    url, _ = server
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("deep") / f"{name}.keras"
+    DEEP_MODELS[name](keras).save(path)
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(_server_data(tmp_path_factory)))
+    monkeypatch.setenv("CNN_AUDIT_MAX_UPLOAD_BYTES", str(2**30))
+    digest = storage.save_upload(path.read_bytes(), "models", path.name)
+    query = f"model=upload:{digest}&images=shapes&count=6&{WALK_SETTINGS}"
+    context, page = _open(browser, "about:blank")
+    for page_name, buttons in DEEP_BUTTONS.items():
+        page.goto(f"{url}/{'' if page_name == 'model' else page_name}?{query}")
+        heading = "Model: " if page_name == "model" else page_name.title()
+        page.get_by_role("heading", name=re.compile("^" + heading)).first.wait_for()
+        _settle(page)
+        _assert_clean(page)
+        for label in buttons:
+            _press_all(page, label)
+        assert page.locator(".js-plotly-plot").count() > 0 or page_name == "attribution", page_name
+        assert page.evaluate(FIGURE_PROBLEMS) == [], page_name
+        _whole_page_screenshot(page, f"deep_{name}_{page_name}.png")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the report (HTML)").click()
+    report = context.new_page()
+    report.set_viewport_size({"width": 1200, "height": 1000})
+    report.set_content(Path(download.value.path()).read_text())
+    report.wait_for_selector(".js-plotly-plot")
+    assert report.evaluate(FIGURE_PROBLEMS) == [], "the report"
+    context.close()
+
+
 def test_the_walk_left_no_warning_flood_in_the_server_log(server):
     """After every page above: no inotify overflow (the watcher walking .venv) and no warning repeated
     over and over (runs as the module's last test)."""
@@ -519,3 +595,5 @@ def test_the_walk_left_no_warning_flood_in_the_server_log(server):
     assert "Traceback" not in text and "Expected bytes" not in text, text[-3000:]  # no exception, no Arrow failure
     warnings = Counter(re.sub(r"\d+", "N", line) for line in text.splitlines() if "WARNING" in line or "Warning" in line)
     assert not warnings or max(warnings.values()) < 20, warnings.most_common(3)
+    deprecated = [line for line in text.splitlines() if "deprecat" in line.lower()]
+    assert not deprecated, deprecated[:3]
