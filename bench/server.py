@@ -24,9 +24,10 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def serve(env: dict[str, str] | None = None, data: Path | None = None):
-    """`streamlit run dashboard.py` with `env` added to this environment, its data in `data` (a fresh folder by
-    default, removed after); yields (base URL, the server process, its log file) once it answers."""
+def serve(env: dict[str, str] | None = None, data: Path | None = None, root: Path = ROOT):
+    """`streamlit run dashboard.py` of the checkout at `root` (this one by default) with `env` added to this
+    environment, its data in `data` (a fresh folder by default, removed after); yields (base URL, the server
+    process, its log file) once it answers."""
     folder = Path(tempfile.mkdtemp(prefix="cnn_audit_bench_"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -38,7 +39,7 @@ def serve(env: dict[str, str] | None = None, data: Path | None = None):
         server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless",
                                    "true", "--server.port", str(port), "--server.address", "127.0.0.1",
                                    "--browser.gatherUsageStats", "false"],
-                                  cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+                                  cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):

@@ -27,6 +27,9 @@ fused = models.has_fused_activation(models.get_layer(loaded.model, layer))
 before = links.toggle(st, "Before the activation", param="before", key="act_before", disabled=not fused,
                    help="For layers with a fused activation such as Conv2D(activation='relu'): "
                         "the map before it, as MATLAB shows conv5 against relu5.")
+if not fused:
+    st.caption(f"{markup.escape(layer)} has no fused activation, so there is no map before it: its activation, if "
+               "any, is a layer of its own in the list.")
 
 with user_errors():
     maps = common.layer_maps(loaded.fingerprint, loaded.source, layer, selection.image_key,
