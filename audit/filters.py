@@ -24,6 +24,8 @@ import tensorflow as tf
 
 from audit import compiled, heads, models
 from audit.errors import AuditError
+from audit.examples import merge_top, patches, top_examples  # noqa: F401 (what a filter fires on in the user's images)
+from audit.receptive import receptive_field  # noqa: F401
 
 _CAFFE_MEAN = {"caffe": [103.939, 116.779, 123.68], "caffe_bsds": [104.00699, 116.66877, 122.67892]}
 _TORCH_MEAN, _TORCH_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
