@@ -70,3 +70,13 @@ def tiles(pictures: list[np.ndarray], columns: int = 8, gap: int = 2) -> np.ndar
         top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
         grid[top:top + height, left:left + width] = picture
     return grid
+
+
+def patch_grid(patches: list[np.ndarray], slots: int = 4, size: int = 48, columns: int = 2) -> np.ndarray:
+    """Patches of different sizes (a receptive field clipped at the border is smaller) each resized to `size`
+    px, in a grid of `slots` (white where there are fewer): a filter's dataset examples as one picture."""
+    from PIL import Image
+
+    squares = [np.asarray(Image.fromarray(np.asarray(p, np.uint8)).convert("RGB").resize((size, size), Image.NEAREST))
+               for p in patches[:slots]]
+    return tiles(squares + [np.full((size, size, 3), 255, np.uint8)] * (slots - len(squares)), columns=columns)

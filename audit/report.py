@@ -67,6 +67,10 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="data", float_format=lambda v: f"{v:.4g}", na_rep="")
 
 
+EXAMPLES = 4
+"""Dataset examples per gallery filter: the top four patches, two by two."""
+
+
 def _figure_cell(pixels: np.ndarray, caption: str) -> str:
     return f"<figure>{_png(pixels)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
@@ -168,7 +172,17 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                                                                         else " · never started"))
                         for i, (image, value, ok, started) in enumerate(zip(result.images, result.activations,
                                                                             result.responded, result.started)))
-        galleries.append(f"<h3>{html.escape(layer)}: first {count} filters</h3><div class='grid'>{cells}</div>")
+        found = filters.top_examples(compute, layer, x, list(range(count)), k=EXAMPLES)
+        cut = filters.patches(model, found, [images.fit(item.pixels, loaded.input_size, options.fit)
+                                             for item in image_set])
+        examples = "".join(_figure_cell(render.patch_grid([cut[n] for n in np.flatnonzero(found["filter"] == i)], EXAMPLES),
+                                        f"#{i} fires on " + ", ".join(image_set[int(n)].name for n in
+                                                                      found.loc[found["filter"] == i, "image"]))
+                           for i in range(count))
+        galleries.append(f"<h3>{html.escape(layer)}: first {count} filters</h3><div class='grid'>{cells}</div>"
+                         f"<p>What they fire on in these {len(image_set)} images: the {EXAMPLES} images where each "
+                         "filter's peak is highest, cut at its receptive field around the peak.</p>"
+                         f"<div class='grid'>{examples}</div>")
         stages.step()
     sections.append("<h2>Filter galleries</h2><p>Inputs grown from noise by gradient ascent on each filter's mean "
                     "activation; under each tile its final activation. No response: the final image does not drive the "

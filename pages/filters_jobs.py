@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from audit import filters, storage
+from audit import filters, images, storage
 from audit.disk_cache import DiskCache
 from pages import jobs, markup
-from pages.selection import Selection
+from pages.selection import Selection, image_set_input, set_key
 from pages.common import note_responses
 
 
@@ -59,3 +59,28 @@ def _gallery_key(selection: "Selection", layer: str, indices: tuple[int, ...], o
     # "v2": galleries stored before the started / responded flags were split are computed again
     return ("gallery", "v2", selection.model.fingerprint, layer, indices, options.key(), seed, classes,
             selection.output if classes else None, selection.precision)
+
+
+EXAMPLES_SHOWN = 4
+"""Dataset examples per filter on the pages: the top four patches, two by two under its tile."""
+
+
+def examples_key(selection: "Selection", layer: str, indices: tuple[int, ...]) -> tuple:
+    return set_key(selection, "examples", layer, indices, EXAMPLES_SHOWN)
+
+
+def examples(selection: "Selection", layer: str, indices: tuple[int, ...]):
+    """The images of the set that drive each filter most (filters.top_examples, where the filter is used),
+    once per (model, image set, layer, filters) for every session; with each example's patch of its image
+    as fitted to the model's input."""
+    loaded = selection.model
+
+    def compute():
+        x = image_set_input(selection)
+        with jobs.model_job(selection, f"Finding what {len(indices)} filters fire on", "examples") as progress:
+            found = filters.top_examples(selection.compute_model, layer, x, list(indices), EXAMPLES_SHOWN,
+                                         progress=progress)
+        pixels = [images.fit(item.pixels, loaded.input_size, selection.fit) for item in selection.image_set]
+        return found, filters.patches(loaded.model, found, pixels)
+
+    return jobs.shared_result(examples_key(selection, layer, indices), compute)

@@ -117,6 +117,12 @@ if filters_jobs.has_gallery(selection, layer_pick, (index,), tile_options, 0) or
         "" if tile.responded[0] else " (no response)" if tile.started[0] else " (never started)"))
 else:
     tile_col.caption("The input that maximises this filter (gradient ascent, the Filters page's defaults).")
+examples_key = filters_jobs.examples_key(selection, layer_pick, (index,))
+if jobs.has_result(examples_key) or jobs.within_link_budget(selection, len(selection.image_set)):
+    with user_errors("Finding the dataset examples"):
+        found, cut = filters_jobs.examples(selection, layer_pick, (index,))
+    tile_col.image(render.patch_grid(cut, filters_jobs.EXAMPLES_SHOWN), width="stretch", caption=markup.escape(
+        "What it fires on in your images: " + ", ".join(selection.image_set[int(i)].name for i in found["image"])))
 
 st.dataframe(candidates, hide_index=True, width="stretch", height=260, column_config=common.number_columns(candidates))
 st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "filter_scores.csv", "text/csv")

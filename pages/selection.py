@@ -99,7 +99,8 @@ def what_these_mean(page: str) -> None:
 
     with st.expander("What these numbers mean", icon=":material/function:"):
         st.markdown(definitions.markdown(definitions.for_page(page), tests_on_hover=True), unsafe_allow_html=True)
-        st.caption("✓: checked against an independent computation; hover it for the test.")
+        st.markdown("<small>✓: checked against an independent computation; hover it for the test.</small>",
+                    unsafe_allow_html=True)
 
 
 def section(what: str):

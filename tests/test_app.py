@@ -122,7 +122,9 @@ def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights
     _submit(at, "Grow the gallery")
     assert not at.exception, at.exception
     assert at.subheader[0].value.startswith("block1_conv1: 4 filters, ")
-    assert len(at.get("image")) == 32 + 4
+    assert len(at.get("image")) == 32 + 4 + 4  # the kernels, the gallery, each filter's dataset examples
+    examples = [c for c in at.caption if c.value.startswith("Under each tile, what the filter fires on")]
+    assert len(examples) == 1 and "the 4 images of the set (60)" in examples[0].value
     assert len(at.get("plotly_chart")) == 1
     assert [b.label for b in at.get("download_button")] == ["Gallery (PNG)", "Responses (CSV)"]
     _submit(at, "Compare with and without warm-up")
@@ -130,7 +132,7 @@ def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights
     assert {m.label for m in at.metric} >= {"No response, no warm-up", "No response, with warm-up"}
     _submit(at, "Grow class images")
     assert not at.exception, at.exception
-    assert len(at.get("image")) == 32 + 4 + 6  # six shape classes
+    assert len(at.get("image")) == 32 + 4 + 4 + 6  # six shape classes
     assert "No response, with warm-up" in {m.label for m in at.metric}  # the comparison stays after another button
 
 
@@ -348,8 +350,8 @@ def test_layer_tables_of_models_users_bring_convert_to_arrow_and_floats_keep_sig
     assert set(table.loc[table.type == "ZeroPadding2D", "padding"]) == {"((0, 1), (0, 1))"}
     assert set(table.loc[table.type == "Conv2D", "padding"]) == {"same", "valid"}
     frame = pd.DataFrame({"layer": ["a"], "filter": [1], "taylor": [7e-13], "l1": [12.5]})
-    assert {name: config["type_config"]["format"] for name, config in common.significant(frame).items()} == \
-        {"taylor": "%.3g", "l1": "%.3g"}
+    assert {name: config["type_config"]["format"] for name, config in common.number_columns(frame).items()} == \
+        {"filter": "localized", "taylor": "%.3g", "l1": "%.3g"}
 
 
 def test_a_server_folder_grows_a_sample_until_settled_and_shows_command_line_runs(tmp_path, monkeypatch):
@@ -377,7 +379,7 @@ def test_a_server_folder_grows_a_sample_until_settled_and_shows_command_line_run
     history = pd.concat([sampling.history_row(count, stats) for count, stats in sampling.growing(
         loaded.model, layers, image_set, datasets.model_input(loaded), 5, 40)])
     verdict = at.success if sampling.settled(history) else at.warning
-    assert any(("Settled" if verdict is at.success else "Still moving") in v.value for v in verdict)
+    assert any(("Settled" if verdict is at.success else ("Still moving", "The whole folder is in")) and (("Settled" in v.value) if verdict is at.success else ("Still moving" in v.value or "The whole folder is in" in v.value)) for v in verdict)
     rows = [frame.value for frame in at.dataframe if "apoz" in frame.value.columns]
     assert len(rows) == 2  # the grown sample's, then the finished run's
     for shown in rows:
