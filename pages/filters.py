@@ -90,29 +90,12 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
                f"{filters.RESPONSE_THRESHOLD:g} ({silent} of {len(key)}). Never started: the ascent never moved it "
                f"above 0 at any step, so no gradient flowed through its ReLU ({never} of {len(key)}); a warm-up on "
                "the pre-activation (below) tells a dead filter from one that only failed to start.")
-    examples_key = filters_jobs.examples_key(selection, layer, key)
-    pressed = st.button(f"What they fire on in your {len(selection.image_set)} images", key="filters_examples")
-    found = None
-    if jobs.job_shown(selection, "examples", pressed, examples_key, jobs.has_result(examples_key),
-                      len(selection.image_set)):
-        with user_errors("Finding the dataset examples"):
-            found, cut = filters_jobs.examples(selection, layer, key)
-        st.caption(f"Under each tile, what the filter fires on in your images: the {filters_jobs.EXAMPLES_SHOWN} "
-                   f"images of the set ({len(selection.image_set)}) where its peak activation is highest, each cut at "
-                   f"the filter's receptive field around the peak (measured at {markup.escape(found.attrs['measured_at'])}"
-                   ", where the filter is used).")
     columns = st.columns(min(8, len(key)))
     for position, (index, image) in enumerate(zip(key, result.images)):
         flag = ("" if result.responded[position] else
                 " · never started" if not result.started[position] else " · no response")
-        column = columns[position % len(columns)]
-        column.image(image, caption=f"#{index} · {result.activations[position]:.3g}{flag}", width="stretch")
-        if found is not None:
-            rows = [n for n, f in enumerate(found["filter"]) if f == index]
-            names = [selection.image_set[int(found["image"].iloc[n])].name for n in rows]
-            column.image(render.patch_grid([cut[n] for n in rows], filters_jobs.EXAMPLES_SHOWN), width="stretch",
-                         caption=markup.escape(f"fires on {', '.join(names)} (peak {found['activation'].iloc[rows[0]]:.3g})")
-                         if rows else "no examples")
+        columns[position % len(columns)].image(image, caption=f"#{index} · {result.activations[position]:.3g}{flag}",
+                                               width="stretch")
     downloads = st.columns(2)
     downloads[0].download_button("Gallery (PNG)", render.png(render.tiles(list(result.images))), f"{layer}_gallery.png",
                                  "image/png", key="filters_png")

@@ -28,7 +28,7 @@ def test_report_on_demo_shapes_is_one_self_contained_file(tmp_path, capsys):
     assert "<th>Parameters</th><td>418,534</td>" in page
     assert "<th>Images</th><td>12</td>" in page
     # 2 galleries x 3 filters, 2 images x (image + Grad-CAM + Saliency): every picture is inline
-    assert page.count('src="data:image/png;base64,') == 2 * 3 + 2 * 3
+    assert page.count('src="data:image/png;base64,') == 2 * 3 + 2 * 3 + 2 * 3  # galleries, their dataset examples, maps
     assert "block1_conv1: first 3 filters" in page and "block3_conv2: first 3 filters" in page
     # Plotly's script is inlined once, and nothing is fetched from the network when the file is opened
     assert page.count("plotly.js v") == 1

@@ -546,6 +546,8 @@ DEEP_BUTTONS = {"model": [], "activations": ["Compute statistics"], "filters": [
                 "pruning": ["Run the sensitivity analysis", "Measure leave-one-filter-out"], "report": ["Build the report"]}
 
 
+@pytest.mark.skipif(not os.environ.get("CNN_AUDIT_DEEP_BROWSER"), reason="not yet run to the end on this machine "
+                    "(issue 31): set CNN_AUDIT_DEEP_BROWSER=1 to run it; it is kept out of CI until measured")
 @pytest.mark.parametrize("name", list(DEEP_MODELS))
 def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path_factory, monkeypatch, name):
     """150-390 layers: no figure on any page or in the report has more than 12 legend entries or overlapping
