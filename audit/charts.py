@@ -100,9 +100,16 @@ def layer_bars(frame: pd.DataFrame, values: list[str], colours: dict[str, str] |
         figure.add_bar(x=positions, y=frame[column], name=label, customdata=custom,
                        marker_color=(colours or {}).get(column), marker_line_width=0,
                        hovertemplate=f"%{{customdata[0]}}<br>{label}: %{{y:,}}{extra}<extra></extra>")
+    figure.update_layout(showlegend=len(values) > 1)
+    return _bars_layout(figure, layers, barmode, value_title, log, height)
+
+
+def _bars_layout(figure: go.Figure, layers: list[str], barmode: str, value_title: str, log: bool,
+                 height: int) -> go.Figure:
+    """What every per-layer bar figure shares: bars touching past 60 layers, the legend above, the value axis
+    with separators, the layer axis (layer_axis)."""
     figure.update_layout(barmode=barmode, bargap=0.1 if len(layers) < 60 else 0, height=height,
-                         margin=dict(t=30, b=10), legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0),
-                         showlegend=len(values) > 1)
+                         margin=dict(t=30, b=10), legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     figure.update_yaxes(title_text=value_title, type="log" if log else "linear", separatethousands=True)
     return layer_axis(figure, layers)
 
@@ -124,10 +131,7 @@ def layer_groups(frame: pd.DataFrame, value: str, group: str, layer: str = "laye
                        marker_color=(colours or {}).get(kind), marker_line_width=0,
                        hovertemplate=f"%{{customdata[0]}} (%{{customdata[1]}})<br>{value_title or value}: %{{y:,}}"
                                      "<extra></extra>")
-    figure.update_layout(barmode="stack", bargap=0.1 if len(layers) < 60 else 0, height=height, margin=dict(t=30, b=10),
-                         legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
-    figure.update_yaxes(title_text=value_title or value, type="log" if log else "linear", separatethousands=True)
-    return layer_axis(figure, layers)
+    return _bars_layout(figure, layers, "stack", value_title or value, log, height)
 
 
 def layer_heatmap(matrix: pd.DataFrame, colour_title: str, scale: str = "Viridis", zmin: float | None = None,
