@@ -302,8 +302,10 @@ def test_fine_tuning_recovers_what_pruning_half_of_two_layers_lost_on_the_demo_m
     row = table.set_index("model")
     assert row.loc["before pruning", "accuracy"] >= 0.99
     # the L1 cut loses nothing on this robust model (100% stays 100%): nothing for fine-tuning to win back
-    # there, and its held-out loss moves by run-to-run noise; the random cut loses and recovers
-    assert row.loc["chosen ranking, fine-tuned", "accuracy"] >= row.loc["chosen ranking, pruned", "accuracy"]
+    # there; one epoch may trade up to 2 of the 120 held-out images (oneDNN's threaded reductions are not
+    # bit-repeatable under load: CI saw 118/120); the random cut loses and recovers
+    held_out = 120
+    assert row.loc["chosen ranking, fine-tuned", "accuracy"] >= row.loc["chosen ranking, pruned", "accuracy"] - 2 / held_out
     assert row.loc["chosen ranking, fine-tuned", "cross-entropy"] < row.loc["random ranking, pruned", "cross-entropy"]
     assert row.loc["random ranking, fine-tuned", "accuracy"] > row.loc["random ranking, pruned", "accuracy"]
     assert row.loc["chosen ranking, pruned", "accuracy"] > row.loc["random ranking, pruned", "accuracy"]

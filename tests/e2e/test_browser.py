@@ -515,7 +515,7 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
     context.close()
 
 
-FIGURE_PROBLEMS = """() => {
+FIGURE_PROBLEMS = r"""() => {
   // every Plotly figure on the page: at most 12 legend entries, and no two tick labels of an axis overlap
   const problems = [];
   document.querySelectorAll('.js-plotly-plot').forEach((plot, number) => {
