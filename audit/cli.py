@@ -3,6 +3,7 @@
     cnn-audit report --model demo:shapes --images shapes:60 --out report.html
     cnn-audit stats --model path/to/model.keras --images photos/ --csv stats.csv
     cnn-audit scores --model path/to/model.keras --images val/ --ray local --csv scores.csv
+    cnn-audit examples --model demo:vgg16 --images photos/ --layer block4_conv1 --k 8 --csv examples.csv
     cnn-audit prune --model demo:shapes --images shapes:480 --share 0.5 --fine-tune 1 --out pruned.keras
     cnn-audit check --model path/to/model.keras
 
@@ -14,73 +15,21 @@ stderr, so stdout stays clean for `--csv -`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 
 import numpy as np
-from contextlib import contextmanager
 from pathlib import Path
 
+from audit import cli_common
+from audit.cli_common import file_set, model_source, on_disk, progress_bar, read_images, streamed
 from audit.errors import AuditError
 
-IMAGES_HELP = ("a folder (one subfolder per class gives labels), a .zip, a .txt listing image files, 'photos' "
-               "(scikit-image's) or 'shapes:N'; folders, zips and lists are streamed from disk")
-
-
-def _source(text: str) -> str:
-    """A model source; a bare path to an existing file is taken as file:<path>."""
-    return f"file:{text}" if ":" not in text or Path(text).is_file() else text
-
-
-def read_images(spec: str):
-    """The image set named on the command line."""
-    from audit import images
-
-    if spec == "photos":
-        return [images.LabelledImage(name, images.sample(name)) for name in images.SAMPLE_PHOTOS]
-    if spec.startswith("shapes:"):
-        from audit.zoo import shapes
-
-        try:
-            count = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise AuditError(f"{spec!r}: expected shapes:N with N a whole number.") from None
-        return shapes.labelled(shapes.generate(count, 12345))
-    path = Path(spec)
-    if path.is_file() and path.suffix.lower() == ".zip":
-        return images.read_zip(path.read_bytes())
-    return images.read_folder(path)
-
-
-@contextmanager
-def progress_bar(label: str, quiet: bool, unit: str | None = None):
-    """A rich progress bar on stderr yielding a (done, total) callback; with a unit, its rate too."""
-    if quiet:
-        yield lambda done, total: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    rate = [TextColumn("{task.fields[rate]}")] if unit else []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *rate, TimeElapsedColumn(),
-                  transient=True) as bar:
-        task = bar.add_task(label, total=None, rate="")
-        first = {}
-
-        def update(done, total):
-            now = time.perf_counter()
-            first.setdefault("at", (now, done))  # counted from the first call: shards read back are not speed
-            start, before = first["at"]
-            speed = f"{(done - before) / (now - start):.1f} {unit}/s" if unit and now > start else ""
-            bar.update(task, completed=done, total=total, rate=speed)
-
-        yield update
 
 
 def _report(args) -> int:
     from audit import models, report
 
-    loaded = models.load(_source(args.model))
+    loaded = models.load(model_source(args.model))
     image_set = read_images(args.images)
     options = report.ReportOptions(
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
@@ -101,10 +50,10 @@ def _report(args) -> int:
 def _stats(args) -> int:
     from audit import activations, models, precision
 
-    loaded = models.load(_source(args.model))
+    loaded = models.load(model_source(args.model))
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or models.conv_layers(loaded.model)
-    if _on_disk(args.images):
-        stats = _streamed(args, loaded, "stats", layers).table
+    if on_disk(args.images):
+        stats = streamed(args, loaded, "stats", layers).table
     else:
         image_set = read_images(args.images)
         x = loaded.preprocess([item.pixels for item in image_set])
@@ -122,11 +71,11 @@ def _scores(args) -> int:
     """Every conv layer's pruning scores over a set on disk, sharded and resumable like `stats`."""
     from audit import models
 
-    loaded = models.load(_source(args.model))
-    if not _on_disk(args.images):
+    loaded = models.load(model_source(args.model))
+    if not on_disk(args.images):
         raise AuditError("`scores` streams a folder, a .zip or a .txt list of files; "
                          f"{args.images!r} is none of them.")
-    scores = _streamed(args, loaded, "scores", []).table
+    scores = streamed(args, loaded, "scores", []).table
     if args.csv:
         scores.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     summary = scores.groupby("layer", sort=False).agg(filters=("filter", "size"), dead=("dead", "sum"),
@@ -135,42 +84,27 @@ def _scores(args) -> int:
     return 0
 
 
-def _on_disk(spec: str) -> bool:
-    path = Path(spec)
-    return path.is_dir() or (path.is_file() and path.suffix.lower() in (".zip", ".txt"))
+def _examples(args) -> int:
+    """Each filter's k images of a set on disk with the highest peak activation, sharded like `scores`."""
+    from audit import models
 
-
-def _file_set(args):
-    """The set on disk named by --images, or its seeded --sample."""
-    from audit import datasets
-
-    image_set = datasets.open_set(args.images)
-    return image_set.sample(min(args.sample, len(image_set)), args.seed) if args.sample else image_set
-
-
-def _streamed(args, loaded, what: str, layers: list[str], image_set=None):
-    """A sharded run over a set on disk (audit.runs): resumable, here or on Ray (--ray)."""
-    from audit import runs
-
-    image_set = _file_set(args) if image_set is None else image_set
-    shards = args.shards or max(1, -(-len(image_set) // runs.SHARD_IMAGES))
-    job = runs.Job(loaded.source, what, tuple(layers), getattr(args, "threshold", 0.0), at=getattr(args, "at", "used"))
-    where = f"on Ray ({args.ray})" if args.ray else "here"
-    with progress_bar(f"{runs.WHATS[what].capitalize()} of {len(image_set):,} images in {shards} shards {where}",
-                      args.quiet, unit="images") as progress, loaded.job_lock:
-        result = runs.run(loaded, job, image_set, shards, args.ray, progress)
-    read_back = shards - len(result.computed)
-    print(f"{result.images:,} images ({result.skipped} unreadable skipped) in {result.seconds:.1f} s"
-          f"{f', {result.images / result.seconds:.1f} images/s' if result.seconds and not read_back else ''}; "
-          f"{read_back} of {shards} shards read back from {result.folder}", file=sys.stderr)
-    return result
+    loaded = models.load(model_source(args.model))
+    if not on_disk(args.images):
+        raise AuditError(f"`examples` streams a folder, a .zip or a .txt list of files; {args.images!r} is none of them.")
+    layer = models.resolve_layer(loaded.model, args.layer)
+    table = streamed(args, loaded, "examples", [layer], filters=tuple(args.filters), k=args.k).table
+    if args.csv:
+        table.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
+    best = table[table["rank"] == 0][["filter", "file", "activation", "row", "col"]]
+    print(best.to_string(index=False), file=sys.stderr if args.csv == "-" else sys.stdout)
+    return 0
 
 
 def _check(args) -> int:
     """Every capability on the user's model, one line each: what works, what is refused and why."""
     from audit import conformance, models
 
-    loaded = models.load(_source(args.model))
+    loaded = models.load(model_source(args.model))
     print(f"{loaded.title}: preprocessing {loaded.preprocessing} ({loaded.preprocessing_reason or 'as named'}); "
           f"{loaded.head().description}")
     with progress_bar("Checking every capability", args.quiet) as progress, loaded.job_lock:
@@ -187,11 +121,11 @@ def _prune(args) -> int:
     measured against the model over the whole set, one batch in memory at a time."""
     from audit import datasets, models, precision, pruning
 
-    loaded = models.load(_source(args.model))
-    streamed = _on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
-    if streamed:
-        files = _file_set(args)
-        scores = _streamed(args, loaded, "scores", [], files).table
+    loaded = models.load(model_source(args.model))
+    from_disk = on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
+    if from_disk:
+        files = file_set(args)
+        scores = streamed(args, loaded, "scores", [], files).table
     else:
         image_set = read_images(args.images)
         labels = _labels(loaded, image_set)
@@ -206,7 +140,7 @@ def _prune(args) -> int:
     target = _target(args)
     graph = loaded.dependency_graph()
     if args.steps:
-        if streamed or labels is None:
+        if from_disk or labels is None:
             raise AuditError("--steps fine-tunes between the cuts: it needs labelled images in memory (class "
                              "folders, a .zip of them, or shapes:N), and --params or --macs.")
         with progress_bar(f"Pruning in {args.steps} steps, beside one cut and a random ranking", args.quiet) \
@@ -227,7 +161,7 @@ def _prune(args) -> int:
             print(table.to_string(index=False))
         else:
             smaller = pruning.prune(loaded.model, selection)
-        if streamed:
+        if from_disk:
             batches = datasets.batches(files, datasets.model_input(loaded, labels=files.labels))
             with progress_bar("Measuring the pruned model on the set", args.quiet, unit="images") as progress:
                 measured = pruning.what_if(precision.for_compute(loaded.model), selection, batches, progress=progress,
@@ -292,54 +226,6 @@ def _methods() -> list[str]:
     return list(attribution.METHODS)
 
 
-SHAPES_MAX = 20_000
-"""The most demo shapes the command line generates in memory (20,000 x 64 x 64 x 3: 250 MB, 1 GB as floats)."""
-
-
-def _count(low: int, high: int):
-    """An argparse type: a whole number in [low, high] (exit 2 with the usage line otherwise)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high:,}")
-        return value
-    return parse
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _share(text: str) -> float:
-    value = _finite(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is not a share between 0 and 1")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0")
-    return value
-
-
-def _image_spec(text: str) -> str:
-    """--images: 'shapes:N' is checked here (a count, at most SHAPES_MAX); paths are checked when read."""
-    if text.startswith("shapes:"):
-        _count(1, SHAPES_MAX)(text.split(":", 1)[1])
-    return text
-
-
 def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog=prog, description="Audit a trained image CNN.")
     commands = main.add_subparsers(dest="command", required=True)
@@ -348,54 +234,66 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
         sub.add_argument("--model", default="demo:shapes",
                          help="demo:shapes, demo:shapes-gap, demo:vgg16, keras:<Name>[:untrained], "
                               "or a .keras/.h5 file")
-        sub.add_argument("--images", required=True, type=_image_spec, help=IMAGES_HELP)
+        sub.add_argument("--images", required=True, type=cli_common.image_spec, help=cli_common.IMAGES_HELP)
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
         sub.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                          help="heavy passes in bfloat16 where the hardware computes it natively (auto), or as asked")
 
     def streaming(sub):
-        sub.add_argument("--shards", type=_count(0, 100_000), default=0,
+        sub.add_argument("--shards", type=cli_common.count(0, 100_000), default=0,
                          help="split a set on disk into this many shards (default: one per 1,000 images); "
                               "a restarted run reads back the shards already done")
         sub.add_argument("--ray", metavar="ADDRESS",
                          help="run the shards on Ray: 'local' (an embedded Ray here) or a cluster's address")
-        sub.add_argument("--sample", type=_count(0, 100_000_000), default=0, help="a seeded sample of this many images")
-        sub.add_argument("--seed", type=_count(0, 2**32 - 1), default=0, help="the sample's seed")
+        sub.add_argument("--sample", type=cli_common.count(0, 100_000_000), default=0, help="a seeded sample of this many images")
+        sub.add_argument("--seed", type=cli_common.count(0, 2**32 - 1), default=0, help="the sample's seed")
 
     report = commands.add_parser("report", help="a self-contained HTML report")
     common(report)
     report.add_argument("--out", required=True, help="the .html file to write")
     report.add_argument("--gallery-layers", nargs="*", help="conv layers to draw (default: first and last)")
-    report.add_argument("--gallery-filters", type=_count(1, 512), default=8, help="filters per gallery")
-    report.add_argument("--steps", type=_count(0, 2000), default=0, help="gradient-ascent steps (default: per layer)")
-    report.add_argument("--attribution-images", type=_count(0, 256), default=4, help="images with attribution overlays")
+    report.add_argument("--gallery-filters", type=cli_common.count(1, 512), default=8, help="filters per gallery")
+    report.add_argument("--steps", type=cli_common.count(0, 2000), default=0, help="gradient-ascent steps (default: per layer)")
+    report.add_argument("--attribution-images", type=cli_common.count(0, 256), default=4, help="images with attribution overlays")
     report.add_argument("--methods", nargs="+", default=["Grad-CAM", "Saliency"], help="attribution methods")
     report.add_argument("--criterion", default="dead", choices=list(_criteria()),
                         help="pruning candidates listed: dead (dead or near-dead) or the lowest share by a score, as "
                              "on the Pruning page")
     report.add_argument("--prune-target", default="layer", choices=["layer", "global", "params", "macs"],
                         help="what --prune-share counts: channels cut per layer or overall, parameters or MACs kept")
-    report.add_argument("--prune-share", type=_share, default=0.3, help="the target's share")
+    report.add_argument("--prune-share", type=cli_common.share, default=0.3, help="the target's share")
     report.set_defaults(run=_report)
 
     stats = commands.add_parser("stats", help="per-filter activation statistics and dead-filter counts")
     common(stats)
     stats.add_argument("--layers", nargs="*", default=[], help="layers (default: every conv layer)")
-    stats.add_argument("--threshold", type=_finite, default=0.0, help="a filter is dead if never above this")
+    stats.add_argument("--threshold", type=cli_common.finite, default=0.0, help="a filter is dead if never above this")
     stats.add_argument("--at", default="used", choices=["used", "output"],
                        help="measure each filter where its channel is used (after its BatchNorm and activation; the "
                             "default) or at the layer's own output")
-    stats.add_argument("--near-dead", type=_share, default=0.99, help="near-dead: APoZ above this")
+    stats.add_argument("--near-dead", type=cli_common.share, default=0.99, help="near-dead: APoZ above this")
     stats.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     stats.set_defaults(run=_stats)
     streaming(stats)
 
     scores = commands.add_parser("scores", help="every conv layer's pruning scores over a set on disk (streamed)")
     common(scores)
-    scores.add_argument("--threshold", type=_finite, default=0.0, help="APoZ counts values at or below this")
+    scores.add_argument("--threshold", type=cli_common.finite, default=0.0, help="APoZ counts values at or below this")
     scores.add_argument("--csv", help="write the per-filter table here ('-': stdout)")
     scores.set_defaults(run=_scores)
     streaming(scores)
+
+    examples = commands.add_parser("examples", help="each filter's top images of a set on disk (streamed, sharded)")
+    common(examples)
+    examples.add_argument("--layer", required=True, help="the conv layer whose filters are searched")
+    examples.add_argument("--filters", nargs="*", type=cli_common.count(0, 1_000_000), default=[],
+                          help="filter indices (default: every filter of the layer)")
+    examples.add_argument("--k", type=cli_common.count(1, 100), default=8, help="images kept per filter")
+    examples.add_argument("--at", default="used", choices=["used", "output"],
+                          help="find each filter's peak where its channel is used (default) or at the layer's output")
+    examples.add_argument("--csv", help="write filter, rank, image, row, col, activation, file here ('-': stdout)")
+    examples.set_defaults(run=_examples)
+    streaming(examples)
 
     prune = commands.add_parser("prune", help="remove the lowest-scored filters by dependency groups; save the model")
     common(prune)
@@ -403,21 +301,21 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     prune.add_argument("--criterion", default="l1", choices=list(_criteria()),
                        help="rank filters by this score (lowest first; APoZ: highest first; dead: every dead or "
                             "near-dead filter)")
-    prune.add_argument("--share", type=_share, default=0.3,
+    prune.add_argument("--share", type=cli_common.share, default=0.3,
                        help="share of channels to remove, whole dependency groups (0 to 1), per --scope")
     prune.add_argument("--scope", default="layer", choices=["layer", "global"],
                        help="the share of each layer, or of all the layers' channels together")
-    prune.add_argument("--params", type=_share, help="instead of --share: the share of the parameters to keep")
-    prune.add_argument("--macs", type=_share, help="instead of --share: the share of multiply-adds to keep")
-    prune.add_argument("--max-per-layer", type=_share, default=0.9, help="the most any layer may lose")
-    prune.add_argument("--steps", type=_count(0, 20), default=0,
+    prune.add_argument("--params", type=cli_common.share, help="instead of --share: the share of the parameters to keep")
+    prune.add_argument("--macs", type=cli_common.share, help="instead of --share: the share of multiply-adds to keep")
+    prune.add_argument("--max-per-layer", type=cli_common.share, default=0.9, help="the most any layer may lose")
+    prune.add_argument("--steps", type=cli_common.count(0, 20), default=0,
                        help="reach --params or --macs in this many steps, fine-tuning --fine-tune epochs (1 by "
                             "default) between them, beside one cut and a random ranking (needs labels)")
     prune.add_argument("--saved-model", help="also export a SavedModel (for TF Serving) to this folder")
     prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
-    prune.add_argument("--fine-tune", type=_count(0, 1000), default=0, metavar="EPOCHS",
+    prune.add_argument("--fine-tune", type=cli_common.count(0, 1000), default=0, metavar="EPOCHS",
                        help="fine-tune for this many epochs and compare with a random ranking (needs labels)")
-    prune.add_argument("--lr", type=_positive, default=1e-3, help="fine-tuning learning rate")
+    prune.add_argument("--lr", type=cli_common.positive, default=1e-3, help="fine-tuning learning rate")
     prune.set_defaults(run=_prune)
     streaming(prune)
 

@@ -159,8 +159,12 @@ def model_input(loaded, preprocessing: str | None = None, fit: str = "crop", lab
     return Input(lambda image: loaded.preprocess(image, preprocessing, fit)[0], shape, tuple(names))
 
 
-def batches(source: FileSet | tf.data.Dataset, model_in: Input, batch_size: int = BATCH_SIZE) -> tf.data.Dataset:
+def batches(source: FileSet | tf.data.Dataset, model_in: Input, batch_size: int = BATCH_SIZE,
+            positions: bool = False) -> tf.data.Dataset:
     """Batches of (x float32 (n, h, w, c), label index int32 (n,), -1 when unknown) in the set's order.
+
+    `positions`: a third element, each image's position in the set (int64), so a result that names images
+    stays right when an unreadable file was dropped before them.
 
     A FileSet is decoded on tf.data's threads (PIL releases the GIL while it decodes); a file that
     cannot be read is dropped and noted in `source.skipped`. A tf.data.Dataset may yield images (uint8
@@ -211,19 +215,22 @@ def batches(source: FileSet | tf.data.Dataset, model_in: Input, batch_size: int 
         return image, -1
 
     @tf.autograph.experimental.do_not_convert
-    def readable(x, label, ok):
-        return ok
+    def readable(position, read):
+        return read[2]
 
     @tf.autograph.experimental.do_not_convert
-    def pair(x, label, ok):
-        return x, label
+    def pair(position, read):
+        return (read[0], read[1], position) if positions else (read[0], read[1])
 
     if isinstance(source, FileSet):
-        elements = tf.data.Dataset.range(len(source)).map(read_position, num_parallel_calls=tf.data.AUTOTUNE,
-                                                           deterministic=True)
+        elements = tf.data.Dataset.range(len(source)).map(
+            tf.autograph.experimental.do_not_convert(lambda position: (position, read_position(position))),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         paired = source if isinstance(source.element_spec, tuple) else source.map(unlabelled)
-        elements = paired.map(read_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        elements = paired.enumerate().map(
+            tf.autograph.experimental.do_not_convert(lambda position, item: (position, read_element(*item))),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return elements.filter(readable).map(pair).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -63,7 +63,9 @@ def top_examples(model: keras.Model, layer: str, images, filters: list[int] | No
     filter, rank, image (index in the set's order), row, col (the peak's position in the map) and activation.
 
     `images`: preprocessed (N, H, W, C), or the (x, labels) batches of a streamed set (audit.datasets; `total`
-    its size for the progress; `first_image`: the index of its first image, for a shard of a bigger set).
+    its size for the progress; `first_image`: the index of its first image, for a shard of a bigger set), or
+    (x, labels, positions) batches (datasets.batches(positions=True)), whose positions (plus `first_image`)
+    name the images even when unreadable files were dropped.
     `filters`: all when None. `at`: "used" (where the filter's channel is read,
     as the statistics measure it) or "output" (the layer's own output).
     """
@@ -82,11 +84,13 @@ def top_examples(model: keras.Model, layer: str, images, filters: list[int] | No
         batch_size = cost.batch_within(model, batch_size, kept_per_image=4 * height * width * channels)
         images, total = datasets.in_memory(images, None, batch_size), len(images)
     kept, seen = [], first_image
-    for x, _ in images:
-        values, positions = (t.numpy() for t in peaks(tf.convert_to_tensor(x, tf.float32)))
+    for batch in images:
+        values, positions = (t.numpy() for t in peaks(tf.convert_to_tensor(batch[0], tf.float32)))
         count = len(values)
+        named = (first_image + np.asarray(batch[2], np.int64) if len(batch) > 2
+                 else np.arange(seen, seen + count))
         part = pd.DataFrame({
-            "filter": np.tile(chosen, count), "rank": 0, "image": np.repeat(np.arange(seen, seen + count), len(chosen)),
+            "filter": np.tile(chosen, count), "rank": 0, "image": np.repeat(named, len(chosen)),
             "row": (positions[:, chosen] // width).ravel(), "col": (positions[:, chosen] % width).ravel(),
             "activation": values[:, chosen].astype(np.float64).ravel()})
         kept = [merge_top(kept + [part], k)]  # never more than k rows per filter in memory

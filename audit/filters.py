@@ -7,8 +7,10 @@ step traced once per (model, layer, graph constants) and reused by every later g
 transforms are drawn per filter from a generator seeded by (seed, filter), so an image does not depend
 on which other filters share its batch.
 
-Images live in pixel space, floats in [0, 1]; the model's own preprocessing is applied inside the
-graph, so what is optimised is exactly what a photo would go through.
+Images are parameterised as pixels or, as in Olah et al. 2017, by a decorrelated Fourier basis
+(audit.parameterization); either way the model sees floats in [0, 1] with its own preprocessing applied
+inside the graph, so what is optimised is exactly what a photo would go through. The compiled steps are
+in audit.ascent.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import compiled, heads, models
+from audit import ascent, compiled, heads, models, parameterization
 from audit.errors import AuditError
 from audit.examples import merge_top, patches, top_examples  # noqa: F401 (what a filter fires on in the user's images)
 from audit.receptive import receptive_field  # noqa: F401
@@ -75,15 +77,34 @@ class Options:
     border: float = 0.1  # share of the map ignored on each side (edge effects)
     warmup: int = 0  # first steps ascend the pre-activation, so a closed ReLU can open
     preprocessing: str = "unit"
+    parameterization: str = "pixel"  # or "fourier": Lucid's decorrelated Fourier image (no octaves, blur or decay)
+    copies: int = 1  # images per filter, pushed apart by the diversity term
+    diversity: float = 0.0  # weight of the copies' Gram similarity, in units of the filter's own activation
+    negative: bool = False  # descend: what pushes the filter down (on its pre-activation where it has one)
+
+    def __post_init__(self):
+        if self.parameterization not in parameterization.PARAMETERIZATIONS:
+            raise AuditError(f"Unknown parameterization {self.parameterization!r}: "
+                             f"one of {', '.join(parameterization.PARAMETERIZATIONS)}.")
+        if not 1 <= self.copies <= MAX_COPIES:
+            raise AuditError(f"Copies per filter go from 1 to {MAX_COPIES} (asked: {self.copies}).")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_options(model: keras.Model, layer: str, preprocessing: str) -> Options:
-    """Sensible defaults by depth: deeper layers want more steps, octaves and smoothing."""
+def default_options(model: keras.Model, layer: str, preprocessing: str, parameterization: str = "pixel") -> Options:
+    """Sensible defaults by depth: deeper layers want more steps and, in pixel space, octaves and smoothing.
+
+    A Fourier image needs none of the smoothing (its basis is the regulariser): Lucid's Adam step of 0.05
+    and the same steps, jitter and scale as pixels at that depth.
+    """
     convs = models.conv_layers(model)
     depth = (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
+    if parameterization == "fourier":
+        pixel = default_options(model, layer, preprocessing)
+        return Options(steps=pixel.steps, learning_rate=0.05, warmup=pixel.warmup, preprocessing=preprocessing,
+                       parameterization="fourier")
     if depth <= 0.34:
         return Options(steps=20, preprocessing=preprocessing)
     # The octaves spend steps at a smaller size: a longer step (0.08, against 0.05 in one octave) and, in
@@ -95,6 +116,9 @@ def default_options(model: keras.Model, layer: str, preprocessing: str) -> Optio
     return Options(steps=40, octaves=3, blur_every=4, l2_decay=1e-3, total_variation=0.05, warmup=5,
                    learning_rate=0.08, preprocessing=preprocessing)
 
+
+MAX_COPIES = 8
+"""Diverse images per filter at most: each copy costs a full ascent."""
 
 RESPONSE_THRESHOLD = 0.0
 """A filter responds when its final image drives its mean activation (border excluded) above this."""
@@ -118,87 +142,47 @@ def response_flags(curves: np.ndarray, final: np.ndarray, warmup: int = 0) -> tu
     return (own > 0).any(axis=1), np.asarray(final) > RESPONSE_THRESHOLD
 
 
+def _seeds(filters: list[int], seed: int, copies: int, purpose: int) -> list[list[int]]:
+    """One seed per image: (seed, filter, purpose) for a filter's first copy, with the copy number after."""
+    return [[seed, index, purpose] + ([copy] if copy else []) for index in filters for copy in range(copies)]
+
+
 def _transform_table(filters: list[int], seed: int, steps: int, options: Options) -> np.ndarray:
-    """Per filter and step: (dx, dy, zoom). Seeded by (seed, filter) alone: batching cannot change it."""
-    table = np.zeros((steps, len(filters), 3), np.float32)
-    for column, index in enumerate(filters):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
+    """Per image and step: (dx, dy, zoom). Seeded by (seed, filter, copy) alone: batching cannot change it."""
+    seeds = _seeds(filters, seed, options.copies, 1)
+    table = np.zeros((steps, len(seeds), 3), np.float32)
+    for column, image_seed in enumerate(seeds):
+        rng = np.random.default_rng(np.random.SeedSequence(image_seed))
         table[:, column, 0:2] = rng.integers(-options.jitter, options.jitter + 1, (steps, 2)) if options.jitter else 0
         table[:, column, 2] = rng.uniform(-options.scale, options.scale, steps) if options.scale else 0
     return table
 
 
-def _start_images(filters: list[int], seed: int, size: int, channels: int = 3) -> np.ndarray:
-    """Grey plus a little noise, per filter from its own seed, with the model's input channels."""
+def _start_images(filters: list[int], seed: int, size: int, channels: int = 3, copies: int = 1) -> np.ndarray:
+    """Grey plus a little noise, per image from its own seed, with the model's input channels."""
     return np.stack([
-        0.5 + 0.1 * np.random.default_rng(np.random.SeedSequence([seed, index, 0])).standard_normal(
+        0.5 + 0.1 * np.random.default_rng(np.random.SeedSequence(image_seed)).standard_normal(
             (size, size, 3))[..., :channels]
-        for index in filters
+        for image_seed in _seeds(filters, seed, copies, 0)
     ]).astype(np.float32)
 
 
-def _projective(table_step: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """Batch of (8,) projective transforms: zoom about the centre, then shift."""
-    dx, dy, zoom = table_step[:, 0], table_step[:, 1], 1.0 + table_step[:, 2]
-    centre = (tf.cast(size, tf.float32) - 1.0) / 2.0
-    a = 1.0 / zoom
-    zeros = tf.zeros_like(a)
-    return tf.stack([a, zeros, centre - a * centre - dx, zeros, a, centre - a * centre - dy, zeros, zeros], axis=1)
-
-
-def _blur(images: tf.Tensor, sigma: float) -> tf.Tensor:
-    radius = max(1, int(round(2 * sigma)))
-    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
-    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel = np.outer(kernel, kernel) / np.outer(kernel, kernel).sum()
-    depthwise = tf.constant(np.tile(kernel[:, :, None, None], (1, 1, images.shape[-1], 1)), tf.float32)
-    return tf.nn.depthwise_conv2d(images, depthwise, [1, 1, 1, 1], "SAME")
-
-
 def _objective_fn(cut_post: keras.Model, cut_pre: keras.Model | None, options: Options):
-    """Mean activation of filter k of sample k, border excluded; one value per sample (any image size)."""
+    """Mean activation of filter k of sample k, border excluded: one value per sample (any image size), with
+    the maps it was read from (the diversity term compares them)."""
 
     def objective(pixels, filters, pre: bool):
         x = tf_preprocess(pixels, options.preprocessing)
         maps = (cut_pre if pre and cut_pre is not None else cut_post)(x, training=False)
         if maps.shape.rank == 2:  # a dense layer or class scores: one value per unit
-            return tf.gather(maps, filters, axis=1, batch_dims=1)
+            return tf.gather(maps, filters, axis=1, batch_dims=1), maps
         chosen = tf.gather(maps, filters, axis=-1, batch_dims=1)  # (N, h, w)
         h, w = tf.shape(chosen)[1], tf.shape(chosen)[2]
         bh = tf.cast(tf.floor(tf.cast(h, tf.float64) * options.border), tf.int32)
         bw = tf.cast(tf.floor(tf.cast(w, tf.float64) * options.border), tf.int32)
-        return tf.reduce_mean(chosen[:, bh:h - bh, bw:w - bw], axis=[1, 2])
+        return tf.reduce_mean(chosen[:, bh:h - bh, bw:w - bw], axis=[1, 2]), maps
 
     return objective
-
-
-def _ascent(objective, options: Options, pixels_spec: tf.TensorSpec, pre: bool):
-    """One compiled gradient-ascent step on a batch. Traced once for every image size (the octaves), and
-    once more only when a warm-up ascends the pre-activation."""
-
-    def step(pixels, filters, transform, blur_now):
-        size = tf.shape(pixels)[1]
-        with tf.GradientTape() as tape:
-            tape.watch(pixels)
-            warped = tf.raw_ops.ImageProjectiveTransformV3(
-                images=pixels, transforms=_projective(transform, size), output_shape=tf.shape(pixels)[1:3],
-                fill_value=0.5, interpolation="BILINEAR", fill_mode="REFLECT")
-            values = objective(warped, filters, pre)
-            loss = tf.reduce_sum(values)
-            if options.total_variation:
-                area = tf.cast(size * size, tf.float32)
-                loss -= options.total_variation * tf.reduce_sum(tf.image.total_variation(warped)) / area
-        gradient = tape.gradient(loss, pixels)  # through the warp: the transform is differentiable
-        norm = tf.sqrt(tf.reduce_mean(tf.square(gradient), axis=[1, 2, 3], keepdims=True)) + 1e-8
-        pixels = pixels + options.learning_rate * gradient / norm
-        if options.l2_decay:
-            pixels = 0.5 + (pixels - 0.5) * (1.0 - options.l2_decay)
-        pixels = tf.cond(blur_now, lambda: _blur(pixels, options.blur_sigma), lambda: pixels)
-        return tf.clip_by_value(pixels, 0.0, 1.0), values
-
-    signature = [pixels_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 3], tf.float32),
-                 tf.TensorSpec([], tf.bool)]
-    return tf.function(step, input_signature=signature)
 
 
 def gallery(model: keras.Model, layer: str, filters, size: int = 128, steps: int = 20, seed: int = 0,
@@ -222,7 +206,8 @@ class _Compiled:
 def _graph_key(options: Options) -> tuple:
     """The options that are constants of the traced step (the others are its inputs or the loop's)."""
     return (options.preprocessing, options.border, options.learning_rate, options.l2_decay, options.total_variation,
-            options.blur_sigma, options.warmup > 0)
+            options.blur_sigma, options.warmup > 0, options.parameterization, options.negative, options.copies,
+            options.diversity)
 
 
 def _compiled(model: keras.Model, what: tuple, options: Options, cuts: Callable[[], tuple]) -> _Compiled:
@@ -234,7 +219,8 @@ def _compiled(model: keras.Model, what: tuple, options: Options, cuts: Callable[
         objective = _objective_fn(cut_post, cut_pre, options)
         channels_in = int(cut_post.inputs[0].shape[-1])
         spec = tf.TensorSpec([None, *cut_post.inputs[0].shape[1:3], channels_in], tf.float32)
-        steps = {pre: _ascent(objective, options, spec, pre)
+        steps = {pre: (ascent.fourier_step(objective, options, channels_in, pre)
+                       if options.parameterization == "fourier" else ascent.pixel_step(objective, options, spec, pre))
                  for pre in {False, cut_pre is not None and options.warmup > 0}}
         return _Compiled(cut_post, cut_pre, objective, steps, {})
 
@@ -248,10 +234,13 @@ def render(model: keras.Model, layer: str, filters: list[int], options: Options,
 
     def cuts():
         cut_post = models.submodel(model, path)
-        if len(cut_post.outputs[0].shape) == 4:  # maps: any image size works up to a conv layer
+        any_size = len(cut_post.outputs[0].shape) == 4  # maps: any image size works up to a conv layer
+        if any_size:
             cut_post = models.submodel(model, path, any_size=True)
         fused = models.has_fused_activation(models.get_layer(model, path))
-        cut_pre = (models.submodel(model, path, pre_activation=True, any_size=cut_post.inputs[0].shape[1] is None)
+        if options.negative and fused:  # below a ReLU's zero nothing pushes further: descend what it reads
+            return models.submodel(model, path, pre_activation=True, any_size=any_size), None
+        cut_pre = (models.submodel(model, path, pre_activation=True, any_size=any_size)
                    if options.warmup and fused else None)
         return cut_post, cut_pre
 
@@ -293,15 +282,28 @@ def minimum_size(cut: keras.Model, largest: int) -> int:
 
 
 def _grow(compiled: _Compiled, what: str, filters: list[int], options: Options, seed: int, progress) -> Gallery:
-    cut_post, cut_pre, objective, steps = compiled.cut_post, compiled.cut_pre, compiled.objective, compiled.steps
+    cut_post = compiled.cut_post
     if cut_post.inputs[0].shape[1] is not None:  # through a Flatten/Dense only the model's own size does
         options = Options(**{**asdict(options), "size": int(cut_post.inputs[0].shape[1]), "octaves": 1})
     channels = int(cut_post.outputs[0].shape[-1])
     if not filters or min(filters) < 0 or max(filters) >= channels:
         raise AuditError(f"Filters must be between 0 and {channels - 1} for {what}.")
     table = _transform_table(filters, seed, options.steps, options)
-    index = tf.constant(filters, tf.int32)
+    index = tf.constant([f for f in filters for _ in range(options.copies)], tf.int32)
+    grow = _grow_fourier if options.parameterization == "fourier" else _grow_pixels
+    pixels, curves = grow(compiled, filters, options, seed, index, table, progress)
+    final = compiled.objective(pixels, index, False)[0].numpy()
+    curve = np.stack(curves, axis=1) if curves else np.zeros((len(index), 0))
+    sign = -1.0 if options.negative else 1.0  # a negative image "responds" when it pushes the filter below 0
+    started, responded = response_flags(sign * curve, sign * final,
+                                        options.warmup if compiled.cut_pre is not None else 0)
+    images = np.round(pixels.numpy() * 255).astype(np.uint8)
+    return Gallery(images, final.astype(np.float64), curve, responded, started)
 
+
+def _grow_pixels(compiled: _Compiled, filters, options: Options, seed: int, index, table, progress):
+    """Pixel-space ascent, optionally multi-scale (octaves); returns (final pixels, per-step values)."""
+    cut_post, cut_pre, steps = compiled.cut_post, compiled.cut_pre, compiled.steps
     if options.octaves > 1 and options.size not in compiled.floors:
         compiled.floors[options.size] = minimum_size(cut_post, options.size)
     floor = compiled.floors[options.size] if options.octaves > 1 else options.size
@@ -309,7 +311,7 @@ def _grow(compiled: _Compiled, what: str, filters: list[int], options: Options, 
              for k in range(options.octaves)]
     sizes = sizes[::-1]
     per_octave = np.diff(np.linspace(0, options.steps, options.octaves + 1).round().astype(int))
-    pixels = tf.constant(_start_images(filters, seed, sizes[0], int(cut_post.inputs[0].shape[-1])))
+    pixels = tf.constant(_start_images(filters, seed, sizes[0], int(cut_post.inputs[0].shape[-1]), options.copies))
     curves, done = [], 0
     for size, count in zip(sizes, per_octave):
         pixels = tf.image.resize(pixels, (size, size), method="bilinear") if pixels.shape[1] != size else pixels
@@ -321,11 +323,24 @@ def _grow(compiled: _Compiled, what: str, filters: list[int], options: Options, 
             done += 1
             if progress is not None:
                 progress(done, options.steps)
-    final = objective(pixels, index, False).numpy()
-    curve = np.stack(curves, axis=1) if curves else np.zeros((len(filters), 0))
-    started, responded = response_flags(curve, final, options.warmup if cut_pre is not None else 0)
-    images = np.round(pixels.numpy() * 255).astype(np.uint8)
-    return Gallery(images, final.astype(np.float64), curve, responded, started)
+    return pixels, curves
+
+
+def _grow_fourier(compiled: _Compiled, filters, options: Options, seed: int, index, table, progress):
+    """Fourier-space ascent at the final size (the basis already favours the low frequencies that octaves
+    and blur buy in pixel space); returns (final pixels, per-step values)."""
+    size, channels = options.size, int(compiled.cut_post.inputs[0].shape[-1])
+    spectra = tf.constant(parameterization.start_spectra(_seeds(filters, seed, options.copies, 0), size, channels))
+    scale = tf.constant(parameterization.spectrum_scale(size, size))
+    m, v, t = tf.zeros_like(spectra), tf.zeros_like(spectra), tf.constant(0.0)
+    curves = []
+    for done in range(options.steps):
+        step = compiled.steps[compiled.cut_pre is not None and done < options.warmup]
+        spectra, m, v, t, values = step(spectra, m, v, t, scale, index, tf.constant(table[done]))
+        curves.append(values.numpy())
+        if progress is not None:
+            progress(done + 1, options.steps)
+    return parameterization.to_pixels(spectra, scale), curves
 
 
 def first_layer_weights(model: keras.Model) -> tuple[str, np.ndarray]:

@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from audit import activations, datasets, models, precision, pruning, storage
+from audit import activations, datasets, examples, models, precision, pruning, storage
 from audit.errors import AuditError
 
-WHATS = {"stats": "filter statistics", "scores": "pruning scores"}
+WHATS = {"stats": "filter statistics", "scores": "pruning scores", "examples": "dataset examples"}
 SHARD_IMAGES = 1000
 """Images per shard by default: what a restart can lose, and a unit of work for one Ray actor."""
 RESULT = "result.csv"
@@ -39,17 +39,22 @@ class Job:
     """What a run computes; every field is part of the run folder's name."""
 
     source: str  # the model source every worker loads (a file path must be readable by every worker)
-    what: str = "stats"  # stats: filter_stats of `layers`; scores: filter_scores of every conv layer
+    what: str = "stats"  # stats: filter_stats of `layers`; scores: filter_scores of every conv layer;
+    # examples: top_examples of the one layer in `layers` (its `filters`, all when empty; `k` per filter)
     layers: tuple[str, ...] = ()
     threshold: float = 0.0
     preprocessing: str | None = None
     fit: str = "crop"
     at: str = "used"  # stats: where each filter is measured (activations.MEASURE_AT); scores: always where used
     precision: str = ""  # of the passes: "float32" or "bfloat16" ("": precision.decide's for the model here)
+    filters: tuple[int, ...] = ()
+    k: int = 8
 
     def __post_init__(self):
         if self.what not in WHATS:
             raise AuditError(f"Unknown run {self.what!r}; choose one of {', '.join(WHATS)}.")
+        if self.what == "examples" and len(self.layers) != 1:
+            raise AuditError("Dataset examples are found for one layer at a time.")
 
 
 @dataclass
@@ -69,11 +74,18 @@ def folder_of(job: Job, fingerprint: str, image_set: datasets.FileSet, shards: i
 
 
 def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, folders: tuple[str, ...],
-               progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+               progress: Callable[[int, int], None] | None = None, first: int = 0) -> dict[str, np.ndarray]:
     """One shard's partial sums as named arrays (what a shard file holds). `folders`: the whole set's
-    class folders, so every shard numbers the labels alike (a shard may hold only some classes)."""
+    class folders, so every shard numbers the labels alike (a shard may hold only some classes). `first`:
+    the shard's first position in the whole set (dataset examples name their images by it)."""
     model_in = datasets.model_input(loaded, job.preprocessing, job.fit, folders)
     compute = precision.for_compute(loaded.model, job.precision or None)  # bfloat16 where it is native
+    if job.what == "examples":  # the shard's k best per filter: merged with the others' by merge_top
+        found = examples.top_examples(compute, job.layers[0], datasets.batches(shard, model_in, positions=True),
+                                      list(job.filters) or None, job.k, at=job.at, progress=progress,
+                                      total=len(shard), first_image=first)
+        return {"skipped": np.array(len(shard.skipped)), "measured_at": np.array(found.attrs["measured_at"]),
+                **{f"examples|{name}": found[name].to_numpy() for name in examples.COLUMNS}}
     if job.what == "stats":
         batches = datasets.batches(shard, model_in)
         sums = activations.filter_sums(compute, list(job.layers), batches, job.threshold,
@@ -122,7 +134,7 @@ def run(loaded: models.LoadedModel, job: Job, image_set: datasets.FileSet, shard
         raise AuditError(f"Between 1 and {len(image_set)} shards for {len(image_set)} images (asked {shards}).")
     chosen = job.precision or precision.decide(loaded.model, loaded.input_size)[0]
     job = Job(**{**asdict(job), "precision": chosen})  # part of the run's key
-    if job.what == "stats":
+    if job.what != "scores":
         layers = tuple(models.resolve_layer(loaded.model, name) for name in job.layers) or tuple(
             models.conv_layers(loaded.model))
         job = Job(**{**asdict(job), "layers": layers})
@@ -162,8 +174,11 @@ def _run_in(folder: Path, loaded: models.LoadedModel, job: Job, image_set: datas
     else:
         for k in todo:
             _write(files[k], shard_sums(loaded, job, image_set.shard(k, shards), folders,
-                                        lambda done, _, before=before: report(before + done, len(image_set))))
+                                        lambda done, _, before=before: report(before + done, len(image_set)),
+                                        first=sum(sizes[:k])))
             before += sizes[k]
+    if job.what == "examples":
+        return _examples_result(folder, job, image_set, files, start if todo else None, todo)
     merged, skipped = None, 0
     for path in files:
         with np.load(path) as arrays:
@@ -178,14 +193,32 @@ def _run_in(folder: Path, loaded: models.LoadedModel, job: Job, image_set: datas
     return Result(folder, table, seen, skipped, time.perf_counter() - start if todo else 0.0, todo)
 
 
+def _examples_result(folder: Path, job: Job, image_set: datasets.FileSet, files: list[Path], start: float | None,
+                     todo: list[int]) -> Result:
+    """The shards' top-k merged into the set's (the same rows as one pass: merge_top), each named by its file."""
+    parts, skipped, measured_at = [], 0, job.layers[0]
+    for path in files:
+        with np.load(path) as arrays:
+            parts.append(pd.DataFrame({name: arrays[f"examples|{name}"] for name in examples.COLUMNS}))
+            skipped += int(arrays["skipped"])
+            measured_at = str(arrays["measured_at"])
+    table = examples.merge_top(parts, job.k)
+    table["file"] = [image_set.names[int(i)] for i in table["image"]]
+    table.attrs["measured_at"] = measured_at
+    table.to_csv(folder / RESULT, index=False)
+    seconds = time.perf_counter() - start if start is not None else 0.0
+    return Result(folder, table, len(image_set) - skipped, skipped, seconds, todo)
+
+
 class _ShardWorker:
     """A Ray actor: loads the model once, then computes the shards it is handed."""
 
     def __init__(self, source: str):
         self.loaded = models.load(source)
 
-    def compute(self, job: Job, shard: datasets.FileSet, folders: tuple[str, ...], index: int) -> tuple[int, dict]:
-        return index, shard_sums(self.loaded, job, shard, folders)
+    def compute(self, job: Job, shard: datasets.FileSet, folders: tuple[str, ...], index: int,
+                first: int) -> tuple[int, dict]:
+        return index, shard_sums(self.loaded, job, shard, folders, first=first)
 
 
 def _on_ray(address, job, image_set, folders, shards, todo, files, sizes, before, report) -> None:
@@ -206,20 +239,22 @@ def _on_ray(address, job, image_set, folders, shards, todo, files, sizes, before
     worker = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(_ShardWorker)
     pool = ActorPool([worker.remote(job.source) for _ in range(count)])
     done = before
-    for k, arrays in pool.map_unordered(lambda actor, k: actor.compute.remote(job, image_set.shard(k, shards), folders, k),
-                                        todo):
+    firsts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    for k, arrays in pool.map_unordered(
+            lambda actor, k: actor.compute.remote(job, image_set.shard(k, shards), folders, k, int(firsts[k])), todo):
         _write(files[k], arrays)
         done += sizes[k]
         report(done, len(image_set))
 
 
-def finished(fingerprint: str) -> list[dict]:
-    """The finished runs of a model (by its weights), newest first: each job.json with its folder."""
+def finished(fingerprint: str, whats: tuple[str, ...] = tuple(WHATS)) -> list[dict]:
+    """The finished runs of a model (by its weights) that compute one of `whats`, newest first: each
+    job.json with its folder."""
     found = []
     for path in (storage.data_dir() / "runs").glob("*/job.json"):
         if (path.parent / RESULT).exists():
             job = json.loads(path.read_text())
-            if job.get("fingerprint") == fingerprint:
+            if job.get("fingerprint") == fingerprint and job.get("what") in whats:
                 found.append({**job, "folder": str(path.parent), "finished": (path.parent / RESULT).stat().st_mtime})
     return sorted(found, key=lambda job: -job["finished"])
 

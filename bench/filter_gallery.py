@@ -11,6 +11,7 @@ way for all). Goals (issue 17): ours within 1.3x of the floor, at least 2x faste
 no lower median activation.
 
     python -m bench.filter_gallery [--filters 16] [--size 128] [--steps 20] [--layer block4_conv1]
+    python -m bench.filter_gallery --parameterizations --steps 40   # pixel against Fourier images (issue 32)
 """
 
 import argparse
@@ -21,7 +22,7 @@ from dataclasses import asdict
 import numpy as np
 import tensorflow as tf
 
-from audit import filters, models, precision
+from audit import filters, models, parameterization, precision
 
 
 def own_activation(cut, images01, indices, preprocessing, border=0.1):
@@ -73,6 +74,28 @@ def peer_tf_keras_vis(model, layer, indices, size, steps, preprocessing):
     return np.clip(np.asarray(images, np.float32) / (255.0 if np.max(images) > 1.5 else 1.0), 0, 1)
 
 
+def compare_parameterizations(model, layers, indices, size, steps, pre):
+    """Pixel against Fourier images at equal steps, each with its own default options at that layer: median
+    own-filter activation, median share of spectral energy above a quarter of Nyquist, time (issue 32)."""
+    print(f"\nPixel against Fourier parameterisation: {len(indices)} filters, {size}x{size}, {steps} steps each")
+    for layer in layers:
+        cut = models.submodel(model, layer, any_size=True)
+        measured = {}
+        for kind in parameterization.PARAMETERIZATIONS:
+            options = filters.Options(**{**asdict(filters.default_options(model, layer, pre, kind)), "size": size,
+                                         "steps": steps})
+            filters.render(model, layer, indices[:1], options)  # the trace, paid once per layer and kind
+            start = time.perf_counter()
+            images = filters.render(model, layer, indices, options).images
+            seconds = time.perf_counter() - start
+            activation = float(np.median(own_activation(cut, images / 255.0, indices, pre)))
+            high = float(np.median(parameterization.high_frequency_share(images)))
+            measured[kind] = activation
+            print(f"{layer:14s} {kind:8s} {seconds:8.2f} s   median own activation {activation:9.3f}   "
+                  f"energy above Nyquist/4 {high:6.1%}", flush=True)
+        print(f"{layer:14s} fourier / pixel median activation {measured['fourier'] / measured['pixel']:6.2f} x")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--filters", type=int, default=16)
@@ -80,10 +103,15 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layer", default="block4_conv1")
     parser.add_argument("--without-alone", action="store_true", help="skip the one-regulariser rows")
+    parser.add_argument("--parameterizations", action="store_true",
+                        help="only pixel against Fourier images on block4_conv1 and block5_conv3")
     args = parser.parse_args()
     loaded = models.load("demo:vgg16")
     model, layer, pre = loaded.model, args.layer, loaded.preprocessing
     indices = list(range(args.filters))
+    if args.parameterizations:
+        compare_parameterizations(model, ["block4_conv1", "block5_conv3"], indices, args.size, args.steps, pre)
+        return
     cut = models.submodel(model, layer, any_size=True)
     step = plain_step(cut, 0.05, pre)
     defaults = filters.Options(**{**asdict(filters.default_options(model, layer, pre)), "size": args.size,

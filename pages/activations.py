@@ -176,7 +176,7 @@ if selection.stream is not None:
                        f"Grow the sample further (the folder has {len(stream):,}).", icon=":material/trending_up:")
         show_stats(steps[steps.images == sizes[-1]].drop(columns="images"), near, "folder_stats")
 
-finished = runs.finished(loaded.fingerprint)
+finished = runs.finished(loaded.fingerprint, ("stats", "scores"))
 if finished:
     st.markdown("#### Runs from the command line")
     st.caption("Finished `cnn-audit stats` and `scores` runs of this model on this server (see the README): "

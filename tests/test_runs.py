@@ -2,6 +2,7 @@
 an interrupted run resumes to the same figures; a folder, a zip, a list and a tf.data set read alike."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from audit import activations, cli, datasets, images, models, pruning, runs, sampling
+from audit import activations, cli, datasets, filters, images, models, pruning, runs, sampling
 from audit.zoo import shapes
 
 STATS = ["mean", "std", "max", "apoz", "fires"]
@@ -67,14 +68,38 @@ def test_four_shards_merged_equal_one_pass(loaded, folder, reference, data_dir):
 
 def test_shards_on_an_embedded_ray_equal_one_pass(loaded, folder, reference, data_dir):
     ray = pytest.importorskip("ray")
+    image_set = datasets.from_folder(folder)
     try:
-        result = runs.run(loaded, runs.Job(loaded.source, "scores"), datasets.from_folder(folder), shards=4,
-                          address="local")
+        result = runs.run(loaded, runs.Job(loaded.source, "scores"), image_set, shards=4, address="local")
+        found = runs.run(loaded, runs.Job(loaded.source, "examples", ("block2_conv2",), k=3), image_set, shards=4,
+                         address="local")
     finally:
         ray.shutdown()
     assert result.computed == [0, 1, 2, 3] and sorted(p.name for p in result.folder.glob("shard-*.npz")) == [
         f"shard-0000{k}.npz" for k in range(4)]
     assert_same(result.table, reference[1], SCORES, 1e-3)
+    x = loaded.preprocess([images.read(folder / name) for name in image_set.names])
+    expected = filters.top_examples(loaded.model, "block2_conv2", x, k=3)  # one pass in memory
+    assert list(found.table["image"]) == list(expected["image"]) and found.computed == [0, 1, 2, 3]
+    np.testing.assert_allclose(found.table["activation"], expected["activation"], rtol=1e-5)
+
+
+def test_dataset_examples_in_shards_name_the_right_files_past_an_unreadable_one(loaded, folder, data_dir, tmp_path):
+    copied = tmp_path / "set"
+    shutil.copytree(folder, copied)
+    first_class = sorted(p for p in copied.iterdir() if p.is_dir())[0]
+    (first_class / "0000_broken.png").write_bytes(b"not an image")  # early in the order: later indices would shift
+    image_set = datasets.from_folder(copied)
+    readable = [name for name in image_set.names if "broken" not in name]
+    x = loaded.preprocess([images.read(copied / name) for name in readable])
+    expected = filters.top_examples(loaded.model, "block2_conv2", x, k=3)
+    result = runs.run(loaded, runs.Job(loaded.source, "examples", ("block2_conv2",), k=3), image_set, shards=3)
+    assert result.skipped == 1 and result.images == len(readable)
+    assert list(result.table["file"]) == [readable[i] for i in expected["image"]]
+    assert list(result.table[["filter", "rank", "row", "col"]].itertuples(index=False)) == list(
+        expected[["filter", "rank", "row", "col"]].itertuples(index=False))
+    np.testing.assert_allclose(result.table["activation"], expected["activation"], rtol=1e-5)
+    assert list(runs.read_result(result.folder)["file"]) == list(result.table["file"])
 
 
 def test_an_interrupted_run_resumes_from_its_shards(loaded, folder, reference, data_dir):
@@ -186,6 +211,13 @@ def test_the_command_line_streams_a_folder_and_reads_shards_back(loaded, folder,
     assert cli.main(["scores", "--images", str(folder), "--shards", "3", "--quiet"]) == 0
     assert "3 of 3 shards read back" in capsys.readouterr().err
     assert cli.main(["scores", "--images", "shapes:10", "--quiet"]) == 1  # only sets on disk stream
+    capsys.readouterr()
+    examples = tmp_path / "examples.csv"
+    assert cli.main(["examples", "--images", str(folder), "--layer", "block3_conv1", "--filters", "2", "5", "--k", "2",
+                     "--shards", "2", "--csv", str(examples), "--quiet"]) == 0
+    table = pd.read_csv(examples)
+    assert list(table["filter"]) == [2, 2, 5, 5] and set(table["file"]) <= set(datasets.from_folder(folder).names)
+    assert (table.groupby("filter")["activation"].apply(lambda a: a.is_monotonic_decreasing)).all()
     capsys.readouterr()
     pruned = tmp_path / "pruned.keras"
     assert cli.main(["prune", "--images", str(folder), "--shards", "3", "--share", "0.25", "--out", str(pruned),
