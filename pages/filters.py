@@ -16,15 +16,15 @@ loaded = selection.model
 st.title("Filters")
 what_these_mean("Filters")
 st.caption("Each tile is an input grown from noise by gradient ascent on the mean activation of one filter "
-           "(border excluded), with the gradient L2-normalised. Under each tile: the filter's final activation "
-           "on its own image." + common.precision_note(selection))
+           "(border excluded), in pixels or in a decorrelated Fourier basis (Olah et al. 2017). Under each tile: "
+           "the filter's final activation on its own image." + common.precision_note(selection))
 
 FLAT_SCORE = 1e-6  # class scores all below this after the ascent: nothing was grown
 PICKS = {"First N": "first", "By index": "index", "Top N by mean activation on the image set": "top"}
+BASES = {"pixel": "Pixels", "fourier": "Fourier, decorrelated colour"}
 conv = models.conv_layers(loaded.model)
 layer = links.selectbox(st, "Layer", conv, param="layer", key=f"filters_layer_{loaded.fingerprint}")
 channels = models.output_channels(loaded.model, layer)
-defaults = filters.default_options(loaded.model, layer, selection.preprocessing)
 
 left, right = st.columns([1, 1])
 how = links.selectbox(left, "Filters", PICKS, param="pick", key="filters_how", radio=True, horizontal=True,
@@ -52,31 +52,51 @@ else:
         indices = list(stats.sort_values("mean", ascending=False)["filter"].head(count).astype(int))
 
 with right.expander("Ascent options", expanded=False):
+    basis = links.selectbox(st, "Image parameterisation", BASES, param="basis", key="filters_basis", radio=True,
+                            horizontal=True, format_func=BASES.get,
+                            help="Fourier: the image's spectrum scaled by 1/frequency and its colours in a "
+                                 "decorrelated basis, moved by Adam (Lucid's fft=True, decorrelate=True); it needs "
+                                 "no octaves, blur or decay and shows less high-frequency noise.")
+    fourier = basis == "fourier"
+    defaults = filters.default_options(loaded.model, layer, selection.preprocessing, basis)
+    pixels_only = "Not used by the Fourier image: its basis already favours low frequencies." if fourier else None
     size = links.number(st, "Image size", 32, 224, defaults.size, step=16, slider=True, param="size",
                         key="filters_size")
     steps = links.number(st, "Steps", 1, 200, defaults.steps, slider=True, param="steps", key=f"filters_steps_{layer}")
     learning_rate = links.number(st, "Learning rate", 0.001, 1.0, defaults.learning_rate, format="%.3f", param="lr",
-                                 key="filters_lr")
+                                 key=f"filters_lr_{basis}")
     octaves = links.number(st, "Octaves (multi-scale growth)", 1, 4, defaults.octaves, slider=True, param="octaves",
-                           key=f"filters_octaves_{layer}")
+                           key=f"filters_octaves_{layer}_{basis}", disabled=fourier, help=pixels_only)
     jitter = links.number(st, "Jitter (pixels)", 0, 16, defaults.jitter, slider=True, param="jitter",
                           key="filters_jitter")
     scale = links.number(st, "Random scale (±)", 0.0, 0.2, defaults.scale, step=0.01, slider=True, param="scale",
                          key="filters_scale")
     blur_every = links.number(st, "Blur every k steps (0: off)", 0, 20, defaults.blur_every, slider=True,
-                              param="blur", key=f"filters_blur_{layer}")
+                              param="blur", key=f"filters_blur_{layer}_{basis}", disabled=fourier, help=pixels_only)
     l2_decay = links.number(st, "L2 decay", 0.0, 0.1, defaults.l2_decay, format="%.4f", param="l2",
-                            key=f"filters_l2_{layer}")
+                            key=f"filters_l2_{layer}_{basis}", disabled=fourier, help=pixels_only)
     total_variation = links.number(st, "Total variation weight", 0.0, 1.0, defaults.total_variation, format="%.3f",
-                                   param="tv", key=f"filters_tv_{layer}")
+                                   param="tv", key=f"filters_tv_{layer}_{basis}")
+    copies = links.number(st, "Images per filter", 1, filters.MAX_COPIES, 1, slider=True, param="copies",
+                          key="filters_copies", help="Several images per filter, each from its own noise; with a "
+                          "diversity weight they are pushed to differ (Lucid's diversity objective).")
+    diversity = links.number(st, "Diversity weight", 0.0, 10.0, 1.0 if copies > 1 else 0.0, format="%.2f",
+                             param="diversity", key=f"filters_diversity_{copies > 1}", disabled=copies == 1,
+                             help="How much a unit of Gram-matrix similarity between the copies costs, in units of "
+                                  "the filter's own activation." if copies > 1 else "Needs two images per filter.")
+    negative = links.toggle(st, "Negative images (what pushes the filter down)", param="negative",
+                            key="filters_negative", help="Descends instead of ascending, on the filter's value "
+                            "before its activation (below a ReLU's zero nothing pushes further).")
     warmup = links.number(st, "Warm-up steps on the pre-activation", 0, 50, defaults.warmup, slider=True,
                           param="warmup", key=f"filters_warmup_{layer}",
                           help="A filter whose ReLU never opens from noise gets no gradient; ascending the "
                                "pre-activation first lets it start (Lucid's redirected ReLU, Xplique's warm-up).")
     seed = links.number(st, "Seed", 0, 2**31 - 1, 0, param="ascent_seed", key="filters_seed")
 options = filters.Options(**{**asdict(defaults), "size": size, "steps": steps, "learning_rate": learning_rate,
-                             "octaves": octaves, "jitter": jitter, "scale": scale, "blur_every": blur_every,
-                             "l2_decay": l2_decay, "total_variation": total_variation, "warmup": warmup})
+                             "octaves": 1 if fourier else octaves, "jitter": jitter, "scale": scale,
+                             "blur_every": 0 if fourier else blur_every, "l2_decay": 0.0 if fourier else l2_decay,
+                             "total_variation": total_variation, "warmup": warmup, "copies": copies,
+                             "diversity": diversity if copies > 1 else 0.0, "negative": negative})
 key = tuple(int(i) for i in indices)
 grow = st.button("Grow the gallery", type="primary", key="filters_go")
 cached = filters_jobs.has_gallery(selection, layer, key, options, int(seed))
@@ -85,36 +105,73 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
     with user_errors():
         result = filters_jobs.gallery(selection, layer, key, options, int(seed))
     never, silent = int((~result.started).sum()), int((~result.responded).sum())
-    st.subheader(f"{markup.escape(layer)}: {len(key)} filters, {silent} with no response")
-    st.caption(f"No response: the final image does not drive the filter's mean activation above "
-               f"{filters.RESPONSE_THRESHOLD:g} ({silent} of {len(key)}). Never started: the ascent never moved it "
-               f"above 0 at any step, so no gradient flowed through its ReLU ({never} of {len(key)}); a warm-up on "
-               "the pre-activation (below) tells a dead filter from one that only failed to start.")
+    images_shown = len(key) * options.copies
+    if negative:
+        st.subheader(f"{markup.escape(layer)}: what pushes {len(key)} filters down, {silent} of {images_shown} "
+                     "images not below 0")
+        st.caption("Each tile descends the filter's mean value before its activation: the pattern it is pushed "
+                   "down by. Under each tile: that value on the final image (negative when it worked).")
+    else:
+        st.subheader(f"{markup.escape(layer)}: {len(key)} filters, {silent} with no response")
+        st.caption(f"No response: the final image does not drive the filter's mean activation above "
+                   f"{filters.RESPONSE_THRESHOLD:g} ({silent} of {images_shown}). Never started: the ascent never "
+                   f"moved it above 0 at any step, so no gradient flowed through its ReLU ({never} of {images_shown}); "
+                   "a warm-up on the pre-activation (below) tells a dead filter from one that only failed to start.")
+    examples_key = filters_jobs.examples_key(selection, layer, key)
+    pressed = st.button(f"What they fire on in your {len(selection.image_set)} images", key="filters_examples",
+                        help="The images of the set where each filter's peak activation is highest, cut at its "
+                             "receptive field around the peak.")
+    found = None
+    if jobs.job_shown(selection, "examples", pressed, examples_key, jobs.has_result(examples_key),
+                      len(selection.image_set)):
+        with user_errors("Finding the dataset examples"):
+            found, cut = filters_jobs.examples(selection, layer, key)
+        st.caption(f"Under each tile, what the filter fires on in your images: the {filters_jobs.EXAMPLES_SHOWN} "
+                   f"images of the set ({len(selection.image_set)}) where its peak activation is highest, each cut "
+                   f"at the filter's receptive field around the peak (measured at "
+                   f"{markup.escape(found.attrs['measured_at'])}, where the filter is used).")
     columns = st.columns(min(8, len(key)))
-    for position, (index, image) in enumerate(zip(key, result.images)):
-        flag = ("" if result.responded[position] else
-                " · never started" if not result.started[position] else " · no response")
-        columns[position % len(columns)].image(image, caption=f"#{index} · {result.activations[position]:.3g}{flag}",
-                                               width="stretch")
+    for position, index in enumerate(key):
+        column = columns[position % len(columns)]
+        for copy in range(options.copies):
+            n = position * options.copies + copy
+            flag = ("" if result.responded[n] else
+                    " · not below 0" if negative else
+                    " · never started" if not result.started[n] else " · no response")
+            column.image(result.images[n], caption=f"#{index} · {result.activations[n]:.3g}{flag}", width="stretch")
+        if found is not None:
+            rows = [n for n, f in enumerate(found["filter"]) if f == index]
+            names = [selection.image_set[int(found["image"].iloc[n])].name for n in rows]
+            column.image(render.patch_grid([cut[n] for n in rows], filters_jobs.EXAMPLES_SHOWN), width="stretch",
+                         caption=markup.escape(f"fires on {', '.join(names)} (peak {found['activation'].iloc[rows[0]]:.3g})")
+                         if rows else "no examples")
     downloads = st.columns(2)
     downloads[0].download_button("Gallery (PNG)", render.png(render.tiles(list(result.images))), f"{layer}_gallery.png",
                                  "image/png", key="filters_png")
-    responses = pd.DataFrame({"filter": key, "activation": result.activations, "responded": result.responded,
+    responses = pd.DataFrame({"filter": np.repeat(key, options.copies),
+                              "copy": np.tile(np.arange(options.copies), len(key)),
+                              "activation": result.activations, "responded": result.responded,
                               "started": result.started})
     downloads[1].download_button("Responses (CSV)", responses.to_csv(index=False), f"{layer}_gallery.csv", "text/csv",
                                  key="filters_csv")
-    curves = pd.DataFrame(result.curves.T, columns=[f"#{i}" for i in key]).rename_axis("step").reset_index()
-    figure = px.line(curves, x="step", y=curves.columns[1:], labels={"value": "mean activation", "variable": "filter"})
-    figure.update_layout(height=300, margin=dict(t=10), showlegend=len(key) <= charts.MAX_LEGEND)
+    names = [f"#{i}" + (f" ({copy + 1})" if options.copies > 1 else "") for i in key for copy in range(options.copies)]
+    curves = pd.DataFrame(result.curves.T, columns=names).rename_axis("step").reset_index()
+    figure = px.line(curves, x="step", y=curves.columns[1:],
+                     labels={"value": "mean value before the activation" if negative else "mean activation",
+                             "variable": "filter"})
+    figure.update_layout(height=300, margin=dict(t=10), showlegend=len(names) <= charts.MAX_LEGEND)
     st.plotly_chart(figure, width="stretch")
-    if len(key) > charts.MAX_LEGEND:
-        st.caption(f"One line per filter ({len(key)}): hover a line for its filter.")
+    if len(names) > charts.MAX_LEGEND:
+        st.caption(f"One line per image ({len(names)}): hover a line for its filter.")
 
     st.markdown("**Dead, or only failed to start?** A zero loss is not proof of a dead filter: from noise the "
                 "ReLU may never open, so no gradient flows.")
     other = filters.Options(**{**asdict(options), "warmup": 0 if warmup else 5})
-    compare = st.button("Compare with and without warm-up", key="filters_compare")
-    if jobs.job_shown(selection, "compare", compare, (layer, key, other, int(seed)),
+    comparable = options.copies == 1 and not negative
+    compare = st.button("Compare with and without warm-up", key="filters_compare", disabled=not comparable,
+                        help=None if comparable else "Compares one positive image per filter: set one image per "
+                                                     "filter and turn negative images off.")
+    if comparable and jobs.job_shown(selection, "compare", compare, (layer, key, other, int(seed)),
                       filters_jobs.has_gallery(selection, layer, key, other, int(seed)),
                       jobs.ascent_passes(selection, len(key), other)):
         with user_errors():

@@ -27,7 +27,7 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
     if stored is not None:
         result = filters.Gallery(stored["images"], stored["activations"], stored["curves"], stored["responded"],
                                  stored["started"])
-        if not classes:
+        if not classes and _one_positive_each(options):
             note_responses(loaded.fingerprint, layer, indices, result)
         return result
     with jobs.model_job(selection, f"Gradient ascent on {len(indices)} {'classes' if classes else 'filters'}",
@@ -44,9 +44,14 @@ def gallery(selection: "Selection", layer: str, indices: tuple[int, ...], option
                                   "curves": result.curves, "responded": result.responded, "started": result.started})
     except StorageError as exc:
         st.warning(markup.escape(str(exc)), icon=":material/save:")
-    if not classes:
+    if not classes and _one_positive_each(options):
         note_responses(loaded.fingerprint, layer, indices, result)
     return result
+
+
+def _one_positive_each(options: filters.Options) -> bool:
+    """Only a gallery of one positive image per filter says whether each filter responds."""
+    return options.copies == 1 and not options.negative
 
 
 def has_gallery(selection: "Selection", layer: str, indices: tuple[int, ...], options: filters.Options, seed: int,

@@ -322,9 +322,11 @@ def images_within(selection: Selection, passes_per_image: float, available: int,
 
 
 def ascent_passes(selection: Selection, count: int, options) -> float:
-    """Image passes of a gallery: forward and backward (3) per filter and step, scaled by its image's area."""
+    """Image passes of a gallery: forward and backward (3) per image (filters x copies) and step, scaled by its
+    image's area."""
     height, width = selection.model.input_size
-    return 3.0 * count * options.steps * max(options.size ** 2 / (height * width), 0.05) * (2 if options.warmup else 1)
+    return (3.0 * count * options.copies * options.steps * max(options.size ** 2 / (height * width), 0.05)
+            * (2 if options.warmup else 1))
 
 
 def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,

@@ -125,13 +125,36 @@ def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights
     assert len(at.get("image")) == 32 + 4
     assert len(at.get("plotly_chart")) == 1
     assert [b.label for b in at.get("download_button")] == ["Gallery (PNG)", "Responses (CSV)"]
+    _submit(at, "What they fire on in your 60 images")
+    assert not at.exception, at.exception
+    assert len(at.get("image")) == 32 + 4 + 4  # the kernels, the gallery, each filter's dataset examples
+    examples = [c for c in at.caption if c.value.startswith("Under each tile, what the filter fires on")]
+    assert len(examples) == 1 and "the 4 images of the set (60)" in examples[0].value
+    assert at.query_params.get("examples") == "1"  # the link reproduces them
     _submit(at, "Compare with and without warm-up")
     assert not at.exception, at.exception
     assert {m.label for m in at.metric} >= {"No response, no warm-up", "No response, with warm-up"}
     _submit(at, "Grow class images")
     assert not at.exception, at.exception
-    assert len(at.get("image")) == 32 + 4 + 6  # six shape classes
+    assert len(at.get("image")) == 32 + 4 + 4 + 6  # six shape classes
     assert "No response, with warm-up" in {m.label for m in at.metric}  # the comparison stays after another button
+
+
+def test_filters_page_grows_diverse_negative_fourier_images():
+    at = _app().run()
+    at.switch_page("pages/filters.py").run()
+    at.radio(key="filters_basis").set_value("fourier").run()
+    assert at.slider(key="filters_octaves_block1_conv1_fourier").disabled  # the Fourier image has no octaves
+    at.slider(key="filters_n").set_value(2)
+    at.slider(key="filters_size").set_value(32)
+    at.slider(key="filters_copies").set_value(2)
+    at.toggle(key="filters_negative").set_value(True)
+    _submit(at, "Grow the gallery")
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("block1_conv1: what pushes 2 filters down")
+    assert len(at.get("image")) == 32 + 2 * 2
+    assert at.button(key="filters_compare").disabled  # the warm-up comparison reads one positive image each
+    assert {at.query_params.get(p) for p in ("basis", "copies", "negative")} == {"fourier", "2", "1"}
 
 
 def test_filters_page_shows_the_layers_dead_count_once_the_statistics_are_computed():
