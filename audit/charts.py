@@ -160,3 +160,14 @@ def top_layers(frame: pd.DataFrame, value: str, count: int = 3, layer: str = "la
     known = frame.dropna(subset=[value])
     chosen = known.nlargest(count, value) if largest else known.nsmallest(count, value)
     return ", ".join(f"{row[layer]} ({format_value(row[value])})" for _, row in chosen.iterrows())
+
+
+def dead_bars(counts: pd.DataFrame) -> go.Figure:
+    """The dead, near-dead and alive filters of each layer (activations.dead_counts), for the page and the report."""
+    return layer_bars(counts, list(DEAD_COLOURS), DEAD_COLOURS, names={"no_zero_floor": "no zero floor"})
+
+
+def most_idle(counts: pd.DataFrame) -> str:
+    """The three layers with the most dead or near-dead filters, in words ("" when there are none)."""
+    idle = counts.assign(idle=counts.dead + counts.near_dead)
+    return top_layers(idle[idle.idle > 0], "idle") if idle.idle.any() else ""

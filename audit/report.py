@@ -149,11 +149,9 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     sections.append(f"<details><summary>Layer table ({len(table)} rows)</summary>{_table(layers)}</details>")
 
     counts = activations.dead_counts(scores, options.near_dead_apoz)
-    chart = charts.layer_bars(counts, list(charts.DEAD_COLOURS), charts.DEAD_COLOURS,
-                              names={"no_zero_floor": "no zero floor"})
-    idle = counts.assign(idle=counts.dead + counts.near_dead)
-    most = (f" Most dead or near-dead: {html.escape(charts.top_layers(idle[idle.idle > 0], 'idle'))}."
-            if idle.idle.any() else "")
+    chart = charts.dead_bars(counts)
+    most = charts.most_idle(counts)
+    most = f" Most dead or near-dead: {html.escape(most)}." if most else ""
     sections.append(f"<h2>Dead filters</h2><p>Over {len(image_set)} images, each filter measured where its channel is "
                     "used (after its BatchNorm and activation). Dead: never above 0 (APoZ = 1); near-dead: the others "
                     f"with APoZ (share of values at or below 0) above {options.near_dead_apoz}. No zero floor: the "

@@ -87,13 +87,11 @@ def show_stats(stats, near: float, name: str) -> None:
                 f"{named}{more}. There a value at or below 0 is not \"off\" (an ELU, swish or linear output, a "
                 "BatchNorm before a residual Add), so their APoZ, fires and dead are not given (grey in the chart) "
                 "and the APoZ-based pruning criteria leave them out.", icon=":material/info:")
-    figure = charts.layer_bars(counts, list(charts.DEAD_COLOURS), charts.DEAD_COLOURS,
-                               names={"no_zero_floor": "no zero floor"})
-    st.plotly_chart(figure, width="stretch", key=f"{name}_chart")
-    idle = counts.assign(idle=counts.dead + counts.near_dead)
-    if idle.idle.any():
-        st.caption("Most dead or near-dead filters: " + markup.escape(charts.top_layers(idle[idle.idle > 0], "idle"))
-                   + f"; {int(idle.dead.sum()):,} dead and {int(idle.near_dead.sum()):,} near-dead in all.")
+    st.plotly_chart(charts.dead_bars(counts), width="stretch", key=f"{name}_chart")
+    most = charts.most_idle(counts)
+    if most:
+        st.caption("Most dead or near-dead filters: " + markup.escape(most)
+                   + f"; {int(counts.dead.sum()):,} dead and {int(counts.near_dead.sum()):,} near-dead in all.")
     st.dataframe(counts, hide_index=True, width="stretch", key=f"{name}_counts")
     with st.expander("Dead filters per layer"):
         for layer_name, group in stats[stats.dead].groupby("layer", sort=False):

@@ -73,7 +73,12 @@ def photos():
     return [images.sample(name) for name in ("chelsea", "astronaut", "coffee")]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOWEST = {"DenseNet121", "ResNet50", "Xception"}
+"""Over 30 s each here: the slow tier (CI runs it too); ResNet50 is also cut to a target in test_pruning_targets."""
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOWEST else name
+                                  for name in CASES])
 def test_groups_cut_from_a_block_and_a_coupled_group_equal_the_masked_model(name, photos, tmp_path):
     build, (inner, coupled) = CASES[name]
     keras.utils.set_random_seed(0)

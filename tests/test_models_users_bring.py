@@ -253,6 +253,7 @@ def test_guided_backprop_keeps_relu6_forward_and_only_changes_the_backward_pass(
     np.testing.assert_array_equal(tape.gradient(loss, z), [[0, 1, 0, 0]])
 
 
+@pytest.mark.slow  # about 40 s: every randomised copy the sanity check makes
 def test_every_randomised_copy_of_a_batchnorm_model_gives_finite_outputs(tmp_path):
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=3)
     loaded = _from_file(model, tmp_path)

@@ -100,6 +100,7 @@ def _rss_after_each_load(paths: list[str], bound: int) -> list[int]:
     return [int(line) for line in done.stdout.split()]
 
 
+@pytest.mark.slow  # about a minute: twelve 25 MB models opened in turn, twice
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the memory of a process from /proc")
 def test_dropped_models_give_their_memory_back(tmp_path):
     """Twelve different models of 25 MB of weights opened in turn: with a bound of two the process stays
