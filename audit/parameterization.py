@@ -59,7 +59,7 @@ def to_pixels(spectra: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     complex_spectrum = tf.complex(spectra[:, 0], spectra[:, 1]) * tf.cast(scale, tf.complex64)
     images = tf.signal.irfft2d(complex_spectrum, fft_length=tf.stack([size, size]))  # (N, channels, h, w)
     images = tf.transpose(images, [0, 2, 3, 1]) / 4.0
-    if images.shape[-1] == 3:
+    if spectra.shape[2] == 3:  # read from the coefficients: a traced irfft2d may lose its static channel count
         images = tf.einsum("nhwc,dc->nhwd", images, tf.constant(_COLOR))
     return tf.sigmoid(images)
 

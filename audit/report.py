@@ -162,7 +162,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     galleries = []
     for layer in gallery_layers:
         count = min(options.gallery_filters, models.output_channels(model, layer))
-        settings = filters.default_options(model, layer, preprocessing)
+        settings = filters.default_options(model, layer, preprocessing, filters.default_parameterization(model, layer))
         if options.gallery_steps:
             settings = filters.Options(**{**settings.__dict__, "steps": options.gallery_steps})
         result = filters.render(compute, layer, list(range(count)), settings)

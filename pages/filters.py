@@ -52,7 +52,8 @@ else:
         indices = list(stats.sort_values("mean", ascending=False)["filter"].head(count).astype(int))
 
 with right.expander("Ascent options", expanded=False):
-    basis = links.selectbox(st, "Image parameterisation", BASES, param="basis", key="filters_basis", radio=True,
+    basis = links.selectbox(st, "Image parameterisation", BASES, param="basis", key=f"filters_basis_{layer}",
+                            index=list(BASES).index(filters.default_parameterization(loaded.model, layer)), radio=True,
                             horizontal=True, format_func=BASES.get,
                             help="Fourier: the image's spectrum scaled by 1/frequency and its colours in a "
                                  "decorrelated basis, moved by Adam (Lucid's fft=True, decorrelate=True); it needs "

@@ -143,7 +143,7 @@ def test_filters_page_grows_a_gallery_class_images_and_shows_first_layer_weights
 def test_filters_page_grows_diverse_negative_fourier_images():
     at = _app().run()
     at.switch_page("pages/filters.py").run()
-    at.radio(key="filters_basis").set_value("fourier").run()
+    at.radio(key="filters_basis_block1_conv1").set_value("fourier").run()
     assert at.slider(key="filters_octaves_block1_conv1_fourier").disabled  # the Fourier image has no octaves
     at.slider(key="filters_n").set_value(2)
     at.slider(key="filters_size").set_value(32)
