@@ -141,6 +141,10 @@ def test_filters_page_grows_vgg16_galleries_with_the_no_response_count(server, b
     _settle(page)
     _assert_clean(page)
     assert "with no response" in heading.inner_text()
+    page.get_by_role("button", name=re.compile("^What they fire on")).click()  # the dataset examples under each tile
+    page.get_by_text("Under each tile, what the filter fires on in your images").wait_for()
+    _settle(page)
+    _assert_clean(page)
     heading.scroll_into_view_if_needed()
     _screenshot(page, f"filters_{layer}.png")
     context.close()
@@ -397,7 +401,7 @@ WALK_MODELS = {  # six images each: the 224-px models run on a 2-core CPU
 MAIN_BUTTONS = {
     "model": [],
     "activations": ["Compute statistics"],
-    "filters": ["Grow the gallery", "Compare with and without warm-up", "Grow class images"],
+    "filters": ["Grow the gallery", "What they fire on", "Compare with and without warm-up", "Grow class images"],
     "attribution": ["Compute "],  # each method over the link budget, then the sanity check (in its expander)
     "pruning": ["Grow its gallery tile", "Run the sensitivity analysis", "Compare with the inverted",
                 "Measure leave-one-filter-out", "Fine-tune and compare"],
@@ -422,6 +426,15 @@ def _run_started(page):
         page.wait_for_selector("[data-testid=stStatusWidget]", timeout=5000)
     except playwright_api.TimeoutError:
         pass
+
+
+def _visit(page, url, name, query):
+    """Open one page of the app by its name (model: the first page) and wait until it has settled, clean."""
+    page.goto(f"{url}/{'' if name == 'model' else name}?{query}")
+    heading = "Model: " if name == "model" else name.title()
+    page.get_by_role("heading", name=re.compile("^" + heading)).first.wait_for()
+    _settle(page)
+    _assert_clean(page)
 
 
 def _press_all(page, prefix):
@@ -481,11 +494,7 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
         query = WALK_MODELS[kind]
     slug = re.sub(r"\W+", "_", kind).strip("_")
     for name, buttons in MAIN_BUTTONS.items():
-        page.goto(f"{url}/{'' if name == 'model' else name}?{query}&{WALK_SETTINGS}")
-        heading = "Model: " if name == "model" else name.title()
-        page.get_by_role("heading", name=re.compile("^" + heading)).first.wait_for()
-        _settle(page)
-        _assert_clean(page)
+        _visit(page, url, name, f"{query}&{WALK_SETTINGS}")
         for label in buttons:
             if label == "Compare with the inverted" and kind != "demo:shapes":
                 continue  # the same sweep code as sensitivity; 20 s to a minute more per 224-px model on 2 cores
@@ -495,6 +504,8 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
             assert page.get_by_text("The masked model is offered instead").count() == 0
         if name == "filters" and kind == "keras:MobileNetV2:untrained":  # random weights grow nothing: said
             assert page.get_by_text("The class scores stay near 0").is_visible()
+        if name == "filters":  # what the filters fire on, under their tiles, for every model of the walk
+            assert page.get_by_text("Under each tile, what the filter fires on in your images").is_visible()
         if name == "filters" and page.get_by_text("Never started, no warm-up").count():
             assert page.get_by_text("Never started, no warm-up").is_visible()  # kept after the next button
         if name == "attribution":
@@ -508,9 +519,7 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
             _assert_clean(page)
         _whole_page_screenshot(page, f"walk_{slug}_{name}.png")
         if kind == "demo:shapes" and name in ("model", "pruning"):  # the README's pictures of these pages
-            page.goto(f"{url}/{'' if name == 'model' else name}?{query}")
-            page.get_by_role("heading", name=re.compile("^" + heading)).first.wait_for()
-            _settle(page)
+            _visit(page, url, name, query)
             _screenshot(page, f"{name}.png")
     context.close()
 
@@ -566,11 +575,7 @@ def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path
     query = f"model=upload:{digest}&images=shapes&count=6&{WALK_SETTINGS}"
     context, page = _open(browser, "about:blank")
     for page_name, buttons in DEEP_BUTTONS.items():
-        page.goto(f"{url}/{'' if page_name == 'model' else page_name}?{query}")
-        heading = "Model: " if page_name == "model" else page_name.title()
-        page.get_by_role("heading", name=re.compile("^" + heading)).first.wait_for()
-        _settle(page)
-        _assert_clean(page)
+        _visit(page, url, page_name, query)
         for label in buttons:
             _press_all(page, label)
         assert page.locator(".js-plotly-plot").count() > 0 or page_name == "attribution", page_name
