@@ -68,9 +68,11 @@ def layer_axis(figure: go.Figure, layers: list[str], axis: str = "x", title: str
         values, text = list(range(count)), list(layers)
     else:
         runs = stage_runs(layers)
-        step = int(np.ceil(len(runs) / MAX_TICKS))
-        values = [first for _, first, _ in runs[::step]]
-        text = [stage for stage, _, _ in runs[::step]]
+        values, text = [], []
+        for stage, first, _ in runs:  # a stage's name where it starts, if the last name is far enough behind
+            if not values or first - values[-1] >= count / MAX_TICKS:  # short stages (ResNet's conv1-2) share one
+                values.append(first)
+                text.append(stage)
         title = f"{count} layers in network order, by stage (hover for names)"
         if bands:
             for stage, first, last in runs[1::2]:
@@ -81,7 +83,7 @@ def layer_axis(figure: go.Figure, layers: list[str], axis: str = "x", title: str
                     figure.add_shape(**band, yref="y", xref="paper", y0=first - 0.5, y1=last + 0.5, x0=0, x1=1)
     update = figure.update_xaxes if axis == "x" else figure.update_yaxes
     update(tickmode="array", tickvals=values, ticktext=text, title_text=title, range=[-0.5, count - 0.5],
-           tickangle=-45 if axis == "x" and (count <= NAMED_LAYERS or len(values) > 8) else 0, showgrid=False)
+           tickangle=-45 if axis == "x" else 0, showgrid=False)
     return figure
 
 

@@ -555,8 +555,10 @@ DEEP_BUTTONS = {"model": [], "activations": ["Compute statistics"], "filters": [
                 "pruning": ["Run the sensitivity analysis", "Measure leave-one-filter-out"], "report": ["Build the report"]}
 
 
-@pytest.mark.skipif(not os.environ.get("CNN_AUDIT_DEEP_BROWSER"), reason="not yet run to the end on this machine "
-                    "(issue 31): set CNN_AUDIT_DEEP_BROWSER=1 to run it; it is kept out of CI until measured")
+@pytest.mark.skipif(not os.environ.get("CNN_AUDIT_DEEP_BROWSER"), reason="set CNN_AUDIT_DEEP_BROWSER=1 to run it: "
+                    "here the Model, Activations, Filters and Attribution pages of both models pass (after the stage "
+                    "names on the Model page's axis were thinned), but the Pruning page's sensitivity sweep over 155 "
+                    "layers outlasts the 3-minute press on 2 cores, so the Pruning and Report pages are not reached")
 @pytest.mark.parametrize("name", list(DEEP_MODELS))
 def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path_factory, monkeypatch, name):
     """150-390 layers: no figure on any page or in the report has more than 12 legend entries or overlapping
