@@ -92,10 +92,10 @@ def _open(browser, url):
     return context, page
 
 
-def _settle(page):
+def _settle(page, timeout=SLOW):
     """Wait until the script run is over (the running indicator is gone)."""
     page.wait_for_timeout(500)
-    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=SLOW)
+    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=timeout)
 
 
 def _assert_clean(page):
@@ -437,14 +437,14 @@ def _visit(page, url, name, query):
     _assert_clean(page)
 
 
-def _press_all(page, prefix):
-    """Press every visible button whose label starts with `prefix`, one run at a time."""
+def _press_all(page, prefix, timeout=SLOW):
+    """Press every visible button whose label starts with `prefix`, one run at a time, each within `timeout` ms."""
     pattern = re.compile("^" + re.escape(prefix))
     while (button := page.get_by_role("button", name=pattern)).count():
         label, start = button.first.inner_text(), time.time()
         button.first.click()
         _run_started(page)
-        _settle(page)
+        _settle(page, timeout)
         print(f"{page.url.split('?')[0].rsplit('/', 1)[-1] or 'model'}: {label!r} took {time.time() - start:.0f} s")
         _assert_clean(page)
         if prefix != "Compute ":  # the attribution buttons go one by one; the others once
@@ -551,6 +551,7 @@ DEEP_MODELS = {  # keras.applications at 64 px, weights=None: a deep residual ne
     "ResNet152": lambda keras: keras.applications.ResNet152(weights=None, input_shape=(64, 64, 3), classes=6),
     "EfficientNetB3": lambda keras: keras.applications.EfficientNetB3(weights=None, input_shape=(64, 64, 3), classes=6),
 }
+DEEP_WAIT = 900_000  # ms: the sensitivity sweep over 155 layers takes minutes on 2 cores
 DEEP_BUTTONS = {"model": [], "activations": ["Compute statistics"], "filters": ["Grow the gallery"], "attribution": [],
                 "pruning": ["Run the sensitivity analysis", "Measure leave-one-filter-out"], "report": ["Build the report"]}
 
@@ -579,7 +580,7 @@ def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path
     for page_name, buttons in DEEP_BUTTONS.items():
         _visit(page, url, page_name, query)
         for label in buttons:
-            _press_all(page, label)
+            _press_all(page, label, DEEP_WAIT)
         assert page.locator(".js-plotly-plot").count() > 0 or page_name == "attribution", page_name
         assert page.evaluate(FIGURE_PROBLEMS) == [], page_name
         _whole_page_screenshot(page, f"deep_{name}_{page_name}.png")
