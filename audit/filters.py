@@ -120,12 +120,12 @@ def default_options(model: keras.Model, layer: str, preprocessing: str, paramete
     as pixels). Adam undoes the basis's 1/f preconditioning step by step, which is why a larger step brings
     the noise back; a normalised gradient step keeps it (9% energy above Nyquist/4) but blurs (0.6x).
     """
-    convs = models.conv_layers(model)
-    depth = (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
     if parameterization == "fourier":
         pixel = default_options(model, layer, preprocessing)
         return Options(steps=pixel.steps, learning_rate=0.2, warmup=5, preprocessing=preprocessing,
                        parameterization="fourier")
+    convs = models.conv_layers(model)
+    depth = (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
     if depth <= 0.34:
         return Options(steps=20, preprocessing=preprocessing)
     # The octaves spend steps at a smaller size: a longer step (0.08, against 0.05 in one octave) and, in

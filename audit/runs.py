@@ -164,18 +164,19 @@ def _run_in(folder: Path, loaded: models.LoadedModel, job: Job, image_set: datas
     files = [folder / f"shard-{k:05d}.npz" for k in range(shards)]
     todo = [k for k in range(shards) if not files[k].exists()]
     sizes = [len(image_set.shard(k, shards)) for k in range(shards)]
+    firsts = [int(n) for n in np.cumsum([0, *sizes[:-1]])]  # each shard's first position in the set
     before = sum(sizes) - sum(sizes[k] for k in todo)
     report = progress or (lambda done, total: None)
     folders = tuple(sorted({label for label in image_set.labels if label}))
     report(before, len(image_set))
     start = time.perf_counter()
     if address:
-        _on_ray(address, job, image_set, folders, shards, todo, files, sizes, before, report)
+        _on_ray(address, job, image_set, folders, shards, todo, files, sizes, firsts, before, report)
     else:
         for k in todo:
             _write(files[k], shard_sums(loaded, job, image_set.shard(k, shards), folders,
                                         lambda done, _, before=before: report(before + done, len(image_set)),
-                                        first=sum(sizes[:k])))
+                                        first=firsts[k]))
             before += sizes[k]
     if job.what == "examples":
         return _examples_result(folder, job, image_set, files, start if todo else None, todo)
@@ -221,7 +222,7 @@ class _ShardWorker:
         return index, shard_sums(self.loaded, job, shard, folders, first=first)
 
 
-def _on_ray(address, job, image_set, folders, shards, todo, files, sizes, before, report) -> None:
+def _on_ray(address, job, image_set, folders, shards, todo, files, sizes, firsts, before, report) -> None:
     """The missing shards as Ray actor calls; each shard file is written by the driver as it arrives."""
     try:
         import ray
@@ -239,9 +240,8 @@ def _on_ray(address, job, image_set, folders, shards, todo, files, sizes, before
     worker = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(_ShardWorker)
     pool = ActorPool([worker.remote(job.source) for _ in range(count)])
     done = before
-    firsts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     for k, arrays in pool.map_unordered(
-            lambda actor, k: actor.compute.remote(job, image_set.shard(k, shards), folders, k, int(firsts[k])), todo):
+            lambda actor, k: actor.compute.remote(job, image_set.shard(k, shards), folders, k, firsts[k]), todo):
         _write(files[k], arrays)
         done += sizes[k]
         report(done, len(image_set))
