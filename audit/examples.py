@@ -102,14 +102,45 @@ def top_examples(model: keras.Model, layer: str, images, filters: list[int] | No
     return found
 
 
+CONTEXT_SIDE = 24
+"""A receptive field smaller than this is shown inside a window of this side with the field framed: a first
+layer's 3x3 field alone is a colour swatch that says nothing of where in the image it sits."""
+
+FRAME = (255, 220, 0)
+"""The frame's colour (yellow): drawn on the pixels just outside the field, so none of the field is hidden."""
+
+
 def patches(model: keras.Model, examples: pd.DataFrame, pixels: list[np.ndarray] | np.ndarray,
-            layer: str | None = None) -> list[np.ndarray]:
-    """Each example's patch of its image (as fitted to the model's input): the receptive field of its peak."""
+            layer: str | None = None, context: int = 0) -> list[np.ndarray]:
+    """Each example's patch of its image (as fitted to the model's input): the receptive field of its peak.
+    With `context` (CONTEXT_SIDE on the pages), a field smaller than that is shown in a window of that side
+    around it, framed (uint8 RGB)."""
     point = layer or examples.attrs.get("measured_at")
     if point is None:
         raise AuditError("Name the layer whose receptive fields cut the patches.")
     cut = []
     for row in examples.itertuples():
-        top, left, bottom, right = receptive_field(model, point, int(row.row), int(row.col))
-        cut.append(np.asarray(pixels[int(row.image)])[top:bottom, left:right])
+        box = receptive_field(model, point, int(row.row), int(row.col))
+        image = np.asarray(pixels[int(row.image)])
+        top, left, bottom, right = box
+        small = max(bottom - top, right - left) < context <= min(image.shape[:2])
+        cut.append(framed(image, box, context) if small else image[top:bottom, left:right])
     return cut
+
+
+def framed(image: np.ndarray, box: tuple[int, int, int, int], side: int) -> np.ndarray:
+    """A `side` x `side` window of a uint8 image around the box (moved inside the image at its borders), as RGB,
+    with FRAME on the pixels just outside the box."""
+    top, left, bottom, right = box
+    height, width = image.shape[:2]
+    window_top = int(np.clip((top + bottom - side) // 2, 0, height - side))
+    window_left = int(np.clip((left + right - side) // 2, 0, width - side))
+    window = np.asarray(image, np.uint8)[window_top:window_top + side, window_left:window_left + side]
+    window = np.repeat(window.reshape(side, side, -1)[..., :1], 3, axis=2) if window.ndim == 2 or \
+        window.shape[-1] == 1 else window[..., :3].copy()
+    rows = np.arange(side)[:, None] + window_top
+    cols = np.arange(side)[None, :] + window_left
+    around = (rows >= top - 1) & (rows <= bottom) & (cols >= left - 1) & (cols <= right)
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    window[around & ~inside] = FRAME
+    return window

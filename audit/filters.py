@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from audit import ascent, compiled, heads, models, parameterization
 from audit.errors import AuditError
-from audit.examples import merge_top, patches, top_examples  # noqa: F401 (what a filter fires on in the user's images)
+from audit.examples import CONTEXT_SIDE, merge_top, patches, top_examples  # noqa: F401 (what a filter fires on in the user's images)
 from audit.receptive import receptive_field  # noqa: F401
 
 _CAFFE_MEAN = {"caffe": [103.939, 116.779, 123.68], "caffe_bsds": [104.00699, 116.66877, 122.67892]}
@@ -97,17 +97,27 @@ PHOTO_SIDE = 96
 """An RGB input at least this big is taken for a photo model (ImageNet-style), where Fourier images can lead."""
 
 
+def depth(model: keras.Model, layer: str) -> float:
+    """Where a layer sits among the model's conv layers, from just above 0 (the first) to 1 (the last); a
+    layer that is no conv counts as the last."""
+    convs = models.conv_layers(model)
+    return (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
+
+
+DEEP = 0.67
+"""The deepest third of the conv layers starts past this depth."""
+
+
 def default_parameterization(model: keras.Model, layer: str) -> str:
     """Fourier where it measured better on both counts (bench/filter_gallery.py --parameterizations, VGG16 at 30
-    and 60 steps): the deepest third of a photo model's conv layers, 1.5-1.7x the pixel images' median
-    activation with less high-frequency energy. In the middle (block4_conv1) it reached 0.7x: pixels stay the
-    default there, and on small or grey inputs, where it was not measured."""
+    steps): the deepest third of a photo model's conv layers, 1.7x the pixel images' median activation at
+    block5_conv3 with less high-frequency energy. In the middle (block4_conv1) it reaches 0.8x with less
+    high-frequency energy: pixels stay the default there (more activation), and on small or grey inputs, where
+    it was not measured."""
     shape = model.inputs[0].shape
     sides = [side or PHOTO_SIDE for side in shape[1:-1]]  # a free size takes photos too
     photo = shape[-1] == 3 and len(sides) == 2 and min(sides) >= PHOTO_SIDE
-    convs = models.conv_layers(model)
-    deep = layer in convs and (convs.index(layer) + 1) / len(convs) > 0.67
-    return "fourier" if photo and deep else "pixel"
+    return "fourier" if photo and layer in models.conv_layers(model) and depth(model, layer) > DEEP else "pixel"
 
 
 def default_options(model: keras.Model, layer: str, preprocessing: str, parameterization: str = "pixel") -> Options:
@@ -115,23 +125,23 @@ def default_options(model: keras.Model, layer: str, preprocessing: str, paramete
 
     A Fourier image needs none of the smoothing (its basis is the regulariser): Adam, with the same steps,
     jitter and scale as pixels at that depth, and a warm-up (its near-grey start leaves more ReLUs closed).
-    Lucid's step of 0.05 is made for 512 steps; at our 20-60 a step of 0.2 reaches 0.7x the pixel images'
-    activation on VGG16 block4_conv1 with less high-frequency energy (0.05: 0.3x; 0.4: as much high frequency
-    as pixels). Adam undoes the basis's 1/f preconditioning step by step, which is why a larger step brings
-    the noise back; a normalised gradient step keeps it (9% energy above Nyquist/4) but blurs (0.6x).
+    Lucid's step of 0.05 is made for 512 steps; at our 20-60 the step trades activation for high frequencies
+    (VGG16, 16 filters, 30 steps, bench/filter_gallery.py): block4_conv1 0.2 -> 0.71x the pixel images'
+    activation, 0.3 -> 0.81x, 0.4 -> 0.85x with as much energy above Nyquist/4 as pixels; block5_conv3 0.2 ->
+    1.7x with less, 0.3 -> 1.9x with more. Hence 0.3 in the middle and 0.2 in the deepest third. A step that
+    decays over the run loses activation (cosine from 0.4: 0.66x); a normalised gradient step blurs (0.6x).
     """
+    where = depth(model, layer)
     if parameterization == "fourier":
         pixel = default_options(model, layer, preprocessing)
-        return Options(steps=pixel.steps, learning_rate=0.2, warmup=5, preprocessing=preprocessing,
-                       parameterization="fourier")
-    convs = models.conv_layers(model)
-    depth = (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
-    if depth <= 0.34:
+        return Options(steps=pixel.steps, learning_rate=0.2 if where > DEEP else 0.3, warmup=5,
+                       preprocessing=preprocessing, parameterization="fourier")
+    if where <= 0.34:
         return Options(steps=20, preprocessing=preprocessing)
     # The octaves spend steps at a smaller size: a longer step (0.08, against 0.05 in one octave) and, in
     # the middle, a first octave only 1.2x smaller keep the final activation above tf-keras-vis's on the
     # same job (bench/filter_gallery.py on block4_conv1: 152 against 129-151 over its seeds 0-2).
-    if depth <= 0.67:
+    if where <= DEEP:
         return Options(steps=30, octaves=2, octave_scale=1.2, blur_every=4, l2_decay=1e-3, learning_rate=0.08,
                        preprocessing=preprocessing)
     return Options(steps=40, octaves=3, blur_every=4, l2_decay=1e-3, total_variation=0.05, warmup=5,

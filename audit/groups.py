@@ -87,6 +87,7 @@ class DependencyGraph:
         self.model = model
         self.calls, self.input, self.outputs = model_graph.flat_calls(model)
         self._offsets: dict[int, tuple[int, int]] = {}
+        self._groups_of: dict[int, frozenset] = {}
         for tensor in [self.input] + [t for call in self.calls for t in [*call.inputs, *as_list(call.output)]]:
             self._element_range(tensor)
         size = self._next
@@ -218,6 +219,14 @@ class DependencyGraph:
     def removed(self, tensor, components: set[int]) -> np.ndarray:
         """Which channels of a tensor go with the chosen groups (a boolean mask)."""
         return np.isin(self.component[self.elements(tensor)], list(components))
+
+    def touches(self, tensor, components: set[int]) -> bool:
+        """Whether any channel of a tensor goes with the chosen groups: a set test, so that a sweep's cut on a
+        500-layer network looks at only the tensors it changes (the groups of each tensor are kept)."""
+        kept = self._groups_of.get(id(tensor))
+        if kept is None:
+            kept = self._groups_of[id(tensor)] = frozenset(np.unique(self.component[self.elements(tensor)]).tolist())
+        return not kept.isdisjoint(components)
 
     def producer(self, tensor) -> Call | None:
         return self._producers.get(id(tensor))

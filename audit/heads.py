@@ -187,9 +187,7 @@ class Outputs:
 
     def __init__(self, model: keras.Model, output: int | None = None, head: Head | None = None):
         self.head = head = head or find_head(model, output)
-        # kept with the model (audit.compiled): Keras's compiled predict function lives on this graph
-        self.graph = compiled.kept(model, ("outputs", head), lambda: scores_model(model, head) if head.is_classifier
-                                   else graph.graph_model(model, [graph.Point(head.path)]))
+        self.graph, self.forward = compiled.kept(model, ("outputs", head), lambda: _compiled_outputs(model, head))
 
     @property
     def independent(self) -> bool:
@@ -198,5 +196,19 @@ class Outputs:
 
     def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         batch_size = cost.batch_within(self.graph, batch_size)  # within the server's activation budget
-        values = np.asarray(self.graph.predict(np.asarray(images, np.float32), batch_size=batch_size, verbose=0))
+        images = np.asarray(images, np.float32)
+        if not len(images):
+            values = np.zeros((0, *self.graph.outputs[0].shape[1:]), np.float32)
+        else:
+            values = np.concatenate([self.forward(images[start:start + batch_size]).numpy()
+                                     for start in range(0, len(images), batch_size)])
         return probabilities(values, self.head) if self.head.is_classifier else values
+
+
+def _compiled_outputs(model: keras.Model, head: Head) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
+    """The model from the image to the head's scores (or its output), and one traced call of it: a what-if sweep
+    calls it thousands of times on a few images, where Keras's predict spends 2-3x the pass itself on its
+    data pipeline (ResNet152 at 64 px, one image: 113 ms against 46 ms)."""
+    scores = scores_model(model, head) if head.is_classifier else graph.graph_model(model, [graph.Point(head.path)])
+    signature = [tf.TensorSpec([None, *scores.inputs[0].shape[1:]], tf.float32)]
+    return scores, tf.function(lambda x: tf.cast(scores(x, training=False), tf.float32), input_signature=signature)

@@ -172,14 +172,15 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                                                                             result.responded, result.started)))
         found = filters.top_examples(compute, layer, x, list(range(count)), k=EXAMPLES)
         cut = filters.patches(model, found, [images.fit(item.pixels, loaded.input_size, options.fit)
-                                             for item in image_set])
+                                             for item in image_set], context=filters.CONTEXT_SIDE)
         examples = "".join(_figure_cell(render.patch_grid([cut[n] for n in np.flatnonzero(found["filter"] == i)], EXAMPLES),
                                         f"#{i} fires on " + ", ".join(image_set[int(n)].name for n in
                                                                       found.loc[found["filter"] == i, "image"]))
                            for i in range(count))
         galleries.append(f"<h3>{html.escape(layer)}: first {count} filters</h3><div class='grid'>{cells}</div>"
                          f"<p>What they fire on in these {len(image_set)} images: the {EXAMPLES} images where each "
-                         "filter's peak is highest, cut at its receptive field around the peak.</p>"
+                         "filter's peak is highest, cut at its receptive field around the peak (a field under "
+                         f"{filters.CONTEXT_SIDE} px is framed in yellow inside a window of that side).</p>"
                          f"<div class='grid'>{examples}</div>")
         stages.step()
     sections.append("<h2>Filter galleries</h2><p>Inputs grown from noise by gradient ascent on each filter's mean "

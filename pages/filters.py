@@ -130,7 +130,8 @@ if jobs.job_shown(selection, "gallery", grow, (layer, key, options, int(seed)), 
         st.caption(f"Under each tile, what the filter fires on in your images: the {filters_jobs.EXAMPLES_SHOWN} "
                    f"images of the set ({len(selection.image_set)}) where its peak activation is highest, each cut "
                    f"at the filter's receptive field around the peak (measured at "
-                   f"{markup.escape(found.attrs['measured_at'])}, where the filter is used).")
+                   f"{markup.escape(found.attrs['measured_at'])}, where the filter is used); a field under "
+                   f"{filters.CONTEXT_SIDE} px is framed in yellow inside a window of that side.")
     columns = st.columns(min(8, len(key)))
     for position, index in enumerate(key):
         column = columns[position % len(columns)]

@@ -71,7 +71,7 @@ EXAMPLES_SHOWN = 4
 
 
 def examples_key(selection: "Selection", layer: str, indices: tuple[int, ...]) -> tuple:
-    return set_key(selection, "examples", layer, indices, EXAMPLES_SHOWN)
+    return set_key(selection, "examples", layer, indices, EXAMPLES_SHOWN, filters.CONTEXT_SIDE)  # how patches are cut
 
 
 def examples(selection: "Selection", layer: str, indices: tuple[int, ...]):
@@ -86,6 +86,6 @@ def examples(selection: "Selection", layer: str, indices: tuple[int, ...]):
             found = filters.top_examples(selection.compute_model, layer, x, list(indices), EXAMPLES_SHOWN,
                                          progress=progress)
         pixels = [images.fit(item.pixels, loaded.input_size, selection.fit) for item in selection.image_set]
-        return found, filters.patches(loaded.model, found, pixels)
+        return found, filters.patches(loaded.model, found, pixels, context=filters.CONTEXT_SIDE)
 
     return jobs.shared_result(examples_key(selection, layer, indices), compute)

@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from audit import device, registry, storage
+from audit import device, heads, registry, storage
 from audit.disk_cache import DiskCache
 from pages import links, markup
 from pages.selection import Selection, stop
@@ -230,19 +230,48 @@ def _cost_key(selection: Selection) -> tuple:
     return selection.model.fingerprint, selection.device, selection.precision
 
 
-def idle_pass_seconds(selection: Selection) -> float:
-    """Seconds of one forward pass of one image on this model here, timed once per model and device."""
+def _timed(selection: Selection) -> tuple[float, float]:
+    """(seconds per image, fixed seconds per call) of the model's compiled forward pass here, timed once per
+    model and device on 2 and 8 images (the median of 3 calls each, after one that traces): on a deep network a
+    call on a few images costs more than its images (ResNet152 at 64 px: 95 ms for two images, 142 ms for
+    eight), which a what-if sweep pays once per cut. A sweep uses 2 images at least (images_within)."""
     loaded = selection.model
     key = (loaded.fingerprint, selection.device)
     times = _pass_times()
     if key not in times:
-        x = np.zeros((4, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32)
+        outputs = heads.Outputs(loaded.model, selection.output)
+        shape = (*loaded.input_size, loaded.model.inputs[0].shape[-1])
+        seconds = {}
         with loaded.lock, device.scope(selection.device):
-            loaded.model(x, training=False)  # traced at load; this one is warm
-            start = time.perf_counter()
-            loaded.model(x, training=False)
-            times[key] = (time.perf_counter() - start) / 4
+            for count in (2, 8):
+                x = np.zeros((count, *shape), np.float32)
+                outputs(x)
+                calls = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    outputs(x)
+                    calls.append(time.perf_counter() - start)
+                seconds[count] = float(np.median(calls))
+        per_image = max((seconds[8] - seconds[2]) / 6, seconds[8] / 16)  # timing noise cannot make an image free
+        times[key] = per_image, max(seconds[2] - 2 * per_image, 0.0)
     return times[key]
+
+
+def idle_pass_seconds(selection: Selection) -> float:
+    """Seconds of one image's forward pass on this model here (compiled, in a batch), on an idle server."""
+    return _timed(selection)[0]
+
+
+def call_passes(selection: Selection) -> float:
+    """A compiled call's fixed cost on this model here, in image passes."""
+    per_image, per_call = _timed(selection)
+    return per_call / per_image
+
+
+def sweep_passes(selection: Selection, calls: float, images_per_call: int, batch: int = 64) -> float:
+    """The image passes of a sweep that calls the model `calls` times on the same images (one call per cut,
+    in batches of `batch`), each call's fixed cost counted in the passes it is worth."""
+    return calls * (images_per_call + -(-images_per_call // batch) * call_passes(selection))
 
 
 def within_link_budget(selection: Selection, passes: float) -> bool:
@@ -312,12 +341,14 @@ def busy_note() -> str:
     return f" The server is busy: work runs about {busy:.1f}x slower than on an idle one now." if busy >= 1.5 else ""
 
 
-def images_within(selection: Selection, passes_per_image: float, available: int, floor: int = 2) -> int:
-    """A default image count for a sweep: as many as fit the link budget (a first answer in seconds), at
-    least `floor`, at most `available`; the user raises it and sees the new estimate."""
+def images_within(selection: Selection, calls: float, available: int, floor: int = 2) -> int:
+    """A default image count for a sweep of `calls` calls on the same images (see sweep_passes): as many as
+    fit the link budget (a first answer in seconds), at least `floor`, at most `available`; the user raises
+    it and sees the new estimate."""
     from audit import limits
 
-    fitting = int(limits.LINK_JOB_SECONDS.value / max(passes_per_image * idle_pass_seconds(selection), 1e-9))
+    budget = limits.LINK_JOB_SECONDS.value / max(calls * idle_pass_seconds(selection), 1e-9)
+    fitting = int(budget - call_passes(selection))
     return max(1, min(available, max(floor, fitting)))
 
 

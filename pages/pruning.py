@@ -189,20 +189,21 @@ else:
                "accuracy or agreement to measure.")
 measure = measures[measure_name]
 images_count = len(selection.image_set)
-sensitivity_passes = 9 * len(ranked) + 1  # per image: each layer at 9 shares, and the unpruned model
+sensitivity_calls = 9 * len(ranked) + 1  # each layer at 9 shares, and the unpruned model
 sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
-                            images.balanced_count(jobs.images_within(selection, sensitivity_passes, images_count),
+                            images.balanced_count(jobs.images_within(selection, sensitivity_calls, images_count),
                                                   folder_labels(selection)),
                             param="sweep_images", key=f"prune_sweep_images_{images_count}",
                             help="A seeded sample with every class within one image of the others. The default "
                                  "gives a first answer in seconds; more images give steadier curves (the estimate is "
                                  "on each button).")
 st.caption(f"The sweeps measure on {common.sample_sentence(selection, sweep_images)}.")
-cost = jobs.estimate(selection, sensitivity_passes * sweep_images)
+sensitivity_passes = jobs.sweep_passes(selection, sensitivity_calls, sweep_images)
+cost = jobs.estimate(selection, sensitivity_passes)
 pressed = st.button(f"Run the sensitivity analysis ({cost} here)", key="prune_sensitivity")
 sensitivity_key = pruning_jobs.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
 if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_result(sensitivity_key),
-                  sensitivity_passes * sweep_images):
+                  sensitivity_passes):
     sensitivity = pruning_jobs.sensitivity(selection, scores, ranking_criteria[rank_by], sweep_images)
     grid = sensitivity.pivot_table(index="fraction", columns="layer", values=measure, sort=False)
     grid = grid[[layer for layer in ranked if layer in grid.columns]]
@@ -219,12 +220,12 @@ if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_r
 
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", ranked,
                                index=len(ranked) - 1, param="chance_layer", key="prune_chance_layer")
-chance_passes = 22 * 9 + 1
-cost = jobs.estimate(selection, chance_passes * sweep_images)
+chance_passes = jobs.sweep_passes(selection, 22 * 9 + 1, sweep_images)
+cost = jobs.estimate(selection, chance_passes)
 pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
 chance_key = pruning_jobs.chance_key(selection, chance_layer, ranking_criteria[rank_by], sweep_images)
 if jobs.job_shown(selection, "chance", pressed, chance_key, jobs.has_result(chance_key),
-                  chance_passes * sweep_images):
+                  chance_passes):
     runs = pruning_jobs.ranking_against_chance(selection, scores, chance_layer, ranking_criteria[rank_by], sweep_images)
     random = runs[runs.ranking.str.startswith("random")].groupby("fraction")[measure]
     band = pd.DataFrame({"low": random.min(), "high": random.max()}).reset_index()
@@ -262,11 +263,12 @@ loo_count = links.number(st, "Images used", 1, images_count,
                          help="A seeded sample with every class within one image of the others.")
 st.caption(f"Measured on {common.sample_sentence(selection, int(loo_count))}.")
 loo_filters = int(filters_of.loc[loo_layers].sum()) if loo_layers else 0
-cost = jobs.estimate(selection, (loo_filters + 1) * int(loo_count))
+loo_passes = jobs.sweep_passes(selection, loo_filters + 1, int(loo_count))
+cost = jobs.estimate(selection, loo_passes)
 pressed = st.button(f"Measure leave-one-filter-out ({cost} here)", key="prune_loo")
 loo_key = pruning_jobs.leave_one_out_key(selection, tuple(loo_layers), int(loo_count))
 if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_result(loo_key),
-                                   (loo_filters + 1) * int(loo_count)):
+                                   loo_passes):
     with user_errors():
         costs = pruning_jobs.leave_one_out(selection, tuple(loo_layers), int(loo_count))
     changes = {layer: group.sort_values("filter")["cost"].to_numpy() for layer, group in costs.groupby("layer", sort=False)}

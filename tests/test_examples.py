@@ -124,3 +124,29 @@ def test_a_bad_filter_or_k_is_refused_in_words():
     with pytest.raises(AuditError, match="no layer"):
         filters.top_examples(model, "nope", x)
     assert models.resolve_layer(model, "c2") == "c2"
+
+
+def test_a_small_receptive_field_is_framed_inside_a_window_around_it():
+    """A first layer's 3x3 field at output (5, 7) covers rows 5-7 and columns 7-9 of a 32 px image: shown in the
+    24 px window starting at row 6 - 12 = -6 -> 0 (clipped at the border) and column 8 - 12 = -4 -> 0, the field's
+    own pixels untouched and the ring just outside it yellow; a field of 24 px or more is cut as before."""
+    import pandas as pd
+
+    from audit.examples import FRAME
+
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="c")(inputs))
+    image = np.random.default_rng(5).integers(0, 200, (32, 32, 3)).astype(np.uint8)
+    found = pd.DataFrame({"filter": [0], "rank": [0], "image": [0], "row": [5], "col": [7], "activation": [1.0]})
+    (window,) = filters.patches(model, found, [image], layer="c", context=24)
+    assert window.shape == (24, 24, 3)
+    np.testing.assert_array_equal(window[5:8, 7:10], image[5:8, 7:10])  # the field itself
+    ring = np.zeros((24, 24), bool)
+    ring[4:9, 6:11] = True
+    ring[5:8, 7:10] = False
+    assert (window[ring] == FRAME).all() and ring.sum() == 16
+    np.testing.assert_array_equal(window[~ring], image[:24, :24][~ring])  # the rest of the window as it is
+    (field,) = filters.patches(model, found, [image], layer="c")  # no context: the field alone
+    np.testing.assert_array_equal(field, image[5:8, 7:10])
+    grey = filters.patches(model, found, [image[..., 0]], layer="c", context=24)[0]  # a grey image framed in colour
+    assert grey.shape == (24, 24, 3) and (grey[5:8, 7:10, 1] == image[5:8, 7:10, 0]).all()

@@ -22,7 +22,8 @@ def _has_statistics(at: AppTest) -> bool:
     return any(expander.label == "Dead filters per layer" for expander in at.expander)
 
 
-def test_a_link_to_hours_of_occlusion_waits_for_a_click():
+def test_a_link_to_hours_of_occlusion_waits_for_a_click(monkeypatch):
+    monkeypatch.setenv("CNN_AUDIT_LINK_JOB_SECONDS", "8")  # under the curves' 252 passes of VGG16 here (about 16 s)
     at, seconds = _open("pages/attribution.py", model="demo:vgg16", image="chelsea",
                         methods=["Saliency", "Occlusion"], patch="2", stride="1")
     assert not at.exception, at.exception
@@ -30,7 +31,7 @@ def test_a_link_to_hours_of_occlusion_waits_for_a_click():
     button = next(b for b in at.button if b.label.startswith("Compute Occlusion"))
     assert " min here)" in button.label or " h here)" in button.label  # 49,729 passes of VGG16
     assert [b.label for b in at.get("download_button")] == ["PNG"]  # the cheap map is drawn, occlusion is not
-    # its deletion and insertion curves (210 passes of VGG16 for the random orders) wait for their own click
+    # its deletion and insertion curves (210 + 42 passes of VGG16) wait for their own click
     assert any(b.label.startswith("Measure deletion and insertion (about ") for b in at.button)
 
 
@@ -133,7 +134,7 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
     from pages import jobs
 
     selection = SimpleNamespace(model=SimpleNamespace(fingerprint="calibrated"), device="cpu", precision="float32")
-    jobs._pass_times()[("calibrated", "cpu")] = 0.01
+    jobs._pass_times()[("calibrated", "cpu")] = (0.01, 0.0)  # seconds per image, fixed seconds per call
     monkeypatch.setattr(jobs, "busy_factor", lambda: 1.0)
     assert jobs.pass_seconds(selection) == 0.01
     jobs._calibration()[0][("calibrated", "cpu", "float32", "stats")] = 100  # what job_shown counted
@@ -147,6 +148,27 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
     monkeypatch.setattr(jobs, "busy_factor", lambda: 2.5)
     assert jobs.estimate(selection, 100) == "about 3 s"
     assert jobs.busy_note() == " The server is busy: work runs about 2.5x slower than on an idle one now."
+
+
+def test_a_sweep_counts_each_call_s_fixed_cost_and_its_default_sample_fits_the_link_budget(monkeypatch):
+    """A model whose call costs 50 ms beside 10 ms an image: a call is worth 5 image passes. A sweep of 10 cuts
+    on 3 images is 10 x (3 + 5) = 80 passes; on 100 images (two batches of 64) 10 x (100 + 2 x 5) = 1,100. The
+    default sample of a 10-call sweep under a 20 s link budget: 20 / (10 x 0.01) - 5 = 195 images."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from pages import jobs
+
+    selection = SimpleNamespace(model=SimpleNamespace(fingerprint="overhead"), device="cpu", precision="float32")
+    jobs._pass_times()[("overhead", "cpu")] = (0.01, 0.05)
+    monkeypatch.setenv("CNN_AUDIT_LINK_JOB_SECONDS", "20")
+    assert jobs.call_passes(selection) == pytest.approx(5.0)
+    assert jobs.sweep_passes(selection, 10, 3) == pytest.approx(80.0)
+    assert jobs.sweep_passes(selection, 10, 100) == pytest.approx(1100.0)
+    assert jobs.images_within(selection, 10, 1000) == 195
+    assert jobs.images_within(selection, 10, 50) == 50
+    assert jobs.images_within(selection, 10_000, 50) == 2  # the floor: a sweep too big for the budget
 
 
 def test_a_bar_gives_the_time_left_from_its_rate_once_it_has_one():

@@ -85,6 +85,7 @@ class MaskedCopy:
         self.copy = masked(model, {}, self.graph)
         self.reference = heads.Outputs(model, output)
         self.outputs_of_copy = heads.Outputs(self.copy, head=self.reference.head)
+        self._found: dict[str, tuple] = {}
 
     def quality(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None) -> dict:
         return quality(reference, outputs, labels, self.reference.independent)
@@ -92,12 +93,19 @@ class MaskedCopy:
     def outputs(self, selection: dict[str, list[int]], images: np.ndarray) -> np.ndarray:
         touched = silenced_weights(self.model, self.graph, selection)
         for path, weights in touched.items():
-            models.get_layer(self.copy, path).set_weights(weights)
+            self._layers(path)[0].set_weights(weights)
         try:
             return self.outputs_of_copy(images)
         finally:
             for path in touched:  # restore
-                models.get_layer(self.copy, path).set_weights(models.get_layer(self.model, path).get_weights())
+                copied, original = self._layers(path)
+                copied.set_weights(original.get_weights())
+
+    def _layers(self, path: str) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+        """The copy's layer at `path` and the model's, looked up once (a lookup walks the model's layers)."""
+        if path not in self._found:
+            self._found[path] = models.get_layer(self.copy, path), models.get_layer(self.model, path)
+        return self._found[path]
 
 
 def curve(copy: MaskedCopy, layer: str, order: list[int], images: np.ndarray, reference: np.ndarray,

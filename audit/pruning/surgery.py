@@ -58,24 +58,25 @@ def silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selectio
     """The weights that silence the selection: whole groups where they can go; a filter whose group is
     locked alone (a what-if the smaller model cannot express), with the normalisation right after it."""
     chosen, _ = graph.expand(selection)
-    zeroed: dict[int, np.ndarray] = {}  # tensor id -> channels forced to zero
+    zeroed: dict[int, np.ndarray] = {}  # tensor id -> channels forced to zero (only the tensors a group reaches)
     for call in graph.calls:
         output = as_list(call.output)[0]
-        zeroed[id(output)] = graph.removed(output, chosen)
+        if graph.touches(output, chosen):
+            zeroed[id(output)] = graph.removed(output, chosen)
     for layer, channels in selection.items():  # locked filters: silenced alone, on through a following BN
         path = models.resolve_layer(model, layer)
         tensor = as_list(graph.producers()[path].output)[0]
         alone = np.zeros(len(graph.elements(tensor)), bool)
         alone[list(channels)] = True
         while tensor is not None:
-            zeroed[id(tensor)] = zeroed[id(tensor)] | alone
+            zeroed[id(tensor)] = zeroed.get(id(tensor), False) | alone
             readers = [call for call in graph.calls if any(t is tensor for t in call.inputs)]
             tensor = (as_list(readers[0].output)[0] if len(readers) == 1 and readers[0].kind
                       in groups.PASS and readers[0].kind != "Flatten" else None)
     weights = {}
     for call in graph.calls:
-        mask = zeroed[id(as_list(call.output)[0])]
-        if call.kind in SILENCED and mask.any() and call.layer.weights:
+        mask = zeroed.get(id(as_list(call.output)[0]))
+        if mask is not None and call.kind in SILENCED and mask.any() and call.layer.weights:
             weights[call.path] = silence(call.layer.get_weights(), call.kind, np.flatnonzero(mask))
     return weights
 
