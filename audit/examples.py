@@ -135,9 +135,8 @@ def framed(image: np.ndarray, box: tuple[int, int, int, int], side: int) -> np.n
     height, width = image.shape[:2]
     window_top = int(np.clip((top + bottom - side) // 2, 0, height - side))
     window_left = int(np.clip((left + right - side) // 2, 0, width - side))
-    window = np.asarray(image, np.uint8)[window_top:window_top + side, window_left:window_left + side]
-    window = np.repeat(window.reshape(side, side, -1)[..., :1], 3, axis=2) if window.ndim == 2 or \
-        window.shape[-1] == 1 else window[..., :3].copy()
+    window = np.atleast_3d(np.asarray(image, np.uint8)[window_top:window_top + side, window_left:window_left + side])
+    window = np.repeat(window, 3, axis=2) if window.shape[-1] == 1 else window[..., :3].copy()
     rows = np.arange(side)[:, None] + window_top
     cols = np.arange(side)[None, :] + window_left
     around = (rows >= top - 1) & (rows <= bottom) & (cols >= left - 1) & (cols <= right)

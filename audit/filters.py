@@ -97,11 +97,11 @@ PHOTO_SIDE = 96
 """An RGB input at least this big is taken for a photo model (ImageNet-style), where Fourier images can lead."""
 
 
-def depth(model: keras.Model, layer: str) -> float:
-    """Where a layer sits among the model's conv layers, from just above 0 (the first) to 1 (the last); a
-    layer that is no conv counts as the last."""
+def depth(model: keras.Model, layer: str) -> float | None:
+    """Where a layer sits among the model's conv layers, from just above 0 (the first) to 1 (the last); None
+    for a layer that is no conv."""
     convs = models.conv_layers(model)
-    return (convs.index(layer) + 1) / len(convs) if layer in convs else 1.0
+    return (convs.index(layer) + 1) / len(convs) if layer in convs else None
 
 
 DEEP = 0.67
@@ -117,7 +117,8 @@ def default_parameterization(model: keras.Model, layer: str) -> str:
     shape = model.inputs[0].shape
     sides = [side or PHOTO_SIDE for side in shape[1:-1]]  # a free size takes photos too
     photo = shape[-1] == 3 and len(sides) == 2 and min(sides) >= PHOTO_SIDE
-    return "fourier" if photo and layer in models.conv_layers(model) and depth(model, layer) > DEEP else "pixel"
+    where = depth(model, layer)
+    return "fourier" if photo and where is not None and where > DEEP else "pixel"
 
 
 def default_options(model: keras.Model, layer: str, preprocessing: str, parameterization: str = "pixel") -> Options:
@@ -131,7 +132,7 @@ def default_options(model: keras.Model, layer: str, preprocessing: str, paramete
     1.7x with less, 0.3 -> 1.9x with more. Hence 0.3 in the middle and 0.2 in the deepest third. A step that
     decays over the run loses activation (cosine from 0.4: 0.66x); a normalised gradient step blurs (0.6x).
     """
-    where = depth(model, layer)
+    where = depth(model, layer) or 1.0  # a layer that is no conv is taken for the deepest
     if parameterization == "fourier":
         pixel = default_options(model, layer, preprocessing)
         return Options(steps=pixel.steps, learning_rate=0.2 if where > DEEP else 0.3, warmup=5,

@@ -180,6 +180,10 @@ def log_probability(scores: tf.Tensor, head: Head) -> tf.Tensor:
     return tf.nn.log_softmax(scores, axis=-1)
 
 
+BATCH = 64
+"""Images per call of Outputs (cut further to the server's activation budget)."""
+
+
 class Outputs:
     """What a model says about images, in comparable form: the explained output's class probabilities,
     or for models without classes that output as it is (features or maps). What-if pruning compares
@@ -194,7 +198,7 @@ class Outputs:
         """Each class its own yes/no (several sigmoid units), not one distribution over classes."""
         return self.head.distribution == "sigmoid" and not self.head.binary
 
-    def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def __call__(self, images: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
         batch_size = cost.batch_within(self.graph, batch_size)  # within the server's activation budget
         images = np.asarray(images, np.float32)
         if not len(images):

@@ -268,10 +268,10 @@ def call_passes(selection: Selection) -> float:
     return per_call / per_image
 
 
-def sweep_passes(selection: Selection, calls: float, images_per_call: int, batch: int = 64) -> float:
+def sweep_passes(selection: Selection, calls: float, images_per_call: int) -> float:
     """The image passes of a sweep that calls the model `calls` times on the same images (one call per cut,
-    in batches of `batch`), each call's fixed cost counted in the passes it is worth."""
-    return calls * (images_per_call + -(-images_per_call // batch) * call_passes(selection))
+    in heads.Outputs' batches), each call's fixed cost counted in the passes it is worth."""
+    return calls * (images_per_call + -(-images_per_call // heads.BATCH) * call_passes(selection))
 
 
 def within_link_budget(selection: Selection, passes: float) -> bool:

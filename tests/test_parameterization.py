@@ -121,11 +121,14 @@ def test_fourier_is_the_default_only_where_it_measured_better():
     from audit import models
 
     vgg = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
-    assert filters.default_parameterization(vgg, "block5_conv3") == "fourier"  # 1.5-1.7x the activation
-    assert filters.default_parameterization(vgg, "block4_conv1") == "pixel"  # 0.7x: pixels stay
+    assert filters.default_parameterization(vgg, "block5_conv3") == "fourier"  # 1.7x the activation
+    assert filters.default_parameterization(vgg, "block4_conv1") == "pixel"  # 0.81x: pixels stay
+    assert filters.default_parameterization(vgg, "block5_pool") == "pixel"  # no conv: not measured
     assert filters.default_parameterization(models.load("demo:shapes").model, "block3_conv2") == "pixel"  # 64 px
     grey = keras.Sequential([keras.Input((128, 128, 1)), keras.layers.Conv2D(2, 3, name="c")])
     assert filters.default_parameterization(grey, "c") == "pixel"
     fourier = filters.default_options(vgg, "block5_conv3", "caffe", "fourier")
     assert (fourier.parameterization, fourier.octaves, fourier.blur_every, fourier.l2_decay) == ("fourier", 1, 0, 0.0)
+    assert fourier.learning_rate == 0.2  # the deepest third: 0.3 brings more high frequencies than pixels
+    assert filters.default_options(vgg, "block4_conv1", "caffe", "fourier").learning_rate == 0.3  # 0.81x, not 0.71x
 
