@@ -103,7 +103,11 @@ def measures(model: keras.Model, layers: list[str], at: str = "used") -> list[Me
     return found
 
 
-ARRAYS = ("count", "images", "total", "squares", "maximum", "quiet", "firing")
+SUMS_FORMAT = 2
+"""The version of the partial sums' fields: part of a run's folder name, so shards of another version are never
+merged with these (2: the per-image squares behind the standard errors)."""
+ARRAYS = ("count", "images", "total", "squares", "maximum", "quiet", "firing", "quiet_share_squares",
+          "image_mean_squares")
 """The FilterSums fields that are sums over images (what a shard file and a compiled pass carry)."""
 
 
@@ -118,13 +122,16 @@ class FilterSums:
     maximum: np.ndarray
     quiet: np.ndarray  # values <= the threshold (the APoZ numerator; at threshold 0, the zeros of a ReLU)
     firing: np.ndarray  # images in which the filter exceeds the threshold somewhere
+    quiet_share_squares: np.ndarray  # per image, the share of values <= the threshold, squared: APoZ's spread
+    image_mean_squares: np.ndarray  # per image, the mean value, squared: the mean's spread over images
     measured_at: str = ""  # the layer whose output was summed ("" for the layer itself)
     floored: bool = True  # that output has a zero floor (see Measure)
 
     @classmethod
     def empty(cls, channels: int, measured_at: str = "", floored: bool = True) -> "FilterSums":
         return cls(0.0, 0, np.zeros(channels), np.zeros(channels), np.full(channels, -np.inf),
-                   np.zeros(channels), np.zeros(channels), measured_at, floored)
+                   np.zeros(channels), np.zeros(channels), np.zeros(channels), np.zeros(channels), measured_at,
+                   floored)
 
     def parts(self) -> tuple:
         return tuple(getattr(self, name) for name in ARRAYS)
@@ -133,21 +140,31 @@ class FilterSums:
         return FilterSums(self.count + other.count, self.images + other.images, self.total + other.total,
                           self.squares + other.squares, np.maximum(self.maximum, other.maximum),
                           self.quiet + other.quiet, self.firing + other.firing,
-                          self.measured_at or other.measured_at, self.floored and other.floored)
+                          self.quiet_share_squares + other.quiet_share_squares,
+                          self.image_mean_squares + other.image_mean_squares, self.measured_at or other.measured_at, self.floored and other.floored)
 
     def frame(self, layer: str, threshold: float = 0.0) -> pd.DataFrame:
         """One row per filter. Without a zero floor (an ELU, a linear projection, a BN before a residual Add)
-        a value at or below 0 is not "off": APoZ and fires are NaN and no filter is dead."""
+        a value at or below 0 is not "off": APoZ and fires are NaN and no filter is dead. `apoz_se` and
+        `mean_se` are the standard errors of APoZ and of the mean over the images (each image one draw)."""
         mean = self.total / self.count
         variance = np.maximum(self.squares / self.count - mean ** 2, 0.0)
         undefined = np.full(len(self.total), np.nan)
+        apoz = self.quiet / self.count
+
+        def standard_error(squares: np.ndarray, average: np.ndarray) -> np.ndarray:
+            images = max(self.images, 1)
+            return np.sqrt(np.maximum(squares / images - average ** 2, 0.0) / images)
+
         return pd.DataFrame({
             "layer": layer,
             "filter": np.arange(len(self.total)),
             "mean": mean,
             "std": np.sqrt(variance),
             "max": self.maximum,
-            "apoz": self.quiet / self.count if self.floored else undefined,
+            "apoz": apoz if self.floored else undefined,
+            "apoz_se": standard_error(self.quiet_share_squares, apoz) if self.floored else undefined,
+            "mean_se": standard_error(self.image_mean_squares, mean),
             "fires": self.firing / self.images if self.floored else undefined,
             "dead": (self.maximum <= threshold) if self.floored else np.zeros(len(self.total), bool),
             "measured_at": self.measured_at or layer,
@@ -160,11 +177,15 @@ def batch_sums(a, threshold: float = 0.0) -> FilterSums:
     axes = list(range(a.shape.rank - 1))
     per_image = tf.reduce_max(a, axis=axes[1:]) if len(axes) > 1 else a  # (N, C)
     positions = int(np.prod(a.shape[1:-1])) if a.shape.rank > 2 else 1
+    quiet = tf.cast(a <= threshold, tf.float32)
+    quiet_share = tf.reduce_mean(quiet, axis=axes[1:]) if len(axes) > 1 else quiet  # (N, C)
+    image_mean = tf.reduce_mean(a, axis=axes[1:]) if len(axes) > 1 else a
     return FilterSums(tf.cast(tf.shape(a)[0] * positions, tf.float64), tf.shape(a)[0],
                       tf.reduce_sum(a, axes), tf.reduce_sum(tf.square(a), axes),
                       tf.reduce_max(per_image, 0),  # from the per-image maxima: one pass over the maps fewer
-                      tf.reduce_sum(tf.cast(a <= threshold, tf.float32), axes),
-                      tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0))
+                      tf.reduce_sum(quiet, axes),
+                      tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0),
+                      tf.reduce_sum(tf.square(quiet_share), 0), tf.reduce_sum(tf.square(image_mean), 0))
 
 
 def to_numpy(parts: tuple, measure: Measure | None = None) -> FilterSums:

@@ -4,7 +4,7 @@
     cnn-audit stats --model path/to/model.keras --images photos/ --csv stats.csv
     cnn-audit scores --model path/to/model.keras --images val/ --ray local --csv scores.csv
     cnn-audit examples --model demo:vgg16 --images photos/ --layer block4_conv1 --k 8 --csv examples.csv
-    cnn-audit prune --model demo:shapes --images shapes:480 --share 0.5 --fine-tune 1 --out pruned.keras
+    cnn-audit prune --model demo:shapes --images shapes:480 --params 0.5 --fine-tune 20 --out pruned.keras
     cnn-audit check --model path/to/model.keras
 
 Exit codes: 0 done, 1 the audit refused the input (the message is the dashboard's), 2 bad usage,
@@ -146,19 +146,23 @@ def _prune(args) -> int:
         with progress_bar(f"Pruning in {args.steps} steps, beside one cut and a random ranking", args.quiet) \
                 as progress, loaded.job_lock:
             smaller, table = pruning.trade_off(loaded.model, x, labels, args.criterion, steps=args.steps,
-                                               epochs=args.fine_tune or 1, progress=progress,
+                                               tuning=_tuning(args, default_epochs=3), progress=progress,
                                                **{target.kind: target.value})
         print(table.to_string(index=False))
-        return _save(args, loaded.model, smaller)
+        final = table[table.step == table.step.max()].set_index("method")["accuracy fine-tuned"]
+        best = str(final.idxmax())
+        print(f"Saved: {best}, the best held-out accuracy at the target size ({final[best]:.1%}).")
+        return _save(args, loaded.model, smaller[best])
     selection = pruning.selection_for(loaded.model, scores[scores.layer.isin(layers)], args.criterion, target, graph)
     with loaded.job_lock:
         plan = pruning.plan(loaded.model, selection, graph, share=target.value if target.kind == "layer" else None)
         print(plan.to_string(index=False))
         if args.fine_tune:
             with progress_bar("Fine-tuning", args.quiet) as progress:
-                table, smaller = pruning.recovery(loaded.model, selection, x, labels, args.fine_tune, args.lr,
-                                                  progress=progress)
-            print(table.to_string(index=False))
+                recovered = pruning.recovery(loaded.model, selection, x, labels, _tuning(args), progress=progress,
+                                             match="macs" if target.kind == "macs" else "params")
+            _print_recovery(recovered, loaded, x, labels, image_set)
+            smaller = recovered.models[recovered.best()]
         else:
             smaller = pruning.prune(loaded.model, selection)
         if from_disk:
@@ -186,6 +190,35 @@ def _target(args):
     return pruning.Target(kind, value, args.max_per_layer)
 
 
+def _tuning(args, default_epochs: int = 20):
+    from audit import pruning
+
+    return pruning.Tuning(max_epochs=args.fine_tune or default_epochs, patience=args.patience,
+                          learning_rate=args.lr, distill=args.distill)
+
+
+def _print_recovery(recovered, loaded, x, labels, image_set) -> None:
+    """The recovery table, what each fine-tuning did, and what the saved model forgets, per class."""
+    from audit import heads, pruning
+
+    print(recovered.table.drop(columns="how").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for name, tuned in recovered.tuned.items():
+        print(f"{name}: {tuned.describe()}")
+    best = recovered.best()
+    held_out = recovered.table.attrs["held_out"]
+    names, _ = heads.class_names(loaded.class_names, loaded.head(), [item.label for item in image_set])
+    forgot = pruning.forgets(loaded.model, recovered.models[best], x[held_out], labels[held_out], names)
+    print(f"Saved: {best}, the best held-out accuracy. Per class on the {len(held_out)} held-out images:")
+    print(forgot.classes.drop(columns=["before low", "before high", "after low", "after high"]).to_string(
+        index=False, float_format=lambda v: f"{v:.3g}"))
+    flagged = forgot.flagged()
+    print((f"Classes that lost significantly more than the set: {', '.join(flagged)}." if flagged else
+           "No class lost significantly more than the set.")
+          + f" {forgot.overall['flipped']} of {len(held_out)} held-out images changed their answer"
+          + (": " + ", ".join(image_set[int(held_out[i])].name for i in forgot.flipped["image"][:10])
+             + (" ..." if len(forgot.flipped) > 10 else "") if len(forgot.flipped) else "") + ".")
+
+
 def _save(args, model, smaller) -> int:
     """Write the smaller model (and its SavedModel), and say what it keeps and how fast it runs here."""
     from audit import pruning
@@ -193,12 +226,14 @@ def _save(args, model, smaller) -> int:
     smaller.save(args.out)
     if args.saved_model:
         smaller.export(args.saved_model, format="tf_saved_model", verbose=False)
-    before, after = pruning.latency(model), pruning.latency(smaller)
+    batch = pruning.throughput_batch(model)
+    before, after = pruning.speed(model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
+    (latency, throughput), (latency_after, throughput_after) = before.items(), after.items()
     print(f"{args.out}: {smaller.count_params():,} parameters (from {model.count_params():,}, "
           f"{smaller.count_params() / model.count_params():.1%}), {pruning.flops(smaller):,} multiply-adds per image "
-          f"({pruning.flops(smaller) / pruning.flops(model):.1%}), {1e3 * after:.2f} ms per image here "
-          f"(from {1e3 * before:.2f} ms{'; no faster, though smaller' if after >= before else ''})"
-          + (f"; SavedModel in {args.saved_model}" if args.saved_model else ""))
+          f"({pruning.flops(smaller) / pruning.flops(model):.1%}); here {latency_after[1]:.2f} ms per image at batch 1 "
+          f"(from {latency[1]:.2f}) and {throughput_after[1]:,.0f} images per second at {throughput_after[0][-8:]} "
+          f"(from {throughput[1]:,.0f})" + (f"; SavedModel in {args.saved_model}" if args.saved_model else ""))
     return 0
 
 
@@ -309,13 +344,19 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     prune.add_argument("--macs", type=cli_common.share, help="instead of --share: the share of multiply-adds to keep")
     prune.add_argument("--max-per-layer", type=cli_common.share, default=0.9, help="the most any layer may lose")
     prune.add_argument("--steps", type=cli_common.count(0, 20), default=0,
-                       help="reach --params or --macs in this many steps, fine-tuning --fine-tune epochs (1 by "
-                            "default) between them, beside one cut and a random ranking (needs labels)")
+                       help="reach --params or --macs in this many steps, fine-tuning up to --fine-tune epochs (3 "
+                            "by default) between them, beside one cut and a random ranking of the same sizes given "
+                            "the same budget; saves the best at the target size (needs labels)")
     prune.add_argument("--saved-model", help="also export a SavedModel (for TF Serving) to this folder")
     prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
-    prune.add_argument("--fine-tune", type=cli_common.count(0, 1000), default=0, metavar="EPOCHS",
-                       help="fine-tune for this many epochs and compare with a random ranking (needs labels)")
-    prune.add_argument("--lr", type=cli_common.positive, default=1e-3, help="fine-tuning learning rate")
+    prune.add_argument("--fine-tune", type=cli_common.count(0, 200), default=0, metavar="EPOCHS",
+                       help="fine-tune for up to this many epochs (stopping when the validation loss stops "
+                            "improving), beside a random cut of the same size, and save the best (needs labels)")
+    prune.add_argument("--patience", type=cli_common.count(1, 50), default=3,
+                       help="epochs without a better validation loss before fine-tuning stops")
+    prune.add_argument("--lr", type=cli_common.positive, default=1e-3, help="fine-tuning learning rate (cosine decay)")
+    prune.add_argument("--distill", action="store_true",
+                       help="fine-tune with distillation from the unpruned model (Hinton et al. 2015)")
     prune.set_defaults(run=_prune)
     streaming(prune)
 

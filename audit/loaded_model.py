@@ -44,6 +44,7 @@ class LoadedModel:
     untrained: bool = False
     preprocessing_reason: str = ""
     display_name: str = ""  # shown instead of the source (an upload's file name, not its hash)
+    file_bytes: int | None = None  # the size of the file it was loaded from (None: built from code)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     job_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     cost: object = field(default=None, repr=False, compare=False)  # audit.graph.Cost of one image, set by load

@@ -207,8 +207,8 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                     "output, the most active filter of the last conv layer.</p>" + "".join(rows))
 
     target = pruning.Target(options.prune_target, options.prune_share)
-    candidates = pruning.proposed(scores, pruning.selection_for(loaded.model, scores, options.prune_criterion, target,
-                                                                loaded.dependency_graph()), options.prune_criterion)
+    selection = pruning.selection_for(loaded.model, scores, options.prune_criterion, target, loaded.dependency_graph())
+    candidates = pruning.proposed(scores, selection, options.prune_criterion)
     per_layer = (candidates.groupby(["layer", "why"], sort=False).size().unstack(fill_value=0)
                  .reindex(counts.layer, fill_value=0).reset_index())
     whys = [column for column in per_layer.columns if column != "layer"]
@@ -219,10 +219,45 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     sections.append(f"<h2>Pruning candidates</h2><p>{len(candidates)} of {len(scores)} filters: {html.escape(chosen)}. "
                     f"Check them on the dashboard's Pruning page before cutting.</p>{_figure(chart, first=False)}"
                     f"<details><summary>Candidates table</summary>{_table(candidates[columns])}</details>")
+    sections.append(_what_the_cut_costs(loaded, selection, x, labels, names, image_set, options.fit))
 
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, body="\n".join(sections),
                         columns=GRID_COLUMNS)
+
+
+def _what_the_cut_costs(loaded, selection: dict, x: np.ndarray, labels: np.ndarray | None, names: list[str],
+                        image_set: list, fit: str) -> str:
+    """The candidates cut for real (no fine-tuning): sizes and speed here, and with labels what the cut forgets
+    per class and which images change their answer (Hooker et al. 2019)."""
+    try:
+        smaller = pruning.prune(loaded.model, selection, loaded.dependency_graph())
+    except pruning.PruningError as exc:
+        return f"<h3>What the cut costs</h3><p>{html.escape(str(exc))}</p>"
+    batch = pruning.throughput_batch(loaded.model)
+    before, after = pruning.speed(loaded.model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
+    sizes = {"Parameters": (loaded.model.count_params(), smaller.count_params()),
+             "Multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
+             **{f"{name} here": (before[name], after[name]) for name in before}}
+    rows = "".join(f"<tr><th>{html.escape(name)}</th><td>{a:,.4g}</td><td>{b:,.4g}</td><td>{b / a - 1:+.1%}</td></tr>"
+                   for name, (a, b) in sizes.items())
+    text = (f"<h3>What the cut costs</h3><p>The candidates removed with their groups, before any fine-tuning (the "
+            "dashboard's Pruning page fine-tunes and compares with a random cut of the same size).</p>"
+            f"<table class='summary'><tr><th></th><th>before</th><th>after</th><th>change</th></tr>{rows}</table>")
+    if labels is None:
+        return text + "<p>Without labelled images there is no per-class accuracy to compare.</p>"
+    found = pruning.forgets(loaded.model, smaller, x, labels, names)
+    overall, flagged = found.overall, found.flagged()
+    classes = found.classes.drop(columns=["before low", "before high", "after low", "after high"])
+    text += (f"<p>On the {overall['images']} images: accuracy {overall['accuracy before']:.1%} before, "
+             f"{overall['accuracy after']:.1%} right after the cut. "
+             + (f"<strong>Lost significantly more than the set</strong>: {html.escape(', '.join(flagged))}. "
+                if flagged else "No class lost significantly more than the set. ")
+             + f"{overall['flipped']} images changed their answer.</p>{_table(classes)}")
+    cells = "".join(_figure_cell(images.fit(image_set[int(row.image)].pixels, loaded.input_size, fit),
+                                 f"{image_set[int(row.image)].name}: {row.label}; {row.before} → {row.after}")
+                    for row in found.flipped.head(GRID_COLUMNS).itertuples())
+    return text + (f"<div class='grid'>{cells}</div>" if cells else "")
 
 
 GRID_COLUMNS = 8  # tiles per row: a gallery of the default 8 filters is one row, an image and its maps another

@@ -69,7 +69,7 @@ class Result:
 
 def folder_of(job: Job, fingerprint: str, image_set: datasets.FileSet, shards: int) -> Path:
     """runs/<key>: the key names the job, the model's weights, the set's files and the shard count."""
-    text = json.dumps([asdict(job), fingerprint, image_set.key(), shards], sort_keys=True)
+    text = json.dumps([asdict(job), fingerprint, image_set.key(), shards, activations.SUMS_FORMAT], sort_keys=True)
     return storage.data_dir() / "runs" / hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -99,8 +99,9 @@ def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, fo
     for path, part in sums.items():
         arrays.update({f"{path}|{name}": np.asarray(getattr(part, name)) for name in activations.ARRAYS})
         arrays[f"{path}|measured_at"], arrays[f"{path}|floored"] = np.array(part.measured_at), np.array(part.floored)
-    for path, (total, counted) in taylor.items():
+    for path, (total, counted, squares, images) in taylor.items():
         arrays[f"{path}|taylor"], arrays[f"{path}|taylor_count"] = np.asarray(total), np.array(counted)
+        arrays[f"{path}|taylor_squares"], arrays[f"{path}|taylor_images"] = np.asarray(squares), np.array(images)
     return arrays
 
 
@@ -111,7 +112,8 @@ def _unpack(arrays) -> tuple[dict, dict]:
                                            for name in activations.ARRAYS[2:]),
                                          str(arrays[f"{path}|measured_at"]), bool(arrays[f"{path}|floored"]))
             for path in paths}
-    taylor = {path: (np.asarray(arrays[f"{path}|taylor"], np.float64), int(arrays[f"{path}|taylor_count"]))
+    taylor = {path: (np.asarray(arrays[f"{path}|taylor"], np.float64), int(arrays[f"{path}|taylor_count"]),
+                     np.asarray(arrays[f"{path}|taylor_squares"], np.float64), int(arrays[f"{path}|taylor_images"]))
               for path in paths if f"{path}|taylor" in arrays}
     return sums, taylor
 

@@ -234,4 +234,5 @@ def _load_file(path: Path, source: str) -> LoadedModel:
         input_size=tuple(s or 224 for s in size), preprocessing=mode, preprocessing_reason=reason,
         description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…).",
         display_name=f"{name} (upload)" if uploaded else "",
+        file_bytes=path.stat().st_size,
     )

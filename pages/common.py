@@ -43,6 +43,11 @@ COLUMN_HELP = {
             "without a zero floor (ELU, swish, linear), where 0 is not \"off\".",
     "fpgm": "Distance to the layer's geometric median (He et al. 2019): small means replaceable.",
     "redundancy": "Cosine similarity to the most similar filter of the layer.",
+    "bn_scale": "|gamma| of the BatchNormalization on the filter's channel (Liu et al. 2017, Network Slimming). Empty "
+                "where the channel meets no BatchNorm.",
+    "apoz_se": "Standard error of the APoZ over the images: its sampling noise.",
+    "mean_se": "Standard error of the mean activation over the images: its sampling noise.",
+    "taylor_se": "Standard error of the Taylor score over the images: its sampling noise.",
 }
 
 

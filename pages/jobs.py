@@ -60,7 +60,13 @@ def results_cache() -> DiskCache:
     return DiskCache(storage.data_dir() / "cache" / "results")
 
 
+RESULTS_FORMAT = 2
+"""Part of every key on disk: bumped when a kept table's columns change (2: BN scales and standard errors in the
+pruning scores), so a server started on an older data folder computes them again instead of reading the old."""
+
+
 def _from_disk(key: tuple):
+    key = (RESULTS_FORMAT, *key)
     table = results_cache().get_table(key)
     if table is not None:
         return table
@@ -72,6 +78,7 @@ def _to_disk(key: tuple, value) -> None:
     """Keep a finished result on disk; a full or read-only data folder is said, and the result still shown."""
     from audit.errors import StorageError
 
+    key = (RESULTS_FORMAT, *key)
     try:
         if isinstance(value, pd.DataFrame):
             results_cache().put_table(key, value)
@@ -142,7 +149,7 @@ def _wait_for(running: Running):
 def has_result(key: tuple) -> bool:
     store, lock = _results()
     with lock:
-        return key in store or results_cache().has(key)
+        return key in store or results_cache().has((RESULTS_FORMAT, *key))
 
 
 @contextlib.contextmanager

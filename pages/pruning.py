@@ -7,8 +7,8 @@ import streamlit as st
 
 from audit import activations, charts, filters, images, models, pruning, render
 from pages import candidates as candidates_choice
-from pages import common, filters_jobs, jobs, links, markup, pruning_jobs
-from pages.selection import current, fitted_image, folder_labels, labels_of, set_key, stop, user_errors, what_these_mean
+from pages import common, filters_jobs, jobs, links, markup, pruning_jobs, smaller_model
+from pages.selection import current, fitted_image, folder_labels, labels_of, stop, user_errors, what_these_mean
 
 # ways to compare the pruned model's outputs with the unpruned ones, by their column in pruning.quality
 # (a bare string here would be drawn on the page by Streamlit's magic)
@@ -20,7 +20,7 @@ loaded = selection.model
 st.title("Pruning")
 what_these_mean("Pruning")
 st.caption(f"Scores over the current image set ({len(selection.image_set)} images). Candidates are filters "
-           "to remove; everything below is measured before any fine-tuning." + common.precision_note(selection))
+           "to remove; everything above Recovery is measured before any fine-tuning." + common.precision_note(selection))
 
 common.warn_if_at_chance(selection)
 with user_errors("Scoring the filters"):
@@ -34,6 +34,20 @@ unfloored = scores[scores.apoz.isna()].groupby("layer", sort=False).size()
 if len(unfloored) and criterion in ("dead", "apoz"):
     st.caption(f"{markup.count(len(unfloored), 'layer')} have no APoZ and no dead filters and are left out: their filters are "
                "used after an activation without a zero floor (ELU, swish, linear; see the Activations page).")
+measured_on = "apoz" if criterion == "dead" else criterion
+if measured_on in pruning.SAMPLING_ERRORS:
+    trust = pruning.reliability(scores, measured_on)
+    blurred = trust[~trust.distinct]
+    if len(blurred):
+        st.warning(
+            f"On these {len(selection.image_set):,} images, {pruning.CRITERIA[criterion]} cannot tell the filters "
+            f"apart in {markup.count(len(blurred), 'layer')} of {len(trust):,}: most of the spread between their "
+            f"filters is sampling noise (under {pruning.RELIABLE:.0%} of it is not): "
+            + markup.escape(", ".join(blurred.layer[:8]) + (" ..." if len(blurred) > 8 else "")) + ". "
+            + ("After a BatchNorm, a filter's share of zeros and its mean are set by the BatchNorm's shift and scale, "
+               "not by how much the filter matters: rank by BN scale, or add images." if scores.bn_scale.notna().any()
+               else "More images would tell them apart, or a weight criterion (L1, FPGM)."),
+            icon=":material/blur_on:")
 
 counts = scores.groupby("layer", sort=False).size().rename("total").to_frame()
 counts["candidates"] = candidates.groupby("layer", sort=False).size()
@@ -167,7 +181,8 @@ else:
 
 st.subheader("Which layers can lose how much?")
 ranking_criteria = {name: code for name, code in (("L1 norm", "l1"), ("mean activation", "mean"), ("APoZ", "apoz"),
-                                                  ("FPGM distance", "fpgm"), ("Taylor score", "taylor"))
+                                                  ("FPGM distance", "fpgm"), ("Taylor score", "taylor"),
+                                                  ("BN scale", "bn_scale"))
                     if scores[code].notna().any()}
 rank_by = links.selectbox(st, "Rank filters by", list(ranking_criteria), param="rank_by", key="prune_rank_by",
                           show=ranking_criteria.get, format_func=str)
@@ -293,104 +308,6 @@ if loo_layers and jobs.job_shown(selection, "loo", pressed, loo_key, jobs.has_re
     st.plotly_chart(chart, width="stretch")
     st.download_button("Download the costs (CSV)", costs.to_csv(index=False), "leave_one_out.csv", "text/csv")
 
-st.subheader("Export a smaller model")
-selection_key = tuple((layer, tuple(filters)) for layer, filters in selection_map.items())
-with user_errors("Building the smaller model"):
-    data, sizes, reason, plan = pruning_jobs.pruned_export(loaded.fingerprint, loaded.source, selection_key,
-                                                           target.value if target.kind == "layer" else None)
-if reason:
-    st.warning(f"{markup.escape(reason)} The masked model is offered instead.")
-removed, held = plan[plan.removed > 0], plan[plan["kept because"] != ""]
-st.caption(f"{markup.count(int(removed.removed.sum()), 'channel')} leave {markup.count(len(removed), 'layer')}, whole dependency groups"
-           + (f"; {markup.count(len(held), 'layer')} keep their selected filters (see why below)" if len(held) else "") + ".")
-with st.expander(f"Per layer: asked, removed and kept ({markup.count(len(plan), 'layer')})"):
-    st.dataframe(plan, hide_index=True, width="stretch")
-table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
-                     columns=["", "before", "after"])
-table["change"] = (table["after"] / table["before"] - 1).map(lambda v: f"{v:+.1%}")
-st.dataframe(table, hide_index=True, column_config={"before": st.column_config.NumberColumn(format="localized"),
-                                                    "after": st.column_config.NumberColumn(format="localized")})
-macs_before, macs_after = sizes["multiply-adds per image"]
-time_before, time_after = sizes["milliseconds per image here"]
-if macs_after < macs_before and time_after >= 0.95 * time_before:
-    st.warning("Fewer multiply-adds, but not less time here (one image, a warm compiled prediction): on this "
-               "hardware the cut layers were not what the time is spent on (memory-bound or depthwise layers).",
-               icon=":material/timer:")
-download, saved_model = st.columns(2)
-download.download_button("Download the pruned model (.keras)", data, "pruned.keras", type="primary")
-if not reason:
-    saved_model.download_button(
-        "Download as a SavedModel (.zip, for TF Serving)",
-        lambda: pruning_jobs.pruned_saved_model(loaded.fingerprint, loaded.source, selection_key),
-        "pruned_saved_model.zip", "application/zip")
-
-st.subheader("Recovery by fine-tuning")
-st.caption("Pruning papers report accuracy after a short retraining, and random rankings often catch up then "
-           "(Mittal et al. 2018). The labelled images are split once (25% held out, seeded); the smaller model is "
-           "fine-tuned on the rest, and so is a random choice of the same number of filters per layer, pruned "
-           "the same way. Accuracy and cross-entropy on the held-out images.")
-labels = labels_of(selection)
-if labels is None or not selection.head.is_classifier:
-    st.info("Fine-tuning needs labelled images the model's classes name: demo shapes, or an uploaded zip with one "
-            "folder per class.")
-elif reason:
-    st.info("No selected group can be removed, so there is no smaller model to fine-tune.")
-else:
-    c1, c2 = st.columns(2)
-    epochs = links.number(c1, "Epochs", 1, 20, 1, param="tune_epochs", key="prune_tune_epochs")
-    learning_rate = links.number(c2, "Learning rate", 1e-5, 1e-1, 1e-3, format="%.5f", param="tune_lr",
-                                 key="prune_tune_lr")
-    pressed = st.button("Fine-tune and compare", key="prune_tune")
-    recovery_key = set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
-                                  tuple((k, tuple(v)) for k, v in selection_map.items()))
-    if jobs.job_shown(selection, "recovery", pressed, recovery_key, jobs.has_result(recovery_key),
-                        (6 * int(epochs) + 6) * images_count):
-        with user_errors("Fine-tuning"):
-            table, tuned = pruning_jobs.recovery(selection, selection_map, int(epochs), float(learning_rate))
-        st.dataframe(table, hide_index=True, column_config={
-            "accuracy": st.column_config.NumberColumn(format="percent"),
-            "cross-entropy": st.column_config.NumberColumn(format="%.4f")})
-        st.download_button("Download the fine-tuned model (.keras)", tuned, "pruned_fine_tuned.keras")
-
-st.subheader("Prune in steps to a size")
-st.caption("Practitioners prune in steps with fine-tuning between them (Torch-Pruning's and TF-MOT's schedules, "
-           "NetAdapt). Each step re-scores the current model on the fine-tuning images, cuts whole groups to the "
-           "step's size and fine-tunes; beside it, one cut of the original to each step's size by the same "
-           "criterion, and by a random ranking of groups, fine-tuned for as many epochs. Accuracy on the same "
-           "held-out quarter, drawn class by class (seeded): the trade-off to decide on.")
-if labels is None or not selection.head.is_classifier:
-    st.info("Pruning in steps fine-tunes between the cuts: it needs labelled images the model's classes name.")
-elif criterion == "dead":
-    st.info("Choose a ranking criterion above (dead filters give no order to take groups in).")
-else:
-    c1, c2, c3, c4 = st.columns(4)
-    measure = links.selectbox(c1, "Keep a share of", ["params", "macs"], param="prune_steps_measure",
-                              key="prune_steps_measure", format_func={"params": "parameters", "macs": "multiply-adds"}.get)
-    default_keep = target.value if target.kind == measure else 0.5
-    keep = links.number(c2, "Share to keep", 0.1, 0.95, float(default_keep), step=0.05, param="prune_steps_keep",
-                        key="prune_steps_keep")
-    steps = links.number(c3, "Steps", 1, 10, 3, param="prune_steps", key="prune_steps")
-    step_epochs = links.number(c4, "Epochs per step", 1, 20, 1, param="prune_steps_epochs", key="prune_steps_epochs")
-    goal = pruning.Target(measure, float(keep))
-    passes = pruning_jobs.trade_off_passes(images_count, int(steps), int(step_epochs))
-    pressed = st.button(f"Prune in {int(steps)} steps and compare ({jobs.estimate(selection, passes)} here)",
-                        key="prune_steps_go")
-    steps_key = pruning_jobs.trade_off_key(selection, criterion, goal, int(steps), int(step_epochs))
-    if jobs.job_shown(selection, "trade_off", pressed, steps_key, jobs.has_result(steps_key), passes):
-        with user_errors("Pruning in steps"):
-            curve, tuned = pruning_jobs.trade_off(selection, criterion, goal, int(steps), int(step_epochs))
-        size = "parameters kept" if measure == "params" else "MACs kept"
-        chart = px.line(curve, x=size, y="accuracy fine-tuned", color="method", markers=True,
-                        error_y=curve["high"] - curve["accuracy fine-tuned"],
-                        error_y_minus=curve["accuracy fine-tuned"] - curve["low"],
-                        labels={size: f"share of the {'parameters' if measure == 'params' else 'multiply-adds'} kept",
-                                "accuracy fine-tuned": "held-out accuracy after fine-tuning"})
-        chart.update_xaxes(autorange="reversed")
-        chart.update_layout(height=380, margin=dict(t=10))
-        st.plotly_chart(chart, width="stretch")
-        st.caption(f"Fine-tuned on {curve.attrs['images_tuned']} images, measured on {curve.attrs['images_held_out']} "
-                   "held out (bars: Wilson 95% intervals; with few held-out images the methods' intervals overlap, "
-                   "and so cannot be told apart).")
-        counts = {name: st.column_config.NumberColumn(format="localized") for name in ("parameters", "MACs")}
-        st.dataframe(curve, hide_index=True, width="stretch", column_config={**common.number_columns(curve), **counts})
-        st.download_button("Download the model pruned in steps (.keras)", tuned, "pruned_in_steps.keras")
+reason = smaller_model.export(selection, selection_map, target)
+smaller_model.recovery(selection, selection_map, target, reason)
+smaller_model.steps(selection, criterion, target)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from audit import models, pruning
+from audit import heads, models, pruning
 from audit.errors import AuditError
 from pages import jobs, markup
 from pages.selection import get_model, Selection, set_key, image_set_input, labels_of
@@ -42,17 +42,34 @@ def chosen_filters(selection: "Selection", scores: pd.DataFrame, criterion: str,
     return jobs.shared_result(set_key(selection, "chosen_filters", selection.output, criterion, target), compute)
 
 
-def trade_off_passes(images: int, steps: int, epochs: int) -> float:
-    """Image passes of pruning in steps beside one cut and a random ranking: per step a scoring (3 passes per
-    image: forward, Taylor's backward) and fine-tuning (3 per image and epoch), the one-shot cuts tuned as long."""
-    iterative = steps * (3 + 3 * epochs)
-    one_cut = sum(3 + 3 * epochs * (k + 1) for k in range(steps))
-    return float(images * (iterative + 2 * one_cut))
+def tuning_passes(images: int, epochs: int, tuning: pruning.Tuning) -> float:
+    """Image passes of one recovery at most (audit.pruning.stages) on `images` labelled images: a quarter held out
+    and measured at each stage; of the rest, the validation share measured before and after every epoch, the
+    others trained on (3 passes each: forward, backward) for up to `epochs`; BatchNorms re-estimated (2 passes)
+    before and after."""
+    train = 0.75 * images
+    per_epoch = 3 * (1 - tuning.validation) * train + tuning.validation * train
+    return epochs * per_epoch + 6 * train + 4 * 0.25 * images
 
 
-def trade_off(selection: "Selection", criterion: str, target: pruning.Target, steps: int, epochs: int):
+def recovery_passes(images: int, tuning: pruning.Tuning) -> float:
+    """Image passes of recovery at most: the chosen cut and a random cut of the same size (tuning_passes each)."""
+    return 2 * tuning_passes(images, tuning.max_epochs, tuning)
+
+
+def trade_off_passes(images: int, steps: int, tuning: pruning.Tuning) -> float:
+    """Image passes of pruning in steps beside one cut and a random ranking, at most: per step a scoring (3 passes
+    per fine-tuning image: forward, Taylor's backward) and a recovery of up to tuning.max_epochs; the one-shot and
+    random cuts to step k's size up to k + 1 times as many epochs."""
+    scoring = 3 * 0.75 * images
+    iterative = steps * (scoring + tuning_passes(images, tuning.max_epochs, tuning))
+    one_cut = scoring + sum(tuning_passes(images, tuning.max_epochs * (k + 1), tuning) for k in range(steps))
+    return float(iterative + 2 * one_cut)
+
+
+def trade_off(selection: "Selection", criterion: str, target: pruning.Target, steps: int, tuning: pruning.Tuning):
     """The iterative pruning's rows beside one cut and a random ranking at its sizes (audit.pruning.trade_off),
-    and the iteratively pruned model as .keras bytes, once per (model, images, choice, steps, epochs)."""
+    and each method's model at the target size as .keras bytes, once per (model, images, choice, steps, tuning)."""
     loaded = selection.model
 
     def compute():
@@ -60,22 +77,21 @@ def trade_off(selection: "Selection", criterion: str, target: pruning.Target, st
         with jobs.model_job(selection, f"Pruning in {steps} steps, beside one cut and a random ranking",
                             "trade_off") as progress:
             tuned, table = pruning.trade_off(loaded.model, x, labels_of(selection), criterion, steps=steps,
-                                             epochs=epochs, progress=progress, output=selection.output,
+                                             tuning=tuning, progress=progress, output=selection.output,
                                              **{target.kind: target.value})
-        return table, pruning.keras_bytes(tuned)
+        return table, {method: pruning.keras_bytes(model) for method, model in tuned.items()}
 
-    return jobs.shared_result(trade_off_key(selection, criterion, target, steps, epochs), compute)
+    return jobs.shared_result(trade_off_key(selection, criterion, target, steps, tuning), compute)
 
 
-def trade_off_key(selection: "Selection", criterion: str, target: pruning.Target, steps: int, epochs: int) -> tuple:
-    return set_key(selection, "trade_off", selection.output, criterion, target, int(steps), int(epochs))
+def trade_off_key(selection: "Selection", criterion: str, target: pruning.Target, steps: int,
+                  tuning: pruning.Tuning) -> tuple:
+    return set_key(selection, "trade_off", selection.output, criterion, target, int(steps), tuning)
 
 
 def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (or outputs without classes) of the model and of its masked copy on the image
     set, once per (model, images, filters, output)."""
-    from audit import heads
-
     loaded = selection.model
 
     def compute():
@@ -160,21 +176,34 @@ def leave_one_out_key(selection: "Selection", layers: tuple[str, ...], count: in
     return set_key(selection, "leave_one_out", "stratified", tuple(layers), int(count), selection.output)
 
 
-def recovery(selection: "Selection", chosen: dict[str, list[int]], epochs: int, learning_rate: float):
-    """Prune, fine-tune and compare with a random ranking of the same size, once per (model, images,
-    filters, settings): the table and the fine-tuned model as .keras bytes (kept in memory)."""
+def recovery_key(selection: "Selection", chosen: dict[str, list[int]], tuning: pruning.Tuning, match: str) -> tuple:
+    return set_key(selection, "recovery", selection.output, tuning, match,
+                   tuple((k, tuple(v)) for k, v in chosen.items()))
+
+
+def recovery(selection: "Selection", chosen: dict[str, list[int]], tuning: pruning.Tuning, match: str) -> dict:
+    """The chosen cut and a random cut of the same size (`match`: parameters or multiply-adds), each cut, with its
+    BatchNorms re-estimated and fine-tuned (audit.pruning.recovery), once per (model, images, filters, settings):
+    the table, every smaller model as .keras bytes, what each fine-tuning did, and per row what the cut forgets
+    on the held-out images (audit.pruning.forgets)."""
     loaded = selection.model
 
     def compute():
-        x = image_set_input(selection)
-        with jobs.model_job(selection, "Fine-tuning the pruned model and a random one", "recovery") as progress:
-            table, tuned = pruning.recovery(loaded.model, chosen, x, labels_of(selection), epochs, learning_rate,
-                                            output=selection.output, progress=progress)
-        return table, pruning.keras_bytes(tuned)
+        x, labels = image_set_input(selection), labels_of(selection)
+        with jobs.model_job(selection, "Fine-tuning the pruned model and a random one of the same size",
+                            "recovery") as progress:
+            found = pruning.recovery(loaded.model, chosen, x, labels, tuning, output=selection.output,
+                                     progress=progress, match=match)
+        held_out = found.table.attrs["held_out"]
+        names = selection.class_names()
+        before = heads.Outputs(loaded.model, selection.output)(x[held_out])
+        forgets = {name: pruning.compare(before, heads.Outputs(model, selection.output)(x[held_out]),
+                                         labels[held_out], names) for name, model in found.models.items()}
+        return {"table": found.table, "best": found.best(), "held_out": held_out, "forgets": forgets,
+                "how": {name: tuned.describe() for name, tuned in found.tuned.items()},
+                "models": {name: pruning.keras_bytes(model) for name, model in found.models.items()}}
 
-    key = set_key(selection, "recovery", selection.output, int(epochs), float(learning_rate),
-                  tuple((k, tuple(v)) for k, v in chosen.items()))
-    return jobs.shared_result(key, compute)
+    return jobs.shared_result(recovery_key(selection, chosen, tuning, match), compute)
 
 
 @st.cache_data(show_spinner="Building the smaller model…", max_entries=8)
@@ -204,10 +233,11 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple, share: fl
             sizes = {
                 "parameters": (loaded.model.count_params(), smaller.count_params()),
                 "multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
-                "file size (bytes)": (original.stat().st_size, len(data)),
-                "milliseconds per image here": (1e3 * pruning.latency(loaded.model, repeats=10),
-                                                1e3 * pruning.latency(smaller, repeats=10)),
+                "file size, saved by Keras (bytes)": (original.stat().st_size, len(data)),
             }
+            batch = pruning.throughput_batch(loaded.model)
+            before, after = pruning.speed(loaded.model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
+            sizes.update({f"{name} here": (before[name], after[name]) for name in before})
     return data, sizes, reason, plan
 
 

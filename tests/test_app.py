@@ -242,7 +242,7 @@ def test_attribution_page_with_a_filter_target_on_vgg16():
 
 
 def test_pruning_page_on_the_demo_model_measures_and_exports():
-    at = _app().run()
+    at = _app(count="24").run()
     at.switch_page("pages/pruning.py").run()
     assert not at.exception, at.exception
     assert at.subheader[0].value.endswith("of 448 filters")
@@ -255,10 +255,18 @@ def test_pruning_page_on_the_demo_model_measures_and_exports():
     assert not at.exception, at.exception
     _submit(at, "Fine-tune and compare")
     assert not at.exception, at.exception
-    recovery = at.dataframe[-1].value
-    assert list(recovery["model"]) == ["before pruning", "chosen ranking, pruned", "chosen ranking, fine-tuned",
-                                       "random ranking, pruned", "random ranking, fine-tuned"]
+    recovery = next(frame.value for frame in at.dataframe if "model" in frame.value.columns)
+    assert list(recovery["model"]) == ["before pruning", "chosen ranking, cut", "chosen ranking, fine-tuned",
+                                       "random ranking, same size, cut", "random ranking, same size, fine-tuned"]
     assert recovery["accuracy"].between(0, 1).all()
+    assert any(c.value.startswith("chosen ranking, fine-tuned: ") and "epochs" in c.value for c in at.caption)
+    offered = at.selectbox(key="recovery_download")
+    smaller = recovery[recovery.model != "before pruning"]
+    best = smaller.sort_values(["accuracy", "cross-entropy"], ascending=[False, True]).iloc[0]
+    assert offered.value == best["model"]  # the best held-out row first, named so
+    assert offered.options[0] == f"{best['model']} (best held-out accuracy)"
+    per_class = next(frame.value for frame in at.dataframe if "class" in frame.value.columns)
+    assert list(per_class["images"]) == [1] * 6  # a quarter of 24 held out, class by class
 
 
 def test_pruning_page_prunes_to_a_parameter_target_and_in_steps():
@@ -271,7 +279,8 @@ def test_pruning_page_prunes_to_a_parameter_target_and_in_steps():
     assert abs(float(metrics["Parameters kept"].rstrip("%")) - 60) <= 2
     export = at.dataframe[-1].value.set_index("")
     assert abs(export.loc["parameters", "after"] / export.loc["parameters", "before"] - 0.6) <= 0.02
-    assert export.loc["milliseconds per image here", "after"] > 0
+    assert export.loc["ms per image, batch 1 here", "after"] > 0
+    assert export.filter(like="images per second", axis=0)["after"].item() > 0
     _submit(at, "Prune in 2 steps and compare")
     assert not at.exception, at.exception
     curve = at.dataframe[-1].value
@@ -334,7 +343,7 @@ def test_pruning_page_reports_how_each_criterion_tracks_the_true_cost():
     assert not at.error, [e.value for e in at.error]
     assert "Do the scores predict the real cost?" in [s.value for s in at.subheader]
     assert "Download the costs (CSV)" in [b.label for b in at.get("download_button")]
-    assert at.selectbox(key="loo_criterion").options == ["l1", "mean", "taylor", "fpgm", "apoz"]
+    assert at.selectbox(key="loo_criterion").options == ["l1", "mean", "taylor", "fpgm", "apoz"]  # no BatchNorm: no bn_scale
 
 
 def test_pruning_page_shows_a_filters_evidence_and_its_gallery_response():

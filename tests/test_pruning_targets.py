@@ -119,7 +119,8 @@ def test_iterative_pruning_reaches_half_the_parameters_in_three_steps_with_a_row
     loaded = models.load("demo:shapes")
     data = shapes.generate(240, 31)
     x = loaded.preprocess(list(data.images))
-    tuned, table = pruning.iterative(loaded.model, x, data.labels, "l1", params=0.5, steps=3, epochs=1, seed=0)
+    tuned, table = pruning.iterative(loaded.model, x, data.labels, "l1", params=0.5, steps=3,
+                                     tuning=pruning.Tuning(max_epochs=1, patience=1), seed=0)
     steps = table[table.step > 0]
     assert list(steps.step) == [1, 2, 3]
     assert abs(tuned.count_params() / loaded.model.count_params() - 0.5) <= 0.02

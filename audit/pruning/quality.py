@@ -201,7 +201,7 @@ def verdict_against_chance(runs: pd.DataFrame, measure: str, fraction: float = 0
             "inverted_worst": bool(inverted < random.min())}
 
 
-IMPORTANCE = {"l1": 1, "mean": 1, "taylor": 1, "fpgm": 1, "apoz": -1}
+IMPORTANCE = {"l1": 1, "mean": 1, "taylor": 1, "fpgm": 1, "bn_scale": 1, "apoz": -1}
 """Each criterion as an importance (higher: more needed); APoZ counts zeros, so its sign flips."""
 
 

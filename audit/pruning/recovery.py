@@ -1,56 +1,28 @@
-"""Recovery by fine-tuning, and what a classifier shows it knows: accuracy with its interval against chance."""
+"""Recovery: what a cut loses and what it wins back, beside a random cut of the same size, on held-out images.
+
+For each of the chosen cut and a random ranking of groups taken to the same number of parameters (or
+multiply-adds) by the same machinery: accuracy with its Wilson interval right after the cut, after the
+BatchNorm statistics are re-estimated (EagleEye's adaptive BN, Li et al. 2020), and after fine-tuning until the
+validation loss stops improving (audit.pruning.tuning). Every smaller model is kept, so the one to ship can be
+chosen from the table; also what a classifier shows it knows (accuracy with its interval against chance).
+"""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 import pandas as pd
 
-from audit import groups, heads
+from audit import cost, graph as model_graph, groups, heads
 from audit import images as image_utils
 from audit.errors import AuditError
-from audit.pruning.selection import random_selection
+from audit.pruning.batchnorm import batch_norms, recalibrate_bn
 from audit.pruning.surgery import prune
-
-def fine_tune(model: keras.Model, images: np.ndarray, labels: np.ndarray, epochs: int = 2,
-              learning_rate: float = 1e-3, batch_size: int = 32, seed: int = 0, output: int | None = None,
-              progress=None, train_all: bool = True) -> tuple[keras.Model, dict]:
-    """Train a (pruned) model for a few epochs on labelled images; returns it and its loss history.
-
-    Every pruning paper reports its numbers after such a run. The loss is the cross-entropy on the
-    explained output's class scores (softmax, or sigmoid for binary and sigmoid heads), so logits,
-    softmax and single-unit heads all train correctly. With `train_all`, frozen layers (a transfer
-    model's base) are unfrozen: the pruned layers are the ones that must adapt. The model is changed
-    in place (pass the pruned copy, never the loaded model); seeded for repeatable runs.
-    """
-    head = heads.find_head(model, output)
-    if not head.is_classifier:
-        raise AuditError(f"Fine-tuning needs a class output ({head.description}).")
-    keras.utils.set_random_seed(seed)
-    if train_all:
-        model.trainable = True
-    scorer = heads.scores_model(model, head)
-    if head.distribution == "sigmoid":
-        targets = np.eye(head.classes, dtype=np.float32)[labels]
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)
-    else:
-        targets, loss = np.asarray(labels), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    scorer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
-    callbacks = []
-    if progress is not None:
-        steps = epochs * int(np.ceil(len(images) / batch_size))
-        done = [0]
-
-        class Report(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                done[0] += 1
-                progress(done[0], steps)
-
-        callbacks.append(Report())
-    history = scorer.fit(np.asarray(images, np.float32), targets, epochs=epochs, batch_size=batch_size,
-                         shuffle=True, verbose=0, callbacks=callbacks)
-    return model, history.history
-
+from audit.pruning.targets import RANDOM, to_target
+from audit.pruning.tuning import Tuned, Tuning, fine_tune
 
 AT_CHANCE_ENTROPY = 0.98
 """Without labels, outputs whose mean normalised entropy is above this are near flat: a model at chance."""
@@ -63,7 +35,9 @@ def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[flo
     p = successes / trials
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)  # exactly 0 and 1 at the ends, not round-off
+    high = 1.0 if successes >= trials else min(1.0, centre + half)
+    return float(low), float(high)
 
 
 def knowledge(probabilities: np.ndarray, labels: np.ndarray | None = None) -> dict:
@@ -98,44 +72,107 @@ def accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray | None =
     return knowledge(heads.Outputs(model, output)(images), labels)
 
 
-def _measured(model: keras.Model, images: np.ndarray, labels: np.ndarray, output: int | None) -> dict:
-    found = accuracy(model, images, labels, output)
-    return {name: found[name] for name in ("accuracy", "low", "high", "cross-entropy")}
+def split(labels: np.ndarray, held_out: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices to fine-tune on and to measure on: `held_out` of the images drawn class by class, seeded."""
+    test = image_utils.stratified(labels, int(round(len(labels) * held_out)), seed)
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    if len(test) == 0 or len(train) < 2:
+        raise AuditError("Pruning with recovery needs more labelled images: some to fine-tune on, some held out.")
+    return train, test
+
+
+def copy_of(model: keras.Model) -> keras.Model:
+    """A separate model with the same architecture and weights (each stage of recovery gets its own)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@dataclass
+class Recovered:
+    """The recovery table (one row per model), every smaller model by its row's name, and each fine-tuning's
+    record."""
+
+    table: pd.DataFrame
+    models: dict[str, keras.Model] = field(default_factory=dict)
+    tuned: dict[str, Tuned] = field(default_factory=dict)
+
+    def best(self) -> str:
+        """The smaller model with the best held-out accuracy (ties: the lower cross-entropy, then the later row)."""
+        rows = self.table[self.table.model.isin(list(self.models))]
+        order = rows.assign(position=np.arange(len(rows))).sort_values(
+            ["accuracy", "cross-entropy", "position"], ascending=[False, True, False])
+        return str(order.iloc[0]["model"])
+
+
+def stages(model: keras.Model, smaller: keras.Model, name: str, images: np.ndarray, labels: np.ndarray,
+           train: np.ndarray, test: np.ndarray, tuning: Tuning = Tuning(), seed: int = 0,
+           output: int | None = None, progress=None) -> list[tuple[dict, keras.Model, Tuned | None]]:
+    """One cut's rows: right after the cut, after BatchNorm recalibration on the fine-tuning images (when the
+    model has BatchNorms), fine-tuned (distilled from `model` with tuning.distill); each a separate model."""
+    rows = []
+
+    def measured(stage: str, candidate: keras.Model, seconds: float, tuned: Tuned | None = None):
+        found = accuracy(candidate, images[test], labels[test], output)
+        rows.append(({"model": f"{name}, {stage}", "parameters": candidate.count_params(),
+                      "MACs": cost.cost(candidate).macs,
+                      **{key: found[key] for key in ("accuracy", "low", "high", "cross-entropy")},
+                      "epochs": tuned.epochs if tuned else 0, "seconds": seconds,
+                      "how": tuned.describe() if tuned else ""}, candidate, tuned))
+
+    measured("cut", smaller, 0.0)
+    start = time.perf_counter()
+    if batch_norms(smaller):
+        recalibrated = copy_of(smaller)
+        recalibrate_bn(recalibrated, images[train])
+        measured("BN recalibrated", recalibrated, time.perf_counter() - start)
+    tuned_model = copy_of(smaller)
+    tuned = fine_tune(tuned_model, images[train], labels[train], tuning, seed=seed, output=output,
+                      progress=progress, teacher=model if tuning.distill else None)
+    measured("fine-tuned" + (" with distillation" if tuning.distill else ""), tuned_model, tuned.seconds, tuned)
+    return rows
 
 
 def recovery(model: keras.Model, selection: dict[str, list[int]], images: np.ndarray, labels: np.ndarray,
-             epochs: int = 1, learning_rate: float = 1e-3, held_out: float = 0.25, seed: int = 0,
-             output: int | None = None, progress=None) -> tuple[pd.DataFrame, keras.Model]:
-    """Accuracy and cross-entropy on held-out images before pruning, after pruning, after fine-tuning, and for a random
-    selection of the same size per layer pruned and fine-tuned the same way; and the fine-tuned model.
+             tuning: Tuning = Tuning(), held_out: float = 0.25, seed: int = 0, output: int | None = None,
+             progress=None, match: str = "params", random_baseline: bool = True) -> Recovered:
+    """The model before pruning, then the chosen cut and a random cut of the same size, each right after the
+    cut, after BatchNorm recalibration and after fine-tuning, measured on the same held-out images.
 
-    The images are split once, class by class (images.stratified, seeded): fine-tuning sees the rest,
-    accuracy (with its Wilson interval) is measured on the held-out share only.
+    The images are split once, class by class (seeded): `held_out` of them measure every row; fine-tuning
+    sees the rest (of which tuning.validation chooses the epochs). The random cut takes groups in a seeded
+    random order from the same layers to the chosen cut's share of parameters (`match="params"`) or of
+    multiply-adds (`"macs"`): within 1% where the groups allow.
     """
-    cut = int(round(len(images) * held_out))
-    test = image_utils.stratified(labels, cut, seed)
-    train = np.setdiff1d(np.arange(len(images)), test)
-    if cut == 0 or len(train) == 0:
-        raise AuditError("Recovery needs more labelled images: some to fine-tune on and some held out.")
-    graph = groups.DependencyGraph(model)
-    steps = [0]
+    labels = np.asarray(labels)
+    train, test = split(labels, held_out, seed)
+    dependency = groups.DependencyGraph(model)
+    chosen = prune(model, selection, dependency)
+    cuts = [("chosen ranking", chosen)]
+    if random_baseline:
+        which = 0 if match == "params" else 1
+        share = (chosen.count_params() / model.count_params() if which == 0
+                 else cost.cost(chosen).macs / max(cost.cost(model).macs, 1))
+        layers = pd.DataFrame({"layer": model_graph.conv_layers(model) or list(selection)})
+        random = to_target(model, layers, RANDOM, graph=dependency, seed=seed, **{match: share})
+        cuts.append(("random ranking, same size", prune(model, random, dependency)))
+    steps = tuning.max_epochs * int(np.ceil(len(train) * (1 - tuning.validation) / tuning.batch_size))
+    before = accuracy(model, images[test], labels[test], output)
+    rows = [{"model": "before pruning", "parameters": model.count_params(), "MACs": cost.cost(model).macs,
+             **{key: before[key] for key in ("accuracy", "low", "high", "cross-entropy")}, "epochs": 0,
+             "seconds": 0.0, "how": ""}]
+    result = Recovered(pd.DataFrame())
+    for index, (name, smaller) in enumerate(cuts):
+        def step(done, total, index=index):
+            if progress is not None:
+                progress(index * steps + min(done, steps), len(cuts) * steps)
 
-    def step(done, total):
-        if progress is not None:
-            progress(steps[0] + done, 2 * total)
-
-    rows = [{"model": "before pruning", **_measured(model, images[test], labels[test], output),
-             "parameters": model.count_params()}]
-    tuned = None
-    for name, chosen in (("chosen ranking", selection), ("random ranking", random_selection(selection, model, seed))):
-        smaller = prune(model, chosen, graph)
-        rows.append({"model": f"{name}, pruned", **_measured(smaller, images[test], labels[test], output),
-                     "parameters": smaller.count_params()})
-        fine_tune(smaller, images[train], labels[train], epochs, learning_rate, seed=seed, output=output,
-                  progress=step)
-        steps[0] += epochs * int(np.ceil(len(train) / 32))
-        rows.append({"model": f"{name}, fine-tuned", **_measured(smaller, images[test], labels[test], output),
-                     "parameters": smaller.count_params()})
-        if tuned is None:
-            tuned = smaller
-    return pd.DataFrame(rows), tuned
+        for row, candidate, tuned in stages(model, smaller, name, images, labels, train, test, tuning, seed, output,
+                                            step):
+            rows.append(row)
+            result.models[row["model"]] = candidate
+            if tuned is not None:
+                result.tuned[row["model"]] = tuned
+    result.table = pd.DataFrame(rows)
+    result.table.attrs.update(images_tuned=len(train), images_held_out=len(test), held_out=test)
+    return result

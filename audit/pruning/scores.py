@@ -1,9 +1,9 @@
 """Per-filter pruning scores: weights (L1 norm, redundancy, FPGM) and data (APoZ, mean activation, Taylor).
 
 The L1 norm of a filter's weights (Li et al. 2017), APoZ and mean activation on data (Hu et al. 2016), a
-first-order Taylor estimate of the loss change (Molchanov et al. 2017), and redundancy: the largest cosine
+first-order Taylor estimate of the loss change (Molchanov et al. 2017), redundancy: the largest cosine
 similarity to another filter of the layer and the distance to the layer's geometric median (He et al. 2019,
-FPGM). Activation figures and Taylor products are taken where each filter's channel is used (after its
+FPGM), and the scale of the BatchNorm after each filter (Liu et al. 2017, audit.pruning.batchnorm). Activation figures and Taylor products are taken where each filter's channel is used (after its
 BatchNorm and activation: audit.activations.measures), as sums that merge across batches and shards.
 """
 
@@ -17,6 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit import activations, compiled, cost, datasets, heads, models, passes
+from audit.pruning.batchnorm import bn_scales
 
 _PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 """Per model, while it lives: weight-only results (audit never changes weights)."""
@@ -158,8 +159,12 @@ def _compiled_pass(model: keras.Model, points: tuple[str, ...], head: heads.Head
             results = []
             for a, g in zip(maps, gradients):
                 g = tf.zeros_like(a) if g is None else g
-                contribution = tf.reduce_sum(a * g, axis=list(range(len(a.shape) - 1)))  # (C,)
-                results.append((contribution, *activations.batch_sums(a, threshold).parts()))
+                product = a * g
+                contribution = tf.reduce_sum(product, axis=list(range(len(a.shape) - 1)))  # (C,)
+                per_image = tf.reduce_mean(product, axis=list(range(1, len(a.shape) - 1))) if len(a.shape) > 2 \
+                    else product  # (N, C): each image's mean a * g, whose spread is the score's sampling noise
+                results.append((contribution, tf.reduce_sum(tf.square(per_image), 0),
+                                *activations.batch_sums(a, threshold).parts()))
             return results
 
         return cut, step
@@ -174,8 +179,8 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
     preprocessed images with their labels, or the (x, labels) batches of a streamed set (audit.datasets).
     Both are taken where each filter's channel is used (activations.measures): a * dscore/da after the
     BatchNorm and activation, on the tensor the next layer reads. The Taylor part of a layer is (sum of
-    a * dscore/da over images and positions, positions counted): sums of shards merge by addition (see
-    taylor_of)."""
+    a * dscore/da over images and positions, positions counted, sum over images of each image's mean a * g
+    squared, images counted): sums of shards merge by addition (see taylor_of)."""
     head = heads.find_head(model, output)
     chosen = activations.measures(model, layers)
     points = tuple(dict.fromkeys(measure.measured_at for measure in chosen))
@@ -185,7 +190,8 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
         images, total = datasets.in_memory(images, labels, batch_size), len(images)
     shapes = {point: out.shape for point, out in zip(points, cut.outputs[:-1])}
     positions = {m.layer: int(np.prod(shapes[m.measured_at][1:-1])) for m in chosen}
-    taylor = {m.layer: (np.zeros(int(shapes[m.measured_at][-1])), 0) for m in chosen}
+    taylor = {m.layer: (np.zeros(int(shapes[m.measured_at][-1])), 0, np.zeros(int(shapes[m.measured_at][-1])), 0)
+              for m in chosen}
     sums = {m.layer: activations.FilterSums.empty(int(shapes[m.measured_at][-1]), m.measured_at, m.floored)
             for m in chosen}
     threshold = tf.constant(float(threshold))
@@ -194,25 +200,39 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
         for results in replicas:
             by_point = dict(zip(points, results))
             for measure in chosen:
-                contribution, *parts = by_point[measure.measured_at]
+                contribution, squares, *parts = by_point[measure.measured_at]
                 part = activations.to_numpy(tuple(parts), measure)
-                total_so_far, counted = taylor[measure.layer]
-                taylor[measure.layer] = (total_so_far + np.asarray(contribution, np.float64),
-                                         counted + part.images * positions[measure.layer])
+                taylor[measure.layer] = merge_taylor(taylor[measure.layer], (
+                    np.asarray(contribution, np.float64), part.images * positions[measure.layer],
+                    np.asarray(squares, np.float64), part.images))
                 sums[measure.layer] = sums[measure.layer].merge(part)
     return sums, taylor
 
 
 def taylor_of(taylor_sums: dict) -> dict[str, np.ndarray]:
     """Taylor scores from (merged) Taylor sums: |mean over images and positions of a * dscore/da|."""
-    return {path: np.abs(total / max(counted, 1)) for path, (total, counted) in taylor_sums.items()}
+    return {path: np.abs(parts[0] / max(parts[1], 1)) for path, parts in taylor_sums.items()}
+
+
+def taylor_errors(taylor_sums: dict) -> dict[str, np.ndarray]:
+    """The standard error of each Taylor score over the images (each image's mean a * dscore/da one draw)."""
+    errors = {}
+    for path, (total, counted, squares, images) in taylor_sums.items():
+        images = max(images, 1)
+        errors[path] = np.sqrt(np.maximum(squares / images - (total / max(counted, 1)) ** 2, 0.0) / images)
+    return errors
+
+
+def merge_taylor(first: tuple, second: tuple) -> tuple:
+    """Two Taylor sums (total, positions counted, squares, images counted) as one."""
+    return tuple(a + b for a, b in zip(first, second))
 
 
 def filter_scores(model: keras.Model, images, labels: np.ndarray | None = None,
                   threshold: float = 0.0, near_dead_apoz: float = 0.99, output: int | None = None,
                   progress=None, total: int | None = None) -> pd.DataFrame:
-    """One row per (conv layer, output channel): l1, apoz, mean, taylor, redundancy, nearest, fpgm, dead,
-    near_dead, and per-layer normalised copies (`*_norm`, divided by the layer's maximum) to compare
+    """One row per (conv layer, output channel): l1, apoz, mean, taylor, redundancy, nearest, fpgm, bn_scale
+    (NaN where no BatchNorm follows), dead, near_dead, and per-layer normalised copies (`*_norm`, divided by the layer's maximum) to compare
     across layers. Depthwise and separable layers are scored per output channel (see filter_kernels).
     `images`: preprocessed (N, H, W, C) with `labels`, or a streamed set's batches (audit.datasets).
     `progress` (done, total) is called after each batch of images."""
@@ -252,8 +272,7 @@ def _within_memory(cut: keras.Model, batch_size: int) -> int:
 def merge_score_sums(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:
     """Two shards' score_sums as one: activation sums merged, Taylor sums and counts added."""
     sums = {path: part.merge(second[0][path]) for path, part in first[0].items()}
-    taylor = {path: (total + second[1][path][0], counted + second[1][path][1])
-              for path, (total, counted) in first[1].items()}
+    taylor = {path: merge_taylor(parts, second[1][path]) for path, parts in first[1].items()}
     return sums, taylor
 
 
@@ -261,7 +280,8 @@ def scores_frame(model: keras.Model, sums: dict[str, activations.FilterSums], ta
                  threshold: float = 0.0, near_dead_apoz: float = 0.99) -> pd.DataFrame:
     """The filter_scores table from (merged) score_sums and the model's weights."""
     layers = list(sums)
-    stats, taylor = activations.stats_frame(sums, threshold), taylor_of(taylor_sums)
+    stats, taylor, taylor_se = activations.stats_frame(sums, threshold), taylor_of(taylor_sums), taylor_errors(taylor_sums)
+    scales = bn_scales(model, layers)
     frames = []
     for layer in layers:
         similarity, nearest, fpgm = redundancy(model, layer)
@@ -270,9 +290,11 @@ def scores_frame(model: keras.Model, sums: dict[str, activations.FilterSums], ta
             "layer": layer, "filter": part["filter"], "l1": l1_norms(model, layer), "apoz": part["apoz"],
             "mean": part["mean"], "redundancy": similarity, "nearest": nearest, "fpgm": fpgm,
             "dead": part["dead"], "near_dead": (part["apoz"] > near_dead_apoz) & ~part["dead"],
-            "measured_at": part["measured_at"],
+            "measured_at": part["measured_at"], "apoz_se": part["apoz_se"], "mean_se": part["mean_se"],
         })
         frame["taylor"] = taylor.get(layer, np.nan)
+        frame["taylor_se"] = taylor_se.get(layer, np.nan)
+        frame["bn_scale"] = scales[layer]
         for column in ("l1", "mean", "taylor", "fpgm"):
             top = frame[column].max()
             frame[f"{column}_norm"] = frame[column] / top if top and np.isfinite(top) else 0.0

@@ -1,4 +1,5 @@
-"""Which filters to propose: candidates by a criterion and a share, rankings, and the random baseline.
+"""Which filters to propose: candidates by a criterion and a share, rankings, and whether a criterion can tell
+a layer's filters apart on the images it was measured on.
 
 One answer for the Pruning page, the report and the command line (`candidates`); a layer whose score is
 undefined (APoZ without a zero floor, Taylor without classes) is left out with the reason (`unavailable`).
@@ -6,12 +7,10 @@ undefined (APoZ without a zero floor, Taylor without classes) is left out with t
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pandas as pd
 
 from audit.errors import AuditError
-from audit.pruning.scores import filter_kernels
 
 def lowest_share(scores: pd.DataFrame, criterion: str, share: float) -> pd.Series:
     """Rows among the lowest `share` of their layer by a score (ties in row order): the candidates. A layer
@@ -27,6 +26,7 @@ CRITERIA = {
     "taylor": "lowest Taylor score (Molchanov et al. 2017)",
     "fpgm": "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)",
     "apoz": "highest APoZ (Hu et al. 2016)",
+    "bn_scale": "smallest BatchNorm scale |gamma| (Network Slimming, Liu et al. 2017)",
 }
 """Ways to choose candidates, by the code a link, the report and the command line carry. "dead" takes no share."""
 
@@ -56,6 +56,9 @@ def unavailable(criterion: str) -> str:
     if criterion in ("apoz", "dead"):
         return ("APoZ and dead filters are defined only where a filter's output has a zero floor (after a ReLU); "
                 "this layer's filters are used after an activation without one (ELU, swish, linear).")
+    if criterion == "bn_scale":
+        return ("BatchNorm scales need a BatchNormalization (with a scale) on the filter's channel; this layer's "
+                "channel meets none.")
     return f"No {criterion} scores."
 
 
@@ -74,9 +77,27 @@ def ranked_layers(scores: pd.DataFrame, criterion: str) -> list[str]:
     return [layer for layer, ok in defined.items() if ok]
 
 
-def random_selection(selection: dict[str, list[int]], model: keras.Model, seed: int = 0) -> dict[str, list[int]]:
-    """As many filters per layer as the selection, drawn at random (seeded): the baseline every ranking
-    has to beat (Mittal et al. 2018)."""
-    rng = np.random.default_rng(seed)
-    return {layer: sorted(rng.choice(filter_kernels(model, layer).shape[-1], len(channels), replace=False).tolist())
-            for layer, channels in selection.items()}
+SAMPLING_ERRORS = {"apoz": "apoz_se", "mean": "mean_se", "taylor": "taylor_se"}
+"""The criteria measured on images, by the column holding each filter's standard error over the images."""
+RELIABLE = 0.5
+"""The least share of a criterion's spread between a layer's filters that must be more than sampling noise."""
+
+
+def reliability(scores: pd.DataFrame, criterion: str) -> pd.DataFrame:
+    """Per layer, whether a criterion can tell the layer's filters apart on these images: the spread of the
+    scores between filters (their variance), the sampling noise of one filter's score (the mean squared standard
+    error over the images) and the reliability 1 - noise / spread (classical test theory: the share of the spread
+    that is not noise), `distinct` when it reaches RELIABLE. Weight criteria (L1, FPGM, BN scale) have no
+    sampling noise: reliability 1 where their scores differ."""
+    rows = []
+    error_column = SAMPLING_ERRORS.get(criterion)
+    for layer, part in scores.groupby("layer", sort=False):
+        values = part[criterion].astype(float)
+        if values.isna().all():
+            continue
+        spread = float(values.var(ddof=1)) if len(values) > 1 else 0.0
+        noise = float(np.nanmean(part[error_column].astype(float) ** 2)) if error_column in part else 0.0
+        value = 1.0 - noise / spread if spread > 0 else 0.0
+        rows.append({"layer": layer, "spread": np.sqrt(spread), "noise": np.sqrt(noise),
+                     "reliability": max(0.0, value), "distinct": value >= RELIABLE})
+    return pd.DataFrame(rows, columns=["layer", "spread", "noise", "reliability", "distinct"])

@@ -28,15 +28,24 @@ from audit.pruning.surgery import kept_cost
 
 SCOPES = ("layer", "global")
 RANKING_CRITERIA = tuple(name for name in CRITERIA if name != "dead")
+RANDOM = "random"
+"""The baseline every criterion must beat (Mittal et al. 2018): the groups in a seeded random order, taken to the
+same target by the same machinery."""
 
 
-def group_importance(graph: groups.DependencyGraph, scores: pd.DataFrame, criterion: str
+def group_importance(graph: groups.DependencyGraph, scores: pd.DataFrame, criterion: str, seed: int = 0
                      ) -> list[tuple[float, groups.Group]]:
     """The groups that can go, least important first, with their importance: each layer's scores divided by
     the layer's mean magnitude (APoZ as 1 - APoZ: more zeros, less important), averaged over the group's
-    filters that have a score. Groups without any scored filter are left out: nothing says what they are worth."""
-    if criterion not in RANKING_CRITERIA:
+    filters that have a score. Groups without any scored filter are left out: nothing says what they are worth.
+    `criterion="random"`: every group with a filter in a scored layer, in a random order drawn with `seed`."""
+    if criterion not in RANKING_CRITERIA + (RANDOM,):
         raise AuditError(f"Groups are ranked by one of {', '.join(RANKING_CRITERIA)}, not {criterion!r}.")
+    if criterion == RANDOM:
+        scored = set(scores["layer"])
+        free = [group for group in graph.groups() if not group.locked and scored & set(group.filters)]
+        draws = np.random.default_rng(seed).random(len(free))
+        return sorted(zip(draws.tolist(), free), key=lambda item: item[0])
     if criterion not in scores or scores[criterion].isna().all():
         raise AuditError(unavailable(criterion))
     values = 1.0 - scores["apoz"] if criterion == "apoz" else scores[criterion].astype(float)
@@ -59,10 +68,21 @@ def _channels(graph: groups.DependencyGraph) -> dict[str, int]:
     return {path: len(graph.elements(as_list(call.output)[0])) for path, call in graph.producers().items()}
 
 
-def _ceilings(channels: dict[str, int], max_per_layer: float) -> dict[str, int]:
+def _ceilings(channels: dict[str, int], max_per_layer: float, original: dict[str, int] | None = None
+              ) -> dict[str, int]:
+    """How many channels each layer may still lose: `max_per_layer` of its `original` count (a model cut before,
+    in steps) less what it has lost already, and never its last channel."""
     if not 0.0 < max_per_layer <= 1.0:
         raise AuditError(f"The most any layer may lose is a share between 0 and 1, not {max_per_layer}.")
-    return {path: min(int(max_per_layer * count), count - 1) for path, count in channels.items()}
+    original = {**channels, **(original or {})}
+    return {path: max(0, min(int(max_per_layer * original[path]), original[path] - 1) - (original[path] - count))
+            for path, count in channels.items()}
+
+
+def channel_counts(model: keras.Model, graph: groups.DependencyGraph | None = None) -> dict[str, int]:
+    """Output channels of every layer whose channels are filters (conv, depthwise, dense), by path: what
+    `to_target`'s `original` takes when a model is cut in steps."""
+    return _channels(graph or groups.DependencyGraph(model))
 
 
 def _in_turn(ranked: list[tuple[float, groups.Group]], most: dict[str, int]):
@@ -111,20 +131,22 @@ def select(model: keras.Model, scores: pd.DataFrame, criterion: str, share: floa
 
 
 def to_target(model: keras.Model, scores: pd.DataFrame, criterion: str, params: float | None = None,
-              macs: float | None = None, max_per_layer: float = 0.9, graph: groups.DependencyGraph | None = None
-              ) -> dict[str, list[int]]:
+              macs: float | None = None, max_per_layer: float = 0.9, graph: groups.DependencyGraph | None = None,
+              seed: int = 0, original: dict[str, int] | None = None) -> dict[str, list[int]]:
     """Filters to remove (whole groups, least important first over the model) so that the pruned model keeps
     `params` of its parameters or `macs` of its multiply-adds per image (a fraction; one of the two), as close
     as the groups allow (within 0.02 unless one group is bigger). Counted on the graph without building a model
-    at each step (surgery.kept_cost), by bisection over how many groups go."""
+    at each step (surgery.kept_cost), by bisection over how many groups go. `criterion="random"` takes the groups
+    in a random order (`seed`): the baseline at the same size. `original`: the channel counts of the model
+    before earlier steps (channel_counts), against which `max_per_layer` is counted."""
     if (params is None) == (macs is None):
         raise AuditError("Give one target: the share of parameters or of multiply-adds to keep.")
     fraction = float(params if params is not None else macs)
     if not 0.0 < fraction <= 1.0:
         raise AuditError(f"The share to keep is between 0 and 1, not {fraction}.")
     graph = graph or groups.DependencyGraph(model)
-    ceiling = _ceilings(_channels(graph), max_per_layer)
-    order = list(_in_turn(group_importance(graph, scores, criterion), ceiling))  # what a global ranking takes
+    ceiling = _ceilings(_channels(graph), max_per_layer, original)
+    order = list(_in_turn(group_importance(graph, scores, criterion, seed), ceiling))  # what a global ranking takes
     which = 0 if params is not None else 1
     full = kept_cost(graph, set())[which]
 
