@@ -163,11 +163,11 @@ class FilterSums:
             "std": np.sqrt(variance),
             "max": self.maximum,
             "apoz": apoz if self.floored else undefined,
-            "apoz_se": standard_error(self.quiet_share_squares, apoz) if self.floored else undefined,
-            "mean_se": standard_error(self.image_mean_squares, mean),
             "fires": self.firing / self.images if self.floored else undefined,
             "dead": (self.maximum <= threshold) if self.floored else np.zeros(len(self.total), bool),
             "measured_at": self.measured_at or layer,
+            "apoz_se": standard_error(self.quiet_share_squares, apoz) if self.floored else undefined,
+            "mean_se": standard_error(self.image_mean_squares, mean),
         })
 
 

@@ -228,12 +228,12 @@ def _save(args, model, smaller) -> int:
         smaller.export(args.saved_model, format="tf_saved_model", verbose=False)
     batch = pruning.throughput_batch(model)
     before, after = pruning.speed(model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
-    (latency, throughput), (latency_after, throughput_after) = before.items(), after.items()
+    (latency, throughput), (latency_after, throughput_after) = before.values(), after.values()
     print(f"{args.out}: {smaller.count_params():,} parameters (from {model.count_params():,}, "
           f"{smaller.count_params() / model.count_params():.1%}), {pruning.flops(smaller):,} multiply-adds per image "
-          f"({pruning.flops(smaller) / pruning.flops(model):.1%}); here {latency_after[1]:.2f} ms per image at batch 1 "
-          f"(from {latency[1]:.2f}) and {throughput_after[1]:,.0f} images per second at {throughput_after[0][-8:]} "
-          f"(from {throughput[1]:,.0f})" + (f"; SavedModel in {args.saved_model}" if args.saved_model else ""))
+          f"({pruning.flops(smaller) / pruning.flops(model):.1%}); here {latency_after:.2f} ms per image at batch 1 "
+          f"(from {latency:.2f}) and {throughput_after:,.0f} images per second at batch {batch} (from {throughput:,.0f})"
+          + (f"; SavedModel in {args.saved_model}" if args.saved_model else ""))
     return 0
 
 
@@ -355,8 +355,9 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     prune.add_argument("--patience", type=cli_common.count(1, 50), default=3,
                        help="epochs without a better validation loss before fine-tuning stops")
     prune.add_argument("--lr", type=cli_common.positive, default=1e-3, help="fine-tuning learning rate (cosine decay)")
-    prune.add_argument("--distill", action="store_true",
-                       help="fine-tune with distillation from the unpruned model (Hinton et al. 2015)")
+    prune.add_argument("--no-distill", dest="distill", action="store_false",
+                       help="fine-tune on the labels alone, not also distilled from the unpruned model (Hinton et "
+                            "al. 2015; the default distils)")
     prune.set_defaults(run=_prune)
     streaming(prune)
 

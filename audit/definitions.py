@@ -24,6 +24,7 @@ class Definition:
 A = "tests/test_attribution.py::"
 P = "tests/test_pruning.py::"
 S = "tests/test_activations.py::"
+R = "tests/test_recovery.py::"
 
 DEFINITIONS = (
     Definition("Output shape, parameters, kernel, stride", ("Model",),
@@ -215,11 +216,44 @@ DEFINITIONS = (
                "on trained VGG16 (0.96 on untrained nets); Integrated Gradients always runs in float32 (its "
                "completeness would drift to 1.4%).", "Kalamkar et al. 2019 (bfloat16)",
                "tests/test_precision.py::test_statistics_of_the_bfloat16_copy_stay_within_the_stated_tolerance"),
+    Definition("BN scale", ("Pruning", "Report"),
+               "|gamma| of the BatchNormalization that first normalises the filter's channel on its way forward "
+               "(right after it, or after the residual add or concatenation it feeds, at its place there); empty "
+               "where the channel meets none.", "Liu et al. 2017 (Network Slimming)",
+               R + "test_bn_scale_follows_a_group_through_a_residual_add"),
+    Definition("Standard error and reliability", ("Activations", "Pruning"),
+               "A data criterion's standard error over the images: the standard deviation of each image's value "
+               "(share of zeros, mean, mean a x g) over sqrt(images). Per layer, reliability = 1 - mean(se²) / "
+               "variance of the scores between its filters: the share of their spread that is not sampling noise; "
+               "under 0.5 the criterion cannot tell the layer's filters apart on these images.",
+               "classical test theory (reliability)",
+               R + "test_reliability_says_when_a_criterion_cannot_tell_a_layers_filters_apart"),
+    Definition("BN recalibration", ("Pruning",),
+               "After a cut, each BatchNorm's moving mean and variance re-estimated on the fine-tuning images: the "
+               "mean and population variance of its input as the cut model computes it (batch moments merged "
+               "exactly; a second pass in inference mode when the images take several batches).",
+               "Li et al. 2020 (EagleEye)",
+               R + "test_recalibrated_batchnorms_hold_the_mean_and_variance_of_their_inputs"),
     Definition("Recovery", ("Pruning",),
                "Accuracy (with its Wilson interval) and cross-entropy on a held-out quarter drawn class by class, "
-               "before pruning, after, and after fine-tuning, beside a random pruning of the same size fine-tuned "
-               "the same way.", "Blalock et al. 2020",
-               P + "test_fine_tuning_recovers_what_pruning_half_of_two_layers_lost_on_the_demo_model"),
+               "before pruning, and for the chosen cut and a random cut of whole groups to the same number of "
+               "parameters (within 1% where the groups allow): right after the cut, after BN recalibration, and "
+               "after fine-tuning until the validation loss (a fifth of the other images) has not improved for the "
+               "patience, the best epoch kept.", "Blalock et al. 2020; Mittal et al. 2018",
+               R + "test_recovery_sets_the_cut_beside_a_random_cut_of_the_same_size_at_every_stage"),
+    Definition("Distillation", ("Pruning",),
+               "Fine-tuning loss (1 - w) CE(labels) + w T² KL(softmax(teacher / T) || softmax(student / T)), the "
+               "unpruned model the teacher, T = 4, w = 0.7 (sigmoid heads: per class Bernoulli).",
+               "Hinton et al. 2015", R + "test_distillation_loss_equals_the_formula"),
+    Definition("What the cut forgets", ("Pruning", "Report"),
+               "Per class, accuracy before and after on the same images (Wilson intervals), and a flag where the "
+               "class's mean change is above the set's by a one-sided z-test for a sample drawn without replacement "
+               "(p < 0.05 / classes, at least 5 images); the changed images are those whose top-1 class changed.",
+               "Hooker et al. 2019", R + "test_per_class_forgetting_equals_numpy_and_flips_are_the_changed_answers"),
+    Definition("Latency and throughput", ("Pruning", "Report"),
+               "The median time of a warm compiled prediction of zeros here: milliseconds per image at batch 1, "
+               "and images per second at batch 64 (cut to the server's activation budget).", "measured",
+               "tests/test_pruning_targets.py::test_latency_is_the_median_time_of_a_compiled_prediction_per_image"),
 )
 
 

@@ -83,10 +83,10 @@ def _tuning_settings(prefix: str, default_epochs: int, label: str) -> pruning.Tu
                                      key=f"{prefix}_lr", help="Adam, with a cosine decay over the most epochs.")
         batchnorm = links.selectbox(c4, "BatchNorm while fine-tuning", list(pruning.BATCHNORM_MODES),
                                     param=f"{prefix}_bn", key=f"{prefix}_bn",
-                                    format_func={"frozen": "re-estimated, then kept",
-                                                 "train": "trained on each batch"}.get)
+                                    format_func={"frozen": "kept in inference mode",
+                                                 "train": "trained, re-estimated each epoch"}.get)
         distill = links.toggle(st, "Distil from the unpruned model (Hinton et al. 2015)", param=f"{prefix}_distill",
-                               key=f"{prefix}_distill",
+                               key=f"{prefix}_distill", value=True,
                                help="The loss adds the KL divergence to the unpruned model's softened outputs "
                                     "(temperature 4, weight 0.7) to the labels' cross-entropy.")
     return pruning.Tuning(max_epochs=int(epochs), patience=int(patience), learning_rate=float(learning_rate),

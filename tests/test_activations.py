@@ -30,6 +30,11 @@ def test_every_statistic_equals_a_numpy_computation_on_the_full_tensor():
         for column in ("mean", "std", "max", "apoz", "fires"):
             np.testing.assert_allclose(got[column], expected[column], rtol=1e-5, atol=1e-6, err_msg=column)
         np.testing.assert_array_equal(got["dead"], expected["dead"])
+        # the standard errors over the images: each image's share of zeros and its mean are one draw each
+        per_image = full.reshape(len(x), -1, full.shape[-1])
+        for column, values in (("apoz_se", (per_image <= 0).mean(axis=1)), ("mean_se", per_image.mean(axis=1))):
+            np.testing.assert_allclose(got[column], values.std(axis=0) / np.sqrt(len(x)), rtol=1e-4, atol=1e-6,
+                                       err_msg=column)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])

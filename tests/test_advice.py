@@ -127,7 +127,7 @@ def test_the_report_lists_the_candidates_the_pruning_page_lists_for_the_same_lin
     assert listed == shown == 224  # half of each of the demo's six layers (448 filters)
 
 
-def test_the_command_line_fine_tunes_from_class_folders(tmp_path):
+def test_the_command_line_fine_tunes_from_class_folders(tmp_path, capsys):
     model = tmp_path / "flat.keras"
     model.write_bytes(storage.upload_path("models", _flat_upload()).read_bytes())
     archive = tmp_path / "classes.zip"
@@ -137,3 +137,8 @@ def test_the_command_line_fine_tunes_from_class_folders(tmp_path):
                      "--out", str(out), "--quiet"])
     assert code == 0 and out.exists()
     assert keras.saving.load_model(out).get_layer("conv").filters == 2
+    printed = capsys.readouterr().out
+    assert "random ranking, same size, fine-tuned" in printed and "stopped after" in printed or "ran all 1" in printed
+    saved = next(line for line in printed.splitlines() if line.startswith("Saved: "))
+    assert saved.endswith("the best held-out accuracy. Per class on the 3 held-out images:")  # a quarter of 12
+    assert "bright" in printed and "dark" in printed and "changed their answer" in printed

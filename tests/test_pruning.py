@@ -142,8 +142,14 @@ def test_taylor_scores_match_a_tape_on_a_softmax_model():
         maps, probabilities = cut(x)
         tape.watch(maps)
         log_p = tf.reduce_sum(tf.math.log(tf.gather(probabilities, labels, axis=1, batch_dims=1) + 1e-12))
-    expected = np.abs((maps * tape.gradient(log_p, maps)).numpy().mean(axis=(0, 1, 2)))
+    products = (maps * tape.gradient(log_p, maps)).numpy()
+    expected = np.abs(products.mean(axis=(0, 1, 2)))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    # its sampling noise: the standard error over the images of each image's mean a * g
+    scores = pruning.filter_scores(model, x, labels)
+    per_image = products.mean(axis=(1, 2))
+    np.testing.assert_allclose(scores.loc[scores.layer == "conv2", "taylor_se"],
+                               per_image.std(axis=0) / np.sqrt(len(x)), rtol=1e-3, atol=1e-8)
 
 
 def test_flops_fall_when_filters_go():

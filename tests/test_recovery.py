@@ -202,7 +202,7 @@ def test_fine_tuning_stops_when_the_validation_loss_rises_and_keeps_the_weights_
     model.fit(x, labels, epochs=15, batch_size=32, verbose=0)
     weights = [w.copy() for w in model.get_weights()]
     tuned = pruning.fine_tune(model, x, labels, pruning.Tuning(max_epochs=10, patience=2, learning_rate=1.0,
-                                                               batchnorm="train"), seed=0)
+                                                               distill=False), seed=0)
     assert tuned.validation_loss[1] > tuned.validation_loss[0]  # a step of 1.0 wrecks the weights
     assert tuned.epochs == 2 and tuned.best_epoch == 0
     for kept, before in zip(model.get_weights(), weights):
@@ -249,5 +249,44 @@ def test_on_a_trained_batchnorm_network_recalibration_lifts_the_cut_and_recovery
     table = found.table.set_index("model")
     assert table.loc["chosen ranking, BN recalibrated", "accuracy"] > table.loc["chosen ranking, cut", "accuracy"] + 0.2
     tuned, unpruned = table.loc["chosen ranking, fine-tuned"], table.loc["before pruning"]
-    assert tuned["high"] >= unpruned["low"]  # the intervals overlap
+    # bench/recovery.py: 94.7% [91.5-96.7] against the unpruned 98.3% [96.2-99.3], the random cut 82.7%; a margin
+    # of a few images either way for threads that do not add up in the same order
+    assert tuned["accuracy"] >= 0.92 and unpruned["accuracy"] - tuned["accuracy"] <= 0.06
+    assert tuned["accuracy"] > table.loc["random ranking, same size, fine-tuned", "accuracy"] + 0.05
     assert abs(table.loc["random ranking, same size, cut", "parameters"] / tuned["parameters"] - 1) <= 0.01
+
+
+def test_reliability_says_when_a_criterion_cannot_tell_a_layers_filters_apart():
+    """Spread between filters against each filter's sampling noise: 1 - mean(se²) / var(scores)."""
+    scores = pd.DataFrame({"layer": ["a"] * 3 + ["b"] * 3, "filter": [0, 1, 2] * 2,
+                           "apoz": [0.50, 0.52, 0.48, 0.1, 0.5, 0.9], "apoz_se": [0.02] * 3 + [0.02] * 3,
+                           "l1": [1.0, 2.0, 3.0, 1.0, 1.0, 1.0]})
+    found = pruning.reliability(scores, "apoz").set_index("layer")
+    assert found.loc["a", "reliability"] == pytest.approx(max(0.0, 1 - 0.02 ** 2 / np.var([0.5, 0.52, 0.48], ddof=1)))
+    assert found.loc["b", "reliability"] == pytest.approx(1 - 0.02 ** 2 / np.var([0.1, 0.5, 0.9], ddof=1))
+    assert list(found["distinct"]) == [False, True]
+    weights = pruning.reliability(scores, "l1").set_index("layer")  # no sampling noise; but b's are all equal
+    assert list(weights["reliability"]) == [1.0, 0.0]
+
+
+def test_distillation_loss_equals_the_formula():
+    """(1 - w) CE(label) + w T² KL(softmax(teacher / T) || softmax(student / T)), per image."""
+    from audit import heads
+
+    head = heads.Head(0, "out", None, 3, "softmax", False, "")
+    tuning = pruning.Tuning(distill=True, temperature=2.0, soft_weight=0.25)
+    labels = np.array([0, 2])
+    teacher = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], np.float32)
+    student = np.array([[1.0, 1.0, 0.0], [0.5, -0.5, 1.5]], np.float32)
+    got = np.asarray(pruning.loss_for(head, tuning)(pruning.targets_for(labels, head, teacher), student))
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    hard = -log_softmax(student)[np.arange(2), labels]
+    p = np.exp(log_softmax(teacher / 2))
+    soft = (p * (log_softmax(teacher / 2) - log_softmax(student / 2))).sum(axis=1)
+    np.testing.assert_allclose(got, 0.75 * hard + 0.25 * 4 * soft, rtol=1e-5)
+    plain = np.asarray(pruning.loss_for(head, pruning.Tuning())(pruning.targets_for(labels, head), student))
+    np.testing.assert_allclose(plain, hard, rtol=1e-5)

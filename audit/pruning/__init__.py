@@ -73,6 +73,8 @@ from audit.pruning.tuning import (  # noqa: F401
     validation_split,
     fine_tune,
     cross_entropy,
+    loss_for,
+    targets_for,
 )
 from audit.pruning.quality import (  # noqa: F401
     QualitySums,

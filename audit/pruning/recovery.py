@@ -129,7 +129,7 @@ def stages(model: keras.Model, smaller: keras.Model, name: str, images: np.ndarr
     tuned_model = copy_of(smaller)
     tuned = fine_tune(tuned_model, images[train], labels[train], tuning, seed=seed, output=output,
                       progress=progress, teacher=model if tuning.distill else None)
-    measured("fine-tuned" + (" with distillation" if tuning.distill else ""), tuned_model, tuned.seconds, tuned)
+    measured("fine-tuned", tuned_model, tuned.seconds, tuned)
     return rows
 
 

@@ -608,3 +608,49 @@ def test_the_walk_left_no_warning_flood_in_the_server_log(server):
     assert not warnings or max(warnings.values()) < 20, warnings.most_common(3)
     deprecated = [line for line in text.splitlines() if "deprecat" in line.lower()]
     assert not deprecated, deprecated[:3]
+
+
+def _shapes_zip(path, count: int, seed: int):
+    """Generated shapes at the trained network's size in class folders numbered as its classes (the sorted folder
+    names give the class indices of a model saved without class names)."""
+    import zipfile
+
+    from audit.zoo import residual, shapes
+
+    data = shapes.generate(count, seed, residual.SIZE)
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, (pixels, label) in enumerate(zip(data.images, data.labels)):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            archive.writestr(f"{label}_{shapes.CLASSES[label]}/{index:04d}.png", buffer.getvalue())
+    return path
+
+
+def test_pruning_page_on_a_trained_batchnorm_network_recovers_and_says_what_it_forgets(
+        server, browser, tmp_path_factory, monkeypatch):
+    """A Conv-BN-ReLU network with residual adds trained to > 95% (audit.zoo.residual), uploaded with a zip of
+    labelled images; half its parameters cut by BN scale: the recovery says what each fine-tuning did, the best
+    held-out row is the download's default, and what the cut forgets is shown per class and by image."""
+    from audit import storage
+    from audit.zoo import residual
+
+    url, _ = server
+    folder = tmp_path_factory.mktemp("trained_bn")
+    model, _, _ = residual.trained()
+    model.save(folder / "residual_bn.keras")
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(_server_data(tmp_path_factory)))
+    digest = storage.save_upload((folder / "residual_bn.keras").read_bytes(), "models", "residual_bn.keras")
+    images = storage.save_upload(_shapes_zip(folder / "shapes.zip", 360, 103).read_bytes(), "images", "shapes.zip")
+    query = (f"model=upload:{digest}&images=upload&uploads={images}&criterion=bn_scale&prune_target=params"
+             "&keep=0.5")
+    context, page = _open(browser, "about:blank")
+    _visit(page, url, "pruning", query)
+    _press_all(page, "Fine-tune and compare", 600_000)
+    main = page.locator("[data-testid=stMain]")
+    assert main.get_by_text(re.compile(r"^chosen ranking, fine-tuned: (stopped after|ran all)")).count() == 1
+    assert main.get_by_text(re.compile(r"^What chosen ranking, fine-tuned forgets|^What random ranking")).count() == 1
+    chosen = page.locator("[data-testid=stSelectbox]").filter(has_text="Model to download")
+    assert "(best held-out accuracy)" in chosen.inner_text()
+    assert main.get_by_text(re.compile(r"held-out images? changed their answer")).count() == 1
+    _whole_page_screenshot(page, "pruning_trained_bn.png")
+    context.close()
