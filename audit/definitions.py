@@ -247,8 +247,10 @@ DEFINITIONS = (
                "Hinton et al. 2015", R + "test_distillation_loss_equals_the_formula"),
     Definition("What the cut forgets", ("Pruning", "Report"),
                "Per class, accuracy before and after on the same images (Wilson intervals), and a flag where the "
-               "class's mean change is above the set's by a one-sided z-test for a sample drawn without replacement "
-               "(p < 0.05 / classes, at least 5 images); the changed images are those whose top-1 class changed.",
+               "class lost more answers (net of those it won) than a random draw of as many images from the set "
+               "would, by an exact one-sided permutation test (the multivariate hypergeometric law of lost and won "
+               "answers; p < 0.05 / classes, at least 5 images); the changed images are those whose top-1 class "
+               "changed.",
                "Hooker et al. 2019", R + "test_per_class_forgetting_equals_numpy_and_flips_are_the_changed_answers"),
     Definition("Latency and throughput", ("Pruning", "Report"),
                "The median time of a warm compiled prediction of zeros here: milliseconds per image at batch 1, "

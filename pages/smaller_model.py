@@ -151,15 +151,18 @@ def forgetting(selection: Selection, found: pruning.Forgetting, held_out: np.nda
     if not len(flipped):
         st.caption("No held-out image changed its answer.")
         return
-    st.caption(f"{markup.count(len(flipped), 'held-out image')} changed their answer (pruning-identified exemplars, "
-               f"Hooker et al. 2019); the first {min(THUMBNAILS, len(flipped))}:")
+    said = ("1 held-out image changed its answer" if len(flipped) == 1 else
+            f"{len(flipped):,} held-out images changed their answer")
+    st.caption(f"{said} (pruning-identified exemplars, Hooker et al. 2019)"
+               + (f"; the first {THUMBNAILS}:" if len(flipped) > THUMBNAILS else ":"))
     columns = st.columns(6)
-    for position, item in enumerate(flipped.head(THUMBNAILS).itertuples()):
-        picture = selection.image_set[int(held_out[int(item.image)])]
-        mark = "✓" if item.right_after else ("✗" if item.right_before else "·")
+    for position, (_, item) in enumerate(flipped.head(THUMBNAILS).iterrows()):
+        picture = selection.image_set[int(held_out[int(item["image"])])]
+        mark = "✓" if item["right after"] else ("✗" if item["right before"] else "·")
         columns[position % 6].image(images.fit(picture.pixels, (96, 96), "crop"), width="stretch", caption=(
-            markup.escape(f"{picture.name}: {item.label}; {item.before} → {item.after} {mark}")))
-    with st.expander(f"All {markup.count(len(flipped), 'changed image')}"):
+            markup.escape(f"{picture.name}: {item['label']}; {item['before']} → {item['after']} {mark}")))
+    with st.expander("The changed image in a table" if len(flipped) == 1 else
+                     f"All {len(flipped):,} changed images in a table"):
         st.dataframe(flipped.assign(image=[selection.image_set[int(held_out[int(i)])].name for i in flipped["image"]]),
                      hide_index=True, width="stretch")
 
@@ -232,7 +235,7 @@ def steps(selection: Selection, criterion: str, target: pruning.Target) -> None:
     keep = links.number(c2, "Share to keep", 0.1, 0.95, float(default_keep), step=0.05, param="prune_steps_keep",
                         key="prune_steps_keep")
     count = links.number(c3, "Steps", 1, 10, 3, param="prune_steps", key="prune_steps")
-    tuning = _tuning_settings("prune_steps", 3, "a number of epochs per step")
+    tuning = _tuning_settings("prune_steps", 3, "for each step")
     goal = pruning.Target(measure, float(keep))
     passes = pruning_jobs.trade_off_passes(len(selection.image_set), int(count), tuning)
     pressed = st.button(f"Prune in {int(count)} steps and compare (up to {jobs.estimate(selection, passes)} here)",
