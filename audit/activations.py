@@ -107,7 +107,7 @@ SUMS_FORMAT = 2
 """The version of the partial sums' fields: part of a run's folder name, so shards of another version are never
 merged with these (2: the per-image squares behind the standard errors)."""
 ARRAYS = ("count", "images", "total", "squares", "maximum", "quiet", "firing", "quiet_share_squares",
-          "image_mean_squares")
+          "image_mean_total", "image_mean_squares")
 """The FilterSums fields that are sums over images (what a shard file and a compiled pass carry)."""
 
 
@@ -123,6 +123,7 @@ class FilterSums:
     quiet: np.ndarray  # values <= the threshold (the APoZ numerator; at threshold 0, the zeros of a ReLU)
     firing: np.ndarray  # images in which the filter exceeds the threshold somewhere
     quiet_share_squares: np.ndarray  # per image, the share of values <= the threshold, squared: APoZ's spread
+    image_mean_total: np.ndarray  # per image, the mean value, summed in float64 (the spread subtracts its square)
     image_mean_squares: np.ndarray  # per image, the mean value, squared: the mean's spread over images
     measured_at: str = ""  # the layer whose output was summed ("" for the layer itself)
     floored: bool = True  # that output has a zero floor (see Measure)
@@ -130,8 +131,8 @@ class FilterSums:
     @classmethod
     def empty(cls, channels: int, measured_at: str = "", floored: bool = True) -> "FilterSums":
         return cls(0.0, 0, np.zeros(channels), np.zeros(channels), np.full(channels, -np.inf),
-                   np.zeros(channels), np.zeros(channels), np.zeros(channels), np.zeros(channels), measured_at,
-                   floored)
+                   np.zeros(channels), np.zeros(channels), np.zeros(channels), np.zeros(channels),
+                   np.zeros(channels), measured_at, floored)
 
     def parts(self) -> tuple:
         return tuple(getattr(self, name) for name in ARRAYS)
@@ -141,6 +142,7 @@ class FilterSums:
                           self.squares + other.squares, np.maximum(self.maximum, other.maximum),
                           self.quiet + other.quiet, self.firing + other.firing,
                           self.quiet_share_squares + other.quiet_share_squares,
+                          self.image_mean_total + other.image_mean_total,
                           self.image_mean_squares + other.image_mean_squares, self.measured_at or other.measured_at, self.floored and other.floored)
 
     def frame(self, layer: str, threshold: float = 0.0) -> pd.DataFrame:
@@ -167,7 +169,7 @@ class FilterSums:
             "dead": (self.maximum <= threshold) if self.floored else np.zeros(len(self.total), bool),
             "measured_at": self.measured_at or layer,
             "apoz_se": standard_error(self.quiet_share_squares, apoz) if self.floored else undefined,
-            "mean_se": standard_error(self.image_mean_squares, mean),
+            "mean_se": standard_error(self.image_mean_squares, self.image_mean_total / max(self.images, 1)),
         })
 
 
@@ -185,7 +187,10 @@ def batch_sums(a, threshold: float = 0.0) -> FilterSums:
                       tf.reduce_max(per_image, 0),  # from the per-image maxima: one pass over the maps fewer
                       tf.reduce_sum(quiet, axes),
                       tf.reduce_sum(tf.cast(per_image > threshold, tf.float32), 0),
-                      tf.reduce_sum(tf.square(quiet_share), 0), tf.reduce_sum(tf.square(image_mean), 0))
+                      # in float64: the standard errors subtract mean² from these (small spreads cancel in float32)
+                      tf.reduce_sum(tf.square(tf.cast(quiet_share, tf.float64)), 0),
+                      tf.reduce_sum(tf.cast(image_mean, tf.float64), 0),
+                      tf.reduce_sum(tf.square(tf.cast(image_mean, tf.float64)), 0))
 
 
 def to_numpy(parts: tuple, measure: Measure | None = None) -> FilterSums:

@@ -99,9 +99,10 @@ def shard_sums(loaded: models.LoadedModel, job: Job, shard: datasets.FileSet, fo
     for path, part in sums.items():
         arrays.update({f"{path}|{name}": np.asarray(getattr(part, name)) for name in activations.ARRAYS})
         arrays[f"{path}|measured_at"], arrays[f"{path}|floored"] = np.array(part.measured_at), np.array(part.floored)
-    for path, (total, counted, squares, images) in taylor.items():
+    for path, (total, counted, squares, images, image_total) in taylor.items():
         arrays[f"{path}|taylor"], arrays[f"{path}|taylor_count"] = np.asarray(total), np.array(counted)
         arrays[f"{path}|taylor_squares"], arrays[f"{path}|taylor_images"] = np.asarray(squares), np.array(images)
+        arrays[f"{path}|taylor_image_total"] = np.asarray(image_total)
     return arrays
 
 
@@ -113,7 +114,8 @@ def _unpack(arrays) -> tuple[dict, dict]:
                                          str(arrays[f"{path}|measured_at"]), bool(arrays[f"{path}|floored"]))
             for path in paths}
     taylor = {path: (np.asarray(arrays[f"{path}|taylor"], np.float64), int(arrays[f"{path}|taylor_count"]),
-                     np.asarray(arrays[f"{path}|taylor_squares"], np.float64), int(arrays[f"{path}|taylor_images"]))
+                     np.asarray(arrays[f"{path}|taylor_squares"], np.float64), int(arrays[f"{path}|taylor_images"]),
+                     np.asarray(arrays[f"{path}|taylor_image_total"], np.float64))
               for path in paths if f"{path}|taylor" in arrays}
     return sums, taylor
 

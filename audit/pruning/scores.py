@@ -163,7 +163,8 @@ def _compiled_pass(model: keras.Model, points: tuple[str, ...], head: heads.Head
                 contribution = tf.reduce_sum(product, axis=list(range(len(a.shape) - 1)))  # (C,)
                 per_image = tf.reduce_mean(product, axis=list(range(1, len(a.shape) - 1))) if len(a.shape) > 2 \
                     else product  # (N, C): each image's mean a * g, whose spread is the score's sampling noise
-                results.append((contribution, tf.reduce_sum(tf.square(per_image), 0),
+                per_image = tf.cast(per_image, tf.float64)
+                results.append((contribution, tf.reduce_sum(per_image, 0), tf.reduce_sum(tf.square(per_image), 0),
                                 *activations.batch_sums(a, threshold).parts()))
             return results
 
@@ -180,7 +181,8 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
     Both are taken where each filter's channel is used (activations.measures): a * dscore/da after the
     BatchNorm and activation, on the tensor the next layer reads. The Taylor part of a layer is (sum of
     a * dscore/da over images and positions, positions counted, sum over images of each image's mean a * g
-    squared, images counted): sums of shards merge by addition (see taylor_of)."""
+    squared, images counted, sum of each image's mean a * g in float64): sums of shards merge by addition (see
+    taylor_of and taylor_errors)."""
     head = heads.find_head(model, output)
     chosen = activations.measures(model, layers)
     points = tuple(dict.fromkeys(measure.measured_at for measure in chosen))
@@ -190,8 +192,8 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
         images, total = datasets.in_memory(images, labels, batch_size), len(images)
     shapes = {point: out.shape for point, out in zip(points, cut.outputs[:-1])}
     positions = {m.layer: int(np.prod(shapes[m.measured_at][1:-1])) for m in chosen}
-    taylor = {m.layer: (np.zeros(int(shapes[m.measured_at][-1])), 0, np.zeros(int(shapes[m.measured_at][-1])), 0)
-              for m in chosen}
+    taylor = {m.layer: (np.zeros(int(shapes[m.measured_at][-1])), 0, np.zeros(int(shapes[m.measured_at][-1])), 0,
+                        np.zeros(int(shapes[m.measured_at][-1]))) for m in chosen}
     sums = {m.layer: activations.FilterSums.empty(int(shapes[m.measured_at][-1]), m.measured_at, m.floored)
             for m in chosen}
     threshold = tf.constant(float(threshold))
@@ -200,11 +202,11 @@ def _scores_pass(model: keras.Model, layers: list[str], images, labels: np.ndarr
         for results in replicas:
             by_point = dict(zip(points, results))
             for measure in chosen:
-                contribution, squares, *parts = by_point[measure.measured_at]
+                contribution, image_total, squares, *parts = by_point[measure.measured_at]
                 part = activations.to_numpy(tuple(parts), measure)
                 taylor[measure.layer] = merge_taylor(taylor[measure.layer], (
                     np.asarray(contribution, np.float64), part.images * positions[measure.layer],
-                    np.asarray(squares, np.float64), part.images))
+                    np.asarray(squares, np.float64), part.images, np.asarray(image_total, np.float64)))
                 sums[measure.layer] = sums[measure.layer].merge(part)
     return sums, taylor
 
@@ -217,14 +219,14 @@ def taylor_of(taylor_sums: dict) -> dict[str, np.ndarray]:
 def taylor_errors(taylor_sums: dict) -> dict[str, np.ndarray]:
     """The standard error of each Taylor score over the images (each image's mean a * dscore/da one draw)."""
     errors = {}
-    for path, (total, counted, squares, images) in taylor_sums.items():
+    for path, (_, _, squares, images, image_total) in taylor_sums.items():
         images = max(images, 1)
-        errors[path] = np.sqrt(np.maximum(squares / images - (total / max(counted, 1)) ** 2, 0.0) / images)
+        errors[path] = np.sqrt(np.maximum(squares / images - (image_total / images) ** 2, 0.0) / images)
     return errors
 
 
 def merge_taylor(first: tuple, second: tuple) -> tuple:
-    """Two Taylor sums (total, positions counted, squares, images counted) as one."""
+    """Two Taylor sums (total, positions counted, squares, images counted, per-image total) as one."""
     return tuple(a + b for a, b in zip(first, second))
 
 
