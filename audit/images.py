@@ -105,6 +105,8 @@ def decode(data: bytes, name: str = "image", max_side: int | None = None) -> np.
             limits.IMAGE_PIXELS.check(width * height, f"{name} ({width} x {height})", ImageError)
             limits.ASPECT_RATIO.check(max(width, height) / max(1, min(width, height)),
                                       f"{name} ({width} x {height})", ImageError)
+            if img.format == "JPEG":  # each scan of a progressive JPEG walks every block of the image again
+                limits.JPEG_SCANS.check(jpeg_scans(data), f"{name} ({width} x {height}, progressive)", ImageError)
             if max_side and max(width, height) > max_side:
                 img.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale; others ignore it
             img.load()
@@ -122,6 +124,14 @@ def decode(data: bytes, name: str = "image", max_side: int | None = None) -> np.
         detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
         raise ImageError(f"{name}: cannot be read as an image ({detail}; {', '.join(FORMATS)} are read)."
                          ) from exc
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans a JPEG's bytes hold (its start-of-scan markers), without decoding: in the entropy-coded
+    data a 0xFF byte is always followed by 0x00 or a restart marker, so each 0xFF 0xDA starts a scan (an EXIF
+    thumbnail's own scan counts too: an upper bound). A baseline photo has 1, a progressive one about 10; a
+    file of thousands of tiny scans over a large declared image costs minutes of decoding for a few KB."""
+    return data.count(b"\xff\xda")
 
 
 def header_pixels(data_or_file, name: str) -> int:

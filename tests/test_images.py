@@ -3,7 +3,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from audit import images
 from audit.errors import ImageError
@@ -191,3 +191,34 @@ def test_large_images_in_a_zip_are_kept_at_the_pages_size(monkeypatch):
     found = {item.name: item.pixels for item in images.read_zip(archive.getvalue())}
     assert found["a.jpg"].shape == (67, 100, 3) and found["b.png"].shape == (100, 33, 3)
     assert abs(int(found["a.jpg"][30, 50, 0]) - 200) < 8  # the picture itself, reduced
+
+
+def test_a_progressive_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded(monkeypatch):
+    """The scan bomb: a progressive JPEG repeating a tiny scan thousands of times, each walking every block of a
+    large declared image (20,000 scans of a 7000 x 7000 image took 133 s of a core). Ordinary JPEGs pass:
+    baseline 1 scan, Pillow's progressive colour 10, grey 6 (counted by hand from libjpeg's scan script)."""
+    import skimage.data
+
+    def jpeg(array, **options) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", **options)
+        return buffer.getvalue()
+
+    chelsea = skimage.data.chelsea()
+    assert images.jpeg_scans(jpeg(chelsea)) == 1
+    assert images.jpeg_scans(jpeg(chelsea, progressive=True)) == 10
+    assert images.jpeg_scans(jpeg(skimage.data.camera(), progressive=True)) == 6
+    assert images.decode(jpeg(chelsea, progressive=True)).shape == chelsea.shape
+
+    progressive = jpeg(np.zeros((64, 64, 3), np.uint8), progressive=True)
+    last_scan = progressive.rindex(b"\xff\xda")
+    bomb = progressive[:last_scan] + progressive[last_scan:-2] * 3000 + b"\xff\xd9"
+    assert images.jpeg_scans(bomb) == 9 + 3000
+
+    def never(*args):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(Image.Image, "load", never)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    with pytest.raises(ImageError, match="3,009 scans in one JPEG.*CNN_AUDIT_MAX_JPEG_SCANS"):
+        images.decode(bomb, "bomb.jpg")
