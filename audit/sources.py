@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -46,6 +47,22 @@ KERAS_APPLICATIONS = {
 
 
 _UNTRAINED_SEED = 0
+_SEEDED_BUILD = threading.Lock()
+"""Held while the global seeds are set and an untrained model is built from them: two threads building at once
+drew from one generator in turn and got other weights (and, on ConvNeXt, clashing layer names)."""
+
+
+def _untrained(constructor) -> keras.Model:
+    """The architecture with the same random weights and the same layer names every time: built under the lock
+    from the seeds, in a new thread, whose Keras name counters start at zero (a session's thread that built
+    models before would name ConvNeXt's adds add_36, ..., and a link's layer name would not be found)."""
+
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(_UNTRAINED_SEED)
+        return constructor(weights=None)
+
+    with _SEEDED_BUILD, ThreadPoolExecutor(1) as fresh:
+        return fresh.submit(build).result()
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -170,9 +187,9 @@ def _load_keras_application(argument: str, allow_download: bool = False) -> Load
         )
     constructor = getattr(keras.applications, name)
     if variant == "untrained":
-        keras.utils.set_random_seed(_UNTRAINED_SEED)  # same random weights, same fingerprint, every time
-        model = constructor(weights=None)
-        fingerprint = fingerprint_of(f"keras:{name}:untrained", f"seed={_UNTRAINED_SEED}")
+        model = _untrained(constructor)
+        # named by the weights themselves: results kept on disk can never belong to other weights
+        fingerprint = fingerprint_of(f"keras:{name}:untrained", weights_digest(model))
         class_names = None
     else:
         try:
