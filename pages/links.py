@@ -139,7 +139,7 @@ def opened() -> dict[str, list[str]]:
         st.session_state[_OPENED] = {name: st.query_params.get_all(name) for name in st.query_params}
         st.session_state[_USED] = set()
         unknown = sorted(set(st.session_state[_OPENED]) - set(PARAMS))
-        st.session_state[_WARNINGS] = [f"Unknown link parameter {name!r} ignored." for name in unknown[:10]]
+        st.session_state[_WARNINGS] = [f"Unknown link parameter {name[:60]!r} ignored." for name in unknown[:10]]
         for name in unknown:  # the link this session hands on is clean
             del st.query_params[name]
     return st.session_state[_OPENED]

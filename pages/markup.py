@@ -13,6 +13,13 @@ def escape(text) -> str:
     return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
 
 
+def quoted(text, limit: int = 60) -> str:
+    """A value a user or a link gave, quoted for a message: at most `limit` characters (a 100 KB link value
+    took 26 s to render) and escaped (a link's `model` value carried an image and a fake sign-in link)."""
+    text = str(text)
+    return escape(repr(text if len(text) <= limit else text[:limit] + "…"))
+
+
 def count(number: int, noun: str, plural: str | None = None) -> str:
     """A count in words with its separators and the right number: "1 layer", "2,048 layers"."""
     return f"{number:,} {noun if number == 1 else plural or noun + 's'}"

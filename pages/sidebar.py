@@ -81,7 +81,7 @@ def _model_picker() -> models.LoadedModel | None:
     }
     initial = st.query_params.get("model", models.DEFAULT_SOURCE)
     if initial.startswith("keras:") and initial.split(":")[1] not in models.KERAS_APPLICATIONS:
-        st.sidebar.warning(f"Unknown keras.applications model in the link ({initial[:60]!r}); showing "
+        st.sidebar.warning(f"Unknown keras.applications model in the link ({markup.quoted(initial)}); showing "
                            f"{models.DEFAULT_SOURCE}.")
         initial, initial_choice = models.DEFAULT_SOURCE, models.DEFAULT_SOURCE
     elif initial.startswith("keras:"):
@@ -91,7 +91,7 @@ def _model_picker() -> models.LoadedModel | None:
     elif initial in choices:
         initial_choice = initial
     else:  # file: paths and anything else never come from a link: only uploads by hash do
-        st.sidebar.warning(f"The link's model {initial!r} cannot be opened here; showing {models.DEFAULT_SOURCE}.")
+        st.sidebar.warning(f"The link's model {markup.quoted(initial)} cannot be opened here; showing {models.DEFAULT_SOURCE}.")
         initial_choice = models.DEFAULT_SOURCE
     choice = st.sidebar.selectbox("Model source", list(choices), index=list(choices).index(initial_choice),
                                   format_func=choices.get, key="model_choice")
@@ -100,7 +100,7 @@ def _model_picker() -> models.LoadedModel | None:
         names = list(models.KERAS_APPLICATIONS)
         wanted = initial.split(":")[1] if initial.startswith("keras:") else "MobileNetV2"
         if wanted not in names:
-            st.sidebar.warning(f"Unknown keras.applications model {wanted!r} in the link; showing {names[0]}.")
+            st.sidebar.warning(f"Unknown keras.applications model {markup.quoted(wanted)} in the link; showing {names[0]}.")
         name = st.sidebar.selectbox("Architecture", names, index=names.index(wanted) if wanted in names else 0,
                                     key="keras_name")
         untrained = st.sidebar.checkbox(

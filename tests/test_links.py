@@ -156,6 +156,23 @@ def test_hostile_link_parameters_warn_and_fall_back_to_defaults():
     assert "passwd" not in str(_link(at)) and "shadow" not in str(_link(at)) and "junk" not in _link(at)
 
 
+@pytest.mark.parametrize("value", [
+    "x ![p](http://127.0.0.1:9/t.png) [Session expired: sign in again](http://127.0.0.1:9/login)",
+    "keras:<img src=http://127.0.0.1:9/t.png>",
+    "file:" + "A" * 100_000,
+])
+def test_a_hostile_model_value_in_a_link_is_quoted_short_and_inert(value):
+    """The sidebar's warning quotes the link's `model` value: escaped (no image fetched, no link drawn) and cut
+    to 60 characters (a 100 KB value took 26 s to render)."""
+    at = _open("pages/model.py", {"model": value})
+    assert not at.exception, at.exception
+    warning = next(w.value for w in at.sidebar.warning if "link" in w.value)
+    assert len(warning) < 200, len(warning)
+    assert "](" not in warning.replace("\\](", "").replace("\\]\\(", "")
+    assert "\\!\\[p\\]\\(" in warning or "\\<img" in warning or "AAAA…" in warning, warning
+    assert "demo:shapes" in warning
+
+
 def test_a_link_to_uploaded_images_opens_them_by_content_hash(tmp_path):
     import io
 
