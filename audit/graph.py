@@ -10,7 +10,9 @@ where a filter's channel is used and which map the head reads is audit.usage.
 
 from __future__ import annotations
 
+
 import difflib
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -148,8 +150,38 @@ def graph_model(model: keras.Model, points: list[Point], any_size: bool = False,
     outputs = [_float32(found[point]) for point in points]
     if extra is not None:
         outputs = extra(outputs)
-    name = f"{model.name}_to_{points[-1].path.replace('/', '_')}"
-    return keras.Model(new_input, outputs, name=name)
+    return keras.Model(new_input, outputs, name=scope_name(f"{model.name}_to_{points[-1].path}"))
+
+
+def rename_for_tensorflow(model: keras.Model) -> dict[str, str]:
+    """Give the model and every layer (nested ones too) a name TensorFlow takes as a scope, in place; the renamed
+    ones, old name to new. Keras saves and loads `my conv` or `conv![l](x)`, but every traced call of such a
+    layer fails ("not a valid scope name"), and every page traces."""
+    taken = {layer.name for layer in _every_layer(model)}
+    renamed = {}
+    for layer in [model, *_every_layer(model)]:
+        if layer.name != scope_name(layer.name):
+            new, index = scope_name(layer.name), 1
+            while new in taken:
+                new, index = f"{scope_name(layer.name)}_{index}", index + 1
+            renamed[layer.name] = layer.name = new
+            taken.add(new)
+    return renamed
+
+
+def _every_layer(model) -> list:
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found += _every_layer(layer)
+    return found
+
+
+def scope_name(name: str) -> str:
+    """A name TensorFlow takes as a root name scope (letters, digits, `_.-`, not starting with `_` or `-`): a
+    model a user named "my model" broke every page that built a sub-model named after it."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return safe if re.match(r"[A-Za-z0-9.]", safe) else f"m{safe}"
 
 
 def has_fused_activation(layer) -> bool:
@@ -160,7 +192,7 @@ def has_fused_activation(layer) -> bool:
 
 def linear_twin(layer, input_shape=None):
     """A copy of a layer with its activation removed, carrying the same weights."""
-    config = {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_pre_activation"}
+    config = {**layer.get_config(), "activation": "linear", "name": scope_name(f"{layer.name}_pre_activation")}
     twin = type(layer).from_config(config)
     twin.build(input_shape if input_shape is not None else layer.input.shape)
     twin.set_weights(layer.get_weights())

@@ -19,6 +19,7 @@ from pathlib import Path
 import keras
 
 from audit import storage, trial
+from audit.graph import rename_for_tensorflow
 from audit.errors import UnknownSourceError, WeightsUnavailableError
 from audit.loaded_model import LoadedModel, check_image_model, detect_preprocessing, fingerprint_of, weights_digest
 
@@ -243,13 +244,19 @@ def _load_file(path: Path, source: str) -> LoadedModel:
         trial.vet(path, digest, shown)
     model = load_model_file(path, shown)
     check_image_model(model)
+    renamed = rename_for_tensorflow(model)
     size = model.inputs[0].shape[1:3]
     mode, reason = detect_preprocessing(model)
     name = shown
+    renamed_note = "" if not renamed else (
+        f" Renamed for TensorFlow, whose traced calls refuse such names: "
+        + ", ".join(f"{old!r} is {new!r}" for old, new in list(renamed.items())[:5])
+        + (f" and {len(renamed) - 5} more" if len(renamed) > 5 else "") + ".")
     return LoadedModel(
         model=model, source=source, fingerprint=fingerprint_of("file", digest), class_names=None,
         input_size=tuple(s or 224 for s in size), preprocessing=mode, preprocessing_reason=reason,
-        description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…).",
+        description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…)."
+                    + renamed_note,
         display_name=f"{name} (upload)" if uploaded else "",
         file_bytes=path.stat().st_size,
     )

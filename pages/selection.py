@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import traceback
+import re
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,7 @@ def predictions(fingerprint: str, source: str, image_key: str, _pixels: np.ndarr
 @contextlib.contextmanager
 def user_errors(what: str = "This part of the page", stop_page: bool = True):
     """Show any error as a short message, never a traceback page: an AuditError as it is (it is written
-    for the user), anything else as what failed, with the details in an expander and the traceback
+    for the user), anything else as what failed, with an id to quote; the traceback
     in the server log. With `stop_page`, the page ends there; otherwise it goes on, keeping the rest."""
     try:
         yield
@@ -84,13 +85,19 @@ def user_errors(what: str = "This part of the page", stop_page: bool = True):
 
 
 def show_bug(what: str, exc: Exception) -> None:
-    """An unexpected error as a short message naming what failed, the traceback in an expander and the log."""
-    log.exception("%s failed", what, exc_info=exc)
-    first = markup.escape(str(exc).splitlines()[0][:300]) if str(exc) else ""
+    """An unexpected error as a short message naming what failed and an id to quote; the traceback goes to the
+    server log only (it names the server's folders and code), under that id."""
+    incident = secrets.token_hex(4)
+    log.exception("%s failed [incident %s]", what, incident, exc_info=exc)
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    first = markup.escape(_SERVER_PATH.sub("…", first))
     st.error(f"{what} failed: {type(exc).__name__}{': ' + first if first else ''}. This is a bug of CNN "
-             "Audit, not of your model; the details below help us fix it.", icon=":material/bug_report:")
-    with st.expander("Details"):
-        st.code("".join(traceback.format_exception(exc)), language=None)
+             f"Audit, not of your model: quote **{incident}** to whoever runs this server (its log has the "
+             "details).", icon=":material/bug_report:")
+
+
+_SERVER_PATH = re.compile(r"(?:/[^\s/'\"]+){2,}/?")
+"""An absolute path of two or more parts, as an exception's message may quote one of the server's files."""
 
 
 def what_these_mean(page: str) -> None:

@@ -42,3 +42,28 @@ def test_where_used_inside_a_nested_base_and_through_value_keeping_layers():
     x = keras.layers.Conv2D(2, 3, name="next")(x)
     model = keras.Model(inputs, x)
     assert usage.where_used(model, "conv") == "conv"
+
+
+def test_names_tensorflow_refuses_are_renamed_on_load_and_the_model_traces(tmp_path):
+    """A model named "my model" with a layer "my conv" inside a nested base saves and loads in Keras, but every
+    traced call failed ("not a valid scope name"): loaded through our loader they are renamed, said so, and a
+    compiled sub-model gives the eager model's numbers."""
+    import numpy as np
+    import tensorflow as tf
+
+    from audit import graph, models
+
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((8, 8, 3))
+    base = keras.Model(inner_in, keras.layers.Conv2D(2, 3, name="my conv")(inner_in), name="base model")
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs))
+    keras.Model(inputs, keras.layers.Dense(2, name="_head")(x), name="my model").save(tmp_path / "m.keras")
+    loaded = models.load(f"file:{tmp_path / 'm.keras'}")
+    assert loaded.model.name == "my_model" and loaded.model.get_layer("base_model").get_layer("my_conv")
+    assert "'my conv' is 'my_conv'" in loaded.description and "'_head' is 'm_head'" in loaded.description
+    x = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
+    cut = graph.submodel(loaded.model, "base_model/my_conv")
+    expected = loaded.model.get_layer("base_model")(x)
+    np.testing.assert_allclose(tf.function(cut)(x), expected, rtol=1e-6)
+    np.testing.assert_allclose(tf.function(loaded.model)(x), loaded.model(x), rtol=1e-6)
