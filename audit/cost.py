@@ -75,6 +75,25 @@ def batch_within(model: keras.Model, batch_size: int, passes: int = 1, kept_per_
     return int(max(1, min(batch_size, limits.BATCH_BYTES.value // max(per_image, 1))))
 
 
+def batch_bytes(model: keras.Model, batch_size: int, passes: int = 1) -> int:
+    """What a batch of `batch_size` images holds at its peak, its input included: the bytes it reserves from
+    the server's budget (audit.admission)."""
+    per_image = passes * cost(model).peak_bytes + input_bytes(model)
+    return int(batch_size) * per_image
+
+
+def job_bytes(model: keras.Model) -> int:
+    """What a job on this model holds at most at once: its batches are cut to limits.BATCH_BYTES, and a job runs
+    forward and backward passes (3) on batches of up to 64 images."""
+    return int(min(limits.BATCH_BYTES.value, batch_bytes(model, 64, passes=3)))
+
+
+def input_bytes(model: keras.Model) -> int:
+    """Bytes of one preprocessed image at the model's input size (float32)."""
+    shape = model.inputs[0].shape
+    return 4 * int(np.prod([d or 224 for d in shape[1:]], dtype=np.int64))
+
+
 def _cost(model: keras.Model, size: tuple[int, int] | None) -> Cost:
     shape = tuple(model.inputs[0].shape)
     height = shape[1] or (size or (224, 224))[0]

@@ -43,3 +43,7 @@ class ImageError(AuditError):
 
 class StorageError(AuditError):
     """The data folder cannot be written (full, read-only): the result stays on screen, uncached."""
+
+
+class ServerBusyError(AuditError):
+    """The server's memory budget is held by other sessions' work for longer than a quick view may wait."""

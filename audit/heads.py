@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import compiled, cost, graph
+from audit import admission, compiled, cost, graph
 from audit.errors import AuditError
 
 _SQUASHES = ("softmax", "sigmoid")
@@ -204,8 +204,12 @@ class Outputs:
         if not len(images):
             values = np.zeros((0, *self.graph.outputs[0].shape[1:]), np.float32)
         else:
-            values = np.concatenate([self.forward(images[start:start + batch_size]).numpy()
-                                     for start in range(0, len(images), batch_size)])
+            parts = []
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size]
+                with admission.SERVER.reserve(cost.batch_bytes(self.graph, len(batch)), timeout=60):
+                    parts.append(self.forward(batch).numpy())
+            values = np.concatenate(parts)
         return probabilities(values, self.head) if self.head.is_classifier else values
 
 

@@ -67,11 +67,13 @@ TRIAL_BYTES = Limit("max_trial_bytes", 2**30,
 TRIAL_CPU_SECONDS = Limit("max_trial_cpu_seconds", 120, "seconds of CPU for a new model file's first load and pass")
 BATCH_BYTES = Limit("max_batch_bytes", 2**30, "bytes of activations per batch of a job (the batch is cut to fit)")
 IMAGE_SIDE = Limit("max_image_side", 2048, "pixels on the longer side of an image kept for the pages")
+SERVER_BYTES = Limit("max_server_bytes", 8 * 2**30, "bytes of activations all sessions' work may hold at once "
+                     "(at most 40% of the memory the server may use)")
 JPEG_SCANS = Limit("max_jpeg_scans", 100, "scans in one JPEG (a progressive photo has about 10; each scan is "
                    "decoded over the whole image)")
 
 ALL = (UPLOAD_BYTES, PARAMETERS, WEIGHT_BYTES, INPUT_PIXELS, CONFIG_DEPTH, ARCHIVE_MEMBERS, IMAGE_PIXELS,
        ASPECT_RATIO, ZIP_IMAGE_BYTES, ZIP_TOTAL_PIXELS, UPLOADS_BYTES, LOADED_MODELS, LOADED_MODEL_BYTES,
        LINK_JOB_SECONDS, LAYERS, ACTIVATION_BYTES, MACS, TRIAL_BYTES, TRIAL_CPU_SECONDS, BATCH_BYTES, IMAGE_SIDE,
-       JPEG_SCANS)
+       JPEG_SCANS, SERVER_BYTES)
 """Every limit, for the README's table and the tests."""

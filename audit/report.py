@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from audit import activations, attribution, charts, filters, heads, images, models, precision, pruning, render
+from audit import activations, attribution, charts, cost, filters, heads, images, limits, models, precision, pruning, render
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -94,6 +94,8 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     if not image_set:
         raise AuditError("The report needs at least one image.")
     model = loaded.model
+    given = len(image_set)
+    image_set = image_set[:max(1, limits.BATCH_BYTES.value // cost.input_bytes(model))]  # held preprocessed
     chosen = options.precision or precision.decide(model, loaded.input_size)[0]  # bfloat16 where native and faster
     convs = models.conv_layers(model)
     if not convs:
@@ -142,6 +144,10 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
             warning = (f"<p class='warning'><strong>The model is at chance on these images</strong>: {why}. The "
                        "explanations and pruning candidates below describe noise, not knowledge.</p>")
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    if len(image_set) < given:
+        warning += (f"<p class='warning'>The first {len(image_set):,} of the {given:,} images: their model input is "
+                    f"held in memory, {cost.input_bytes(model) / 2**20:.1f} MB each, within "
+                    f"{limits.BATCH_BYTES.value / 2**30:.1f} GB (CNN_AUDIT_MAX_BATCH_BYTES).</p>")
     sections.append(f"<h2>Model</h2><p>{html.escape(loaded.description)}</p>{warning}"
                     f"<table class='summary'>{rows}</table>")
     layers = table.assign(output_shape=table.output_shape.map(str), kernel_size=table.kernel_size.map(str),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from audit import activations, device, filters, images, models, pruning
+from audit import activations, cost, device, filters, images, limits, models, pruning
 from pages import jobs, markup
 from pages.selection import get_model, section, Selection, set_key, labels_of, folder_labels
 
@@ -103,8 +103,9 @@ def knowledge(selection: "Selection") -> dict | None:
 
     def compute():
         pixels = [item.pixels for item in selection.image_set]
-        parts = [loaded.predict(loaded.preprocess(pixels[start:start + 64], selection.preprocessing, selection.fit),
-                                selection.device, selection.output) for start in range(0, len(pixels), 64)]
+        chunk = max(1, min(64, limits.BATCH_BYTES.value // cost.input_bytes(loaded.model)))  # preprocessed floats
+        parts = [loaded.predict(loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit),
+                                selection.device, selection.output) for start in range(0, len(pixels), chunk)]
         return pruning.knowledge(np.concatenate(parts), labels_of(selection))
 
     return jobs.shared_result(set_key(selection, "knowledge", selection.output), compute)

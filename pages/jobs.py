@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from audit import device, heads, registry, storage
+from audit import admission, cost, device, heads, registry, storage
 from audit.disk_cache import DiskCache
 from pages import links, markup
 from pages.selection import Selection, stop
@@ -202,18 +202,21 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
 @contextlib.contextmanager
 def model_job(selection: Selection, label: str, param: str | None = None, on_cancel=None):
     """A long computation on the selection's model: a progress bar with Cancel (see progress_bar), one job
-    per model at a time (a job waiting for another says so and can be cancelled while it waits), on the
+    per model at a time (a job waiting for another says so and can be cancelled while it waits), its memory
+    reserved from the server's budget (audit.admission: it waits in line, saying its place), on the
     chosen device. Quick views of the model (predictions, the layer table, one map) do not wait for it."""
     loaded = selection.model
     with progress_bar(label, param, on_cancel) as progress:
         while not loaded.job_lock.acquire(timeout=0.5):
             # an update each half second: Cancel or a closed session ends the wait here
             progress(0, 1, "waiting for another job on this model to finish…")
-        start, busy = time.perf_counter(), busy_factor()
         try:
-            with device.scope(selection.device):
-                yield progress
-            _learn(selection, param, time.perf_counter() - start, busy)
+            with admission.SERVER.reserve(cost.job_bytes(loaded.model), waiting=lambda place: progress(
+                    0, 1, f"waiting for memory other sessions' work holds ({place} ahead in line)…")):
+                start, busy = time.perf_counter(), busy_factor()
+                with device.scope(selection.device):
+                    yield progress
+                _learn(selection, param, time.perf_counter() - start, busy)
         finally:
             loaded.job_lock.release()
             registry.trim_heap()  # what the job's batches took goes back to the system

@@ -35,6 +35,18 @@ def test_report_on_demo_shapes_is_one_self_contained_file(tmp_path, capsys):
     assert not re.search(r'<script[^>]+src="http', page)
 
 
+def test_the_report_holds_only_the_images_whose_input_fits_the_batch_budget(tmp_path, monkeypatch):
+    """The report holds its images' model input in memory: 2,048 images of a 1024 px model were 25 GB. With a
+    budget of five 64 x 64 x 3 float32 inputs (by hand: 5 * 49,152 bytes), the first 5 of 12 go in, and it says so."""
+    monkeypatch.setenv("CNN_AUDIT_MAX_BATCH_BYTES", str(5 * 64 * 64 * 3 * 4))
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--model", "demo:shapes", "--images", "shapes:12", "--out", str(out), "--steps", "2",
+                     "--gallery-filters", "1", "--attribution-images", "1", "--quiet"]) == 0
+    page = out.read_text()
+    assert "<th>Images</th><td>5</td>" in page
+    assert "The first 5 of the 12 images" in page and "CNN_AUDIT_MAX_BATCH_BYTES" in page
+
+
 def test_stats_csv_equals_a_numpy_recomputation(capsys):
     code = cli.main(["stats", "--images", "shapes:6", "--layers", "block2_conv1", "--csv", "-", "--quiet"])
     assert code == 0
