@@ -249,7 +249,7 @@ def _load_file(path: Path, source: str) -> LoadedModel:
     mode, reason = detect_preprocessing(model)
     name = shown
     renamed_note = "" if not renamed else (
-        f" Renamed for TensorFlow, whose traced calls refuse such names: "
+        " Renamed for TensorFlow, whose traced calls refuse such names: "
         + ", ".join(f"{old!r} is {new!r}" for old, new in list(renamed.items())[:5])
         + (f" and {len(renamed) - 5} more" if len(renamed) > 5 else "") + ".")
     return LoadedModel(

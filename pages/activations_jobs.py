@@ -11,7 +11,7 @@ import streamlit as st
 from audit import activations, datasets, runs, sampling
 from pages import jobs
 from pages.selection import Selection, set_key
-from pages.common import note_dead
+from pages.common import input_chunk, note_dead
 
 
 def stats_key(selection: "Selection", layers: tuple[str, ...], threshold: float, at: str = "used") -> tuple:
@@ -26,7 +26,7 @@ def filter_stats(selection: "Selection", layers: tuple[str, ...], threshold: flo
 
     def compute():
         pixels = [item.pixels for item in selection.image_set]
-        chunk = 256  # preprocess a chunk at a time and merge the sums: memory stays flat
+        chunk = input_chunk(selection, 256)  # preprocess a chunk at a time and merge the sums: memory stays flat
         sums = None
         with jobs.model_job(selection, "Statistics over the image set", "stats") as progress:
             for start in range(0, len(pixels), chunk):

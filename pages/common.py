@@ -93,22 +93,40 @@ def layer_maps(fingerprint: str, source: str, layer: str, image_key: str, _pixel
         return activations.layer_maps(loaded.model, layer, x, pre_activation)
 
 
-def knowledge(selection: "Selection") -> dict | None:
+def input_chunk(selection: "Selection", most: int) -> int:
+    """How many images to preprocess at once: at most `most`, their float input within the batch budget (256
+    images of a 1024 px model were 3.2 GB before the model saw them)."""
+    return max(1, min(most, limits.BATCH_BYTES.value // cost.input_bytes(selection.model.model)))
+
+
+def knowledge(selection: "Selection", ask: bool = False) -> dict | None:
     """What the classifier shows it knows on the image set (audit.pruning.knowledge: accuracy with its Wilson
-    interval against chance, or how flat its outputs are without labels); None without a class output. A
-    quick call (a prediction pass), shared and kept like the other results."""
+    interval against chance, or how flat its outputs are without labels); None without a class output, or while
+    the pass is not started: it runs by itself only when known or within the link budget, else (with `ask`) on
+    the press of a button. Shared and kept like the other results."""
     if not selection.head.is_classifier:
         return None
     loaded = selection.model
+    key = set_key(selection, "knowledge", selection.output)
+    count = len(selection.image_set)
+    if ask:
+        if not jobs.started(selection, f"Measure the accuracy on {count:,} images", key, count, "accuracy_go"):
+            return None
+    elif not (jobs.has_result(key) or jobs.within_link_budget(selection, count)):
+        return None
 
     def compute():
         pixels = [item.pixels for item in selection.image_set]
-        chunk = max(1, min(64, limits.BATCH_BYTES.value // cost.input_bytes(loaded.model)))  # preprocessed floats
-        parts = [loaded.predict(loaded.preprocess(pixels[start:start + chunk], selection.preprocessing, selection.fit),
-                                selection.device, selection.output) for start in range(0, len(pixels), chunk)]
+        chunk = input_chunk(selection, 64)
+        parts = []
+        with jobs.model_job(selection, "Measuring what the model knows on the images") as progress:
+            for start in range(0, len(pixels), chunk):
+                progress(start, len(pixels))
+                parts.append(loaded.predict(loaded.preprocess(pixels[start:start + chunk], selection.preprocessing,
+                                                              selection.fit), selection.device, selection.output))
         return pruning.knowledge(np.concatenate(parts), labels_of(selection))
 
-    return jobs.shared_result(set_key(selection, "knowledge", selection.output), compute)
+    return jobs.shared_result(key, compute)
 
 
 def knowledge_sentence(selection: "Selection", found: dict) -> str:
@@ -127,6 +145,9 @@ def warn_if_at_chance(selection: "Selection") -> None:
     pruning advice would then describe noise."""
     with section("Checking what the model knows"):
         found = knowledge(selection)
+        if found is None and selection.head.is_classifier:
+            st.caption("Whether the model knows anything about these images is not measured yet: its accuracy "
+                       f"pass ({jobs.estimate(selection, len(selection.image_set))}) starts on the Model page.")
         if found is None or not found["at_chance"]:
             return
         why = "its interval reaches chance" if labels_of(selection) is not None else "its outputs are near flat"

@@ -47,6 +47,10 @@ else:
     if how == "First N":
         indices = list(range(count))
     else:
+        if not jobs.started(selection, f"Rank the filters on {len(selection.image_set):,} images",
+                            activations_jobs.stats_key(selection, (layer,), 0.0, "used"),
+                            len(selection.image_set), "filters_rank", where=left):
+            stop()
         with user_errors():
             stats = activations_jobs.filter_stats(selection, (layer,), 0.0)
         indices = list(stats.sort_values("mean", ascending=False)["filter"].head(count).astype(int))

@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from audit import admission, cost, device, heads, registry, storage
+from audit import admission, cost, device, heads, limits, registry, storage
 from audit.disk_cache import DiskCache
 from pages import links, markup
 from pages.selection import Selection, stop
@@ -167,6 +167,8 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
         cancelled = st.button("Cancel", key=f"cancel_{label}", icon=":material/cancel:")
     if cancelled:
         slot.empty()
+        for key in [key for key in st.session_state if str(key).startswith("_started_")]:
+            del st.session_state[key]  # work `started` began waits for its button again
         if param is not None:
             links.cancel(param)
         if on_cancel is not None:
@@ -287,8 +289,6 @@ def sweep_passes(selection: Selection, calls: float, images_per_call: int) -> fl
 def within_link_budget(selection: Selection, passes: float) -> bool:
     """Whether a link may start this work by itself: its passes at the timed forward pass, under
     CNN_AUDIT_LINK_JOB_SECONDS. Neither the server's load nor its history changes what a link may start."""
-    from audit import limits
-
     return passes * idle_pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value
 
 
@@ -355,8 +355,6 @@ def images_within(selection: Selection, calls: float, available: int, floor: int
     """A default image count for a sweep of `calls` calls on the same images (see sweep_passes): as many as
     fit the link budget (a first answer in seconds), at least `floor`, at most `available`; the user raises
     it and sees the new estimate."""
-    from audit import limits
-
     budget = limits.LINK_JOB_SECONDS.value / max(calls * idle_pass_seconds(selection), 1e-9)
     fitting = int(budget - call_passes(selection))
     return max(1, min(available, max(floor, fitting)))
@@ -368,6 +366,22 @@ def ascent_passes(selection: Selection, count: int, options) -> float:
     height, width = selection.model.input_size
     return (3.0 * count * options.copies * options.steps * max(options.size ** 2 / (height * width), 0.05)
             * (2 if options.warmup else 1))
+
+
+def started(selection: Selection, what: str, key: tuple, passes: float, button_key: str, where=st) -> bool:
+    """Whether work a page runs by itself (accuracy, scores, what-if, statistics) may run now: finished already,
+    or within the link budget (a first answer in seconds, like a link's); otherwise a button says what it costs
+    and the work starts on its press, and stays started for these inputs. A link to 2,048 images of a big
+    model then shows buttons, and no session pays minutes of CPU for a click it never made."""
+    state = f"_started_{button_key}"
+    if st.session_state.get(state) == key or has_result(key) or within_link_budget(selection, passes):
+        return True
+    if where.button(f"{what} ({estimate(selection, passes)} here)", key=button_key, icon=":material/play_arrow:"):
+        st.session_state[state] = key
+        return True
+    where.caption(f"{passes:,.0f} image passes: more than a page starts by itself "
+                  f"({limits.LINK_JOB_SECONDS.value} s of work, CNN_AUDIT_LINK_JOB_SECONDS)." + busy_note())
+    return False
 
 
 def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,

@@ -27,16 +27,16 @@ columns[4].metric("Preprocessing", selection.preprocessing)
 
 if selection.head.is_classifier:
     with section("Accuracy on the images"):
-        found = common.knowledge(selection)
-        if labels_of(selection) is not None:
+        found = common.knowledge(selection, ask=True)  # None until its button is pressed, when it is costly
+        if found is not None and labels_of(selection) is not None:
             st.metric("Accuracy on the images", f"{found['accuracy']:.1%}",
                       help="Top-1 accuracy of the explained output on the image set, with its Wilson 95% interval.")
             st.caption(common.knowledge_sentence(selection, found)[0].upper() + common.knowledge_sentence(
                 selection, found)[1:] + ".")
-        else:
+        elif found is not None:
             st.caption("Accuracy needs labelled images (demo shapes, or a zip with one folder per class); "
                        + common.knowledge_sentence(selection, found) + ".")
-        if found["at_chance"]:
+        if found is not None and found["at_chance"]:
             common.warn_if_at_chance(selection)
 
 st.subheader("Layers")

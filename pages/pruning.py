@@ -23,6 +23,10 @@ st.caption(f"Scores over the current image set ({len(selection.image_set)} image
            "to remove; everything above Recovery is measured before any fine-tuning." + common.precision_note(selection))
 
 common.warn_if_at_chance(selection)
+image_count = len(selection.image_set)
+if not jobs.started(selection, f"Score every filter on {image_count:,} images", pruning_jobs.scores_key(selection),
+                    3 * image_count, "prune_scores"):  # a forward and a backward pass (Taylor) per image
+    stop()
 with user_errors("Scoring the filters"):
     scores = pruning_jobs.filter_scores(selection)
 
@@ -163,21 +167,24 @@ st.caption("The candidates' outputs are zeroed on a copy of the model (the loade
 if not selection_map:
     st.info("No candidates with this criterion.")
     stop()
-with user_errors("What-if pruning"):
-    before, after = pruning_jobs.what_if(selection, selection_map)
-metrics = st.columns(3)
 head = selection.head
 labels = labels_of(selection)
-measured = pruning.quality(before, after, labels, head.distribution == "sigmoid" and not head.binary)
-if head.is_classifier:
-    metrics[0].metric("Top-1 agreement", f"{measured['agreement']:.1%}")
-    kl = measured["kl"] if abs(measured["kl"]) >= 5e-5 else 0.0  # float round-off around 0 is not "-0.0000"
-    metrics[1].metric("Mean KL(before ‖ after)", f"{kl:.4f}")
-    if labels is not None:
-        unpruned = np.mean(before.argmax(1) == labels)
-        metrics[2].metric("Accuracy", f"{measured['accuracy']:.1%}", delta=f"{measured['accuracy'] - unpruned:+.1%}")
-else:
-    metrics[0].metric("Relative feature error", f"{measured['feature_error']:.3f}")
+if jobs.started(selection, f"Run both models on the {image_count:,} images",
+                pruning_jobs.what_if_key(selection, selection_map), 2 * image_count, "prune_what_if"):
+    with user_errors("What-if pruning"):
+        before, after = pruning_jobs.what_if(selection, selection_map)
+    metrics = st.columns(3)
+    measured = pruning.quality(before, after, labels, head.distribution == "sigmoid" and not head.binary)
+    if head.is_classifier:
+        metrics[0].metric("Top-1 agreement", f"{measured['agreement']:.1%}")
+        kl = measured["kl"] if abs(measured["kl"]) >= 5e-5 else 0.0  # float round-off around 0 is not "-0.0000"
+        metrics[1].metric("Mean KL(before ‖ after)", f"{kl:.4f}")
+        if labels is not None:
+            unpruned = np.mean(before.argmax(1) == labels)
+            metrics[2].metric("Accuracy", f"{measured['accuracy']:.1%}",
+                              delta=f"{measured['accuracy'] - unpruned:+.1%}")
+    else:
+        metrics[0].metric("Relative feature error", f"{measured['feature_error']:.3f}")
 
 st.subheader("Which layers can lose how much?")
 ranking_criteria = {name: code for name, code in (("L1 norm", "l1"), ("mean activation", "mean"), ("APoZ", "apoz"),

@@ -15,9 +15,13 @@ from pages.selection import get_model, Selection, set_key, image_set_input, labe
 from pages.common import sample_of
 
 
+def scores_key(selection: "Selection") -> tuple:
+    return set_key(selection, "filter_scores", "where used", selection.output)
+
+
 def filter_scores(selection: "Selection"):
     """Pruning scores for every conv layer, once per (model, image set, preprocessing)."""
-    key = set_key(selection, "filter_scores", "where used", selection.output)
+    key = scores_key(selection)
 
     def compute():
         x = image_set_input(selection)
@@ -102,8 +106,11 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
             head = loaded.head(selection.output)
             return heads.Outputs(model, head=head)(x), heads.Outputs(masked, head=head)(x)
 
-    return jobs.shared_result(set_key(selection, "what_if", selection.output,
-                                 tuple((k, tuple(v)) for k, v in chosen.items())), compute)
+    return jobs.shared_result(what_if_key(selection, chosen), compute)
+
+
+def what_if_key(selection: "Selection", chosen: dict[str, list[int]]) -> tuple:
+    return set_key(selection, "what_if", selection.output, tuple((k, tuple(v)) for k, v in chosen.items()))
 
 
 def _sample(selection: "Selection", count: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -189,7 +189,21 @@ def image_set_key(selection: "Selection") -> str:
     return images.image_hash([item.pixels for item in selection.image_set])
 
 
+SET_INPUT_BATCHES = 4
+"""A whole image set's model input, which the scores and the what-if hold at once, may take this many batch
+budgets (CNN_AUDIT_MAX_BATCH_BYTES): 2,048 images of 224 px are 1.2 GB, of a 1024 px model 25 GB."""
+
+
 def image_set_input(selection: "Selection") -> np.ndarray:
+    """The image set as the model's float input, refused with the count that fits when it would not."""
+    from audit import cost, limits
+
+    per_image = cost.input_bytes(selection.model.model)
+    fits = SET_INPUT_BATCHES * limits.BATCH_BYTES.value // per_image
+    if len(selection.image_set) > fits:
+        raise AuditError(f"{len(selection.image_set):,} images at this model's input size take "
+                         f"{len(selection.image_set) * per_image / 2**30:.1f} GB held at once; this server allows "
+                         f"{fits:,} ({SET_INPUT_BATCHES} x CNN_AUDIT_MAX_BATCH_BYTES). Choose fewer images.")
     return selection.model.preprocess([item.pixels for item in selection.image_set], selection.preprocessing,
                                       selection.fit)
 

@@ -6,7 +6,6 @@ import time
 
 import keras
 import numpy as np
-import pytest
 
 from audit import admission, cost
 from audit.errors import ServerBusyError

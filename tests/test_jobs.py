@@ -178,3 +178,31 @@ def test_a_bar_gives_the_time_left_from_its_rate_once_it_has_one():
     assert jobs.time_left(30.0, 10, 190) == ", about 10 min left"  # 3 s a step, 190 steps: 570 s
     assert jobs.time_left(0.5, 5, 5) == ""  # under a second of work: no rate yet
     assert jobs.time_left(10.0, 0, 5) == "" and jobs.time_left(10.0, 5, 0) == ""
+
+
+def test_pages_start_no_whole_set_work_by_themselves_over_the_link_budget(monkeypatch):
+    """With no work within the link budget (0 s), the Model page's accuracy, the Pruning page's scores and the
+    Filters page's ranking wait for their buttons, each saying its estimate; pressed, they run and show."""
+    monkeypatch.setenv("CNN_AUDIT_LINK_JOB_SECONDS", "0")
+    query = dict(model="demo:shapes", images="shapes", count="24", seed="91")  # a set no other test computes
+    at, _ = _open("pages/model.py", **query)
+    assert not at.exception, at.exception
+    assert not any(metric.label == "Accuracy on the images" for metric in at.metric)
+    accuracy = at.button(key="accuracy_go")
+    assert accuracy.label.startswith("Measure the accuracy on 24 images (about ")
+    accuracy.click().run()
+    assert not at.exception, at.exception
+    assert any(metric.label == "Accuracy on the images" for metric in at.metric)
+
+    at, _ = _open("pages/pruning.py", **query)
+    assert not at.exception, at.exception
+    assert at.button(key="prune_scores").label.startswith("Score every filter on 24 images (about ")
+    assert not any(header.value.startswith("What if") for header in at.subheader)
+    at.button(key="prune_scores").click().run()
+    assert not at.exception, at.exception
+    assert at.button(key="prune_what_if").label.startswith("Run both models on the 24 images")
+    assert not any(metric.label == "Top-1 agreement" for metric in at.metric)
+
+    at, _ = _open("pages/filters.py", **query, pick="top")
+    assert not at.exception, at.exception
+    assert at.button(key="filters_rank").label.startswith("Rank the filters on 24 images")

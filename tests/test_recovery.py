@@ -115,7 +115,6 @@ def test_per_class_forgetting_equals_numpy_and_flips_are_the_changed_answers():
     after[rng.permutation(30)[:5]] += 0.05  # moves that keep the argmax
     found = pruning.compare(before, after, labels, ["a", "b", "c"])
     change = (before.argmax(1) == labels).astype(float) - (after.argmax(1) == labels)
-    overall = change.mean()
     for _, row in found.classes.iterrows():
         members = labels == "abc".index(row["class"])
         assert row["images"] == 10
@@ -125,6 +124,7 @@ def test_per_class_forgetting_equals_numpy_and_flips_are_the_changed_answers():
         assert row["p-value"] == pytest.approx(_permutation_p(change, members))
     assert found.flagged() == ["c"]
     assert found.overall["accuracy after"] == pytest.approx(19 / 30)
+    assert found.overall["accuracy before"] - found.overall["accuracy after"] == pytest.approx(change.mean())
     assert list(found.flipped["image"]) == list(np.flatnonzero(before.argmax(1) != after.argmax(1)))
     assert list(found.flipped["image"]) == [3] + list(range(20, 30))
     assert list(found.flipped.loc[found.flipped.image == 3, ["label", "before", "after"]].iloc[0]) == ["a", "a", "b"]
