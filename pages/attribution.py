@@ -25,6 +25,9 @@ with user_errors("The prediction"):
     output = selection.predict()
     cam_default, cam_why = common.cam_layer(loaded.fingerprint, loaded.source)
 
+LISTED_CLASSES = 1000
+"""Classes a target picker lists (ImageNet's 1,000 all); a bigger head offers its most likely ones."""
+
 left, right = st.columns([2, 1])
 if selection.head.is_classifier:
     names = selection.class_names()
@@ -32,7 +35,12 @@ if selection.head.is_classifier:
     right.dataframe(pd.DataFrame({"class": [names[i] for i in top], "probability": output[top]}), hide_index=True,
                     column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
                                                                                    format="%.3f")})
-    chosen = links.selectbox(left, "Target class", range(len(names)), index=int(top[0]),
+    # a million-class head listed every class in the browser's picker (a RangeError there, 3.5 GB here)
+    listed = range(len(names)) if len(names) <= LISTED_CLASSES else np.argsort(output)[::-1][:LISTED_CLASSES]
+    if len(names) > LISTED_CLASSES:
+        left.caption(f"The {LISTED_CLASSES:,} most likely of {len(names):,} classes are offered.")
+    chosen = links.selectbox(left, "Target class", [int(i) for i in listed], index=0 if len(names) > LISTED_CLASSES
+                             else int(top[0]),
                              format_func=lambda i: f"{names[i]}" + (" (top-1)" if i == top[0] else ""),
                              show=names.__getitem__, param="target", key=f"attr_class_{loaded.fingerprint}")
     target = ("class", int(chosen))

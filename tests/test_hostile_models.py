@@ -173,3 +173,29 @@ def test_hostile_names_are_escaped_on_every_page(tmp_path):
             assert any("\\<img" in text or "\\!\\[" in text for text in texts), (page, texts)
         bad = [text for text in texts if unescaped.search(text)]
         assert not bad, (page, bad)
+
+
+def test_a_million_class_head_offers_its_most_likely_classes_not_a_million_options(tmp_path):
+    """Dense(1,000,000) on 2 pooled features (3 M parameters): the class picker listed every class (the browser's
+    RangeError); it offers the 1,000 most likely, the top-1 first, and the link names the target."""
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(2, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(1_000_000, activation="softmax", name="head")(x))
+    model.save(tmp_path / "m.keras")
+    digest = storage.save_upload((tmp_path / "m.keras").read_bytes(), "models", "million.keras")
+    at = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=180)
+    at.query_params["model"] = f"upload:{digest}"
+    at.query_params["image"] = "chelsea"
+    at.query_params["methods"] = "Saliency"
+    at.run()
+    at.switch_page("pages/attribution.py").run()
+    assert not at.exception, at.exception
+    picker = next(box for box in at.selectbox if box.label == "Target class")
+    assert len(picker.options) == 1000
+    probabilities = at.dataframe[0].value["probability"].to_numpy()
+    assert f"class {picker.value}" == at.dataframe[0].value["class"][0] and np.all(np.diff(probabilities) <= 0)
+    assert any("1,000 most likely of 1,000,000 classes" in caption.value for caption in at.caption)
