@@ -253,11 +253,13 @@ def _timed(selection: Selection) -> tuple[float, float]:
     if key not in times:
         outputs = heads.Outputs(loaded.model, selection.output)
         shape = (*loaded.input_size, loaded.model.inputs[0].shape[-1])
-        seconds = {}
+        seconds, first = {}, {}
         with loaded.lock, device.scope(selection.device):
             for count in (2, 8):
                 x = np.zeros((count, *shape), np.float32)
+                start = time.perf_counter()
                 outputs(x)
+                first[count] = time.perf_counter() - start
                 calls = []
                 for _ in range(3):
                     start = time.perf_counter()
@@ -265,8 +267,24 @@ def _timed(selection: Selection) -> tuple[float, float]:
                     calls.append(time.perf_counter() - start)
                 seconds[count] = float(np.median(calls))
         per_image = max((seconds[8] - seconds[2]) / 6, seconds[8] / 16)  # timing noise cannot make an image free
+        traced = max(first[2] - seconds[2], 0.0) if key not in _traces() else _traces()[key]
+        _traces()[key] = traced
         times[key] = per_image, max(seconds[2] - 2 * per_image, 0.0)
     return times[key]
+
+
+@st.cache_resource
+def _traces() -> dict:
+    """Per model and device: seconds its first forward call spent tracing and compiling, before any work."""
+    return {}
+
+
+def trace_seconds(selection: Selection) -> float:
+    """What tracing a new job's function costs on this model, counted once in its estimate: the forward pass's
+    trace, twice (a job's function holds a forward and often a backward graph). On 2,883 tiny layers the
+    Attribution page said "about 1 s" from the timed pass and took 122 s, all of it tracing."""
+    _timed(selection)
+    return 2 * _traces().get((selection.model.fingerprint, selection.device), 0.0)
 
 
 def idle_pass_seconds(selection: Selection) -> float:
@@ -289,7 +307,7 @@ def sweep_passes(selection: Selection, calls: float, images_per_call: int) -> fl
 def within_link_budget(selection: Selection, passes: float) -> bool:
     """Whether a link may start this work by itself: its passes at the timed forward pass, under
     CNN_AUDIT_LINK_JOB_SECONDS. Neither the server's load nor its history changes what a link may start."""
-    return passes * idle_pass_seconds(selection) <= limits.LINK_JOB_SECONDS.value
+    return passes * idle_pass_seconds(selection) + trace_seconds(selection) <= limits.LINK_JOB_SECONDS.value
 
 
 def pass_seconds(selection: Selection) -> float:
@@ -342,7 +360,7 @@ def time_left(elapsed: float, done: int, remaining: int) -> str:
 def estimate(selection: Selection, passes: float) -> str:
     """What `passes` image passes cost on this model here now, as a person would say it (longer while the
     server is busy: see busy_note)."""
-    return about(passes * pass_seconds(selection) * busy_factor())
+    return about((passes * pass_seconds(selection) + trace_seconds(selection)) * busy_factor())
 
 
 def busy_note() -> str:
