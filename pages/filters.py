@@ -219,7 +219,8 @@ if not selection.head.is_classifier:
 else:
     common.warn_if_at_chance(selection)
     names = selection.class_names()
-    picked = links.multiselect(st, "Classes", range(min(len(names), 1000)),  # a million options broke the browser default=list(range(min(6, len(names)))),
+    # the first 1,000 classes: a million options broke the browser's picker
+    picked = links.multiselect(st, "Classes", range(min(len(names), 1000)), default=list(range(min(6, len(names)))),
                                format_func=names.__getitem__, show=names.__getitem__, param="classes",
                                key="filters_classes")
     st.caption("The input that maximises the class score before the softmax or sigmoid (Simonyan et al. "

@@ -25,3 +25,20 @@ def _app_test_runs_like_a_warm_server(monkeypatch):
         PagesManager.uses_pages_directory = False
 
     monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture(scope="session")
+def trained_residual():
+    """audit.zoo.residual trained once per test session (75 s here): a function giving a fresh copy of the trained
+    network with its training and held-out sets, for the slow tier's recovery test and its browser test."""
+    from audit.zoo import residual
+
+    model, train, held_out = residual.trained()
+    weights = model.get_weights()
+
+    def fresh():
+        copy = residual.build()
+        copy.set_weights(weights)
+        return copy, train, held_out
+
+    return fresh

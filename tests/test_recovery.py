@@ -256,12 +256,13 @@ def test_recovery_sets_the_cut_beside_a_random_cut_of_the_same_size_at_every_sta
 
 
 @pytest.mark.slow
-def test_on_a_trained_batchnorm_network_recalibration_lifts_the_cut_and_recovery_reaches_the_unpruned():
+def test_on_a_trained_batchnorm_network_recalibration_lifts_the_cut_and_recovery_reaches_the_unpruned(
+        trained_residual):
     """The acceptance of recovery on the kind of model users prune: a Conv-BN-ReLU network with residual adds
     trained to > 95% (audit.zoo.residual), half its parameters removed by BN scale."""
     from audit.zoo import residual, shapes
 
-    model, _, held_out = residual.trained()
+    model, _, held_out = trained_residual()
     assert pruning.accuracy(model, held_out.images.astype(np.float32), held_out.labels)["accuracy"] > 0.95
     data = shapes.generate(1200, 103, residual.SIZE)
     x, labels = data.images.astype(np.float32), data.labels

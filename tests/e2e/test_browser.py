@@ -391,7 +391,7 @@ def test_a_running_job_stops_when_its_tab_is_closed(server, browser):
 # Small but real settings through the link (2 filters, 5 ascent steps, 5 SmoothGrad samples...); the sweeps,
 # leave-one-out and the report keep the page's own defaults, sized to answer in seconds.
 WALK_SETTINGS = "n=2&steps=5&size=64&samples=5&ig_steps=8&criterion=l1&sweep_images=1&loo_images=1" \
-                "&report_filters=2&report_steps=3&report_images=1"
+                "&report_filters=2&report_steps=3&report_images=1&tune_epochs=1&tune_patience=1"
 WALK_MODELS = {  # six images each: the 224-px models run on a 2-core CPU
     "demo:shapes": "model=demo:shapes&count=6",
     "demo:vgg16": "model=demo:vgg16&images=shapes&count=6",
@@ -627,16 +627,15 @@ def _shapes_zip(path, count: int, seed: int):
 
 
 def test_pruning_page_on_a_trained_batchnorm_network_recovers_and_says_what_it_forgets(
-        server, browser, tmp_path_factory, monkeypatch):
+        server, browser, tmp_path_factory, monkeypatch, trained_residual):
     """A Conv-BN-ReLU network with residual adds trained to > 95% (audit.zoo.residual), uploaded with a zip of
     labelled images; half its parameters cut by BN scale: the recovery says what each fine-tuning did, the best
     held-out row is the download's default, and what the cut forgets is shown per class and by image."""
     from audit import storage
-    from audit.zoo import residual
 
     url, _ = server
     folder = tmp_path_factory.mktemp("trained_bn")
-    model, _, _ = residual.trained()
+    model, _, _ = trained_residual()
     model.save(folder / "residual_bn.keras")
     monkeypatch.setenv("CNN_AUDIT_DATA", str(_server_data(tmp_path_factory)))
     digest = storage.save_upload((folder / "residual_bn.keras").read_bytes(), "models", "residual_bn.keras")
