@@ -242,10 +242,45 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple, share: fl
                 "multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
                 "file size, saved by Keras (bytes)": (original.stat().st_size, len(data)),
             }
-            batch = pruning.throughput_batch(loaded.model)
-            before, after = pruning.speed(loaded.model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
-            sizes.update({f"{name} here": (before[name], after[name]) for name in before})
     return data, sizes, reason, plan
+
+
+SPEED_REPEATS = 10
+"""Timed calls at batch 1 (half as many at the serving batch), after 3 warm-up calls, for each of the two models."""
+
+
+def speed_passes(selection: "Selection") -> float:
+    """Image passes of timing both models: (3 + 10) calls of one image and (3 + 5) of the serving batch each."""
+    batch = pruning.throughput_batch(selection.model.model)
+    return 2 * ((3 + SPEED_REPEATS) + (3 + SPEED_REPEATS // 2) * batch)
+
+
+def speed_key(selection: "Selection", selection_key: tuple) -> tuple:
+    return (selection.model.fingerprint, selection.device, "speed", selection_key)
+
+
+def pruned_speed(selection: "Selection", selection_key: tuple) -> pd.DataFrame:
+    """Latency at batch 1 and throughput at the serving batch of the model and of its smaller copy, on this
+    machine, as table rows (name, before, after): timed in a job (minutes for VGG16 at batch 64 on 2 cores)."""
+    loaded = selection.model
+
+    def compute():
+        with jobs.model_job(selection, "Timing both models") as progress:
+            progress(0, 2)
+            chosen = {layer: list(filters) for layer, filters in selection_key}
+            with loaded.lock:
+                try:
+                    smaller = pruning.prune(loaded.model, chosen, loaded.dependency_graph())
+                except AuditError:
+                    smaller = pruning.masked(loaded.model, chosen, loaded.dependency_graph())
+            batch = pruning.throughput_batch(loaded.model)
+            before = pruning.speed(loaded.model, SPEED_REPEATS, batch_size=batch)
+            progress(1, 2)
+            after = pruning.speed(smaller, SPEED_REPEATS, batch_size=batch)
+        return pd.DataFrame([(f"{name} here", before[name], after[name]) for name in before],
+                            columns=["", "before", "after"])
+
+    return jobs.shared_result(speed_key(selection, selection_key), compute)
 
 
 @st.cache_data(show_spinner="Exporting the SavedModel…", max_entries=4)

@@ -36,6 +36,12 @@ def export(selection: Selection, selection_map: dict, target: pruning.Target) ->
         st.dataframe(plan, hide_index=True, width="stretch")
     table = pd.DataFrame([(name, before, after) for name, (before, after) in sizes.items()],
                          columns=["", "before", "after"])
+    timed = None
+    if jobs.started(selection, "Time both models here", pruning_jobs.speed_key(selection, selection_key),
+                    pruning_jobs.speed_passes(selection), "prune_speed"):
+        with user_errors("Timing both models"):
+            timed = pruning_jobs.pruned_speed(selection, selection_key)
+            table = pd.concat([table, timed], ignore_index=True)
     table["change"] = (table["after"] / table["before"] - 1).map(lambda v: f"{v:+.1%}")
     st.dataframe(table, hide_index=True, column_config={
         "before": st.column_config.NumberColumn(format="localized"),
@@ -44,7 +50,8 @@ def export(selection: Selection, selection_map: dict, target: pruning.Target) ->
         st.caption(f"The file as loaded was {loaded.file_bytes:,} bytes; saved again by Keras (weights and "
                    f"architecture, no optimizer state) it is {sizes['file size, saved by Keras (bytes)'][0]:,}: the "
                    "sizes above compare like with like.")
-    _speed_note(sizes)
+    if timed is not None:
+        _speed_note(table.set_index(""))
     download, saved_model = st.columns(2)
     download.download_button("Download the pruned model (.keras)", data, "pruned.keras", type="primary")
     if not reason:
@@ -55,12 +62,13 @@ def export(selection: Selection, selection_map: dict, target: pruning.Target) ->
     return reason
 
 
-def _speed_note(sizes: dict) -> None:
-    macs_before, macs_after = sizes["multiply-adds per image"]
-    latency = next(name for name in sizes if name.startswith("ms per image"))
-    throughput = next(name for name in sizes if name.startswith("images per second"))
-    faster_single = sizes[latency][1] < 0.95 * sizes[latency][0]
-    faster_batch = sizes[throughput][1] > 1.05 * sizes[throughput][0]
+def _speed_note(rows: pd.DataFrame) -> None:
+    """What the timing says beside the multiply-adds (rows: before and after, by name)."""
+    macs_before, macs_after = rows.loc["multiply-adds per image", ["before", "after"]]
+    latency = next(name for name in rows.index if name.startswith("ms per image"))
+    throughput = next(name for name in rows.index if name.startswith("images per second"))
+    faster_single = rows.loc[latency, "after"] < 0.95 * rows.loc[latency, "before"]
+    faster_batch = rows.loc[throughput, "after"] > 1.05 * rows.loc[throughput, "before"]
     if macs_after < macs_before and not (faster_single or faster_batch):
         st.warning("Fewer multiply-adds, but not less time here, one image at a time nor in batches: on this "
                    "hardware the cut layers were not what the time is spent on (memory-bound or depthwise layers).",
