@@ -175,16 +175,16 @@ def test_hostile_names_are_escaped_on_every_page(tmp_path):
         assert not bad, (page, bad)
 
 
-def test_a_million_class_head_offers_its_most_likely_classes_not_a_million_options(tmp_path):
-    """Dense(1,000,000) on 2 pooled features (3 M parameters): the class picker listed every class (the browser's
-    RangeError); it offers the 1,000 most likely, the top-1 first, and the link names the target."""
+def test_a_huge_head_offers_its_most_likely_classes_not_every_class(tmp_path):
+    """A million-class head made the class picker list every class (the browser's RangeError); Dense(200,000) on
+    2 pooled features shows the rule at a fifth of the cost: the 1,000 most likely are offered, the top-1 first."""
     import numpy as np
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(2, 3, activation="relu", name="conv")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(1_000_000, activation="softmax", name="head")(x))
+    model = keras.Model(inputs, keras.layers.Dense(200_000, activation="softmax", name="head")(x))
     model.save(tmp_path / "m.keras")
     digest = storage.save_upload((tmp_path / "m.keras").read_bytes(), "models", "million.keras")
     at = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=180)
@@ -198,4 +198,4 @@ def test_a_million_class_head_offers_its_most_likely_classes_not_a_million_optio
     assert len(picker.options) == 1000
     probabilities = at.dataframe[0].value["probability"].to_numpy()
     assert f"class {picker.value}" == at.dataframe[0].value["class"][0] and np.all(np.diff(probabilities) <= 0)
-    assert any("1,000 most likely of 1,000,000 classes" in caption.value for caption in at.caption)
+    assert any("1,000 most likely of 200,000 classes" in caption.value for caption in at.caption)
