@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -58,9 +59,11 @@ def _png(pixels: np.ndarray, width: int = 160) -> str:
     return f'<img src="data:image/png;base64,{data}" width="{width}" alt="">'
 
 
-def _figure(fig, first: bool) -> str:
+def _figure(fig, first: bool, nonce: str) -> str:
+    """A Plotly figure whose scripts carry the page's nonce: the only scripts its policy lets run."""
     fig.update_layout(margin=dict(t=20, b=10), template="plotly_white")
-    return fig.to_html(full_html=False, include_plotlyjs=True if first else False)
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False).replace(
+        "<script", f'<script nonce="{nonce}"')
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -94,6 +97,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     if not image_set:
         raise AuditError("The report needs at least one image.")
     model = loaded.model
+    nonce = secrets.token_urlsafe(16)  # the page runs only its own scripts: a name that slipped escaping runs none
     given = len(image_set)
     image_set = image_set[:max(1, limits.BATCH_BYTES.value // cost.input_bytes(model))]  # held preprocessed
     chosen = options.precision or precision.decide(model, loaded.input_size)[0]  # bfloat16 where native and faster
@@ -163,7 +167,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                     f"with APoZ (share of values at or below 0) above {options.near_dead_apoz}. No zero floor: the "
                     "filter is used after an activation that is not a ReLU (ELU, swish, linear), where a value at or "
                     "below 0 is not \"off\", so neither is counted." + most + "</p>"
-                    f"{_figure(chart, first=True)}{_table(counts)}")
+                    f"{_figure(chart, first=True, nonce=nonce)}{_table(counts)}")
 
     galleries = []
     for layer in gallery_layers:
@@ -223,13 +227,14 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
               f"whole groups by {pruning.CRITERIA[options.prune_criterion]} to the {target.describe()}")
     columns = ["layer", "filter", "why", "measured_at", "l1", "apoz", "mean", "taylor", "redundancy", "nearest"]
     sections.append(f"<h2>Pruning candidates</h2><p>{len(candidates)} of {len(scores)} filters: {html.escape(chosen)}. "
-                    f"Check them on the dashboard's Pruning page before cutting.</p>{_figure(chart, first=False)}"
+                    "Check them on the dashboard's Pruning page before cutting.</p>"
+                    f"{_figure(chart, first=False, nonce=nonce)}"
                     f"<details><summary>Candidates table</summary>{_table(candidates[columns])}</details>")
     sections.append(_what_the_cut_costs(loaded, selection, x, labels, names, image_set, options.fit))
 
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, body="\n".join(sections),
-                        columns=GRID_COLUMNS)
+    return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, nonce=nonce,
+                        body="\n".join(sections), columns=GRID_COLUMNS)
 
 
 def _what_the_cut_costs(loaded, selection: dict, x: np.ndarray, labels: np.ndarray | None, names: list[str],
@@ -270,6 +275,7 @@ GRID_COLUMNS = 8  # tiles per row: a gallery of the default 8 filters is one row
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'nonce-{nonce}' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data:; font-src data:">
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }}
 h1 {{ margin-bottom: 0; }} .made {{ color: #777; }}

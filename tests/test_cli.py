@@ -33,6 +33,9 @@ def test_report_on_demo_shapes_is_one_self_contained_file(tmp_path, capsys):
     # Plotly's script is inlined once, and nothing is fetched from the network when the file is opened
     assert page.count("plotly.js v") == 1
     assert not re.search(r'<script[^>]+src="http', page)
+    # only the page's own scripts run (a name that slipped escaping would run none): they carry the policy's nonce
+    nonce = re.search(r"script-src 'nonce-([\w-]+)'", page).group(1)
+    assert page.count("<script") == page.count(f'<script nonce="{nonce}"') >= 2
 
 
 def test_the_report_holds_only_the_images_whose_input_fits_the_batch_budget(tmp_path, monkeypatch):
