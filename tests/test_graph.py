@@ -67,3 +67,32 @@ def test_names_tensorflow_refuses_are_renamed_on_load_and_the_model_traces(tmp_p
     expected = loaded.model.get_layer("base_model")(x)
     np.testing.assert_allclose(tf.function(cut)(x), expected, rtol=1e-6)
     np.testing.assert_allclose(tf.function(loaded.model)(x), loaded.model(x), rtol=1e-6)
+
+
+def test_grouped_convolutions_run_per_group_without_xla_and_give_the_models_numbers():
+    """Keras runs a grouped Conv2D through XLA on the CPU, compiled again per batch shape into a cache the process
+    never frees (200 grouped layers: 1.3 GB per shape). The graphs we build run one convolution per group: the
+    model's own numbers, and no XLA-compiled function in the traced graph (the model's own call has one)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from audit import graph, heads
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 8))
+    x = keras.layers.Conv2D(16, 3, groups=4, activation="relu", padding="same", name="g1")(inputs)
+    x = keras.layers.Conv2D(8, 3, groups=2, strides=2, name="g2")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    images = np.random.default_rng(0).random((5, 12, 12, 8), np.float32)
+    built = graph.graph_model(model, [graph.Point("g1"), graph.Point(model.layers[-1].name)])
+    first, last = built(images)
+    np.testing.assert_allclose(last, model(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first, keras.Model(inputs, model.get_layer("g1").output)(images), rtol=1e-5, atol=1e-6)
+    spec = tf.TensorSpec((None, 12, 12, 8))
+
+    def compiled_by_xla(function) -> bool:
+        return "_XlaMustCompile" in str(tf.function(function).get_concrete_function(spec).graph.as_graph_def())
+
+    assert compiled_by_xla(lambda t: model(t)) and not compiled_by_xla(lambda t: built(t))
+    outputs = heads.Outputs(model)
+    np.testing.assert_allclose(outputs(images), keras.ops.softmax(model(images)), rtol=1e-5, atol=1e-6)
