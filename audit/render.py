@@ -55,6 +55,8 @@ def png(pixels: np.ndarray) -> bytes:
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8:
         pixels = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:  # a grayscale model's picture: Pillow takes (H, W), not (H, W, 1)
+        pixels = pixels[..., 0]
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -38,6 +38,24 @@ def test_report_on_demo_shapes_is_one_self_contained_file(tmp_path, capsys):
     assert page.count("<script") == page.count(f'<script nonce="{nonce}"') >= 2
 
 
+def test_the_report_on_a_grayscale_model_draws_its_one_channel_pictures(tmp_path):
+    """A (H, W, 1) gallery tile made Pillow raise "Cannot handle this data type: (1, 1, 1), |u1": every grayscale
+    model's report failed, in the dashboard and here."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(6, activation="softmax")(x)).save(tmp_path / "grey.keras")
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--model", f"file:{tmp_path / 'grey.keras'}", "--images", "shapes:6", "--out", str(out),
+                     "--steps", "2", "--gallery-filters", "2", "--attribution-images", "1", "--quiet"]) == 0
+    page = out.read_text()
+    assert "conv1: first 2 filters" in page and page.count('src="data:image/png;base64,') >= 2 * 2 + 3
+
+
 def test_the_report_holds_only_the_images_whose_input_fits_the_batch_budget(tmp_path, monkeypatch):
     """The report holds its images' model input in memory: 2,048 images of a 1024 px model were 25 GB. With a
     budget of five 64 x 64 x 3 float32 inputs (by hand: 5 * 49,152 bytes), the first 5 of 12 go in, and it says so."""
