@@ -42,7 +42,8 @@ if selection.head.is_classifier:
     chosen = links.selectbox(left, "Target class", [int(i) for i in listed], index=0 if len(names) > LISTED_CLASSES
                              else int(top[0]),
                              format_func=lambda i: f"{names[i]}" + (" (top-1)" if i == top[0] else ""),
-                             show=names.__getitem__, param="target", key=f"attr_class_{loaded.fingerprint}")
+                             show=names.__getitem__, param="target",
+                             key=f"attr_class_{loaded.fingerprint}_{selection.image_key}")  # a new image: its top-1
     target = ("class", int(chosen))
     label = names[chosen]
 else:

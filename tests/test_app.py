@@ -466,3 +466,22 @@ def test_a_failed_weights_download_says_so_in_one_error_box(monkeypatch):
     at.button[0].click().run()
     assert not at.exception, at.exception
     assert len(at.error) == 1 and at.error[0].value.startswith("The download of the weights failed: Temporary failure")
+
+
+def test_the_attribution_target_follows_the_image_to_its_top_class():
+    """From one image to another the target class was kept ("class 3 (top-1)" over a class-0 image, the maps
+    titled "Why class 3?"): a new image starts at its own top-1 class, the one the prediction table lists first."""
+    from audit import models
+
+    names = models.load("demo:shapes").class_names
+    at = _app(model="demo:shapes", images="shapes", count="6", methods="Saliency").run()
+    at.switch_page("pages/attribution.py").run()
+    assert not at.exception, at.exception
+    chosen_and_top = {}
+    for name in next(box for box in at.selectbox if box.label == "Current image").options:
+        next(box for box in at.selectbox if box.label == "Current image").set_value(name).run()
+        assert not at.exception, at.exception
+        target = next(box for box in at.selectbox if box.label == "Target class")
+        chosen_and_top[name] = (names[target.value], at.dataframe[0].value["class"][0])
+    assert len({top for _, top in chosen_and_top.values()}) > 1, chosen_and_top  # the images differ in top class
+    assert all(chosen == top for chosen, top in chosen_and_top.values()), chosen_and_top
