@@ -17,8 +17,11 @@ def choose(where, scores=None) -> tuple[str, pruning.Target]:
     offered = [code for code in pruning.CRITERIA if scores is None or code == "dead"
                or (code in scores and scores[code].notna().any())]
     kept = st.session_state.get(_KEPT, {})
+    # another page offered other criteria (the Report page offers all): Streamlit takes the criterion box for a
+    # new widget and resets it, and the boxes it disables with it, so the choice is put back before they are drawn
+    moved = kept.get("offered") not in (None, offered)
     for name, key in _WIDGETS.items():
-        if key not in st.session_state and name in kept and (name != "criterion" or kept[name] in offered):
+        if (key not in st.session_state or moved) and name in kept and (name != "criterion" or kept[name] in offered):
             st.session_state[key] = kept[name]
     left, middle, right = where.columns([2, 2, 2])
     criterion = links.selectbox(left, "Pruning criterion", offered, param="criterion", key="prune_criterion",
@@ -36,6 +39,6 @@ def choose(where, scores=None) -> tuple[str, pruning.Target]:
                              key="prune_keep", disabled=criterion == "dead")
     if criterion == "dead":
         right.caption("Every dead or near-dead filter is proposed, with its group: no target to set.")
-    st.session_state[_KEPT] = {**kept, "criterion": criterion, "target": kind,
+    st.session_state[_KEPT] = {**kept, "offered": offered, "criterion": criterion, "target": kind,
                                "share" if kind in ("layer", "global") else "keep": float(value)}
     return criterion, pruning.Target(kind, float(value))

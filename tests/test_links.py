@@ -214,3 +214,20 @@ def test_finished_results_are_kept_on_disk_for_the_next_viewer_even_after_a_rest
     again = jobs.shared_result(("test", "arrays"), lambda: calls.append("a") or arrays)
     np.testing.assert_array_equal(again[0], arrays[0])
     assert calls == ["t", "a"]  # each computed once
+
+
+def test_the_pruning_choice_survives_a_visit_to_the_report_page():
+    """L1 and keep 60% of parameters chosen on Pruning, seen on Report: back on Pruning they were "dead or
+    near-dead" again and the link had lost `criterion`."""
+    at = _open("pages/pruning.py", {"count": "6"})
+    at.selectbox(key="prune_criterion").set_value("l1").run()
+    at.selectbox(key="prune_target").set_value("params").run()
+    at.slider(key="prune_keep").set_value(0.6).run()
+    assert not at.exception, at.exception
+    at.switch_page("pages/report.py").run()
+    assert at.selectbox(key="prune_criterion").value == "l1" and at.slider(key="prune_keep").value == 0.6
+    at.switch_page("pages/pruning.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="prune_criterion").value == "l1"
+    assert at.selectbox(key="prune_target").value == "params" and at.slider(key="prune_keep").value == 0.6
+    assert _link(at)["criterion"] == "l1" and _link(at)["keep"] == "0.6"
