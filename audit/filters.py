@@ -152,8 +152,9 @@ def default_options(model: keras.Model, layer: str, preprocessing: str, paramete
 MAX_COPIES = 8
 """Diverse images per filter at most: each copy costs a full ascent."""
 
-RESPONSE_THRESHOLD = 0.0
-"""A filter responds when its final image drives its mean activation (border excluded) above this."""
+RESPONSE_THRESHOLD = 1e-6
+"""A filter responds when its final image drives its mean activation (border excluded) above this: a millionth,
+not 0, since a ReLU at its edge leaves round-off (1.1e-36 counted as a response)."""
 
 
 @dataclass
