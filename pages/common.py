@@ -136,7 +136,7 @@ def knowledge_sentence(selection: "Selection", found: dict) -> str:
         return (f"no labels on these {found['images']} images; the outputs' mean normalised entropy is "
                 f"{found['entropy']:.2f} (1: every class equally likely)")
     sample = images.describe_sample(folder_labels(selection), range(len(labels)), markup.escape)
-    return (f"accuracy {found['accuracy']:.0%} (95% interval {found['low']:.0%}–{found['high']:.0%}) on {sample}; "
+    return (f"accuracy {found['accuracy']:.1%} (95% interval {found['low']:.0%}–{found['high']:.0%}) on {sample}; "
             f"chance {found['chance']:.0%}, the share of the most common class")
 
 
