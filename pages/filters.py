@@ -244,4 +244,4 @@ else:
         columns = st.columns(min(6, len(class_key)))
         for position, index in enumerate(class_key):
             columns[position % len(columns)].image(result.images[position], width="stretch",
-                                                   caption=f"{names[index]} · score {result.activations[position]:.3g}")
+                                                   caption=f"{markup.escape(names[index])} · score {result.activations[position]:.3g}")

@@ -124,7 +124,7 @@ with user_errors():
 fitted = fitted_image(selection)
 values = activations.upsample(maps[..., index], fitted.shape[:2])
 map_col.image(render.overlay(fitted, render.scale01(values), 0.5, "Inferno"), width="stretch",
-              caption=f"On {selection.image.name}: max {maps[..., index].max():.3g}")
+              caption=f"On {markup.escape(selection.image.name)}: max {maps[..., index].max():.3g}")
 tile_options = filters.default_options(loaded.model, layer_pick, selection.preprocessing,
                                        filters.default_parameterization(loaded.model, layer_pick))
 if filters_jobs.has_gallery(selection, layer_pick, (index,), tile_options, 0) or \
