@@ -114,6 +114,10 @@ def knowledge(selection: "Selection", ask: bool = False) -> dict | None:
             return None
     elif not (jobs.has_result(key) or jobs.within_link_budget(selection, count)):
         return None
+    if not jobs.has_result(key) and loaded.job_lock.locked():  # a page does not wait behind another user's job
+        st.caption("What the model knows on these images is measured when the job running on this model now ends: "
+                   "open the page again then.")
+        return None
 
     def compute():
         pixels = [item.pixels for item in selection.image_set]

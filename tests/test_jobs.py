@@ -72,8 +72,9 @@ def test_quick_views_of_a_model_open_while_another_users_job_holds_it():
     loaded = selection.get_model("demo:shapes")  # the very object every session shares
     assert loaded.job_lock.acquire(timeout=30)
     try:
-        at, seconds = _open("pages/model.py", model="demo:shapes", image="chelsea")
+        at, seconds = _open("pages/model.py", model="demo:shapes", image="chelsea", count="7")  # a new set
         assert not at.exception, at.exception
+        assert any("job running on this model now ends" in caption.value for caption in at.caption)
         assert "block1_conv1" in set(at.dataframe[0].value["name"])  # the layer table
         assert any("probability" in frame.value.columns for frame in at.dataframe)  # the predictions
         at, _ = _open("pages/activations.py", model="demo:shapes", image="chelsea")
