@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import ascent, compiled, heads, models, parameterization
+from audit import ascent, compiled, cost, heads, limits, models, parameterization
 from audit.errors import AuditError
 from audit.examples import CONTEXT_SIDE, merge_top, patches, top_examples  # noqa: F401 (what a filter fires on in the user's images)
 from audit.receptive import receptive_field  # noqa: F401
@@ -315,6 +315,20 @@ def minimum_size(cut: keras.Model, largest: int) -> int:
 
 
 def _grow(compiled: _Compiled, what: str, filters: list[int], options: Options, seed: int, progress) -> Gallery:
+    """The gallery in chunks whose forward and backward passes fit the batch budget (512 filters of a 224 px layer
+    were one batch of tens of GB); each image's ascent is its own, so chunks give the one batch's images."""
+    shape = compiled.cut_post.inputs[0].shape
+    size = options.size if shape[1] is None else int(shape[1])
+    per_filter = 3 * options.copies * cost.cost(compiled.cut_post, (size, size)).peak_bytes
+    chunk = max(1, limits.BATCH_BYTES.value // max(per_filter, 1))
+    starts = range(0, max(len(filters), 1), chunk)  # none: the batch says what is wrong
+    parts = [_grow_batch(compiled, what, filters[start:start + chunk], options, seed, None if progress is None else
+                         lambda done, total, number=number: progress(number * total + done, len(starts) * total))
+             for number, start in enumerate(starts)]
+    return Gallery(*(np.concatenate([getattr(part, name) for part in parts]) for name in Gallery.__annotations__))
+
+
+def _grow_batch(compiled: _Compiled, what: str, filters: list[int], options: Options, seed: int, progress) -> Gallery:
     cut_post = compiled.cut_post
     if cut_post.inputs[0].shape[1] is not None:  # through a Flatten/Dense only the model's own size does
         options = Options(**{**asdict(options), "size": int(cut_post.inputs[0].shape[1]), "octaves": 1})

@@ -24,6 +24,24 @@ def _mean_activation(model, layer, x, index):
     return maps[:, b:h - b or None, b:w - b or None, index].mean(axis=(1, 2))
 
 
+def test_a_gallery_over_the_batch_budget_grows_in_chunks_with_the_one_batchs_images(shapes, monkeypatch):
+    """With a batch budget of about two filters' forward and backward passes, 5 filters grow in 3 chunks (the
+    progress counts every step of each) and give the one batch's gallery."""
+    from audit import cost
+
+    whole = filters.render(shapes.model, "block2_conv2", [1, 2, 3, 4, 5], _options(), seed=3)
+    per_filter = 3 * cost.cost(models.submodel(shapes.model, "block2_conv2", any_size=True), (48, 48)).peak_bytes
+    monkeypatch.setenv("CNN_AUDIT_MAX_BATCH_BYTES", str(2 * per_filter + 1))
+    seen = []
+    chunked = filters.render(shapes.model, "block2_conv2", [1, 2, 3, 4, 5], _options(), seed=3,
+                             progress=lambda done, total: seen.append((done, total)))
+    steps = _options().steps
+    assert seen[-1] == (3 * steps, 3 * steps) and len(seen) == 3 * steps
+    np.testing.assert_allclose(chunked.activations, whole.activations, rtol=1e-4)
+    assert np.abs(chunked.images.astype(int) - whole.images.astype(int)).max() <= 1
+    assert chunked.started.tolist() == whole.started.tolist() and chunked.curves.shape == whole.curves.shape
+
+
 def test_objective_rises_for_every_filter_that_responds(shapes):
     result = filters.render(shapes.model, "block2_conv1", [0, 5, 9, 17], _options(), seed=3)
     responding = result.responded
