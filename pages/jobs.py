@@ -198,6 +198,9 @@ def progress_bar(label: str, param: str | None = None, on_cancel=None):
     except ScriptControlException:  # Cancel (a rerun), Streamlit's Stop or a closed session
         log.info("job %r stopped at %d / %d", label, *reached)
         raise
+    except Exception:  # a failed job ends: its bar and Cancel go, the page shows the error where it is caught
+        slot.empty()
+        raise
     slot.empty()
 
 

@@ -485,3 +485,22 @@ def test_the_attribution_target_follows_the_image_to_its_top_class():
         chosen_and_top[name] = (names[target.value], at.dataframe[0].value["class"][0])
     assert len({top for _, top in chosen_and_top.values()}) > 1, chosen_and_top  # the images differ in top class
     assert all(chosen == top for chosen, top in chosen_and_top.values()), chosen_and_top
+
+
+def test_a_job_that_fails_ends_its_bar_and_cancel_and_says_what_failed(monkeypatch):
+    """The report failed on grayscale models and the page kept "Building the report: 2 / 8, about 51 min left"
+    and a Cancel button: a failed job's bar and Cancel go, one message stays."""
+    from audit import report
+
+    def failing(loaded, image_set, options, progress):
+        progress(2, 8)
+        raise RuntimeError("simulated failure half way")
+
+    monkeypatch.setattr(report, "build", failing)
+    at = _app(report_steps="2", report_filters="1", report_images="1", count="5", seed="77")
+    at.run()
+    at.switch_page("pages/report.py").run()
+    at.button(key="report_go").click().run()
+    assert not at.exception, at.exception
+    assert any("simulated failure half way" in error.value for error in at.error)
+    assert not at.get("progress") and not any(button.label == "Cancel" for button in at.button)
