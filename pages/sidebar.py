@@ -162,12 +162,20 @@ def _uploaded_model_source(initial: str) -> str | None:
     return None
 
 
+_CHOSEN_SOURCE = "_chosen_image_source"
+"""The image source the user chose (not a model's default): a new model opens with it, not with its default."""
+
+
 def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage], np.ndarray | None, datasets.FileSet | None]:
     st.sidebar.header("Images")
     default_source = "Demo shapes" if loaded.source in models.SHAPES_DEMOS else "Sample photos"
+    key = f"image_source_{loaded.source}"
+    if key not in st.session_state and _CHOSEN_SOURCE in st.session_state:  # another model: the user's choice stays
+        st.session_state[key] = st.session_state[_CHOSEN_SOURCE]
     kind = links.selectbox(st.sidebar, "Image source", IMAGE_SOURCES, index=IMAGE_SOURCES.index(default_source),
-                           param="images", key=f"image_source_{loaded.source}", radio=True, horizontal=True,
-                           show=IMAGE_PARAM.get, format_func=str)
+                           param="images", key=key, radio=True, horizontal=True, show=IMAGE_PARAM.get, format_func=str)
+    if kind != default_source or _CHOSEN_SOURCE in st.session_state:
+        st.session_state[_CHOSEN_SOURCE] = kind
     if kind == "Demo shapes":
         count = links.number(st.sidebar, "How many", 6, 2048, 60, step=6, param="count", key="demo_count")
         seed = links.number(st.sidebar, "Seed", 0, 2**31 - 1, 12345, param="seed", key="demo_seed")
@@ -189,7 +197,9 @@ def _image_picker(loaded: models.LoadedModel) -> tuple[list[images.LabelledImage
             digests.append(storage.save_upload(file.getvalue(), "images", file.name))
         except AuditError as exc:
             st.sidebar.error(markup.escape(str(exc)))
-    if not files:  # a link names earlier uploads on this server by their content hash
+    if files:  # kept: the uploader forgets its files when it is not drawn for a run (another model, another page)
+        st.session_state["_linked_uploads"] = digests
+    else:  # a link names earlier uploads on this server by their content hash
         digests = links.from_link("uploads") or st.session_state.get("_linked_uploads", [])
         st.session_state["_linked_uploads"] = digests
         named = [storage.upload_name("images", d) for d in dict.fromkeys(digests) if storage.is_digest(d)]

@@ -231,3 +231,23 @@ def test_the_pruning_choice_survives_a_visit_to_the_report_page():
     assert at.selectbox(key="prune_criterion").value == "l1"
     assert at.selectbox(key="prune_target").value == "params" and at.slider(key="prune_keep").value == 0.6
     assert _link(at)["criterion"] == "l1" and _link(at)["keep"] == "0.6"
+
+
+def test_changing_the_model_keeps_the_uploaded_images():
+    """The image source reset to the sample photos when the model changed: the uploads stay in use."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from audit import storage
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(buffer, format="PNG")
+    digest = storage.save_upload(buffer.getvalue(), "images", "kept.png")
+    at = _open("pages/model.py", {"images": "upload", "uploads": digest})
+    assert next(s for s in at.selectbox if s.label == "Current image").options == ["kept.png"]
+    at.selectbox(key="model_choice").set_value("demo:shapes-gap").run()
+    assert not at.exception, at.exception
+    assert next(s for s in at.selectbox if s.label == "Current image").options == ["kept.png"]
+    assert _link(at)["images"] == "upload"
