@@ -200,11 +200,17 @@ def grouped_conv_without_xla(layer):
 
     def call(x, *args, **kwargs):
         kernel = keras.ops.cast(layer.kernel, x.dtype)
-        parts = [keras.ops.conv(part, weights, strides=layer.strides, padding=layer.padding,
-                                dilation_rate=layer.dilation_rate)
-                 for part, weights in zip(keras.ops.split(x, groups, axis=-1),
-                                          keras.ops.split(kernel, groups, axis=-1))]
-        y = keras.ops.concatenate(parts, axis=-1)
+        if groups == int(x.shape[-1]):  # one group per channel (ConvNeXt's depthwise): a depthwise convolution
+            height, width, _, filters = kernel.shape
+            y = keras.ops.depthwise_conv(x, keras.ops.reshape(kernel, (height, width, groups, filters // groups)),
+                                         strides=layer.strides, padding=layer.padding,
+                                         dilation_rate=layer.dilation_rate)
+        else:
+            y = keras.ops.concatenate([
+                keras.ops.conv(part, weights, strides=layer.strides, padding=layer.padding,
+                               dilation_rate=layer.dilation_rate)
+                for part, weights in zip(keras.ops.split(x, groups, axis=-1), keras.ops.split(kernel, groups, axis=-1))
+            ], axis=-1)
         if layer.use_bias:
             y = y + keras.ops.cast(layer.bias, y.dtype)
         return layer.activation(y)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -54,16 +53,11 @@ drew from one generator in turn and got other weights (and, on ConvNeXt, clashin
 
 
 def _untrained(constructor) -> keras.Model:
-    """The architecture with the same random weights and the same layer names every time: built under the lock
-    from the seeds, in a new thread, whose Keras name counters start at zero (a session's thread that built
-    models before would name ConvNeXt's adds add_36, ..., and a link's layer name would not be found)."""
-
-    def build() -> keras.Model:
+    """The architecture with the same random weights every time: built under the lock from the seeds. (In a fresh
+    thread, whose Keras name counters start at zero, ConvNeXt named two layers "add" and failed to build.)"""
+    with _SEEDED_BUILD:
         keras.utils.set_random_seed(_UNTRAINED_SEED)
         return constructor(weights=None)
-
-    with _SEEDED_BUILD, ThreadPoolExecutor(1) as fresh:
-        return fresh.submit(build).result()
 
 
 def parse_source(source: str) -> tuple[str, str]:

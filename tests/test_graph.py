@@ -82,6 +82,7 @@ def test_grouped_convolutions_run_per_group_without_xla_and_give_the_models_numb
     inputs = keras.Input((12, 12, 8))
     x = keras.layers.Conv2D(16, 3, groups=4, activation="relu", padding="same", name="g1")(inputs)
     x = keras.layers.Conv2D(8, 3, groups=2, strides=2, name="g2")(x)
+    x = keras.layers.Conv2D(16, 3, groups=8, padding="same", name="depthwise_x2")(x)  # ConvNeXt's depthwise form
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
     images = np.random.default_rng(0).random((5, 12, 12, 8), np.float32)
     built = graph.graph_model(model, [graph.Point("g1"), graph.Point(model.layers[-1].name)])
