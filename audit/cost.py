@@ -88,6 +88,13 @@ def job_bytes(model: keras.Model) -> int:
     return int(min(limits.BATCH_BYTES.value, batch_bytes(model, 64, passes=3)))
 
 
+def inputs_within(model: keras.Model, budget: int, most: int | None = None) -> int:
+    """How many preprocessed images (float32, the model's input size) fit `budget` bytes: at least 1, at most
+    `most`."""
+    fitting = int(budget) // input_bytes(model)
+    return max(1, fitting if most is None else min(most, fitting))
+
+
 def input_bytes(model: keras.Model) -> int:
     """Bytes of one preprocessed image at the model's input size (float32)."""
     shape = model.inputs[0].shape

@@ -99,7 +99,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     model = loaded.model
     nonce = secrets.token_urlsafe(16)  # the page runs only its own scripts: a name that slipped escaping runs none
     given = len(image_set)
-    image_set = image_set[:max(1, limits.BATCH_BYTES.value // cost.input_bytes(model))]  # held preprocessed
+    image_set = image_set[:cost.inputs_within(model, limits.BATCH_BYTES.value)]  # held preprocessed
     chosen = options.precision or precision.decide(model, loaded.input_size)[0]  # bfloat16 where native and faster
     convs = models.conv_layers(model)
     if not convs:

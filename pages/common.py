@@ -96,7 +96,7 @@ def layer_maps(fingerprint: str, source: str, layer: str, image_key: str, _pixel
 def input_chunk(selection: "Selection", most: int) -> int:
     """How many images to preprocess at once: at most `most`, their float input within the batch budget (256
     images of a 1024 px model were 3.2 GB before the model saw them)."""
-    return max(1, min(most, limits.BATCH_BYTES.value // cost.input_bytes(selection.model.model)))
+    return cost.inputs_within(selection.model.model, limits.BATCH_BYTES.value, most)
 
 
 def knowledge(selection: "Selection", ask: bool = False) -> dict | None:

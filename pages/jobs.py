@@ -256,13 +256,13 @@ def _timed(selection: Selection) -> tuple[float, float]:
     if key not in times:
         outputs = heads.Outputs(loaded.model, selection.output)
         shape = (*loaded.input_size, loaded.model.inputs[0].shape[-1])
-        seconds, first = {}, {}
+        seconds, first_call = {}, None
         with loaded.lock, device.scope(selection.device):
             for count in (2, 8):
                 x = np.zeros((count, *shape), np.float32)
                 start = time.perf_counter()
                 outputs(x)
-                first[count] = time.perf_counter() - start
+                first_call = first_call or time.perf_counter() - start  # the model's first call traces
                 calls = []
                 for _ in range(3):
                     start = time.perf_counter()
@@ -270,8 +270,7 @@ def _timed(selection: Selection) -> tuple[float, float]:
                     calls.append(time.perf_counter() - start)
                 seconds[count] = float(np.median(calls))
         per_image = max((seconds[8] - seconds[2]) / 6, seconds[8] / 16)  # timing noise cannot make an image free
-        traced = max(first[2] - seconds[2], 0.0) if key not in _traces() else _traces()[key]
-        _traces()[key] = traced
+        _traces()[key] = max(first_call - seconds[2], 0.0)
         times[key] = per_image, max(seconds[2] - 2 * per_image, 0.0)
     return times[key]
 
