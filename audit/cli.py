@@ -23,13 +23,24 @@ from pathlib import Path
 from audit import cli_common
 from audit.cli_common import file_set, model_source, on_disk, progress_bar, read_images, streamed
 from audit.errors import AuditError
+from audit.images import PREPROCESSING as PREPROCESSING_MODES
 
+
+
+def _load(args):
+    """The model of --model, with the preprocessing --preprocessing sets (a file does not record its own)."""
+    from audit import models
+
+    loaded = models.load(model_source(args.model))
+    if getattr(args, "preprocessing", None):
+        loaded.preprocessing, loaded.preprocessing_reason = args.preprocessing, "set by --preprocessing"
+    return loaded
 
 
 def _report(args) -> int:
     from audit import models, report
 
-    loaded = models.load(model_source(args.model))
+    loaded = _load(args)
     image_set = read_images(args.images)
     options = report.ReportOptions(
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
@@ -50,7 +61,7 @@ def _report(args) -> int:
 def _stats(args) -> int:
     from audit import activations, models, precision
 
-    loaded = models.load(model_source(args.model))
+    loaded = _load(args)
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or models.conv_layers(loaded.model)
     if on_disk(args.images):
         stats = streamed(args, loaded, "stats", layers).table
@@ -71,7 +82,7 @@ def _scores(args) -> int:
     """Every conv layer's pruning scores over a set on disk, sharded and resumable like `stats`."""
     from audit import models
 
-    loaded = models.load(model_source(args.model))
+    loaded = _load(args)
     if not on_disk(args.images):
         raise AuditError("`scores` streams a folder, a .zip or a .txt list of files; "
                          f"{args.images!r} is none of them.")
@@ -88,7 +99,7 @@ def _examples(args) -> int:
     """Each filter's k images of a set on disk with the highest peak activation, sharded like `scores`."""
     from audit import models
 
-    loaded = models.load(model_source(args.model))
+    loaded = _load(args)
     if not on_disk(args.images):
         raise AuditError(f"`examples` streams a folder, a .zip or a .txt list of files; {args.images!r} is none of them.")
     layer = models.resolve_layer(loaded.model, args.layer)
@@ -104,7 +115,7 @@ def _check(args) -> int:
     """Every capability on the user's model, one line each: what works, what is refused and why."""
     from audit import conformance, models
 
-    loaded = models.load(model_source(args.model))
+    loaded = _load(args)
     print(f"{loaded.title}: preprocessing {loaded.preprocessing} ({loaded.preprocessing_reason or 'as named'}); "
           f"{loaded.head().description}")
     with progress_bar("Checking every capability", args.quiet) as progress, loaded.job_lock:
@@ -121,7 +132,7 @@ def _prune(args) -> int:
     measured against the model over the whole set, one batch in memory at a time."""
     from audit import datasets, models, precision, pruning
 
-    loaded = models.load(model_source(args.model))
+    loaded = _load(args)
     from_disk = on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
     if from_disk:
         files = file_set(args)
@@ -263,6 +274,11 @@ def _methods() -> list[str]:
 
 def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog=prog, description="Audit a trained image CNN.")
+
+    def preprocessing_option(sub):
+        sub.add_argument("--preprocessing", choices=list(PREPROCESSING_MODES),
+                         help="how pixels become the model's input (default: read from the model, else [0, 1]: "
+                              "the dashboard's Model page weighs the candidates on your images)")
     commands = main.add_subparsers(dest="command", required=True)
 
     def common(sub):
@@ -271,6 +287,7 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
                               "or a .keras/.h5 file")
         sub.add_argument("--images", required=True, type=cli_common.image_spec, help=cli_common.IMAGES_HELP)
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        preprocessing_option(sub)
         sub.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
                          help="heavy passes in bfloat16 where the hardware computes it natively (auto), or as asked")
 
@@ -364,6 +381,7 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="run every capability once on a model: ok, refused (why), failed")
     check.add_argument("--model", required=True, help="a .keras/.h5 file or a model source")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
+    preprocessing_option(check)
     check.set_defaults(run=_check)
     return main
 

@@ -132,7 +132,7 @@ def streamed(args, loaded, what: str, layers: list[str], image_set=None, **job_f
     image_set = file_set(args) if image_set is None else image_set
     shards = args.shards or max(1, -(-len(image_set) // runs.SHARD_IMAGES))
     job = runs.Job(loaded.source, what, tuple(layers), getattr(args, "threshold", 0.0), at=getattr(args, "at", "used"),
-                   **job_fields)
+                   preprocessing=loaded.preprocessing, **job_fields)
     where = f"on Ray ({args.ray})" if args.ray else "here"
     with progress_bar(f"{runs.WHATS[what].capitalize()} of {len(image_set):,} images in {shards} shards {where}",
                       args.quiet, unit="images") as progress, loaded.job_lock:

@@ -27,12 +27,19 @@ CONV_TYPES = frozenset({
 
 
 def iter_layers(model: keras.Model, prefix: str = ""):
-    """Yield (path, layer, depth) for every layer, descending into nested models (path `outer/inner`)."""
-    for layer in model.layers:
+    """Yield (path, layer, depth) for every layer, descending into nested models (path `outer/inner`). The
+    keras.ops calls of a functional graph come in their place among the layers (`is_operation`): ConvNeXt's
+    residual `inputs + x` is the map its head reads, and a user asks for it by its node's name (`add_35`)."""
+    for layer in (model.operations if isinstance(model, keras.Function) else model.layers):
         path = f"{prefix}{layer.name}"
         yield path, layer, prefix.count("/")
         if isinstance(layer, keras.Model):
             yield from iter_layers(layer, path + "/")
+
+
+def is_operation(layer) -> bool:
+    """A keras.ops call in a functional graph (`ops.add`, `ops.pad`): a node without weights or a layer's config."""
+    return not isinstance(layer, keras.layers.Layer)
 
 
 def activation_name(layer) -> str | None:
@@ -48,7 +55,8 @@ def activation_name(layer) -> str | None:
 
 def weighted_layers(model: keras.Model) -> list[str]:
     """Paths of the layers that carry weights (nested models themselves left out), in order."""
-    return [path for path, layer, _ in iter_layers(model) if layer.weights and not isinstance(layer, keras.Model)]
+    return [path for path, layer, _ in iter_layers(model)
+            if not is_operation(layer) and layer.weights and not isinstance(layer, keras.Model)]
 
 
 def conv_layers(model: keras.Model) -> list[str]:
@@ -190,32 +198,43 @@ def _grouped(layer) -> bool:
 
 
 def grouped_conv_without_xla(layer):
-    """A grouped Conv2D as one convolution per group and a concatenation, or None for any other layer. Keras
-    runs a grouped convolution through XLA on the CPU, compiled again for each batch shape into a cache the
-    process never frees (200 grouped layers: 1.3 GB per new batch shape, 4.2 GB left after the model went);
-    per-group convolutions need no XLA and give the same numbers."""
-    if not _grouped(layer):
-        return None
-    groups = int(layer.groups)
+    """A grouped Conv2D as one layer computing a depthwise convolution (one group per channel) or one convolution
+    per group and a concatenation, or None for any other layer. Keras runs a grouped convolution through XLA on
+    the CPU, compiled again for each batch shape into a cache the process never frees (200 grouped layers: 1.3 GB
+    per new batch shape, 4.2 GB left after the model went); these need no XLA and give the same numbers. A layer,
+    not loose keras.ops calls: those would take names ("add") a loaded model's own nodes may already hold."""
+    return GroupedConvWithoutXLA(layer) if _grouped(layer) else None
 
-    def call(x, *args, **kwargs):
-        kernel = keras.ops.cast(layer.kernel, x.dtype)
+
+class GroupedConvWithoutXLA(keras.layers.Layer):
+    """See grouped_conv_without_xla; it shares the wrapped layer's kernel and bias."""
+
+    def __init__(self, conv):
+        super().__init__(name=scope_name(f"{conv.name}_without_xla"), dtype=conv.dtype_policy)
+        self.conv = conv
+
+    def build(self, input_shape):
+        self.built = True
+
+    def call(self, x):
+        conv, groups = self.conv, int(self.conv.groups)
+        kernel = keras.ops.cast(conv.kernel, x.dtype)
         if groups == int(x.shape[-1]):  # one group per channel (ConvNeXt's depthwise): a depthwise convolution
             height, width, _, filters = kernel.shape
             y = keras.ops.depthwise_conv(x, keras.ops.reshape(kernel, (height, width, groups, filters // groups)),
-                                         strides=layer.strides, padding=layer.padding,
-                                         dilation_rate=layer.dilation_rate)
+                                         strides=conv.strides, padding=conv.padding, dilation_rate=conv.dilation_rate)
         else:
             y = keras.ops.concatenate([
-                keras.ops.conv(part, weights, strides=layer.strides, padding=layer.padding,
-                               dilation_rate=layer.dilation_rate)
+                keras.ops.conv(part, weights, strides=conv.strides, padding=conv.padding,
+                               dilation_rate=conv.dilation_rate)
                 for part, weights in zip(keras.ops.split(x, groups, axis=-1), keras.ops.split(kernel, groups, axis=-1))
             ], axis=-1)
-        if layer.use_bias:
-            y = y + keras.ops.cast(layer.bias, y.dtype)
-        return layer.activation(y)
+        if conv.use_bias:
+            y = y + keras.ops.cast(conv.bias, y.dtype)
+        return conv.activation(y)
 
-    return call
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
 
 
 def scope_name(name: str) -> str:

@@ -195,6 +195,11 @@ class DependencyGraph:
                 found[component].filters.setdefault(path, []).append(channel)
         return list(found.values())
 
+    def removable_layers(self) -> list[str]:
+        """Layers with a filter whose group may go, in order: where a sweep or a what-if can start (an
+        all-convolutional head's class conv reaches the output: none of its filters can)."""
+        return list(dict.fromkeys(path for group in self.groups() if not group.locked for path in group.filters))
+
     def expand(self, selection: dict[str, list[int]]) -> tuple[set[int], dict[str, str]]:
         """The groups of the selected filters, and for the selected filters that cannot go, why (by layer)."""
         producers = self.producers()

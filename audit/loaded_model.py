@@ -18,7 +18,7 @@ import pandas as pd
 from audit import admission, cost, device, groups, heads
 from audit import images as image_utils
 from audit.errors import NotAnImageModelError
-from audit.graph import CONV_TYPES, activation_name, iter_layers
+from audit.graph import CONV_TYPES, activation_name, is_operation, iter_layers
 
 
 @dataclass
@@ -82,6 +82,11 @@ class LoadedModel:
         values = np.concatenate(parts) if parts else np.zeros((0, *outputs.graph.outputs[0].shape[1:]), np.float32)
         return heads.probabilities(values, outputs.head) if outputs.head.is_classifier else values
 
+    @property
+    def preprocessing_assumed(self) -> bool:
+        """Whether the preprocessing is a guess: the file has no rescaling layer and no known architecture."""
+        return self.preprocessing_reason == ASSUMED_REASON
+
     def dependency_graph(self):
         """The model's dependency groups (audit.groups), built once and kept with the model."""
         with self.lock:
@@ -109,6 +114,9 @@ class LoadedModel:
 # Layers at the input that leave pixel values as they are (at inference) or only move them.
 _VALUE_KEEPING = ("InputLayer", "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomCrop",
                   "RandomContrast", "RandomBrightness", "Resizing", "CenterCrop")
+ASSUMED_REASON = "no rescaling layer at the input and no known architecture: assumed to take [0, 1]; check it"
+"""The reason given when the file says nothing of its preprocessing (audit.preprocessing_evidence weighs it)."""
+
 # keras.applications model names (they keep them in files) and the preprocessing each was trained with.
 _FAMILIES = (
     (r"vgg1[69]$", "caffe", "VGG"), (r"resnet\d+$", "caffe", "ResNet (v1)"), (r"resnet\d+v2$", "tf", "ResNetV2"),
@@ -142,7 +150,7 @@ def detect_preprocessing(model: keras.Model) -> tuple[str, str]:
             if re.match(pattern, name.lower()):
                 where = "the model" if name == model.name else f"its base {name!r}"
                 return mode, f"{where} is keras.applications' {family}, trained with this preprocessing"
-    return "unit", "no rescaling layer at the input and no known architecture: assumed to take [0, 1]; check it"
+    return "unit", ASSUMED_REASON
 
 
 def _first_value_layer(model: keras.Model):
@@ -235,7 +243,7 @@ def layer_table(model: keras.Model) -> pd.DataFrame:
             "name": layer.name,
             "type": kind,
             "output_shape": _output_shape(layer),
-            "params": int(layer.count_params()) if layer.built else 0,
+            "params": 0 if is_operation(layer) or not layer.built else int(layer.count_params()),
             "activation": activation_name(layer),
             "filters": getattr(layer, "filters", None) or getattr(layer, "units", None),
             "kernel_size": tuple(kernel) if kernel is not None else None,
@@ -243,6 +251,7 @@ def layer_table(model: keras.Model) -> pd.DataFrame:
             "padding": getattr(layer, "padding", None),
             "is_conv": kind in CONV_TYPES,
             "is_container": isinstance(layer, keras.Model),
+            "is_operation": is_operation(layer),
             "depth": depth,
         })
     table = pd.DataFrame(rows)

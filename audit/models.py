@@ -31,13 +31,14 @@ from audit.graph import (  # noqa: F401 (the model graph's public names, long re
     weighted_layers,
 )
 from audit.cost import cost as graph_cost
-from audit.usage import cam_layer, cam_layer_and_reason, where_used, zero_floored  # noqa: F401
+from audit.usage import cam_layer, cam_layer_and_reason, class_conv, where_used, zero_floored  # noqa: F401
 from audit.loaded_model import (  # noqa: F401
     LoadedModel,
     check_image_model,
     detect_preprocessing,
     layer_table,
 )
+from audit.preprocessing_evidence import CANDIDATES as PREPROCESSING_CANDIDATES, preprocessing_evidence  # noqa: F401
 from audit.sources import (  # noqa: F401
     DEFAULT_SOURCE,
     DEMO_SOURCES,
@@ -59,9 +60,8 @@ def load(source: str = DEFAULT_SOURCE, allow_download: bool = False) -> LoadedMo
     check_image_model(loaded.model)
     shown = loaded.display_name or (Path(argument).name if kind == "file" else loaded.title)
     loaded.cost = check_cost(loaded.model, loaded.input_size, shown)
-    try:
-        with loaded.lock:  # the first call traces the graph; pay it at load, not in a user's click
-            loaded.model(np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32))
+    try:  # the first call traces the graph the pages use (grouped convolutions without XLA); paid at load
+        loaded.predict(np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32))
     except Exception as exc:  # noqa: BLE001 (a model that cannot run one image is refused in a sentence)
         text = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ModelFileError(f"{shown} loaded, but running it on one image failed "

@@ -108,28 +108,79 @@ def zero_floored(model: keras.Model, layer: str) -> bool:
 
 def last_spatial_conv(model: keras.Model) -> str:
     """The last convolutional layer whose output is a map larger than 1 x 1 (MobileNetV3's last conv is a
-    1 x 1 classifier, a flat map)."""
+    1 x 1 classifier, a flat map), not counting an all-convolutional head's class conv (`class_conv`)."""
     convs = conv_layers(model)
     if not convs:
         raise AuditError("The model has no convolutional layer to take a class activation map from.")
+    head = class_conv(model)
     cut = graph_model(model, [Point(path) for path in convs])
     for path, output in zip(reversed(convs), reversed(cut.outputs)):
-        if len(output.shape) == 4 and (output.shape[1] or 2) * (output.shape[2] or 2) > 1:
+        if path != head and len(output.shape) == 4 and (output.shape[1] or 2) * (output.shape[2] or 2) > 1:
             return path
     return convs[-1]
+
+
+CLASS_SCORES = ("softmax", "sigmoid")
+HEAD_TAIL = frozenset({"GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten", "Reshape", "Softmax"}) | PER_CHANNEL
+"""What may follow an all-convolutional head's class conv on the way to the output: pooling and the softmax."""
+
+
+def class_conv(model: keras.Model) -> str | None:
+    """The class conv of an all-convolutional head (mini-Xception, SqueezeNet, Network-in-Network): the last
+    conv, on a map larger than 1 x 1, with one channel per class of a model output, followed only by pooling,
+    per-channel layers and a softmax (or sigmoid) up to that output. None for any other head: a base pooled
+    to features (MobileNetV2 with pooling="avg") has no softmax."""
+    convs = conv_layers(model)
+    if not convs:
+        return None
+    flow = flow_of(model)
+    call = flow.call(convs[-1])
+    if call is None:
+        return None
+    tensor = as_list(call.output)[0]
+    if len(tensor.shape) != 4 or (tensor.shape[1] or 2) * (tensor.shape[2] or 2) <= 1:
+        return None
+    outputs, scored = {id(output) for output in flow.outputs}, activation_name(call.layer) in CLASS_SCORES
+    while id(tensor) not in outputs:
+        readers = flow.readers(tensor)
+        if len(readers) != 1 or readers[0].kind not in HEAD_TAIL:
+            return None
+        scored = scored or readers[0].kind == "Softmax" or activation_name(readers[0].layer) in CLASS_SCORES
+        tensor = as_list(readers[0].output)[0]
+    return call.path if scored and tensor.shape[-1] == as_list(call.output)[0].shape[-1] else None
+
+
+def _position_wise(call: Call) -> bool:
+    """A call that keeps each position of a map to itself: per-channel layers, merges, and what mixes channels
+    at one position only (ConvNeXt's LayerNormalization over channels and its pointwise Dense layers)."""
+    if call.kind in MERGES or (call.kind in PER_CHANNEL and not _mixes_channels(call.layer)) or call.kind == "Dense":
+        return True
+    if call.kind == "LayerNormalization":
+        axes = [axis % 4 for axis in as_list(call.layer.axis)]
+        return axes == [3]
+    return False
 
 
 def cam_layer_and_reason(model: keras.Model) -> tuple[str, str]:
     """The default layer of Grad-CAM and its family, and why.
 
     From the last convolutional layer whose map is larger than 1 x 1, follow its output forward through
-    per-channel layers (BatchNormalization, activations) and merges (Add, Multiply, Concatenate) while the
-    map keeps its size; stop before pooling, resizing or flattening. The last tensor reached is the map the
-    head reads: ResNet50's `conv5_block3_out` (after the residual Add and its ReLU, not the branch's conv),
-    MobileNetV2's `out_relu`, VGG16's `block5_conv3` (a max-pool follows).
+    position-wise layers (BatchNormalization, activations, LayerNormalization over channels, pointwise Dense)
+    and merges (Add, Multiply, Concatenate, keras.ops sums) while the map keeps its size; stop before pooling,
+    resizing or flattening. The last tensor reached is the map the head reads: ResNet50's `conv5_block3_out`
+    (after the residual Add and its ReLU, not the branch's conv), MobileNetV2's `out_relu`, VGG16's
+    `block5_conv3` (a max-pool follows), ConvNeXt's last residual sum. An all-convolutional head reads the
+    map its class conv takes.
     """
-    start = last_spatial_conv(model)
     flow = flow_of(model)
+    head = class_conv(model)
+    if head is not None:
+        source = flow.producer(flow.call(head).inputs[0])
+        if source is not None and source.path:
+            classes = as_list(flow.call(head).output)[0].shape[-1]
+            return source.path, (f"the map the all-convolutional head reads: {head} has one channel per class "
+                                 f"({classes}) and only pooling and the softmax follow it")
+    start = last_spatial_conv(model)
     first = flow.call(start)
     if first is None:
         return start, "the last convolutional layer with a spatial map"
@@ -140,7 +191,7 @@ def cam_layer_and_reason(model: keras.Model) -> tuple[str, str]:
             out = as_list(reader.output)[0]
             if id(reader) in reached or len(out.shape) != 4 or tuple(out.shape[1:3]) != size:
                 continue
-            if (reader.kind in PER_CHANNEL and not _mixes_channels(reader.layer)) or reader.kind in MERGES:
+            if _position_wise(reader):
                 reached[id(reader)] = reader
                 pending.append(reader)
                 kinds.append(reader.kind)

@@ -14,7 +14,7 @@ import streamlit as st
 
 from audit import activations, cost, device, filters, images, limits, models, pruning
 from pages import jobs, markup
-from pages.selection import get_model, section, Selection, set_key, labels_of, folder_labels
+from pages.selection import get_model, section, Selection, set_key, labels_of, folder_labels, user_errors
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -131,6 +131,58 @@ def knowledge(selection: "Selection", ask: bool = False) -> dict | None:
         return pruning.knowledge(np.concatenate(parts), labels_of(selection))
 
     return jobs.shared_result(key, compute)
+
+
+def preprocessing_choice(selection: "Selection") -> None:
+    """The file says nothing of its preprocessing: the candidates weighed on the images (audit
+    .preprocessing_evidence). With labels the best accuracy is offered as the sidebar's choice; without, how many
+    top-1 predictions each candidate changes, and the user confirms."""
+    loaded = selection.model
+    count = len(selection.image_set)
+    labels = labels_of(selection)
+    st.caption(f"{markup.escape(loaded.title)} has no rescaling layer and no known architecture, so its file does not "
+               f"say how pixels become its input; **{markup.escape(selection.preprocessing)}** is in use. Each "
+               "candidate is tried on the images" + (": the best accuracy wins." if labels is not None else
+                                                      " (no labels: how many top-1 predictions it changes)."))
+    key = set_key(selection, "preprocessing_evidence", selection.preprocessing)
+    candidates = len(dict.fromkeys([selection.preprocessing, *models.PREPROCESSING_CANDIDATES]))
+    if not jobs.started(selection, f"Weigh {candidates} preprocessings on {count:,} images", key, candidates * count,
+                        "preprocessing_go"):
+        return
+
+    def compute():
+        with jobs.model_job(selection, "Weighing the preprocessings on the images") as progress:
+            return models.preprocessing_evidence(loaded, [item.pixels for item in selection.image_set], labels,
+                                                 selection.fit, selection.preprocessing, progress)
+
+    with user_errors("Weighing the preprocessings"):
+        table = jobs.shared_result(key, compute)
+    shown = table.assign(meaning=[images.PREPROCESSING[mode] for mode in table["mode"]])
+    st.dataframe(shown, hide_index=True, width="stretch", column_config={
+        **number_columns(shown), "changed": st.column_config.ProgressColumn(
+            "top-1 changed", min_value=0.0, max_value=1.0, format="percent",
+            help=f"Share of the images whose top-1 class differs from the one under {selection.preprocessing}.")})
+    chosen, widget = table.attrs["chosen"], f"preprocessing_{loaded.source}"
+    sample = images.describe_sample(folder_labels(selection), range(count), markup.escape)
+    if labels is not None and chosen != selection.preprocessing:
+        best = table.set_index("mode").loc[chosen]
+        st.warning(f"**{chosen}** gives the best accuracy on {sample}: {best.accuracy:.1%} (95% interval "
+                   f"{best.low:.0%}–{best.high:.0%}) against {table.accuracy.iloc[0]:.1%} under "
+                   f"{markup.escape(selection.preprocessing)}.", icon=":material/tune:")
+        st.button(f"Use {chosen}", key="preprocessing_use", on_click=st.session_state.update, args=({widget: chosen},))
+    elif labels is not None:
+        st.caption(f"{markup.escape(selection.preprocessing)} gives the best accuracy on {sample}: kept.")
+    elif table.attrs["changed"] > 0:
+        st.warning(f"Up to {table.attrs['changed']:.0%} of the top-1 predictions on {sample} change with the "
+                   "preprocessing and there are no labels to decide: check the model's documentation and confirm "
+                   "the choice.", icon=":material/help:")
+        confirmed = st.radio("The preprocessing the model was trained with", list(table["mode"]), horizontal=True,
+                             index=None, key="preprocessing_confirm")
+        if confirmed and confirmed != selection.preprocessing:
+            st.button(f"Use {confirmed}", key="preprocessing_use", on_click=st.session_state.update,
+                      args=({widget: confirmed},))
+    else:
+        st.caption(f"No top-1 prediction on {sample} changes between the candidates: the choice does not matter here.")
 
 
 def knowledge_sentence(selection: "Selection", found: dict) -> str:

@@ -19,7 +19,9 @@ st.caption(markup.escape(loaded.description))
 table = common.layer_table(loaded.fingerprint, loaded.source)
 leaves = table[~table.is_container]
 columns = st.columns(5)
-columns[0].metric("Layers", len(leaves))
+columns[0].metric("Layers", int((~leaves.is_operation).sum()),
+                  help="Layers of the model, nested models entered. The table also lists the keras.ops calls of its "
+                       "graph (is_operation: `inputs + x`, a padding): they make maps you can look at too.")
 columns[1].metric("Conv layers", int(leaves.is_conv.sum()))
 columns[2].metric("Parameters", f"{int(leaves.params.sum()):,}")
 columns[3].metric("Input", "×".join(str(s) for s in model.inputs[0].shape[1:]))
@@ -39,6 +41,10 @@ if selection.head.is_classifier:
         if found is not None and found["at_chance"]:
             common.warn_if_at_chance(selection)
 
+if selection.head.is_classifier and loaded.preprocessing_assumed:
+    with section("Which preprocessing does it take?"):
+        common.preprocessing_choice(selection)
+
 st.subheader("Layers")
 show_conv_only = links.toggle(st, "Convolutional layers only", param="conv_only", key="model_conv_only")
 shown = table[table.is_conv] if show_conv_only else table
@@ -48,6 +54,7 @@ st.dataframe(
         "params": st.column_config.NumberColumn("params", format="localized", width="medium"),
         "is_conv": st.column_config.CheckboxColumn("conv"),
         "is_container": st.column_config.CheckboxColumn("nested model"),
+        "is_operation": st.column_config.CheckboxColumn("keras.ops"),
     },
 )
 st.download_button("Download the layer table (CSV)", common.displayable(table).to_csv(index=False),

@@ -148,6 +148,7 @@ st.download_button("Download all scores (CSV)", scores.to_csv(index=False), "fil
 
 st.subheader("Dependency groups")
 graph = loaded.dependency_graph()
+can_go = set(graph.removable_layers())  # layers with a filter whose group is not locked
 group_criterion = criterion if criterion not in ("dead", "apoz") else "l1"
 coupled = pruning.group_table(graph, scores, group_criterion)
 st.caption("Channels that must go together (Fang et al. 2023, DepGraph): the two sides of a residual add, a "
@@ -240,8 +241,11 @@ if jobs.job_shown(selection, "sensitivity", pressed, sensitivity_key, jobs.has_r
                + markup.escape(charts.top_layers(half, measure, largest=lower_is_better, format_value=lambda v: f"{v:.3g}"))
                + ".")
 
+removable = [layer for layer in ranked if layer in can_go] or ranked
 chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", ranked,
-                               index=len(ranked) - 1, param="chance_layer", key="prune_chance_layer")
+                               index=ranked.index(removable[-1]), param="chance_layer", key="prune_chance_layer",
+                               help="Default: the deepest layer with filters that can go (a layer whose channels "
+                                    "reach the output, such as an all-convolutional head's class conv, cannot).")
 chance_passes = jobs.sweep_passes(selection, 22 * 9 + 1, sweep_images)
 cost = jobs.estimate(selection, chance_passes)
 pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
@@ -273,7 +277,8 @@ st.caption("Leave-one-filter-out: each filter alone is zeroed and the loss on th
            "filters the way cutting them really hurts. One forward pass per filter.")
 all_layers = list(counts["layer"])
 filters_of = counts.set_index("layer")["total"]
-smallest = filters_of[::-1].idxmin()  # the deepest of the layers with the fewest filters: the quickest answer
+# the deepest of the layers with the fewest filters that can go: the quickest answer worth having
+smallest = filters_of[[layer for layer in filters_of.index if layer in can_go] or filters_of.index][::-1].idxmin()
 loo_layers = links.multiselect(st, "Layers", all_layers, default=[smallest], param="loo_layers",
                                key=f"loo_layers_{loaded.fingerprint}",
                                help="Default: the deepest of the smallest layers, for a first answer in seconds; "

@@ -144,7 +144,7 @@ def _model_picker() -> models.LoadedModel | None:
 
 
 def _uploaded_model_source(initial: str) -> str | None:
-    upload = st.sidebar.file_uploader("Model file", type=["keras", "h5"], key="model_upload",
+    upload = st.sidebar.file_uploader("Model file", type=["keras", "h5", "hdf5"], key="model_upload",
                                       help="Screened before loading; Lambda layers and custom code are refused.")
     if upload is not None:
         try:
@@ -158,7 +158,7 @@ def _uploaded_model_source(initial: str) -> str | None:
             st.sidebar.caption(f"In use, from the link: **{markup.escape(storage.upload_name('models', digest))}**, "
                                "uploaded to this server earlier. Upload a file to replace it.")
         return initial
-    st.info("Upload a `.keras` or `.h5` model file in the sidebar.")
+    st.info("Upload a `.keras` or `.h5` (`.hdf5`) model file in the sidebar.")
     return None
 
 

@@ -1,10 +1,14 @@
 """Pruning to a target: whole groups ranked by importance, the share asked is the share cut, parameter and MAC
 targets reached, and every architecture's groups (residual, depthwise, squeeze-excite) cut equal to masking."""
 
+import io
+import zipfile
+
 import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from audit import cost, groups, models, pruning
 from audit.errors import AuditError
@@ -177,11 +181,6 @@ def test_squeeze_excite_channels_of_mobilenet_v3_prune_equal_to_masking_and_relo
 
 
 def test_one_entry_point_chooses_for_every_target_and_the_exports_reload_to_the_masked_model(tmp_path):
-    import io
-    import zipfile
-
-    import tensorflow as tf
-
     model = _residual_on_paper()
     keras.utils.set_random_seed(1)
     model.set_weights([np.random.default_rng(2).normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
@@ -207,3 +206,17 @@ def test_one_entry_point_chooses_for_every_target_and_the_exports_reload_to_the_
     reloaded = tf.saved_model.load(str(tmp_path / "saved_model"))  # held: its variables live with it
     served = reloaded.serve(tf.constant(x))
     np.testing.assert_allclose(np.asarray(served), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_saved_model_of_a_legacy_h5_model_serves_the_image_tensor(tmp_path):
+    """A model saved as legacy .h5 keeps its inputs as a list: `model.export` served it as `serve([x])`, and the
+    documented `serve(x)` raised."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((6, 6, 3))
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Conv2D(3, 3)(inputs)))
+    keras.Model([inputs], outputs).save(tmp_path / "legacy.h5")
+    legacy = keras.models.load_model(tmp_path / "legacy.h5", compile=False)
+    x = random_images(2, (6, 6, 3), seed=1)
+    zipfile.ZipFile(io.BytesIO(pruning.saved_model_zip(legacy))).extractall(tmp_path)
+    reloaded = tf.saved_model.load(str(tmp_path / "saved_model"))
+    np.testing.assert_allclose(np.asarray(reloaded.serve(tf.constant(x))), np.asarray(legacy(x)), rtol=1e-5, atol=1e-6)

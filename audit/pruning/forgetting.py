@@ -19,7 +19,7 @@ import pandas as pd
 from scipy.special import gammaln
 
 from audit import heads
-from audit.pruning.recovery import wilson_interval
+from audit.intervals import wilson_interval
 
 LEVEL = 0.05
 """The family-wise error rate of the flags (over all classes)."""
