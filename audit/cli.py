@@ -38,7 +38,7 @@ def _load(args):
 
 
 def _report(args) -> int:
-    from audit import models, report
+    from audit import report
 
     loaded = _load(args)
     image_set = read_images(args.images)
@@ -80,7 +80,6 @@ def _stats(args) -> int:
 
 def _scores(args) -> int:
     """Every conv layer's pruning scores over a set on disk, sharded and resumable like `stats`."""
-    from audit import models
 
     loaded = _load(args)
     if not on_disk(args.images):
@@ -113,7 +112,7 @@ def _examples(args) -> int:
 
 def _check(args) -> int:
     """Every capability on the user's model, one line each: what works, what is refused and why."""
-    from audit import conformance, models
+    from audit import conformance
 
     loaded = _load(args)
     print(f"{loaded.title}: preprocessing {loaded.preprocessing} ({loaded.preprocessing_reason or 'as named'}); "
