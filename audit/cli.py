@@ -80,7 +80,6 @@ def _stats(args) -> int:
 
 def _scores(args) -> int:
     """Every conv layer's pruning scores over a set on disk, sharded and resumable like `stats`."""
-
     loaded = _load(args)
     if not on_disk(args.images):
         raise AuditError("`scores` streams a folder, a .zip or a .txt list of files; "

@@ -18,6 +18,7 @@ import pandas as pd
 from audit import admission, cost, device, groups, heads
 from audit import images as image_utils
 from audit.errors import NotAnImageModelError
+from audit.keras_hub_models import converter_preprocessing
 from audit.graph import CONV_TYPES, activation_name, is_operation, iter_layers
 
 
@@ -133,9 +134,12 @@ def detect_preprocessing(model: keras.Model) -> tuple[str, str]:
     Files do not record their preprocessing. A model that rescales or normalises inside, right after
     its input (`Rescaling(1/255)`, the tutorials' `Rescaling(1/127.5, offset=-1)`, EfficientNet's and
     ConvNeXt's own layers), takes pixel values 0-255; a keras.applications network, on its own or as a
-    transfer-learning base, is recognised by its name and gets its family's preprocessing; anything
-    else is assumed to take [0, 1].
+    transfer-learning base, is recognised by its name and gets its family's preprocessing; a KerasHub
+    classifier's ImageConverter says it (audit.keras_hub_models); anything else is assumed to take [0, 1].
     """
+    from_converter = converter_preprocessing(model)
+    if from_converter is not None:
+        return from_converter
     first = _first_value_layer(model)
     if first is not None:
         kind = type(first).__name__

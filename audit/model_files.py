@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from audit import limits, model_kinds
+from audit.keras_hub_models import KERAS_HUB_PREFIX, keras_hub_problem
 from audit.errors import ModelFileError, UnsafeModelError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -388,6 +389,11 @@ def _check_object(node: dict, class_name, config: dict, label: str, problems: li
                 problems.append(f"{label} ({class_name}) would read its {field} from the file or "
                                 f"address {config[field][:120]!r}")
     registered = node.get("registered_name")
+    if isinstance(registered, str) and registered.startswith(KERAS_HUB_PREFIX):
+        problem = keras_hub_problem(registered, node.get("module"), class_name)
+        if problem:
+            problems.append(f"{label} {problem}")
+        return  # a class of the installed keras_hub, resolved by its registration, never by the file's module
     if registered is not None and registered != class_name:
         problems.append(f"{label} is the custom object {registered!r}: custom objects are code that "
                         "cannot be vetted")

@@ -44,14 +44,15 @@ ELEMENTWISE_OPS = {
     "keras.src.ops.numpy": frozenset({
         "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Negative", "Absolute", "Abs",
         "Sqrt", "Square", "Exp", "Log", "Power", "Clip", "Reciprocal", "Sign", "Floor", "Ceil", "Round", "Mean", "Sum",
-        "Max", "Min", "Reshape", "Transpose", "Concatenate", "Squeeze", "ExpandDims", "Tanh"}),
+        "Max", "Min", "Reshape", "Transpose", "Concatenate", "Squeeze", "ExpandDims", "Tanh", "Pad"}),
     "keras.src.ops.nn": frozenset({
         "Relu", "Relu6", "Sigmoid", "HardSigmoid", "HardSilu", "Silu", "Gelu", "Elu", "Selu", "Softplus", "Softsign",
         "LeakyRelu", "Softmax", "LogSoftmax"}),
     "keras.src.ops.core": frozenset({"Cast"}),
 }
-"""The `keras.ops` a functional graph may record as layers: element-wise arithmetic and shape changes, whose cost
-the graph's symbolic shapes bound (no matmul, convolution, control flow or randomness)."""
+"""The `keras.ops` a functional graph may record as layers: element-wise arithmetic and shape changes (padding,
+reshapes, transposes: KerasHub's backbones pad), whose cost the graph's symbolic shapes bound once built
+(audit.models.check_cost); no matmul, convolution, control flow or randomness."""
 
 CONTAINERS = frozenset({"Sequential", "Functional", "Model"})
 
@@ -115,6 +116,8 @@ def _kind_problem(layer: dict, legacy: bool) -> str | None:
         return f"records the operation {module}.{kind}, not an element-wise one this server can bound"
     if isinstance(module, str) and module.startswith("keras.src.applications."):
         return None  # Keras's own layer classes of its applications; model_files checks they are layer classes
+    if isinstance(module, str) and module.startswith(("keras_hub.src.models.", "keras_hub.src.layers.")):
+        return None  # a KerasHub backbone or layer: model_files checks the installed keras_hub registers it
     return f"is {module}.{kind}, not a layer of an image CNN"
 
 

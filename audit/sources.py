@@ -20,6 +20,7 @@ import keras
 from audit import storage, trial
 from audit.graph import rename_for_tensorflow
 from audit.errors import UnknownSourceError, WeightsUnavailableError
+from audit.keras_hub_models import converter_size
 from audit.loaded_model import LoadedModel, check_image_model, detect_preprocessing, fingerprint_of, weights_digest
 
 DEFAULT_SOURCE = "demo:shapes"
@@ -56,8 +57,16 @@ def _untrained(constructor) -> keras.Model:
     """The architecture with the same random weights every time: built under the lock from the seeds. (In a fresh
     thread, whose Keras name counters start at zero, ConvNeXt named two layers "add" and failed to build.)"""
     with _SEEDED_BUILD:
-        keras.utils.set_random_seed(_UNTRAINED_SEED)
-        return constructor(weights=None)
+        for attempt in range(2):
+            keras.utils.set_random_seed(_UNTRAINED_SEED)
+            try:
+                return constructor(weights=None)
+            except ValueError as exc:
+                # Under six concurrent links ConvNeXtTiny's build once named two of its own `x + y` nodes "add"
+                # (cause not found: Keras's name counters are per thread, and a lone or fresh-thread build never
+                # clashes); a second build, with the counters past those names, succeeds with the same weights.
+                if attempt or "All operation names should be unique" not in str(exc):
+                    raise
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -248,7 +257,8 @@ def _load_file(path: Path, source: str) -> LoadedModel:
         + (f" and {len(renamed) - 5} more" if len(renamed) > 5 else "") + ".")
     return LoadedModel(
         model=model, source=source, fingerprint=fingerprint_of("file", digest), class_names=None,
-        input_size=tuple(s or 224 for s in size), preprocessing=mode, preprocessing_reason=reason,
+        input_size=tuple(s or 224 for s in size) if all(size) else converter_size(model) or (224, 224),
+        preprocessing=mode, preprocessing_reason=reason,
         description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…)."
                     + renamed_note,
         display_name=f"{name} (upload)" if uploaded else "",

@@ -1,0 +1,84 @@
+"""KerasHub image classifiers, built from their configs with random weights at 64 px, saved and loaded back as
+uploads: their classes are library code the installed keras_hub registers, their preprocessing is read from
+the ImageConverter, and what the pages compute on them equals Keras's own graph.
+"""
+
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from audit import attribution, models, storage
+from audit.errors import UnsafeModelError
+
+keras_hub = pytest.importorskip("keras_hub")
+
+
+def resnet_classifier(scale=1 / 255.0, offset=None) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 128],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block", image_shape=(64, 64, 3))
+    converter = keras_hub.layers.ResNetImageConverter(image_size=(64, 64), scale=scale, offset=offset)
+    preprocessor = keras_hub.models.ResNetImageClassifierPreprocessor(image_converter=converter)
+    return keras_hub.models.ResNetImageClassifier(backbone=backbone, num_classes=4, preprocessor=preprocessor)
+
+
+def _upload(model: keras.Model, tmp_path, name: str) -> models.LoadedModel:
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    return models.load("upload:" + storage.save_upload(path.read_bytes(), "models", path.name))
+
+
+@pytest.fixture(autouse=True)
+def _data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_AUDIT_DATA", str(tmp_path / "data"))
+
+
+def test_a_resnet_classifier_loads_as_an_upload_with_its_converters_preprocessing(tmp_path):
+    classifier = resnet_classifier()
+    loaded = _upload(classifier, tmp_path, "resnet")
+    assert loaded.input_size == (64, 64)
+    assert loaded.preprocessing == "unit" and "ImageConverter" in loaded.preprocessing_reason
+    assert not loaded.preprocessing_assumed
+    table = models.layer_table(loaded.model)
+    assert "res_net_backbone" in set(table[table.is_container].path)  # the backbone is the nesting shown
+    assert table[~table.is_container].params.sum() == classifier.count_params()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    x = loaded.preprocess(image)
+    np.testing.assert_allclose(x, image[None] / 255.0, rtol=1e-6)
+    logits = np.asarray(classifier(x), np.float64)  # the classifier's head has no activation: logits
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(loaded.predict(x), expected, rtol=1e-4, atol=1e-6)
+    layer = models.cam_layer(loaded.model)
+    assert layer == "res_net_backbone/stack1_block0_out"
+    assert attribution.grad_cam(loaded.model, x[0], 1, upsample=False).shape == (8, 8)
+
+
+@pytest.mark.parametrize("scale, offset, mode", [
+    (1 / 127.5, -1.0, "tf"),
+    ([1 / (255 * 0.229), 1 / (255 * 0.224), 1 / (255 * 0.225)], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225],
+     "torch"),
+    (None, None, "raw"),
+])
+def test_the_converters_transform_names_the_preprocessing(tmp_path, scale, offset, mode):
+    loaded = _upload(resnet_classifier(scale, offset), tmp_path, mode)
+    assert loaded.preprocessing == mode
+
+
+def test_a_keras_hub_name_the_installed_package_does_not_register_is_refused(tmp_path):
+    path = tmp_path / "resnet.keras"
+    resnet_classifier().save(path)
+    forged = tmp_path / "forged.keras"
+    with zipfile.ZipFile(path) as original, zipfile.ZipFile(forged, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["registered_name"] = "keras_hub>DownloadEverything"
+                data = json.dumps(config).encode()
+            copy.writestr(item, data)
+    with pytest.raises(UnsafeModelError, match="keras_hub>DownloadEverything.*does not register"):
+        models.load(f"file:{forged}")
