@@ -64,6 +64,15 @@ def conv_layers(model: keras.Model) -> list[str]:
     return [path for path, layer, _ in iter_layers(model) if type(layer).__name__ in CONV_TYPES]
 
 
+def filter_layers(model: keras.Model) -> list[str]:
+    """Paths of the layers whose output channels pruning ranks, in order: every conv layer, and the Dense layers
+    applied to a map at each position (ConvNeXt's pointwise convolutions, 95% of its parameters: 1x1 convs in
+    all but name). A Dense layer on a flat vector is a classifier's, left out as before."""
+    pointwise = {call.path for call in flow_of(model).calls
+                 if call.kind == "Dense" and call.inputs and len(call.inputs[0].shape) >= 4}
+    return [path for path, layer, _ in iter_layers(model) if type(layer).__name__ in CONV_TYPES or path in pointwise]
+
+
 def output_channels(model: keras.Model, name: str) -> int:
     """Channels (filters, units) of a layer's output: a DepthwiseConv2D has inputs x multiplier of them."""
     output = get_layer(model, name).output

@@ -21,6 +21,7 @@ from audit.graph import (  # noqa: F401 (the model graph's public names, long re
     Point,
     activation_name,
     conv_layers,
+    filter_layers,
     get_layer,
     graph_model,
     has_fused_activation,

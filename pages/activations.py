@@ -118,7 +118,7 @@ with st.form("stats_form"):
 key_layers = tuple(chosen)
 stats_key = activations_jobs.stats_key(selection, key_layers, threshold, measure_at)
 if chosen and jobs.job_shown(selection, "stats", run, stats_key, jobs.has_result(stats_key),
-                               len(selection.image_set)):
+                               len(selection.image_set), images=len(selection.image_set)):
     with user_errors():
         stats = activations_jobs.filter_stats(selection, key_layers, float(threshold), measure_at)
     show_stats(stats, near, "filter_stats")

@@ -112,7 +112,7 @@ def knowledge(selection: "Selection", ask: bool = False) -> dict | None:
     if ask:
         if not jobs.started(selection, f"Measure the accuracy on {count:,} images", key, count, "accuracy_go"):
             return None
-    elif not (jobs.has_result(key) or jobs.within_link_budget(selection, count)):
+    elif not (jobs.has_result(key) or jobs.within_link_budget(selection, count, count)):
         return None
     if not jobs.has_result(key) and loaded.job_lock.locked():  # a page does not wait behind another user's job
         st.caption("What the model knows on these images is measured when the job running on this model now ends: "
@@ -147,7 +147,7 @@ def preprocessing_choice(selection: "Selection") -> None:
     key = set_key(selection, "preprocessing_evidence", selection.preprocessing)
     candidates = len(dict.fromkeys([selection.preprocessing, *models.PREPROCESSING_CANDIDATES]))
     if not jobs.started(selection, f"Weigh {candidates} preprocessings on {count:,} images", key, candidates * count,
-                        "preprocessing_go"):
+                        "preprocessing_go", images=candidates * count):
         return
 
     def compute():
@@ -203,7 +203,7 @@ def warn_if_at_chance(selection: "Selection") -> None:
         found = knowledge(selection)
         if found is None and selection.head.is_classifier:
             st.caption("Whether the model knows anything about these images is not measured yet: its accuracy "
-                       f"pass ({jobs.estimate(selection, len(selection.image_set))}) starts on the Model page.")
+                       f"pass ({jobs.estimate(selection, len(selection.image_set), len(selection.image_set))}) starts on the Model page.")
         if found is None or not found["at_chance"]:
             return
         why = "its interval reaches chance" if labels_of(selection) is not None else "its outputs are near flat"

@@ -1,4 +1,5 @@
-"""Long work in the dashboard: shared finished results, progress with Cancel, and what a job costs.
+"""Long work in the dashboard: shared finished results, progress with Cancel, and when a job may start (its cost
+is pages.estimates).
 
 A finished result is kept in memory and on disk for every session; a job shows its estimated cost
 before it runs, a link starts it by itself only when it is cheap or already done, and Cancel stops it
@@ -11,7 +12,6 @@ import contextlib
 import contextvars
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,9 +21,12 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from audit import admission, cost, device, heads, limits, registry, storage
+from audit import admission, cost, device, limits, registry, storage
 from audit.disk_cache import DiskCache
 from pages import links, markup
+from pages.estimates import (  # noqa: F401 (what a job costs: long read from here by the pages)
+    about, ascent_passes, busy_factor, busy_note, call_passes, estimate, idle_pass_seconds, images_within, learn,
+    pass_seconds, preparation_seconds, record_passes, sweep_passes, time_left, trace_seconds, within_link_budget)
 from pages.selection import Selection, stop
 
 
@@ -221,182 +224,24 @@ def model_job(selection: Selection, label: str, param: str | None = None, on_can
                 start, busy = time.perf_counter(), busy_factor()
                 with device.scope(selection.device):
                     yield progress
-                _learn(selection, param, time.perf_counter() - start, busy)
+                learn(selection, param, time.perf_counter() - start, busy)
         finally:
             loaded.job_lock.release()
             registry.trim_heap()  # what the job's batches took goes back to the system
 
 
-# --- what a job costs ------------------------------------------------------------------------
-
-@st.cache_resource
-def _pass_times() -> dict:
-    return {}
-
-
-@st.cache_resource
-def _calibration() -> tuple[dict, dict]:
-    """Per model, device and precision: the image passes each job's estimate counted (by its link parameter),
-    and the ratios of the time jobs took to their estimate (the last 8)."""
-    return {}, {}
-
-
-def _cost_key(selection: Selection) -> tuple:
-    return selection.model.fingerprint, selection.device, selection.precision
-
-
-def _timed(selection: Selection) -> tuple[float, float]:
-    """(seconds per image, fixed seconds per call) of the model's compiled forward pass here, timed once per
-    model and device on 2 and 8 images (the median of 3 calls each, after one that traces): on a deep network a
-    call on a few images costs more than its images (ResNet152 at 64 px: 95 ms for two images, 142 ms for
-    eight), which a what-if sweep pays once per cut. A sweep uses 2 images at least (images_within)."""
-    loaded = selection.model
-    key = (loaded.fingerprint, selection.device)
-    times = _pass_times()
-    if key not in times:
-        outputs = heads.Outputs(loaded.model, selection.output)
-        shape = (*loaded.input_size, loaded.model.inputs[0].shape[-1])
-        seconds, first_call = {}, None
-        with loaded.lock, device.scope(selection.device):
-            for count in (2, 8):
-                x = np.zeros((count, *shape), np.float32)
-                start = time.perf_counter()
-                outputs(x)
-                first_call = first_call or time.perf_counter() - start  # the model's first call traces
-                calls = []
-                for _ in range(3):
-                    start = time.perf_counter()
-                    outputs(x)
-                    calls.append(time.perf_counter() - start)
-                seconds[count] = float(np.median(calls))
-        per_image = max((seconds[8] - seconds[2]) / 6, seconds[8] / 16)  # timing noise cannot make an image free
-        _traces()[key] = max(first_call - seconds[2], 0.0)
-        times[key] = per_image, max(seconds[2] - 2 * per_image, 0.0)
-    return times[key]
-
-
-@st.cache_resource
-def _traces() -> dict:
-    """Per model and device: seconds its first forward call spent tracing and compiling, before any work."""
-    return {}
-
-
-def trace_seconds(selection: Selection) -> float:
-    """What tracing a new job's function costs on this model, counted once in its estimate: the forward pass's
-    trace, twice (a job's function holds a forward and often a backward graph). On 2,883 tiny layers the
-    Attribution page said "about 1 s" from the timed pass and took 122 s, all of it tracing."""
-    _timed(selection)
-    return 2 * _traces().get((selection.model.fingerprint, selection.device), 0.0)
-
-
-def idle_pass_seconds(selection: Selection) -> float:
-    """Seconds of one image's forward pass on this model here (compiled, in a batch), on an idle server."""
-    return _timed(selection)[0]
-
-
-def call_passes(selection: Selection) -> float:
-    """A compiled call's fixed cost on this model here, in image passes."""
-    per_image, per_call = _timed(selection)
-    return per_call / per_image
-
-
-def sweep_passes(selection: Selection, calls: float, images_per_call: int) -> float:
-    """The image passes of a sweep that calls the model `calls` times on the same images (one call per cut,
-    in heads.Outputs' batches), each call's fixed cost counted in the passes it is worth."""
-    return calls * (images_per_call + -(-images_per_call // heads.BATCH) * call_passes(selection))
-
-
-def within_link_budget(selection: Selection, passes: float) -> bool:
-    """Whether a link may start this work by itself: its passes at the timed forward pass, under
-    CNN_AUDIT_LINK_JOB_SECONDS. Neither the server's load nor its history changes what a link may start."""
-    return passes * idle_pass_seconds(selection) + trace_seconds(selection) <= limits.LINK_JOB_SECONDS.value
-
-
-def pass_seconds(selection: Selection) -> float:
-    """Seconds one image pass of a job takes on this model here when the server is idle: the timed forward
-    pass, corrected by how long this model's finished jobs took against their estimates (decoding,
-    preprocessing, several outputs, the bfloat16 copy); a backward pass counts as two."""
-    ratios = _calibration()[1].get(_cost_key(selection))
-    return idle_pass_seconds(selection) * (float(np.median(ratios)) if ratios else 1.0)
-
-
-def _learn(selection: Selection, param: str | None, seconds: float, busy: float) -> None:
-    """Keep how long a finished job took against its estimate (both idle: the busy factor taken out)."""
-    expected, ratios = _calibration()
-    passes = expected.get((*_cost_key(selection), param)) if param else None
-    if passes:
-        predicted = passes * idle_pass_seconds(selection) * busy
-        kept = ratios.setdefault(_cost_key(selection), [])
-        kept.append(min(max(seconds / max(predicted, 1e-9), 0.1), 10.0))
-        del kept[:-8]
-
-
-def busy_factor() -> float:
-    """How much slower a new job runs now than on an idle server, from the kernel's measure of demand: with
-    `load` runnable threads (the 1-minute load average) on `cores`, a job wanting every core gets about
-    cores / (load + cores) of them: 1 + load / cores. Every job on the machine, of every session and model
-    (and any other process), counts; a probe timed in this process would read Python's lock, not the cores."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform: no correction
-        return 1.0
-    return 1.0 + load / max(os.cpu_count() or 1, 1)
-
-
-def about(seconds: float) -> str:
-    """A duration as a person would say it."""
-    if seconds < 90:
-        return f"about {max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"about {round(seconds / 60)} min"
-    return f"about {seconds / 3600:.1f} h"
-
-
-def time_left(elapsed: float, done: int, remaining: int) -> str:
-    """", about 2 min left" from the rate so far, once there is one (a second of work and a step done)."""
-    if done <= 0 or remaining <= 0 or elapsed < 1.0:
-        return ""
-    return f", {about(remaining * elapsed / done)} left"
-
-
-def estimate(selection: Selection, passes: float) -> str:
-    """What `passes` image passes cost on this model here now, as a person would say it (longer while the
-    server is busy: see busy_note)."""
-    return about((passes * pass_seconds(selection) + trace_seconds(selection)) * busy_factor())
-
-
-def busy_note() -> str:
-    """A sentence when the estimates are stretched by a busy server, else nothing."""
-    busy = busy_factor()
-    return f" The server is busy: work runs about {busy:.1f}x slower than on an idle one now." if busy >= 1.5 else ""
-
-
-def images_within(selection: Selection, calls: float, available: int, floor: int = 2) -> int:
-    """A default image count for a sweep of `calls` calls on the same images (see sweep_passes): as many as
-    fit the link budget (a first answer in seconds), at least `floor`, at most `available`; the user raises
-    it and sees the new estimate."""
-    budget = limits.LINK_JOB_SECONDS.value / max(calls * idle_pass_seconds(selection), 1e-9)
-    fitting = int(budget - call_passes(selection))
-    return max(1, min(available, max(floor, fitting)))
-
-
-def ascent_passes(selection: Selection, count: int, options) -> float:
-    """Image passes of a gallery: forward and backward (3) per image (filters x copies) and step, scaled by its
-    image's area."""
-    height, width = selection.model.input_size
-    return (3.0 * count * options.copies * options.steps * max(options.size ** 2 / (height * width), 0.05)
-            * (2 if options.warmup else 1))
-
-
-def started(selection: Selection, what: str, key: tuple, passes: float, button_key: str, where=st) -> bool:
+def started(selection: Selection, what: str, key: tuple, passes: float, button_key: str, where=st,
+            images: int | None = None) -> bool:
     """Whether work a page runs by itself (accuracy, scores, what-if, statistics) may run now: finished already,
     or within the link budget (a first answer in seconds, like a link's); otherwise a button says what it costs
     and the work starts on its press, and stays started for these inputs. A link to 2,048 images of a big
     model then shows buttons, and no session pays minutes of CPU for a click it never made."""
     state = f"_started_{button_key}"
-    if st.session_state.get(state) == key or has_result(key) or within_link_budget(selection, passes):
+    images = len(selection.image_set) if images is None else images  # the whole set is prepared, by default
+    if st.session_state.get(state) == key or has_result(key) or within_link_budget(selection, passes, images):
         return True
-    if where.button(f"{what} ({estimate(selection, passes)} here)", key=button_key, icon=":material/play_arrow:"):
+    if where.button(f"{what} ({estimate(selection, passes, images)} here)", key=button_key,
+                    icon=":material/play_arrow:"):
         st.session_state[state] = key
         return True
     where.caption(f"{passes:,.0f} image passes: more than a page starts by itself "
@@ -405,16 +250,17 @@ def started(selection: Selection, what: str, key: tuple, passes: float, button_k
 
 
 def job_shown(selection: Selection, param: str, pressed: bool, inputs: tuple, cached: bool, passes: float,
-              where=st) -> bool:
+              where=st, images: int = 0) -> bool:
     """Whether a job's result is shown (see links.shown): a link runs it only when it is computed already or
     its estimated cost (image passes x this model's time per pass) is under the link budget; the estimate is
     shown while the result is not."""
 
-    _calibration()[0][(*_cost_key(selection), param)] = passes
+    record_passes(selection, param, passes)
     on = links.shown(param, pressed, inputs,
-                     ready=cached or within_link_budget(selection, passes))
+                     ready=cached or within_link_budget(selection, passes, images))
     if not on:
-        message = f"Estimated cost here: {estimate(selection, passes)} ({passes:,.0f} image passes)." + busy_note()
+        message = (f"Estimated cost here: {estimate(selection, passes, images)} ({passes:,.0f} image passes)."
+                   + busy_note())
         if links.waiting(param):
             message = ("The link shows this result, which this server has not computed yet. " + message +
                        " Press the button to start it.")

@@ -137,7 +137,7 @@ if filters_jobs.has_gallery(selection, layer_pick, (index,), tile_options, 0) or
 else:
     tile_col.caption("The input that maximises this filter (gradient ascent, the Filters page's defaults).")
 examples_key = filters_jobs.examples_key(selection, layer_pick, (index,))
-if jobs.has_result(examples_key) or jobs.within_link_budget(selection, len(selection.image_set)):
+if jobs.has_result(examples_key) or jobs.within_link_budget(selection, len(selection.image_set), len(selection.image_set)):
     with user_errors("Finding the dataset examples"):
         found, cut = filters_jobs.examples(selection, layer_pick, (index,))
     tile_col.image(render.patch_grid(cut, filters_jobs.EXAMPLES_SHOWN), width="stretch", caption=markup.escape(

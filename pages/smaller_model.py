@@ -38,7 +38,7 @@ def export(selection: Selection, selection_map: dict, target: pruning.Target) ->
                          columns=["", "before", "after"])
     timed = None
     if jobs.started(selection, "Time both models here", pruning_jobs.speed_key(selection, selection_key),
-                    pruning_jobs.speed_passes(selection), "prune_speed"):
+                    pruning_jobs.speed_passes(selection), "prune_speed", images=0):
         with user_errors("Timing both models"):
             timed = pruning_jobs.pruned_speed(selection, selection_key)
             table = pd.concat([table, timed], ignore_index=True)

@@ -133,23 +133,28 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
     import numpy as np
     import pytest
 
-    from pages import jobs
+    from pages import estimates as jobs
 
     selection = SimpleNamespace(model=SimpleNamespace(fingerprint="calibrated"), device="cpu", precision="float32")
     jobs._pass_times()[("calibrated", "cpu")] = (0.01, 0.0)  # seconds per image, fixed seconds per call
     monkeypatch.setattr(jobs, "busy_factor", lambda: 1.0)
     assert jobs.pass_seconds(selection) == 0.01
     jobs._calibration()[0][("calibrated", "cpu", "float32", "stats")] = 100  # what job_shown counted
-    jobs._learn(selection, "stats", 1.27, busy=1.0)
+    jobs.learn(selection, "stats", 1.27, busy=1.0)
     assert jobs.pass_seconds(selection) == pytest.approx(0.0127)
-    jobs._learn(selection, "stats", 3.0, busy=2.0)  # 1.5 s idle
+    jobs.learn(selection, "stats", 3.0, busy=2.0)  # 1.5 s idle
     assert jobs.pass_seconds(selection) == pytest.approx(0.01 * np.median([1.27, 1.5]))
-    jobs._learn(selection, "gallery", 50.0, busy=1.0)  # no estimate was shown for it: nothing learnt
+    jobs.learn(selection, "gallery", 50.0, busy=1.0)  # no estimate was shown for it: nothing learnt
     assert jobs.pass_seconds(selection) == pytest.approx(0.01 * np.median([1.27, 1.5]))
     assert jobs.estimate(selection, 100) == "about 1 s" and jobs.busy_note() == ""
     monkeypatch.setattr(jobs, "busy_factor", lambda: 2.5)
     assert jobs.estimate(selection, 100) == "about 3 s"
     assert jobs.busy_note() == " The server is busy: work runs about 2.5x slower than on an idle one now."
+    # preparing 1,000 images at 10 ms each adds 10 s (25 s on the busy server) beside the passes
+    monkeypatch.setattr(jobs, "preparation_seconds", lambda selection: 0.01)
+    assert jobs.estimate(selection, 100, images=1000) == "about 28 s"
+    monkeypatch.setenv("CNN_AUDIT_LINK_JOB_SECONDS", "10")
+    assert jobs.within_link_budget(selection, 100) and not jobs.within_link_budget(selection, 100, images=1000)
 
 
 def test_a_sweep_counts_each_call_s_fixed_cost_and_its_default_sample_fits_the_link_budget(monkeypatch):
@@ -160,7 +165,7 @@ def test_a_sweep_counts_each_call_s_fixed_cost_and_its_default_sample_fits_the_l
 
     import pytest
 
-    from pages import jobs
+    from pages import estimates as jobs
 
     selection = SimpleNamespace(model=SimpleNamespace(fingerprint="overhead"), device="cpu", precision="float32")
     jobs._pass_times()[("overhead", "cpu")] = (0.01, 0.05)

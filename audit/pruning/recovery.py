@@ -142,7 +142,7 @@ def recovery(model: keras.Model, selection: dict[str, list[int]], images: np.nda
         which = 0 if match == "params" else 1
         share = (chosen.count_params() / model.count_params() if which == 0
                  else cost.cost(chosen).macs / max(cost.cost(model).macs, 1))
-        layers = pd.DataFrame({"layer": model_graph.conv_layers(model) or list(selection)})
+        layers = pd.DataFrame({"layer": model_graph.filter_layers(model) or list(selection)})
         random = to_target(model, layers, RANDOM, graph=dependency, seed=seed, **{match: share})
         cuts.append(("random ranking, same size", prune(model, random, dependency)))
     steps = tuning.max_epochs * int(np.ceil(len(train) * (1 - tuning.validation) / tuning.batch_size))

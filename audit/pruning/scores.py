@@ -233,7 +233,7 @@ def merge_taylor(first: tuple, second: tuple) -> tuple:
 def filter_scores(model: keras.Model, images, labels: np.ndarray | None = None,
                   threshold: float = 0.0, near_dead_apoz: float = 0.99, output: int | None = None,
                   progress=None, total: int | None = None) -> pd.DataFrame:
-    """One row per (conv layer, output channel): l1, apoz, mean, taylor, redundancy, nearest, fpgm, bn_scale
+    """One row per (conv or pointwise Dense layer, output channel): l1, apoz, mean, taylor, redundancy, nearest, fpgm, bn_scale
     (NaN where no BatchNorm follows), dead, near_dead, and per-layer normalised copies (`*_norm`, divided by the layer's maximum) to compare
     across layers. Depthwise and separable layers are scored per output channel (see filter_kernels).
     `images`: preprocessed (N, H, W, C) with `labels`, or a streamed set's batches (audit.datasets).
@@ -246,8 +246,8 @@ def score_sums(model: keras.Model, images, labels: np.ndarray | None = None, thr
                output: int | None = None, progress=None, total: int | None = None, strategy=None
                ) -> tuple[dict[str, activations.FilterSums], dict]:
     """The partial sums behind filter_scores: activation sums and Taylor sums (empty without a class
-    output) of every conv layer. Sums of shards merge (merge_score_sums) into one pass's."""
-    layers = models.conv_layers(model)
+    output) of every layer graph.filter_layers names. Sums of shards merge (merge_score_sums) into one pass's."""
+    layers = models.filter_layers(model)
     if heads.find_head(model, output).is_classifier:  # statistics and Taylor scores from one pass
         return _scores_pass(model, layers, images, labels, output=output, threshold=threshold, progress=progress,
                             total=total, strategy=strategy)
@@ -260,7 +260,7 @@ def scores_batch_size(model: keras.Model, output: int | None = None, batch_size:
     head = heads.find_head(model, output)
     if not head.is_classifier:
         return batch_size
-    points = tuple(dict.fromkeys(m.measured_at for m in activations.measures(model, models.conv_layers(model))))
+    points = tuple(dict.fromkeys(m.measured_at for m in activations.measures(model, models.filter_layers(model))))
     return _within_memory(_compiled_pass(model, points, head)[0], batch_size)
 
 
