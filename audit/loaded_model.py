@@ -49,6 +49,7 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     job_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     cost: object = field(default=None, repr=False, compare=False)  # audit.graph.Cost of one image, set by load
+    trace_seconds: float = 0.0  # what tracing its forward pass took at load (a job's first call pays as much again)
     _outputs: dict = field(default_factory=dict, repr=False, compare=False)
     _graph: object = field(default=None, repr=False, compare=False)
 

@@ -9,6 +9,7 @@ Their public names are re-exported here, so `models.load`, `models.submodel` and
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import keras
@@ -61,8 +62,13 @@ def load(source: str = DEFAULT_SOURCE, allow_download: bool = False) -> LoadedMo
     check_image_model(loaded.model)
     shown = loaded.display_name or (Path(argument).name if kind == "file" else loaded.title)
     loaded.cost = check_cost(loaded.model, loaded.input_size, shown)
-    try:  # the first call traces the graph the pages use (grouped convolutions without XLA); paid at load
-        loaded.predict(np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32))
+    try:  # the first call traces the graph the pages use (grouped convolutions without XLA); paid at load, and timed
+        one = np.zeros((1, *loaded.input_size, loaded.model.inputs[0].shape[-1]), np.float32)
+        start = time.perf_counter()
+        loaded.predict(one)
+        traced = time.perf_counter()
+        loaded.predict(one)
+        loaded.trace_seconds = max((traced - start) - (time.perf_counter() - traced), 0.0)
     except Exception as exc:  # noqa: BLE001 (a model that cannot run one image is refused in a sentence)
         text = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ModelFileError(f"{shown} loaded, but running it on one image failed "

@@ -16,7 +16,10 @@ uploader stores them, by a child process), with a server budget of `--budget-gb`
 
 Printed, never asserted.
 
-    python -m bench.hostile_server [--budget-gb 3] [--layers 2883] [--only 1 3 ...]
+    python -m bench.hostile_server [--budget-gb 3] [--layers 2883] [--only 1 3 ...] [--link-seconds 0]
+
+Probe 5 reads the estimate from the button a job waits on: run it with `--only 5 --link-seconds 0` to see it
+for work a link would start by itself.
 """
 
 import argparse
@@ -249,6 +252,8 @@ def main():
     parser.add_argument("--budget-gb", type=float, default=3.0, help="CNN_AUDIT_MAX_SERVER_BYTES, in GiB")
     parser.add_argument("--layers", type=int, default=2883, help="layers of the deep model")
     parser.add_argument("--only", type=int, nargs="*", help="run only these probes (1-6)")
+    parser.add_argument("--link-seconds", type=float, help="CNN_AUDIT_LINK_JOB_SECONDS for the server (0: every "
+                                                           "job waits for its button and shows its estimate)")
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="cnn_audit_hostile_"))
     start = time.perf_counter()
@@ -256,6 +261,8 @@ def main():
     print(f"hostile uploads stored in {time.perf_counter() - start:.0f} s: "
           + ", ".join(f"{name} {size / 1024:.0f} KB" for name, (_, size) in uploads.items() if name != "deep_layers"))
     env = {"CNN_AUDIT_MAX_SERVER_BYTES": str(int(args.budget_gb * 2**30))}
+    if args.link_seconds is not None:
+        env["CNN_AUDIT_LINK_JOB_SECONDS"] = str(args.link_seconds)
     print(f"server budget: {args.budget_gb} GiB of activations")
     try:
         with serve(env, data) as (base, server, _):

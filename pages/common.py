@@ -83,14 +83,30 @@ def displayable(table):
     return table
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def layer_maps(fingerprint: str, source: str, layer: str, image_key: str, _pixels: np.ndarray,
+CACHED_MAP_BYTES = 32 * 2**20
+"""The largest layer's maps kept for reuse (32 of them at most: 1 GB). A 1024 x 1024 model's 64-channel maps are
+268 MB each: 32 kept were 8.6 GB, so bigger maps are computed again when asked."""
+
+
+def layer_maps(fingerprint: str, source: str, layer: str, image_key: str, pixels: np.ndarray,
                preprocessing: str, fit: str, pre_activation: bool, device_name: str) -> np.ndarray:
-    """One layer's maps for the current image, keyed by fingerprint, layer and image hash."""
+    """One layer's maps for the current image, keyed by fingerprint, layer and image hash; kept when small."""
+    model = get_model(source).model
+    shape = models.get_layer(model, layer).output
+    shape = (shape[0] if isinstance(shape, (list, tuple)) else shape).shape[1:]
+    compute = _kept_maps if 4 * np.prod([d or 1 for d in shape]) <= CACHED_MAP_BYTES else _maps
+    return compute(fingerprint, source, layer, image_key, pixels, preprocessing, fit, pre_activation, device_name)
+
+
+def _maps(fingerprint: str, source: str, layer: str, image_key: str, _pixels: np.ndarray,
+          preprocessing: str, fit: str, pre_activation: bool, device_name: str) -> np.ndarray:
     loaded = get_model(source)
     x = loaded.preprocess(_pixels, preprocessing, fit)
     with loaded.lock, device.scope(device_name):
         return activations.layer_maps(loaded.model, layer, x, pre_activation)
+
+
+_kept_maps = st.cache_data(show_spinner=False, max_entries=32)(_maps)
 
 
 def input_chunk(selection: "Selection", most: int) -> int:

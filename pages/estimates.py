@@ -32,7 +32,7 @@ def _cost_key(selection: Selection) -> tuple:
 
 def _timed(selection: Selection) -> tuple[float, float]:
     """(seconds per image, fixed seconds per call) of the model's compiled forward pass here, timed once per
-    model and device on 2 and 8 images (the median of 3 calls each, after one that traces): on a deep network a
+    model and device on 2 and 8 images (the median of 3 calls each, after a warm one): on a deep network a
     call on a few images costs more than its images (ResNet152 at 64 px: 95 ms for two images, 142 ms for
     eight), which a what-if sweep pays once per cut. A sweep uses 2 images at least (images_within)."""
     loaded = selection.model
@@ -41,13 +41,11 @@ def _timed(selection: Selection) -> tuple[float, float]:
     if key not in times:
         outputs = heads.Outputs(loaded.model, selection.output)
         shape = (*loaded.input_size, loaded.model.inputs[0].shape[-1])
-        seconds, first_call = {}, None
+        seconds = {}
         with loaded.lock, device.scope(selection.device):
             for count in (2, 8):
                 x = np.zeros((count, *shape), np.float32)
-                start = time.perf_counter()
-                outputs(x)
-                first_call = first_call or time.perf_counter() - start  # the model's first call traces
+                outputs(x)  # warm (the model's trace was timed at load: LoadedModel.trace_seconds)
                 calls = []
                 for _ in range(3):
                     start = time.perf_counter()
@@ -55,23 +53,16 @@ def _timed(selection: Selection) -> tuple[float, float]:
                     calls.append(time.perf_counter() - start)
                 seconds[count] = float(np.median(calls))
         per_image = max((seconds[8] - seconds[2]) / 6, seconds[8] / 16)  # timing noise cannot make an image free
-        _traces()[key] = max(first_call - seconds[2], 0.0)
         times[key] = per_image, max(seconds[2] - 2 * per_image, 0.0)
     return times[key]
 
 
-@st.cache_resource
-def _traces() -> dict:
-    """Per model and device: seconds its first forward call spent tracing and compiling, before any work."""
-    return {}
-
-
 def trace_seconds(selection: Selection) -> float:
     """What tracing a new job's function costs on this model, counted once in its estimate: the forward pass's
-    trace, twice (a job's function holds a forward and often a backward graph). On 2,883 tiny layers the
-    Attribution page said "about 1 s" from the timed pass and took 122 s, all of it tracing."""
-    _timed(selection)
-    return 2 * _traces().get((selection.model.fingerprint, selection.device), 0.0)
+    trace at load (LoadedModel.trace_seconds), twice (a job's function holds a forward and often a backward graph:
+    on 1,005 tiny layers Saliency's first call took 1.6x the forward trace, Grad-CAM's 1.75x). On 2,883 tiny
+    layers the Attribution page said "about 1 s" from the timed pass and took 122 s, all of it tracing."""
+    return 2 * getattr(selection.model, "trace_seconds", 0.0)
 
 
 def idle_pass_seconds(selection: Selection) -> float:

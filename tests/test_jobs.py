@@ -213,3 +213,21 @@ def test_pages_start_no_whole_set_work_by_themselves_over_the_link_budget(monkey
     at, _ = _open("pages/filters.py", **query, pick="top")
     assert not at.exception, at.exception
     assert at.button(key="filters_rank").label.startswith("Rank the filters on 24 images")
+
+
+def test_the_first_trace_is_timed_at_load_and_counted_twice_in_estimates(monkeypatch):
+    """The load's warm-up call traces the forward pass the jobs use; what it took beyond a second call is the
+    model's trace time, and a job's estimate counts it twice (its function holds a backward graph too). Timing the
+    pass later could no longer see it: the warm-up had traced it already."""
+    from types import SimpleNamespace
+
+    from audit import models
+    from pages import estimates
+
+    loaded = models.load("demo:shapes-gap")
+    assert 0.0 < loaded.trace_seconds < 60.0
+    selection = SimpleNamespace(model=loaded, device="cpu", precision="float32", output=None)
+    assert estimates.trace_seconds(selection) == 2 * loaded.trace_seconds
+    monkeypatch.setattr(estimates, "busy_factor", lambda: 1.0)
+    monkeypatch.setattr(loaded, "trace_seconds", 60.0)
+    assert estimates.estimate(selection, 0) == "about 2 min"  # 120 s of tracing, no passes
