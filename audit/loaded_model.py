@@ -232,6 +232,13 @@ def _output_shape(layer) -> tuple | None:
     return tuple(output.shape)
 
 
+def _pair(value) -> tuple | None:
+    """A kernel size or stride as a tuple: Keras's layers hold tuples, KerasHub's blocks may hold an int."""
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
 def layer_table(model: keras.Model) -> pd.DataFrame:
     """One row per layer, nested models flattened (like MATLAB's net.Layers).
 
@@ -251,8 +258,8 @@ def layer_table(model: keras.Model) -> pd.DataFrame:
             "params": 0 if is_operation(layer) or not layer.built else int(layer.count_params()),
             "activation": activation_name(layer),
             "filters": getattr(layer, "filters", None) or getattr(layer, "units", None),
-            "kernel_size": tuple(kernel) if kernel is not None else None,
-            "strides": tuple(layer.strides) if getattr(layer, "strides", None) is not None else None,
+            "kernel_size": _pair(kernel),
+            "strides": _pair(getattr(layer, "strides", None)),
             "padding": getattr(layer, "padding", None),
             "is_conv": kind in CONV_TYPES,
             "is_container": isinstance(layer, keras.Model),

@@ -215,11 +215,15 @@ QUIET = ("/?model=keras:ConvNeXtTiny:untrained&images=shapes&count=2040",  # not
 async def quiet_links(probe: Probe, uploads) -> None:
     print("\n6. links over 2,040 images: buttons, not work")
     for path in QUIET:
-        seconds, error, page = await probe.open(path, ready="[data-testid=stSidebar]")
+        seconds, error, page = await probe.open(path, ready="[data-testid=stMain] h1")  # the model is loaded
+        await page.wait_for_timeout(3000)
+        await settled(page)
+        seconds += 3
         buttons = await page.get_by_role("button", name=re.compile(r"here\)")).all_inner_texts()
         cpu = cpu_seconds(probe.server.pid)
         await asyncio.sleep(10)
         spent = cpu_seconds(probe.server.pid) - cpu
+        buttons = [button.replace("play_arrow", "").strip() for button in buttons]
         print(f"   {path[:75]:<75} settled in {seconds:.0f} s; buttons: {buttons or 'none'}; then {spent:.1f} s of "
               f"CPU in 10 s; errors: {error}")
         await page.context.close()

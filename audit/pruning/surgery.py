@@ -170,6 +170,11 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
         return type(layer).from_config({**layer.get_config(), **configs.get(paths.get(id(layer)), {})})
 
     smaller = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    missing = sorted(set(models.weighted_layers(model)) - set(models.weighted_layers(smaller)))
+    if missing:  # a KerasHub backbone is rebuilt from its hyperparameters, by code, with layers of other names
+        raise PruningError(f"{model.name} rebuilds some of its layers by code when copied ({missing[0]} is not in "
+                           "the copy: a KerasHub backbone builds its blocks from its settings), so the smaller model "
+                           "cannot be built and given the weights here; the scores, masks and what-if still hold.")
     for path in models.weighted_layers(model):
         models.get_layer(smaller, path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
     return smaller

@@ -13,6 +13,8 @@ from typing import Callable
 
 import keras
 
+from audit.zoo import keras_hub_classifiers
+
 layers = keras.layers
 CLASSES = 5
 
@@ -113,6 +115,8 @@ SOURCES = {
     "Two outputs (classes first)": "Functional, softmax classes + linear box",
     "Two outputs (box first)": "Functional, linear box + softmax classes",
     "Separable / depthwise CNN": "Functional, DepthwiseConv2D (multiplier 2), SeparableConv2D, ReLU6",
+    **{f"KerasHub {family}": f"keras_hub {family.replace('V3', '')}ImageClassifier with its preprocessor, 64 px"
+       for family in keras_hub_classifiers.CLASSIFIERS},
 }
 """Where each architecture comes from, for the README's table."""
 
@@ -133,6 +137,7 @@ ARCHITECTURES: dict[str, Callable[[], keras.Model]] = {
     "Two outputs (classes first)": two_outputs,
     "Two outputs (box first)": lambda: two_outputs(class_first=False),
     "Separable / depthwise CNN": separable_cnn,
+    **{f"KerasHub {family}": build for family, build in keras_hub_classifiers.CLASSIFIERS.items()},
 }
 """Every architecture by the name the conformance table shows."""
 
