@@ -29,9 +29,10 @@ def load_from_file(name: str, folder: Path) -> models.LoadedModel:
 
 
 SLOWEST = {"ConvNeXtTiny", "DenseNet121", "InceptionV3", "Xception", "EfficientNetB0", "ResNet50", "MobileNetV3Small",
-           "MobileNetV2"}
-"""Over 30 s each here: run in the slow tier (`python -m pytest -m slow`, which CI runs too); the default tier
-keeps a nested transfer model, Sequential files, depthwise, grayscale and two-output heads."""
+           "MobileNetV2", *(name for name in architectures.ARCHITECTURES if name.startswith("KerasHub"))}
+"""Over 30 s each here, or (KerasHub's five, 13-29 s each) beside tests/test_keras_hub.py's own checks: run in the
+slow tier (`python -m pytest -m slow`, which CI runs too); the default tier keeps a nested transfer model,
+Sequential files, depthwise, grayscale and two-output heads."""
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOWEST else name
