@@ -25,8 +25,7 @@ with user_errors("The prediction"):
     output = selection.predict()
     cam_default, cam_why = common.cam_layer(loaded.fingerprint, loaded.source)
 
-LISTED_CLASSES = 1000
-"""Classes a target picker lists (ImageNet's 1,000 all); a bigger head offers its most likely ones."""
+LISTED_CLASSES = 1000  # classes a target picker lists (ImageNet's 1,000 all); a bigger head offers its most likely
 
 left, right = st.columns([2, 1])
 if selection.head.is_classifier:

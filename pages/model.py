@@ -42,7 +42,8 @@ if selection.head.is_classifier:
             common.warn_if_at_chance(selection)
 
 if selection.head.is_classifier and loaded.preprocessing_assumed:
-    with section("Which preprocessing does it take?"):
+    st.subheader("Which preprocessing does it take?")
+    with section("Weighing the preprocessings"):
         common.preprocessing_choice(selection)
 
 st.subheader("Layers")

@@ -504,3 +504,15 @@ def test_a_job_that_fails_ends_its_bar_and_cancel_and_says_what_failed(monkeypat
     assert not at.exception, at.exception
     assert any("simulated failure half way" in error.value for error in at.error)
     assert not at.get("progress") and not any(button.label == "Cancel" for button in at.button)
+
+
+def test_page_scripts_hold_no_bare_strings_that_streamlit_would_print():
+    """Streamlit's magic writes every bare expression of a page script on the page: a docstring under a constant
+    of pages/attribution.py stood as a sentence above the class picker. Only the module docstring may be one."""
+    import ast
+
+    for name in ("model", "activations", "filters", "attribution", "pruning", "report"):
+        tree = ast.parse((Path(DASHBOARD).parent / "pages" / f"{name}.py").read_text())
+        printed = [node.lineno for node in tree.body[1:]
+                   if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)]
+        assert not printed, (name, printed)

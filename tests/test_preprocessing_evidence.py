@@ -5,6 +5,8 @@ the loader can only assume [0, 1]. The candidates are weighed on labelled shapes
 one that gives the model the accuracy it was trained to, computed here by calling Keras on numpy inputs.
 """
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pandas as pd
@@ -13,6 +15,8 @@ import pytest
 from audit import cli, models
 from audit.errors import AuditError
 from audit.zoo import shapes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +100,40 @@ def test_every_command_takes_the_preprocessing(unlabelled_file, tmp_path):
     # the demo's own default is [-1, 1]: the file told so by --preprocessing gives its numbers, the guess others
     np.testing.assert_allclose(tables["file_tf"]["mean"], tables["demo"]["mean"], rtol=1e-5)
     assert not np.allclose(tables["file"]["mean"], tables["demo"]["mean"], rtol=1e-2)
+
+
+def test_the_model_page_offers_the_mode_the_labels_choose_and_uses_it(tmp_path):
+    """The threshold model uploaded with a zip of labelled images (folder 1: bright, folder 0: mid-grey and dark):
+    the Model page weighs the candidates by itself (5 x 20 images is within a link's budget), offers [-1, 1],
+    and its button makes it the sidebar's preprocessing; weighed again, it is kept."""
+    import io
+    import zipfile
+
+    from PIL import Image
+    from streamlit.testing.v1 import AppTest
+
+    from audit import storage
+
+    loaded = _threshold_model(tmp_path)
+    digest = storage.save_upload((tmp_path / "threshold.keras").read_bytes(), "models", "threshold.keras")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, value in enumerate([200, 205, 210, 215, 220, 225, 230, 235] + [140, 145, 150, 155, 158] * 2
+                                      + [20, 30]):
+            png = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(png, format="PNG")
+            archive.writestr(f"{int(value > 180)}/{index}.png", png.getvalue())
+    images_digest = storage.save_upload(buffer.getvalue(), "images", "grey.zip")
+    assert loaded.preprocessing_assumed
+    at = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=180)
+    for key, value in {"model": f"upload:{digest}", "images": "upload", "uploads": images_digest}.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, at.exception
+    warnings = [warning.value for warning in at.warning]
+    assert any(text.startswith("**tf** gives the best accuracy on 20 images") and "100.0%" in text
+               for text in warnings), warnings
+    at.button(key="preprocessing_use").click().run()
+    assert not at.exception, at.exception
+    assert any("tf gives the best accuracy on 20 images" in caption.value and "kept" in caption.value
+               for caption in at.caption), [caption.value for caption in at.caption]
