@@ -9,7 +9,5 @@ hash), `device` (CPU/GPU), `errors` (typed exceptions), `zoo` (the demo model).
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from audit import device as _device  # noqa: E402
-
-_device.configure()
+# TensorFlow is imported by the modules that run models (audit.device sets GPU memory growth as it is imported),
+# not here: `cnn-audit --help` and a mistyped command answer without it.

@@ -247,9 +247,9 @@ def _save(args, model, smaller) -> int:
 
 
 def _criteria() -> dict[str, str]:
-    from audit import pruning
+    from audit.definitions import PRUNING_CRITERIA
 
-    return pruning.CRITERIA
+    return PRUNING_CRITERIA
 
 
 def _labels(loaded, image_set) -> np.ndarray | None:
@@ -272,6 +272,7 @@ def _methods() -> list[str]:
 
 def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog=prog, description="Audit a trained image CNN.")
+    main.add_argument("--debug", action="store_true", help="an unexpected error shows its traceback")
 
     def preprocessing_option(sub):
         sub.add_argument("--preprocessing", choices=list(PREPROCESSING_MODES),
@@ -402,3 +403,10 @@ def main(argv: list[str] | None = None, prog: str = "cnn-audit") -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 (a bug of ours: one line, the traceback with --debug)
+        if args.debug:
+            raise
+        text = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {text} (a bug of CNN Audit, not of your model or images: run again "
+              "with --debug for the traceback to report)", file=sys.stderr)
+        return 1

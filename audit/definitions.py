@@ -12,6 +12,19 @@ import html
 from dataclasses import dataclass
 
 
+PRUNING_CRITERIA = {
+    "dead": "dead or near-dead (APoZ)",
+    "l1": "lowest L1 norm (Li et al. 2017)",
+    "mean": "lowest mean activation",
+    "taylor": "lowest Taylor score (Molchanov et al. 2017)",
+    "fpgm": "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)",
+    "apoz": "highest APoZ (Hu et al. 2016)",
+    "bn_scale": "smallest BatchNorm scale |gamma| (Network Slimming, Liu et al. 2017)",
+}
+"""Ways to choose pruning candidates, by the code a link, the report and the command line carry ("dead" takes no
+share); audit.pruning.CRITERIA. Here, without TensorFlow, so that the command line's help answers at once."""
+
+
 @dataclass(frozen=True)
 class Definition:
     figure: str

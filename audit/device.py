@@ -2,7 +2,7 @@
 
 TensorFlow grabs all GPU memory on first use unless memory growth is set before the GPU is
 initialised, which would leave nothing for a second model or a second process; so `configure()`
-runs when the package is imported.
+runs when this module is imported (every module that runs a model imports it, before any operation).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ def configure() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised: the setting can no longer change
             pass
+
+
+configure()
 
 
 def available() -> list[str]:

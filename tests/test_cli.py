@@ -171,3 +171,21 @@ def test_the_installed_command_runs_from_any_folder(tmp_path):
     module = subprocess.run([sys.executable, "-m", "audit", "--help"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert module.returncode == 0 and module.stdout.startswith("usage: python -m audit"), module.stderr[-2000:]
+
+
+def test_help_answers_without_tensorflow_and_a_bug_is_one_line_with_debug_for_the_traceback(monkeypatch, capsys):
+    check = ("import sys\nfrom audit import cli\ntry:\n    cli.main(['report', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print('tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().endswith("False") and "--preprocessing" in done.stdout, done.stdout[-500:]
+
+    def broken(args):
+        raise ValueError("a shape nobody expected\nsecond line")
+
+    monkeypatch.setattr(cli, "_check", broken)
+    assert cli.main(["check", "--model", "demo:shapes"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ValueError: a shape nobody expected (a bug of CNN Audit" in err
+    assert "--debug" in err and "Traceback" not in err and "second line" not in err
+    with pytest.raises(ValueError, match="a shape nobody expected"):
+        cli.main(["--debug", "check", "--model", "demo:shapes"])

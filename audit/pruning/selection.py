@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from audit.errors import AuditError
+from audit.definitions import PRUNING_CRITERIA as CRITERIA  # defined without TensorFlow: the CLI's help
 
 def lowest_share(scores: pd.DataFrame, criterion: str, share: float) -> pd.Series:
     """Rows among the lowest `share` of their layer by a score (ties in row order): the candidates. A layer
@@ -18,17 +19,6 @@ def lowest_share(scores: pd.DataFrame, criterion: str, share: float) -> pd.Serie
     rank = scores.groupby("layer")[criterion].rank(method="first")
     return rank <= (scores.groupby("layer")["filter"].transform("size") * share).astype(int)
 
-
-CRITERIA = {
-    "dead": "dead or near-dead (APoZ)",
-    "l1": "lowest L1 norm (Li et al. 2017)",
-    "mean": "lowest mean activation",
-    "taylor": "lowest Taylor score (Molchanov et al. 2017)",
-    "fpgm": "smallest summed distance to the layer's other filters (FPGM, He et al. 2019)",
-    "apoz": "highest APoZ (Hu et al. 2016)",
-    "bn_scale": "smallest BatchNorm scale |gamma| (Network Slimming, Liu et al. 2017)",
-}
-"""Ways to choose candidates, by the code a link, the report and the command line carry. "dead" takes no share."""
 
 
 def candidates(scores: pd.DataFrame, criterion: str, share: float) -> pd.DataFrame:
