@@ -181,15 +181,16 @@ def preprocessing_choice(selection: "Selection") -> None:
     chosen, widget = table.attrs["chosen"], f"preprocessing_{loaded.source}"
     sample = images.describe_sample(folder_labels(selection), range(count), markup.escape)
     chance = float(np.bincount(labels).max() / len(labels)) if labels is not None else 0.0
-    if labels is not None and table.set_index("mode").loc[chosen, "low"] <= chance:
+    rows = table.set_index("mode")
+    if labels is not None and rows.loc[chosen, "low"] <= chance:
         st.warning(f"No candidate's accuracy on {sample} is clearly above chance ({chance:.0%}): the images cannot "
                    "choose. Check that the labels are the model's classes (a file without class names takes the "
                    "folders in sorted order) and the weights, then choose by the model's documentation.",
                    icon=":material/help:")
     elif labels is not None and chosen != selection.preprocessing:
-        best = table.set_index("mode").loc[chosen]
+        best = rows.loc[chosen]
         st.warning(f"**{chosen}** gives the best accuracy on {sample}: {best.accuracy:.1%} (95% interval "
-                   f"{best.low:.0%}–{best.high:.0%}) against {table.accuracy.iloc[0]:.1%} under "
+                   f"{best.low:.0%}–{best.high:.0%}) against {rows.loc[selection.preprocessing, 'accuracy']:.1%} under "
                    f"{markup.escape(selection.preprocessing)}."
                    + (f" Tied with {', '.join(table.attrs['tied'])}: these images cannot tell them apart."
                       if table.attrs["tied"] else ""), icon=":material/tune:")
