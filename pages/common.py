@@ -188,9 +188,9 @@ def preprocessing_choice(selection: "Selection") -> None:
                    "folders in sorted order) and the weights, then choose by the model's documentation.",
                    icon=":material/help:")
     elif labels is not None and chosen != selection.preprocessing:
-        best = rows.loc[chosen]
+        best, current = rows.loc[chosen], rows.loc[selection.preprocessing]
         st.warning(f"**{chosen}** gives the best accuracy on {sample}: {best.accuracy:.1%} (95% interval "
-                   f"{best.low:.0%}–{best.high:.0%}) against {rows.loc[selection.preprocessing, 'accuracy']:.1%} under "
+                   f"{best.low:.0%}–{best.high:.0%}) against {current.accuracy:.1%} under "
                    f"{markup.escape(selection.preprocessing)}."
                    + (f" Tied with {', '.join(table.attrs['tied'])}: these images cannot tell them apart."
                       if table.attrs["tied"] else ""), icon=":material/tune:")
