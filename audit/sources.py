@@ -235,13 +235,16 @@ def imagenet_class_names() -> list[str] | None:
 
 
 def _load_file(path: Path, source: str) -> LoadedModel:
-    from audit.model_files import check_model_file, load_model_file
+    from audit.model_files import check_model_file, load_model_file, pack_preset_folder
 
     uploaded = source.startswith("upload:")
+    shown = path.name
+    if path.is_dir():  # a KerasHub preset folder becomes one zip, named by its contents; others are refused
+        path = pack_preset_folder(path, storage.data_dir() / "presets")
     if not path.is_file():
-        load_model_file(path)  # says why (a folder, a missing file) in its own words
+        load_model_file(path)  # says why (a missing file) in its own words
     digest = storage.file_sha256(path)
-    shown = storage.upload_name("models", digest) if uploaded else path.name
+    shown = storage.upload_name("models", digest) if uploaded else shown
     if not trial.in_trial():
         check_model_file(path, shown)  # the screens first, in this process: they read, never build
         trial.vet(path, digest, shown)

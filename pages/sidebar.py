@@ -144,8 +144,10 @@ def _model_picker() -> models.LoadedModel | None:
 
 
 def _uploaded_model_source(initial: str) -> str | None:
-    upload = st.sidebar.file_uploader("Model file", type=["keras", "h5", "hdf5"], key="model_upload",
-                                      help="Screened before loading; Lambda layers and custom code are refused.")
+    upload = st.sidebar.file_uploader(
+        "Model file", type=["keras", "h5", "hdf5", "zip"], key="model_upload",
+        help="A .keras or .h5 file, or a zip of a KerasHub preset folder (save_to_preset). Screened before "
+             "loading; Lambda layers and custom code are refused.")
     if upload is not None:
         try:
             return "upload:" + storage.save_upload(upload.getvalue(), "models", upload.name)
@@ -158,7 +160,7 @@ def _uploaded_model_source(initial: str) -> str | None:
             st.sidebar.caption(f"In use, from the link: **{markup.escape(storage.upload_name('models', digest))}**, "
                                "uploaded to this server earlier. Upload a file to replace it.")
         return initial
-    st.info("Upload a `.keras` or `.h5` (`.hdf5`) model file in the sidebar.")
+    st.info("Upload a `.keras` or `.h5` (`.hdf5`) model file, or a zip of a KerasHub preset folder, in the sidebar.")
     return None
 
 

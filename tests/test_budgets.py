@@ -124,7 +124,7 @@ def test_archives_that_inflate_are_refused_from_their_directory(tmp_path, monkey
 
 def test_a_lookup_layer_reading_a_vocabulary_file_is_refused():
     from audit.errors import UnsafeModelError
-    from audit.model_files import scan_config
+    from audit.config_screen import scan_config
 
     config = {"class_name": "IndexLookup", "module": "keras.layers",
               "config": {"name": "lookup", "vocabulary": "/etc/passwd"}}

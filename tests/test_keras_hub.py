@@ -82,3 +82,53 @@ def test_a_keras_hub_name_the_installed_package_does_not_register_is_refused(tmp
             copy.writestr(item, data)
     with pytest.raises(UnsafeModelError, match="keras_hub>DownloadEverything.*does not register"):
         models.load(f"file:{forged}")
+
+
+def _zip_folder(folder, path, inside: str = "") -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for item in sorted(folder.iterdir()):
+            archive.write(item, inside + item.name)
+
+
+def test_a_local_preset_folder_and_a_zip_of_it_load_the_classifier_with_its_weights(tmp_path):
+    classifier = resnet_classifier(1 / 127.5, -1.0)
+    folder = tmp_path / "my_resnet"
+    classifier.save_to_preset(str(folder))
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    x = image[None] / 127.5 - 1.0
+    logits = np.asarray(classifier(x), np.float64)
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    from_folder = models.load(f"file:{folder}")
+    assert from_folder.preprocessing == "tf" and "ImageConverter" in from_folder.preprocessing_reason
+    np.testing.assert_allclose(from_folder.preprocess(image), x, atol=1e-5)
+    np.testing.assert_allclose(from_folder.predict(x), expected, rtol=1e-4, atol=1e-6)
+    assert models.load(f"file:{folder}").fingerprint == from_folder.fingerprint  # the same folder, the same model
+
+    archive = tmp_path / "my_resnet.zip"
+    _zip_folder(folder, archive, inside="my_resnet/")  # zipped as a folder, as file managers do
+    uploaded = models.load("upload:" + storage.save_upload(archive.read_bytes(), "models", archive.name))
+    np.testing.assert_allclose(uploaded.predict(x), expected, rtol=1e-4, atol=1e-6)
+    assert uploaded.model.count_params() == classifier.count_params()
+
+
+def test_a_preset_with_a_file_no_image_preset_holds_or_code_in_its_task_is_refused(tmp_path):
+    folder = tmp_path / "preset"
+    resnet_classifier().save_to_preset(str(folder))
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(UnsafeModelError, match="tokenizer.json.*not part of a KerasHub image preset"):
+        models.load(f"file:{folder}")
+    (folder / "tokenizer.json").unlink()
+    task = json.loads((folder / "task.json").read_text())
+    task["config"]["backbone"]["config"]["name"] = {"class_name": "Lambda", "config": {"name": "x"}}
+    (folder / "task.json").write_text(json.dumps(task))
+    with pytest.raises(UnsafeModelError, match="Lambda"):
+        models.load(f"file:{folder}")
+
+
+def test_a_folder_that_is_no_preset_is_refused_as_a_saved_model(tmp_path):
+    folder = tmp_path / "saved_model"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"\0")
+    with pytest.raises(UnsafeModelError, match="SavedModel"):
+        models.load(f"file:{folder}")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from audit.errors import ModelFileError, UnsafeModelError
-from audit.model_files import check_model_file, load_model_file, scan_config
+from audit.config_screen import scan_config
+from audit.model_files import check_model_file, load_model_file
 from tests.fixtures import nested_cnn, random_images, tiny_cnn
 
 
