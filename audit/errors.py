@@ -47,3 +47,7 @@ class StorageError(AuditError):
 
 class ServerBusyError(AuditError):
     """The server's memory budget is held by other sessions' work for longer than a quick view may wait."""
+
+
+class QuantizationError(AuditError):
+    """The model cannot be converted to integers, or a layer asked to stay in float is not in it."""

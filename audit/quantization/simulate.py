@@ -1,0 +1,149 @@
+"""Fake quantisation: the float model with int8 rounding put where the integer model rounds, and per-layer
+sensitivity (one layer quantised at a time, or all but one) measured against float on held-out images.
+
+The simulated model is the model's own graph re-run (audit.graph) with each quantised layer replaced by a
+copy whose kernel went through quantise-dequantise (per output channel, symmetric), and each quantised
+layer's activation point (its fused conv-BN-activation output) followed by a per-tensor asymmetric
+quantise-dequantise over its calibrated range. The loaded model is never changed (it is shared by every
+session).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from audit import admission, cost, graph, heads, intervals, models
+from audit.pruning.quality import QualitySums
+from audit.quantization.arithmetic import parameters, quantize_dequantize
+from audit.quantization.ranges import activation_points, activation_ranges, kernel_by_output_channel, quantized_layers
+
+
+class FakeQuantize(keras.layers.Layer):
+    """Per-tensor asymmetric int8 quantise-dequantise with a fixed (calibrated) range."""
+
+    def __init__(self, low: float, high: float, **kwargs):
+        super().__init__(**kwargs)
+        scale, zero_point, self.lowest, self.highest = parameters(np.zeros(1), 8, None, False, (low, high))
+        self.scale, self.zero_point = float(scale), float(zero_point)
+
+    def call(self, x):
+        if self.scale <= 0:
+            return x
+        q = keras.ops.clip(keras.ops.round(x / self.scale) + self.zero_point, self.lowest, self.highest)
+        return (q - self.zero_point) * self.scale
+
+
+def quantized_weights(layer) -> list[np.ndarray]:
+    """The layer's weights with its kernel quantise-dequantised per output channel (the bias stays: int32 at
+    the product of scales is far finer than the activations' steps)."""
+    weights = layer.get_weights()
+    kernel = kernel_by_output_channel(layer)
+    rounded = quantize_dequantize(kernel, 8, axis=1, symmetric=True).reshape(weights[0].shape)
+    return [rounded.astype(weights[0].dtype), *weights[1:]]
+
+
+def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, float]],
+                   layers: list[str]) -> keras.Model:
+    """The model with `layers` quantised: their kernels rounded, their activation points (keys of
+    `activation_range`, whose ranges are per tensor) rounded after. Other layers stay float."""
+    chosen = {models.resolve_layer(model, name) for name in layers}
+    points = activation_points(model, sorted(chosen))
+    rounding = {point: activation_range[point] for point in points.values()}
+    by_layer = {id(graph.get_layer(model, path)): path for path in chosen | set(rounding)}
+
+    def replace(layer):
+        path = by_layer.get(id(layer))
+        if path is None:  # a grouped conv is computed without XLA (audit.graph), as the other passes do
+            return graph.grouped_conv_without_xla(layer)
+        computed = layer
+        if path in chosen:
+            computed = type(layer).from_config(layer.get_config())
+            computed.build(_input_shape(layer))
+            computed.set_weights(quantized_weights(layer))
+        computed = graph.grouped_conv_without_xla(computed) or computed
+        if path not in rounding:
+            return computed
+        rounded = FakeQuantize(*rounding[path])
+        return lambda *args, **kwargs: rounded(computed(*args, **kwargs))
+
+    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    output = graph.trace(model, new_input, {}, "", {}, replace)
+    return keras.Model(new_input, output, name=graph.scope_name(f"{model.name}_int8_simulated"))
+
+
+def per_tensor_ranges(frame: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """Activation point to its (min, max) over all channels, from `ranges.activation_ranges`."""
+    activations = frame[frame.kind == "activations"].groupby("measured_at")
+    return {point: (float(part["min"].min()), float(part["max"].max())) for point, part in activations}
+
+
+def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | None = None,
+                calibration: np.ndarray | None = None, layers: list[str] | None = None,
+                all_but_one: bool = False, progress: Callable[[int, int], None] | None = None,
+                output: int | None = None) -> pd.DataFrame:
+    """Per layer: top-1 agreement with float, KL of the simulated from the float distribution, and accuracy
+    (with labels), with Wilson intervals, when that layer alone is int8 (or, `all_but_one`, every layer but it;
+    then the row `(all)` has every layer int8). Ranges are calibrated on `calibration` (else on `images`: then
+    the figures are not held out, `.attrs["held_out"]` says so)."""
+    layers = quantized_layers(model) if layers is None else [models.resolve_layer(model, name) for name in layers]
+    held_out = calibration is not None
+    calibrated, _ = activation_ranges(model, layers, calibration if held_out else images)
+    limits = per_tensor_ranges(calibrated)
+    head = heads.find_head(model, output)
+    independent = head.distribution == "sigmoid" and not head.binary
+    reference = outputs(model, images, head)
+    runs = [(layer, [layer] if not all_but_one else [other for other in layers if other != layer])
+            for layer in layers] + ([("(all)", layers)] if all_but_one else [])
+    rows = []
+    for done, (name, quantized) in enumerate(runs):
+        simulated = fake_quantized(model, limits, quantized)
+        sums = QualitySums.of(reference, outputs(simulated, images, head), labels, independent)
+        rows.append({"layer": name, **_with_intervals(sums)})
+        if progress is not None:
+            progress(done + 1, len(runs))
+    frame = pd.DataFrame(rows)
+    frame.attrs.update(images=len(images), held_out=held_out, all_but_one=all_but_one,
+                       calibration=len(calibration) if held_out else len(images))
+    return frame
+
+
+def outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.ndarray:
+    """The head's output of `net` (the model or its simulation) as class probabilities: a softmax output
+    renormalised, a sigmoid one as it is (a single unit as [1 - p, p]), logits through heads.probabilities;
+    features as they are. Both sides of a comparison are read the same way."""
+    values, batch = [], cost.batch_within(net, 32)
+    for start in range(0, len(images), batch):  # called, not traced: each simulation is run once
+        with admission.SERVER.reserve(cost.batch_bytes(net, len(images[start:start + batch])), timeout=60):
+            result = net(tf.constant(images[start:start + batch], tf.float32), training=False)
+        result = result[head.output] if isinstance(result, (list, tuple)) else result
+        values.append(np.asarray(result, np.float64))
+    values = np.concatenate(values) if values else np.zeros((0, 1), np.float64)
+    if not head.is_classifier:
+        return values
+    if head.point.where == "output":  # the output is the scores themselves
+        return heads.probabilities(values, head) if not head.binary else \
+            np.concatenate([1 - heads.probabilities(values, head), heads.probabilities(values, head)], axis=1)
+    if head.binary:
+        return np.concatenate([1 - values, values], axis=1)
+    if head.distribution == "softmax":  # a rounded softmax sums to 1 only within its steps: the KL needs 1
+        return values / np.maximum(values.sum(axis=1, keepdims=True), 1e-12)
+    return values
+
+
+def _with_intervals(sums: QualitySums) -> dict:
+    result = sums.result()
+    if "agreement" in result:
+        result["agreement_low"], result["agreement_high"] = intervals.wilson_interval(sums.agree, sums.images)
+    if sums.labelled:
+        result["accuracy_low"], result["accuracy_high"] = intervals.wilson_interval(sums.correct, sums.labelled)
+    return result
+
+
+def _input_shape(layer):
+    shape = layer.input.shape if hasattr(layer, "input") else None
+    return tuple(shape) if shape is not None else None

@@ -1,0 +1,136 @@
+"""int8 quantisation: quantise-dequantise checked on paper, the calibrated ranges against numpy and against the
+scales TensorFlow Lite's converter chooses, the simulation against the interpreter, layers kept in float, a
+pruned model converted, and a model the converter refuses said in one sentence."""
+
+import keras
+import numpy as np
+import pytest
+
+from audit import heads, pruning, quantization
+from audit.errors import QuantizationError
+
+
+def test_weights_per_channel_and_an_activation_range_on_paper():
+    kernel = np.array([[0.5, -0.9], [0.2, 2.0]])  # two output channels (columns)
+    # channel 0: scale 0.5 / 127, 0.2 -> round(50.8) = 51 steps; channel 1: scale 2 / 127, -0.9 -> round(-57.15)
+    expected = np.array([[0.5, -57 * 2 / 127], [51 * 0.5 / 127, 2.0]])
+    np.testing.assert_allclose(quantization.quantize_dequantize(kernel, axis=-1), expected, rtol=1e-12)
+    # an activation calibrated to [0, 1.8]: scale 1.8 / 255, zero point -128; 1.0 -> 142 steps, 2.5 clips to 255
+    steps = 1.8 / 255
+    found = quantization.quantize_dequantize(np.array([0.0, 1.0, 2.5]), symmetric=False, value_range=(0.0, 1.8))
+    np.testing.assert_allclose(found, [0.0, 142 * steps, 1.8], rtol=1e-12)
+    # a range without 0 is widened to hold it; [-1, 3]: scale 4 / 255, zero point round(-128 + 63.75) = -64,
+    # so 0 stays exact and 1.0 is round(63.75) = 64 steps
+    scale, zero_point, lowest, highest = quantization.parameters(np.zeros(1), symmetric=False, value_range=(-1, 3))
+    assert (float(scale), float(zero_point), lowest, highest) == (4 / 255, -64.0, -128, 127)
+    found = quantization.quantize_dequantize(np.array([0.0, 1.0]), symmetric=False, value_range=(-1.0, 3.0))
+    np.testing.assert_allclose(found, [0.0, 64 * 4 / 255], rtol=1e-12)
+    np.testing.assert_allclose(quantization.quantize_dequantize(np.array([0.6, 0.9]), symmetric=False,
+                                                                value_range=(0.5, 1.0)),
+                               [153 / 255, 230 / 255], rtol=1e-12)  # [0.5, 1] widened to [0, 1]
+    assert np.array_equal(quantization.quantize_dequantize(np.zeros((2, 2)), axis=-1), np.zeros((2, 2)))
+
+
+def residual_model() -> keras.Model:
+    """Conv-BN-ReLU twice with a residual add and a softmax head, its BatchNorms given non-trivial statistics."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="r1")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="c2")(x)
+    y = keras.layers.BatchNormalization(name="bn2")(y)
+    y = keras.layers.ReLU(name="r2")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="head")(x))
+    for name in ("bn1", "bn2"):
+        gamma, beta, mean, variance = model.get_layer(name).get_weights()
+        model.get_layer(name).set_weights([rng.uniform(0.5, 2, gamma.shape), rng.normal(0, 0.3, beta.shape),
+                                           rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    images = np.random.default_rng(1).random((64, 16, 16, 3)).astype(np.float32)
+    return residual_model(), images[:32], images[32:]
+
+
+def test_ranges_equal_numpy_where_the_integer_model_rounds(model_and_images):
+    model, calibration, _ = model_and_images
+    frame = quantization.ranges(model, calibration)
+    weights = frame[(frame.kind == "weights") & (frame.layer == "c2")]
+    kernel = model.get_layer("c2").get_weights()[0].reshape(-1, 8)
+    np.testing.assert_allclose(weights["max"], kernel.max(0), rtol=1e-6)
+    activations = frame[(frame.kind == "activations") & (frame.layer == "c1")]
+    assert set(activations.measured_at) == {"r1"}  # after its BatchNorm and ReLU: the fused op's output
+    after_relu = keras.Model(model.inputs, model.get_layer("r1").output).predict(calibration, verbose=0)
+    np.testing.assert_allclose(activations["max"], after_relu.max((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(activations["min"], after_relu.min((0, 1, 2)), atol=1e-7)
+    problems = quantization.problems(frame)
+    assert list(problems.layer) == ["c1", "c2", "head"]
+    spans = np.abs(kernel).max(0)
+    assert problems.set_index("layer").loc["c2", "weights_outlier_ratio"] == pytest.approx(
+        spans.max() / np.median(spans), rel=1e-6)
+
+
+def test_the_simulation_agrees_with_the_interpreter_and_the_converters_scales_with_ours(model_and_images):
+    model, calibration, held_out = model_and_images
+    content = quantization.convert(model, calibration)
+    ranges = quantization.per_tensor_ranges(
+        quantization.activation_ranges(model, quantization.quantized_layers(model), calibration)[0])
+    loaded = quantization.interpreter(content)
+    scales = {detail["name"]: detail["quantization"][0] for detail in loaded.get_tensor_details()
+              if len(detail["shape"]) == 4 and np.dtype(detail["dtype"]) == np.int8}
+    fused_c1 = next(name for name in scales if "c1_1/convolution" in name and "Relu" in name)  # conv, BN, ReLU
+    low, high = ranges["r1"]
+    assert scales[fused_c1] == pytest.approx((max(high, 0) - min(low, 0)) / 255, rel=1e-5)
+
+    head = heads.find_head(model)
+    simulated = quantization.outputs(quantization.fake_quantized(model, ranges, quantization.quantized_layers(model)),
+                                     held_out, head)
+    reference = quantization.outputs(model, held_out, head)
+    measured = quantization.evaluate(content, held_out, reference=reference)
+    # the interpreter also rounds the add, the pooling and the softmax (1/256 steps), which the simulation
+    # leaves in float: within 3 of the softmax's steps
+    assert np.max(np.abs(measured["outputs"] - simulated)) < 3 / 256
+    assert np.max(np.abs(simulated - reference)) > 1e-5  # the simulation does round
+    assert measured["bytes"] == len(content) and measured["seconds_per_image"] > 0
+    assert 0 <= measured["agreement_low"] <= measured["agreement"] <= measured["agreement_high"] <= 1
+
+
+def test_sensitivity_per_layer_with_held_out_images(model_and_images):
+    model, calibration, held_out = model_and_images
+    labels = quantization.outputs(model, held_out, heads.find_head(model)).argmax(1)
+    table = quantization.sensitivity(model, held_out, labels, calibration=calibration)
+    assert list(table.layer) == ["c1", "c2", "head"] and table.attrs["held_out"]
+    assert table.attrs["images"] == 32 and table.attrs["calibration"] == 32
+    assert np.all(table.agreement == table.accuracy)  # labels are the float model's top-1
+    assert np.all(table.kl >= 0) and np.all(table.kl < 1e-2)
+    every = quantization.sensitivity(model, held_out, calibration=calibration, all_but_one=True)
+    assert list(every.layer) == ["c1", "c2", "head", "(all)"]
+
+
+def test_a_layer_kept_in_float_stays_float_and_a_pruned_model_converts(model_and_images):
+    model, calibration, held_out = model_and_images
+    types = quantization.tensor_types(quantization.convert(model, calibration, keep_float=["c2"]))
+    assert types["functional_1/c2_1/convolution"] == "float32"
+    assert types["functional_1/c1_1/convolution"] == "int8"
+    smaller = pruning.prune(model, {"c1": [0, 1, 2, 3]})
+    assert smaller.get_layer("c1").filters == 4
+    content = quantization.convert(smaller, calibration)
+    measured = quantization.evaluate(content, held_out)
+    assert measured["outputs"].shape == (32, 4)
+    np.testing.assert_allclose(measured["outputs"].sum(1), 1.0, atol=0.02)  # still a softmax, in 1/256 steps
+
+
+def test_a_model_the_converter_refuses_is_a_sentence():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    model = keras.Model(inputs, keras.layers.Flatten()(keras.ops.erfinv(keras.ops.tanh(x))))
+    with pytest.raises(QuantizationError, match="no built-in kernel for Erfinv"):
+        quantization.convert(model, np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32))
+    with pytest.raises(QuantizationError, match="calibration images"):
+        quantization.convert(model, np.zeros((0, 8, 8, 3), np.float32))
