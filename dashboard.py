@@ -12,6 +12,7 @@ PAGES = [
     st.Page("pages/filters.py", title="Filters", icon=":material/filter_vintage:"),
     st.Page("pages/attribution.py", title="Attribution", icon=":material/center_focus_strong:"),
     st.Page("pages/pruning.py", title="Pruning", icon=":material/content_cut:"),
+    st.Page("pages/quantization.py", title="Quantisation", icon=":material/compress:"),
     st.Page("pages/report.py", title="Report", icon=":material/description:"),
 ]
 

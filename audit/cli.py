@@ -5,6 +5,7 @@
     cnn-audit scores --model path/to/model.keras --images val/ --ray local --csv scores.csv
     cnn-audit examples --model demo:vgg16 --images photos/ --layer block4_conv1 --k 8 --csv examples.csv
     cnn-audit prune --model demo:shapes --images shapes:480 --params 0.5 --fine-tune 20 --out pruned.keras
+    cnn-audit quantize --model path/to/model.keras --images val/ --out model.int8.tflite
     cnn-audit check --model path/to/model.keras
 
 Exit codes: 0 done, 1 the audit refused the input (the message is the dashboard's), 2 bad usage,
@@ -17,30 +18,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 from pathlib import Path
 
 from audit import cli_common
-from audit.cli_common import file_set, model_source, on_disk, progress_bar, read_images, streamed
+from audit import cli_quantize
+from audit.cli_common import file_set, labels_of, load_model, on_disk, progress_bar, read_images, streamed
 from audit.errors import AuditError
 from audit.images import PREPROCESSING as PREPROCESSING_MODES
-
-
-
-def _load(args):
-    """The model of --model, with the preprocessing --preprocessing sets (a file does not record its own)."""
-    from audit import models
-
-    loaded = models.load(model_source(args.model))
-    if getattr(args, "preprocessing", None):
-        loaded.preprocessing, loaded.preprocessing_reason = args.preprocessing, "set by --preprocessing"
-    return loaded
 
 
 def _report(args) -> int:
     from audit import report
 
-    loaded = _load(args)
+    loaded = load_model(args)
     image_set = read_images(args.images)
     options = report.ReportOptions(
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
@@ -61,7 +51,7 @@ def _report(args) -> int:
 def _stats(args) -> int:
     from audit import activations, models, precision
 
-    loaded = _load(args)
+    loaded = load_model(args)
     layers = [models.resolve_layer(loaded.model, name) for name in args.layers] or models.conv_layers(loaded.model)
     if on_disk(args.images):
         stats = streamed(args, loaded, "stats", layers).table
@@ -80,7 +70,7 @@ def _stats(args) -> int:
 
 def _scores(args) -> int:
     """Every conv layer's pruning scores over a set on disk, sharded and resumable like `stats`."""
-    loaded = _load(args)
+    loaded = load_model(args)
     if not on_disk(args.images):
         raise AuditError("`scores` streams a folder, a .zip or a .txt list of files; "
                          f"{args.images!r} is none of them.")
@@ -97,7 +87,7 @@ def _examples(args) -> int:
     """Each filter's k images of a set on disk with the highest peak activation, sharded like `scores`."""
     from audit import models
 
-    loaded = _load(args)
+    loaded = load_model(args)
     if not on_disk(args.images):
         raise AuditError(f"`examples` streams a folder, a .zip or a .txt list of files; {args.images!r} is none of them.")
     layer = models.resolve_layer(loaded.model, args.layer)
@@ -113,7 +103,7 @@ def _check(args) -> int:
     """Every capability on the user's model, one line each: what works, what is refused and why."""
     from audit import conformance
 
-    loaded = _load(args)
+    loaded = load_model(args)
     print(f"{loaded.title}: preprocessing {loaded.preprocessing} ({loaded.preprocessing_reason or 'as named'}); "
           f"{loaded.head().description}")
     with progress_bar("Checking every capability", args.quiet) as progress, loaded.job_lock:
@@ -130,14 +120,14 @@ def _prune(args) -> int:
     measured against the model over the whole set, one batch in memory at a time."""
     from audit import datasets, models, precision, pruning
 
-    loaded = _load(args)
+    loaded = load_model(args)
     from_disk = on_disk(args.images) and not args.fine_tune  # fine-tuning trains on the images in memory
     if from_disk:
         files = file_set(args)
         scores = streamed(args, loaded, "scores", [], files).table
     else:
         image_set = read_images(args.images)
-        labels = _labels(loaded, image_set)
+        labels = labels_of(loaded, image_set)
         if args.fine_tune and labels is None:  # said before any work, never after the plan
             raise AuditError("--fine-tune needs labelled images: one subfolder per class (in a folder or a .zip), "
                              "named like the model's classes or, for a model saved without class names, as many "
@@ -250,18 +240,6 @@ def _criteria() -> dict[str, str]:
     from audit.definitions import PRUNING_CRITERIA
 
     return PRUNING_CRITERIA
-
-
-def _labels(loaded, image_set) -> np.ndarray | None:
-    """The images' class indices as the dashboard reads them (the model's class names, else its class folders
-    in sorted order: audit.heads.class_names), None when some image has no known class."""
-    from audit import heads
-
-    head = loaded.head()
-    names, _ = heads.class_names(loaded.class_names, head, [item.label for item in image_set])
-    if not head.is_classifier or not all(item.label in names for item in image_set):
-        return None
-    return np.array([names.index(item.label) for item in image_set])
 
 
 def _methods() -> list[str]:
@@ -377,6 +355,7 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     prune.set_defaults(run=_prune)
     streaming(prune)
 
+    cli_quantize.add_command(commands, common)
     check = commands.add_parser("check", help="run every capability once on a model: ok, refused (why), failed")
     check.add_argument("--model", required=True, help="a .keras/.h5 file or a model source")
     check.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from audit.errors import AuditError
 
 IMAGES_HELP = ("a folder (one subfolder per class gives labels), a .zip, a .txt listing image files, 'photos' "
@@ -142,3 +144,25 @@ def streamed(args, loaded, what: str, layers: list[str], image_set=None, **job_f
           f"{f', {result.images / result.seconds:.1f} images/s' if result.seconds and not read_back else ''}; "
           f"{read_back} of {shards} shards read back from {result.folder}", file=sys.stderr)
     return result
+
+
+def load_model(args):
+    """The model of --model, with the preprocessing --preprocessing sets (a file does not record its own)."""
+    from audit import models
+
+    loaded = models.load(model_source(args.model))
+    if getattr(args, "preprocessing", None):
+        loaded.preprocessing, loaded.preprocessing_reason = args.preprocessing, "set by --preprocessing"
+    return loaded
+
+
+def labels_of(loaded, image_set) -> np.ndarray | None:
+    """The images' class indices as the dashboard reads them (the model's class names, else its class folders
+    in sorted order: audit.heads.class_names), None when some image has no known class."""
+    from audit import heads
+
+    head = loaded.head()
+    names, _ = heads.class_names(loaded.class_names, head, [item.label for item in image_set])
+    if not head.is_classifier or not all(item.label in names for item in image_set):
+        return None
+    return np.array([names.index(item.label) for item in image_set])

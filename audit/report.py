@@ -38,6 +38,7 @@ class ReportOptions:
     fit: str = "crop"
     preprocessing: str = ""  # empty: the model's own
     precision: str = ""  # of the heavy passes: empty, this machine's (audit.device.precision)
+    quantize: bool = True  # the int8 section: ranges, the converted model measured with the interpreter
 
 
 @dataclass
@@ -108,7 +109,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
         list(dict.fromkeys([convs[0], convs[-1]]))
     preprocessing = options.preprocessing or loaded.preprocessing
     shown = image_set[:options.attribution_images]
-    stages = _Stages(2 + len(gallery_layers) + len(shown), progress)
+    stages = _Stages(2 + len(gallery_layers) + len(shown) + int(options.quantize), progress)
 
     x = loaded.preprocess([item.pixels for item in image_set], preprocessing, options.fit)
     head = loaded.head()
@@ -231,6 +232,9 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                     f"{_figure(chart, first=False, nonce=nonce)}"
                     f"<details><summary>Candidates table</summary>{_table(candidates[columns])}</details>")
     sections.append(_what_the_cut_costs(loaded, selection, x, labels, names, image_set, options.fit))
+    if options.quantize:
+        sections.append(_int8(model, x, labels, head, nonce))
+        stages.step()
 
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return _PAGE.format(title=html.escape(f"CNN Audit: {loaded.title}"), made=made, nonce=nonce,
@@ -269,6 +273,53 @@ def _what_the_cut_costs(loaded, selection: dict, x: np.ndarray, labels: np.ndarr
                                  f"{image_set[int(row.image)].name}: {row.label}; {row.before} → {row.after}")
                     for row in found.flipped.head(GRID_COLUMNS).itertuples())
     return text + (f"<div class='grid'>{cells}</div>" if cells else "")
+
+
+def _int8(model, x: np.ndarray, labels: np.ndarray | None, head, nonce: str) -> str:
+    """What int8 does: the layers whose ranges break per-tensor int8, and the integer model (TensorFlow Lite,
+    calibrated on every other image, measured on the rest) beside the float one."""
+    from audit import quantization
+
+    title = "<h2>Quantisation to int8</h2>"
+    if len(x) < 2:
+        return title + "<p>Quantising needs at least 2 images (some to calibrate, others to measure on).</p>"
+    calibration, held_out = x[::2], x[1::2]
+    held_labels = None if labels is None else labels[1::2]
+    frame = quantization.ranges(model, calibration)
+    problems = quantization.problems(frame)
+    flagged = problems[problems.flag != ""]
+    chart = charts.layer_bars(problems.fillna(0), ["weights_outlier_ratio", "activations_outlier_ratio",
+                                                   "activations_tail"], barmode="group", value_title="ratio",
+                              log=True)
+    try:
+        content = quantization.convert(model, calibration)
+        baseline = quantization.convert(model, calibration, integer=False)
+    except AuditError as exc:
+        return title + f"<p>{html.escape(str(exc))}</p>"
+    reference = quantization.outputs(model, held_out, head) if head.is_classifier else None
+    floated = quantization.evaluate(baseline, held_out, held_labels, reference)
+    measured = quantization.evaluate(content, held_out, held_labels,
+                                     reference if reference is not None else floated["outputs"])
+    rows = ""
+    for name, result in (("float32 .tflite", floated), ("int8 .tflite", measured)):
+        said = "; ".join(f"{measure} {result[measure]:.1%} ({result[measure + '_low']:.0%}–"
+                         f"{result[measure + '_high']:.0%})" for measure in ("accuracy", "agreement") if measure in result)
+        if "agreement" not in result and "relative_error" in result:
+            said += f"relative error {result['relative_error']:.3g}"
+        rows += (f"<tr><th>{name}</th><td>{result['bytes'] / 2**20:.2f} MB</td>"
+                 f"<td>{1000 * result['seconds_per_image']:.2f} ms</td><td>{result['images_per_second']:,.0f}</td>"
+                 f"<td>{html.escape(said)}</td></tr>")
+    return (title + f"<p>Weights int8 per output channel, activations int8 per tensor, calibrated on "
+            f"{len(calibration)} of the images and measured on the other {len(held_out)} with the LiteRT "
+            "interpreter on this machine. Per layer, the widest channel over the median one and the activations' "
+            "maximum over their 99.9th percentile: large ratios break one scale per tensor.</p>"
+            f"{_figure(chart, first=False, nonce=nonce)}"
+            + (f"<p>Flagged: {html.escape('; '.join(f'{r.layer}: {r.flag}' for r in flagged.itertuples()))}</p>"
+               if len(flagged) else "<p>No layer flagged.</p>")
+            + "<table class='summary'><tr><th></th><th>size</th><th>batch 1</th><th>images/s at batch 32</th>"
+            f"<th>on the held-out images</th></tr>{rows}</table>"
+            "<p>The dashboard's Quantisation page simulates int8 layer by layer, keeps chosen layers in float and "
+            "offers the .tflite file.</p>")
 
 
 GRID_COLUMNS = 8  # tiles per row: a gallery of the default 8 filters is one row, an image and its maps another

@@ -119,6 +119,15 @@ PARAMS = {
     "loo_images": "images used by the leave-one-filter-out check",
     "loo": "the leave-one-filter-out check is shown",
     "loo_criterion": "criterion plotted against the true cost",
+    # Quantisation page
+    "quant_held_out": "held-out images the int8 model is measured on",
+    "quant_calibration": "images that calibrate the activation ranges",
+    "quant_prune": "share of the parameters kept by pruning before quantising (1.0: no pruning)",
+    "quant_others": "1: sensitivity with every other layer int8 too",
+    "quant_layer": "layer whose histograms are shown",
+    "quant_sensitivity": "the int8 sensitivity is shown",
+    "quant_keep": "layers kept in float (repeated)",
+    "quant_convert": "the integer model is converted and measured",
     # Report page
     "report_layers": "gallery layers of the report (repeated)",
     "report_filters": "filters per gallery",

@@ -516,3 +516,22 @@ def test_page_scripts_hold_no_bare_strings_that_streamlit_would_print():
         printed = [node.lineno for node in tree.body[1:]
                    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)]
         assert not printed, (name, printed)
+
+
+def test_quantization_page_measures_ranges_sensitivity_and_the_int8_model():
+    at = _app(count="24").run()
+    at.switch_page("pages/quantization.py").run()
+    assert not at.exception, at.exception
+    assert [s.value for s in at.subheader] == ["Dynamic ranges", "Which layers int8 hurts", "The integer model"]
+    assert any("12 held-out images" in w.value for w in at.warning)  # thin evidence said before the figures
+    at.button(key="quant_sensitivity").click().run()
+    assert not at.exception, at.exception
+    sensitivity = next(frame.value for frame in at.dataframe if "kl" in frame.value.columns)
+    assert list(sensitivity.layer[:2]) == ["block1_conv1", "block1_conv2"]
+    assert sensitivity.agreement.between(0, 1).all()
+    at.button(key="quant_convert").click().run()
+    assert not at.exception, at.exception
+    measured = next(frame.value for frame in at.dataframe if "MB" in frame.value.columns)
+    assert list(measured.model) == ["float32 .tflite", "int8 .tflite"]
+    assert 3 < measured.MB[0] / measured.MB[1] < 4.5  # int8 weights: about 4x smaller
+    assert any("What the int8 model forgets" in c.value for c in at.markdown)

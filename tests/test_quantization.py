@@ -134,3 +134,45 @@ def test_a_model_the_converter_refuses_is_a_sentence():
         quantization.convert(model, np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32))
     with pytest.raises(QuantizationError, match="calibration images"):
         quantization.convert(model, np.zeros((0, 8, 8, 3), np.float32))
+
+
+def test_the_command_line_measures_and_writes_the_int8_model(tmp_path, capsys):
+    from audit import cli
+
+    out, table = tmp_path / "shapes.int8.tflite", tmp_path / "layers.csv"
+    code = cli.main(["quantize", "--model", "demo:shapes", "--images", "shapes:24", "--calibration", "12",
+                     "--keep-float", "predictions", "--out", str(out), "--csv", str(table), "--quiet"])
+    assert code == 0
+    said = capsys.readouterr().out
+    assert "int8 .tflite" in said and "on 12 held-out images, calibrated on 12 others" in said
+    assert "kept in float: predictions" in said
+    types = quantization.tensor_types(out.read_bytes())
+    assert any("predictions" in name and kind == "float32" for name, kind in types.items())
+    assert any("block1_conv1" in name and kind == "int8" for name, kind in types.items())
+    import pandas as pd
+
+    layers = pd.read_csv(table)
+    assert list(layers.layer[:2]) == ["block1_conv1", "block1_conv2"] and "agreement" in layers
+
+
+@pytest.mark.parametrize("layer, kernel_index, output_axis", [
+    (keras.layers.DepthwiseConv2D(3, depth_multiplier=2), 0, None),  # channels: input x multiplier
+    (keras.layers.SeparableConv2D(5, 3), 1, -1),  # the pointwise kernel makes the output channels
+    (keras.layers.Conv2DTranspose(5, 3), 0, -2),  # (h, w, out, in)
+])
+def test_each_output_channel_of_every_conv_kind_is_on_its_own_int8_grid(layer, kernel_index, output_axis):
+    from audit.quantization.simulate import quantized_weights
+
+    keras.utils.set_random_seed(3)
+    layer.build((None, 8, 8, 4))
+    weights = [np.random.default_rng(4).normal(size=w.shape).astype(np.float32) for w in layer.get_weights()]
+    layer.set_weights(weights)
+    kernel, rounded = weights[kernel_index], quantized_weights(layer)[kernel_index]
+    if output_axis is None:
+        kernel, rounded = kernel.reshape(9, -1), rounded.reshape(9, -1)
+    else:
+        kernel, rounded = (np.moveaxis(a, output_axis, -1).reshape(-1, a.shape[output_axis]) for a in (kernel, rounded))
+    steps = rounded / (np.abs(kernel).max(0) / 127)  # each channel's own scale: whole steps, its largest at 127
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    np.testing.assert_allclose(np.abs(steps).max(0), 127, rtol=1e-5)
+    assert np.max(np.abs(rounded - kernel) / (np.abs(kernel).max(0) / 127)) <= 0.5 + 1e-4

@@ -8,8 +8,10 @@ per-tensor int8), `simulate` (the float model with int8 rounding in place; per-l
 
 from audit.quantization.arithmetic import parameters, quantize_dequantize  # noqa: F401
 from audit.quantization.convert import convert, interpreter, tensor_types  # noqa: F401
-from audit.quantization.measure import evaluate, run, throughput  # noqa: F401
+from audit.quantization.measure import THROUGHPUT_BATCH, evaluate, run, throughput  # noqa: F401
 from audit.quantization.ranges import (  # noqa: F401
+    OUTLIER_RATIO,
+    TAIL_RATIO,
     activation_ranges,
     problems,
     quantized_layers,

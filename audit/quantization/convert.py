@@ -25,9 +25,10 @@ REPRESENTATIVE_MOST = 256
 
 
 def convert(model: keras.Model, images: np.ndarray, keep_float=(), representative: int = REPRESENTATIVE_MOST,
-            progress: Callable[[int, int], None] | None = None) -> bytes:
+            progress: Callable[[int, int], None] | None = None, integer: bool = True) -> bytes:
     """The `.tflite` bytes of `model` with int8 weights and activations (float in and out), calibrated on up to
-    `representative` of `images` (preprocessed), the layers named in `keep_float` left in float."""
+    `representative` of `images` (preprocessed), the layers named in `keep_float` left in float. With
+    `integer=False`, the float32 `.tflite` (the baseline an int8 model is measured against)."""
     import tensorflow as tf
 
     images = np.asarray(images, np.float32)
@@ -45,9 +46,10 @@ def convert(model: keras.Model, images: np.ndarray, keep_float=(), representativ
     def converter():
         with contextlib.redirect_stdout(io.StringIO()):  # the export prints its signatures
             made = tf.lite.TFLiteConverter.from_keras_model(model)
-        made.optimizations = [tf.lite.Optimize.DEFAULT]
-        made.representative_dataset = dataset
-        made.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        if integer:
+            made.optimizations = [tf.lite.Optimize.DEFAULT]
+            made.representative_dataset = dataset
+            made.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         return made
 
     try:

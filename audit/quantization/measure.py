@@ -60,24 +60,26 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
              progress: Callable[[int, int], None] | None = None) -> dict:
     """What the `.tflite` bytes do on `images` (preprocessed): accuracy over the labelled (label >= 0) and
     top-1 agreement with `reference` (the float model's outputs on the same images), each with its Wilson
-    interval; the largest output difference from the reference; seconds per image at batch 1; images per
-    second at batch 32; the file's bytes."""
+    interval (for class outputs); the largest and the relative (L2) difference from the reference; seconds per
+    image at batch 1; images per second at batch 32; the file's bytes."""
     outputs, seconds = run(content, images, threads, progress)
     result = {"images": len(images), "bytes": len(content), "seconds_per_image": seconds,
               "images_per_second": throughput(content, images, threads=threads) if len(images) else float("nan"),
               "outputs": outputs}
-    predicted = _top1(outputs)
-    if labels is not None and np.any(np.asarray(labels) >= 0):
+    predicted = _top1(outputs) if _classes(outputs) else None
+    if predicted is not None and labels is not None and np.any(np.asarray(labels) >= 0):
         known = np.asarray(labels) >= 0
         correct = float(np.sum(predicted[known] == np.asarray(labels)[known]))
         result["accuracy"] = correct / known.sum()
         result["accuracy_low"], result["accuracy_high"] = intervals.wilson_interval(correct, int(known.sum()))
     if reference is not None:
-        reference = np.asarray(reference, np.float64)
-        agree = float(np.sum(predicted == _top1(reference)))
-        result["agreement"] = agree / max(len(images), 1)
-        result["agreement_low"], result["agreement_high"] = intervals.wilson_interval(agree, len(images))
+        reference = np.asarray(reference, np.float64).reshape(outputs.shape)
+        if _classes(outputs):
+            agree = float(np.sum(predicted == _top1(reference)))
+            result["agreement"] = agree / max(len(images), 1)
+            result["agreement_low"], result["agreement_high"] = intervals.wilson_interval(agree, len(images))
         result["largest_difference"] = float(np.max(np.abs(outputs - reference))) if len(images) else 0.0
+        result["relative_error"] = float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))
     return result
 
 
@@ -87,3 +89,8 @@ def _top1(values: np.ndarray) -> np.ndarray:
     if values.ndim == 1 or values.shape[-1] == 1:
         return (values.reshape(len(values)) > 0.5).astype(int)
     return values.reshape(len(values), -1).argmax(1)
+
+
+def _classes(values: np.ndarray) -> bool:
+    """Outputs read as classes: one score per class (a vector), not a map of features."""
+    return np.ndim(values) == 2

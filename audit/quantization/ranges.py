@@ -55,11 +55,24 @@ def weight_ranges(model: keras.Model, layers: list[str]) -> pd.DataFrame:
 
 
 def kernel_by_output_channel(layer) -> np.ndarray:
-    """The layer's kernel as (values per channel, output channels)."""
-    kernel = np.asarray(layer.get_weights()[0], np.float64)
-    if type(layer).__name__ == "DepthwiseConv2D":
+    """The kernel that makes the layer's output channels, as (values per channel, output channels): a
+    separable conv's pointwise kernel, a transposed conv's kernel with its output axis last, a depthwise
+    kernel's input channels times its multiplier (as the layer outputs them)."""
+    return channels_last(layer, np.asarray(layer.get_weights()[1 if _separable(layer) else 0], np.float64))
+
+
+def channels_last(layer, kernel: np.ndarray) -> np.ndarray:
+    """`kernel` (the layer's output-making one) reshaped to (values per channel, output channels)."""
+    kind = type(layer).__name__
+    if kind.startswith("Depthwise"):
         return kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1])
+    if kind.endswith("Transpose"):
+        kernel = np.moveaxis(kernel, -2, -1)
     return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _separable(layer) -> bool:
+    return type(layer).__name__.startswith("Separable")
 
 
 def activation_ranges(model: keras.Model, layers: list[str], images, batch_size: int = 32,

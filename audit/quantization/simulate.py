@@ -20,7 +20,7 @@ import tensorflow as tf
 from audit import admission, cost, graph, heads, intervals, models
 from audit.pruning.quality import QualitySums
 from audit.quantization.arithmetic import parameters, quantize_dequantize
-from audit.quantization.ranges import activation_points, activation_ranges, kernel_by_output_channel, quantized_layers
+from audit.quantization.ranges import activation_points, activation_ranges, quantized_layers
 
 
 class FakeQuantize(keras.layers.Layer):
@@ -39,12 +39,26 @@ class FakeQuantize(keras.layers.Layer):
 
 
 def quantized_weights(layer) -> list[np.ndarray]:
-    """The layer's weights with its kernel quantise-dequantised per output channel (the bias stays: int32 at
-    the product of scales is far finer than the activations' steps)."""
+    """The layer's weights with its kernels quantise-dequantised per output channel (a separable conv's
+    depthwise kernel per its channel too; the bias stays: int32 at the product of scales is far finer than the
+    activations' steps)."""
     weights = layer.get_weights()
-    kernel = kernel_by_output_channel(layer)
-    rounded = quantize_dequantize(kernel, 8, axis=1, symmetric=True).reshape(weights[0].shape)
-    return [rounded.astype(weights[0].dtype), *weights[1:]]
+    kernels = 2 if type(layer).__name__.startswith("Separable") else 1
+    rounded = []
+    for index, kernel in enumerate(weights):
+        if index >= kernels:
+            rounded.append(kernel)
+            continue
+        shaped = kernel
+        if type(layer).__name__.endswith("Transpose"):
+            shaped = np.moveaxis(kernel, -2, -1)
+        if type(layer).__name__.startswith(("Depthwise", "Separable")) and index == 0:
+            shaped = kernel.reshape(*kernel.shape[:-2], kernel.shape[-2] * kernel.shape[-1])
+        values = quantize_dequantize(shaped, 8, axis=-1, symmetric=True)
+        if type(layer).__name__.endswith("Transpose"):
+            values = np.moveaxis(values, -1, -2)
+        rounded.append(values.reshape(kernel.shape).astype(kernel.dtype))
+    return rounded
 
 
 def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, float]],
@@ -63,7 +77,7 @@ def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, 
         computed = layer
         if path in chosen:
             computed = type(layer).from_config(layer.get_config())
-            computed.build(_input_shape(layer))
+            computed.build_from_config(layer.get_build_config())
             computed.set_weights(quantized_weights(layer))
         computed = graph.grouped_conv_without_xla(computed) or computed
         if path not in rounding:
@@ -142,8 +156,3 @@ def _with_intervals(sums: QualitySums) -> dict:
     if sums.labelled:
         result["accuracy_low"], result["accuracy_high"] = intervals.wilson_interval(sums.correct, sums.labelled)
     return result
-
-
-def _input_shape(layer):
-    shape = layer.input.shape if hasattr(layer, "input") else None
-    return tuple(shape) if shape is not None else None
