@@ -62,12 +62,10 @@ def run(args) -> int:
         content = quantization.convert(model, calibration, keep_float=keep, progress=progress)
         baseline = quantization.convert(model, calibration, integer=False)
     head = heads.find_head(model)
-    reference = quantization.outputs(model, held_out, head) if head.is_classifier else None
+    reference = quantization.raw_outputs(model, held_out, head)
     with progress_bar("Measuring with the interpreter", args.quiet, unit="images") as progress:
-        floated = quantization.evaluate(baseline, held_out, labels, reference)
-        if reference is None:
-            reference = floated["outputs"]
-        measured = quantization.evaluate(content, held_out, labels, reference, progress=progress)
+        floated = quantization.evaluate(baseline, held_out, labels, reference, head=head)
+        measured = quantization.evaluate(content, held_out, labels, reference, progress=progress, head=head)
     if args.csv:
         table.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     out = sys.stderr if args.csv == "-" else sys.stdout
@@ -122,7 +120,7 @@ def _summary(floated: dict, measured: dict, held_out: int, calibration: int, kee
         for name in ("accuracy", "agreement"):
             if name in result:
                 parts.append(f"{name} {result[name]:.1%} [{result[name + '_low']:.1%}, {result[name + '_high']:.1%}]")
-        if "relative_error" in result and "agreement" not in result:
+        if "relative_error" in result:
             parts.append(f"relative error of the outputs {result['relative_error']:.3g}")
         return ", ".join(parts)
 

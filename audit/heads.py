@@ -77,14 +77,20 @@ def find_head(model: keras.Model, output: int | None = None) -> Head:
 def class_names(known: list[str] | None, head: Head, labels) -> tuple[list[str], str]:
     """The explained output's class names, and where they come from.
 
-    The model's own names when it has as many as classes; else, when the images come from as many class
+    The model's own names when it has as many as classes; else, for the demo shapes (audit.zoo.shapes) and a
+    model with as many classes, the generator's class order; else, when the images come from as many class
     folders as there are classes, the folder names in sorted order: the indices Keras's
     `image_dataset_from_directory` gave them in training (a transfer-learning model saved without its class
     names); else "class i".
     """
     if known and len(known) == head.classes:
         return list(known), "the model"
-    folders = sorted({label for label in labels if label})
+    from audit.zoo import shapes
+
+    present = {label for label in labels if label}
+    if head.is_classifier and present and present <= set(shapes.CLASSES) and len(shapes.CLASSES) == head.classes:
+        return list(shapes.CLASSES), "the demo shapes' own class order (the generator's, as a model trained on them has it)"
+    folders = sorted(present)
     if head.is_classifier and len(folders) == head.classes:
         return folders, "the image folders, in sorted order (how Keras's image_dataset_from_directory numbers them)"
     return [f"class {i}" for i in range(head.classes)], ""

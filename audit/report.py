@@ -296,16 +296,14 @@ def _int8(model, x: np.ndarray, labels: np.ndarray | None, head, nonce: str) -> 
         baseline = quantization.convert(model, calibration, integer=False)
     except AuditError as exc:
         return title + f"<p>{html.escape(str(exc))}</p>"
-    reference = quantization.outputs(model, held_out, head) if head.is_classifier else None
-    floated = quantization.evaluate(baseline, held_out, held_labels, reference)
-    measured = quantization.evaluate(content, held_out, held_labels,
-                                     reference if reference is not None else floated["outputs"])
+    reference = quantization.raw_outputs(model, held_out, head)
+    floated = quantization.evaluate(baseline, held_out, held_labels, reference, head=head)
+    measured = quantization.evaluate(content, held_out, held_labels, reference, head=head)
     rows = ""
     for name, result in (("float32 .tflite", floated), ("int8 .tflite", measured)):
         said = "; ".join(f"{measure} {result[measure]:.1%} ({result[measure + '_low']:.0%}–"
                          f"{result[measure + '_high']:.0%})" for measure in ("accuracy", "agreement") if measure in result)
-        if "agreement" not in result and "relative_error" in result:
-            said += f"relative error {result['relative_error']:.3g}"
+        said += ("; " if said else "") + f"relative error {result['relative_error']:.3g}"
         rows += (f"<tr><th>{name}</th><td>{result['bytes'] / 2**20:.2f} MB</td>"
                  f"<td>{1000 * result['seconds_per_image']:.2f} ms</td><td>{result['images_per_second']:,.0f}</td>"
                  f"<td>{html.escape(said)}</td></tr>")

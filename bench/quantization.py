@@ -24,16 +24,13 @@ from audit.zoo import residual
 
 def _measure(name: str, model, calibration, held_out, labels) -> tuple[list[dict], pd.DataFrame]:
     head = heads.find_head(model)
-    reference = quantization.outputs(model, held_out, head) if head.is_classifier else None
-    rows, found = [], {}
+    reference = quantization.raw_outputs(model, held_out, head)
+    rows = []
     for precision in ("float32", "int8"):
         start = time.perf_counter()
         content = quantization.convert(model, calibration, integer=precision == "int8")
         converted = time.perf_counter() - start
-        outputs_reference = reference if reference is not None else quantization.run(found["float32"], held_out)[0] \
-            if precision == "int8" else None
-        result = quantization.evaluate(content, held_out, labels, outputs_reference)
-        found[precision] = content
+        result = quantization.evaluate(content, held_out, labels, reference, head=head)
         rows.append({"model": name, "precision": precision, "MB": len(content) / 2**20,
                      "ms/image b1": 1000 * result["seconds_per_image"], "images/s b32": result["images_per_second"],
                      "agreement": result.get("agreement", np.nan), "accuracy": result.get("accuracy", np.nan),

@@ -1,6 +1,5 @@
 """Quantisation page: what int8 does to the model, layer by layer, and the integer model itself, measured."""
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -14,7 +13,7 @@ loaded = selection.model
 st.title("Quantisation")
 st.caption("8-bit integers as TensorFlow Lite runs them: weights symmetric per output channel, activations "
            "asymmetric per tensor over ranges calibrated on your images. Pruning says which filters can go; this "
-           "says whether what is left survives int8, and measures the integer model." + common.precision_note(selection))
+           "says whether what is left survives int8, and measures the integer model. Computed in float32.")
 common.warn_if_at_chance(selection)
 
 count = len(selection.image_set)
@@ -120,8 +119,7 @@ if jobs.job_shown(selection, "quant_convert", pressed, key, jobs.has_result(key)
             if measure in result:
                 row[measure] = (f"{result[measure]:.1%} [{result[measure + '_low']:.1%}, "
                                 f"{result[measure + '_high']:.1%}]")
-        if "agreement" not in result and "relative_error" in result:
-            row["relative error"] = result["relative_error"]
+        row["relative error"] = result["relative_error"]
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
                  column_config=common.number_columns(pd.DataFrame(rows), 3))
@@ -130,12 +128,16 @@ if jobs.job_shown(selection, "quant_convert", pressed, key, jobs.has_result(key)
                f"{floated['seconds_per_image'] / measured['seconds_per_image']:.2f}x the speed at batch 1 and "
                f"{measured['images_per_second'] / floated['images_per_second']:.2f}x at batch 32, with the "
                "LiteRT interpreter on this server's CPU (a phone or a GPU delegate differs: measure there). "
-               "Agreement: the int8 model's top-1 against the Keras model's on the same held-out images.")
+               + ("Agreement: each file's top-1 against the Keras model's on the same held-out images; " if
+                  "agreement" in measured else "")
+               + "relative error: |file's outputs - Keras model's| / |Keras model's| over the held-out images.")
+    if keep_params < 1:
+        st.caption(f"Both files are of the model pruned to {keep_params:.0%} of its parameters ("
+                   f"{found['parameters']:,} kept), its BatchNorms recalibrated but not fine-tuned: the Pruning page "
+                   "fine-tunes a cut and compares it with a random one; upload the model you would ship to quantise it.")
     if found["forgets"] is not None:
         smaller_model.forgetting(selection, found["forgets"], tested_indices, "the int8 model")
     st.download_button("Download the int8 model (.tflite)", found["int8"], "model.int8.tflite",
                        "application/octet-stream", type="primary")
     st.download_button("Download the float32 .tflite", found["float32"], "model.float32.tflite",
                        "application/octet-stream")
-    if np.isfinite(measured.get("largest_difference", np.nan)):
-        st.caption(f"Largest difference of one output from the float model: {measured['largest_difference']:.3g}.")

@@ -113,15 +113,14 @@ def integer_model(selection: Selection, calibration: int, held_out: int, keep_pa
                                            progress=lambda done, total: progress(done, 3 * total))
             baseline = quantization.convert(model, calibration_x, integer=False)
             head = selection.head
-            reference = quantization.outputs(model, x, head) if head.is_classifier else None
-            floated = quantization.evaluate(baseline, x, labels, reference)
-            measured = quantization.evaluate(content, x, labels, reference if reference is not None
-                                             else floated["outputs"])
+            reference = quantization.raw_outputs(model, x, head)
+            floated = quantization.evaluate(baseline, x, labels, reference, head=head)
+            measured = quantization.evaluate(content, x, labels, reference, head=head)
             progress(1, 1)
         forgot = None
         if labels is not None and head.is_classifier and np.ndim(measured["outputs"]) == 2:
-            names = selection.class_names()
-            forgot = pruning.compare(quantization.outputs(model, x, head), measured["outputs"], labels, names)
+            forgot = pruning.compare(quantization.comparable(reference, head),
+                                     quantization.comparable(measured["outputs"], head), labels, selection.class_names())
         return {"int8": content, "float32": baseline, "measured": measured, "floated": floated,
                 "forgets": forgot, "held_out": tested, "calibration": len(chosen), "model": model.name,
                 "parameters": model.count_params()}

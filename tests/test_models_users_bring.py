@@ -332,3 +332,16 @@ def test_galleries_of_deep_inception_layers_never_shrink_below_what_the_layer_ne
         cut(np.zeros((1, floor - 1, floor - 1, 3), np.float32))
     result = filters.render(model, "mixed10", [0], filters.Options(size=75, steps=2, octaves=3))
     assert result.images.shape == (1, 75, 75, 3)
+
+
+def test_the_demo_shapes_keep_their_generators_class_order_for_a_model_saved_without_names(tmp_path):
+    """A model trained on the demo shapes (audit.zoo.residual, saved to a file without class names) numbers the
+    classes as the generator does, not alphabetically: read alphabetically it would look at chance."""
+    from audit.zoo import shapes
+
+    model = keras.Sequential([keras.Input((16, 16, 3)), _base(2), layers.GlobalAveragePooling2D(),
+                              layers.Dense(len(shapes.CLASSES), activation="softmax")])
+    head = _from_file(model, tmp_path).head()
+    names, origin = heads.class_names(None, head, ["star", "circle", "ring"])
+    assert names == list(shapes.CLASSES) == ["circle", "square", "triangle", "star", "cross", "ring"]
+    assert "generator" in origin

@@ -92,7 +92,8 @@ def test_the_simulation_agrees_with_the_interpreter_and_the_converters_scales_wi
     simulated = quantization.outputs(quantization.fake_quantized(model, ranges, quantization.quantized_layers(model)),
                                      held_out, head)
     reference = quantization.outputs(model, held_out, head)
-    measured = quantization.evaluate(content, held_out, reference=reference)
+    measured = quantization.evaluate(content, held_out, reference=quantization.raw_outputs(model, held_out, head),
+                                     head=head)
     # the interpreter also rounds the add, the pooling and the softmax (1/256 steps), which the simulation
     # leaves in float: within 3 of the softmax's steps
     assert np.max(np.abs(measured["outputs"] - simulated)) < 3 / 256

@@ -18,4 +18,11 @@ from audit.quantization.ranges import (  # noqa: F401
     ranges,
     weight_ranges,
 )
-from audit.quantization.simulate import fake_quantized, outputs, per_tensor_ranges, sensitivity  # noqa: F401
+from audit.quantization.simulate import (  # noqa: F401
+    comparable,
+    fake_quantized,
+    outputs,
+    per_tensor_ranges,
+    raw_outputs,
+    sensitivity,
+)

@@ -57,16 +57,17 @@ def throughput(content: bytes, images: np.ndarray, batch: int = THROUGHPUT_BATCH
 
 def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = None,
              reference: np.ndarray | None = None, threads: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, head=None) -> dict:
     """What the `.tflite` bytes do on `images` (preprocessed): accuracy over the labelled (label >= 0) and
     top-1 agreement with `reference` (the float model's outputs on the same images), each with its Wilson
-    interval (for class outputs); the largest and the relative (L2) difference from the reference; seconds per
-    image at batch 1; images per second at batch 32; the file's bytes."""
+    interval (for class outputs); the largest and the relative (L2) difference from the reference (the Keras
+    model's raw output: `simulate.raw_outputs`); seconds per image at batch 1; images per second at batch 32; the
+    file's bytes. `head` (audit.heads.Head) reads a single unit's logits at 0, not 0.5."""
     outputs, seconds = run(content, images, threads, progress)
     result = {"images": len(images), "bytes": len(content), "seconds_per_image": seconds,
               "images_per_second": throughput(content, images, threads=threads) if len(images) else float("nan"),
               "outputs": outputs}
-    predicted = _top1(outputs) if _classes(outputs) else None
+    predicted = _top1(outputs, head) if _classes(outputs) else None
     if predicted is not None and labels is not None and np.any(np.asarray(labels) >= 0):
         known = np.asarray(labels) >= 0
         correct = float(np.sum(predicted[known] == np.asarray(labels)[known]))
@@ -75,7 +76,7 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
     if reference is not None:
         reference = np.asarray(reference, np.float64).reshape(outputs.shape)
         if _classes(outputs):
-            agree = float(np.sum(predicted == _top1(reference)))
+            agree = float(np.sum(predicted == _top1(reference, head)))
             result["agreement"] = agree / max(len(images), 1)
             result["agreement_low"], result["agreement_high"] = intervals.wilson_interval(agree, len(images))
         result["largest_difference"] = float(np.max(np.abs(outputs - reference))) if len(images) else 0.0
@@ -83,11 +84,13 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
     return result
 
 
-def _top1(values: np.ndarray) -> np.ndarray:
-    """The class of each output: argmax, or for a single sigmoid unit whether it is over 0.5."""
+def _top1(values: np.ndarray, head=None) -> np.ndarray:
+    """The class of each output: argmax, or for a single unit whether it is over 0.5 (a probability) or 0
+    (logits, as `head` says)."""
     values = np.asarray(values)
     if values.ndim == 1 or values.shape[-1] == 1:
-        return (values.reshape(len(values)) > 0.5).astype(int)
+        logits = head is not None and head.is_classifier and head.point.where == "output"
+        return (values.reshape(len(values)) > (0.0 if logits else 0.5)).astype(int)
     return values.reshape(len(values), -1).argmax(1)
 
 

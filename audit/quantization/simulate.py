@@ -127,26 +127,33 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
 
 
 def outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.ndarray:
-    """The head's output of `net` (the model or its simulation) as class probabilities: a softmax output
-    renormalised, a sigmoid one as it is (a single unit as [1 - p, p]), logits through heads.probabilities;
-    features as they are. Both sides of a comparison are read the same way."""
+    """The head's output of `net` (the model or its simulation) in comparable form (see `comparable`)."""
+    return comparable(raw_outputs(net, images, head), head)
+
+
+def raw_outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.ndarray:
+    """The head's output of `net` as the model gives it (what a converted model's interpreter gives too)."""
     values, batch = [], cost.batch_within(net, 32)
     for start in range(0, len(images), batch):  # called, not traced: each simulation is run once
         with admission.SERVER.reserve(cost.batch_bytes(net, len(images[start:start + batch])), timeout=60):
             result = net(tf.constant(images[start:start + batch], tf.float32), training=False)
         result = result[head.output] if isinstance(result, (list, tuple)) else result
         values.append(np.asarray(result, np.float64))
-    values = np.concatenate(values) if values else np.zeros((0, 1), np.float64)
+    return np.concatenate(values) if values else np.zeros((0, 1), np.float64)
+
+
+def comparable(values: np.ndarray, head: heads.Head) -> np.ndarray:
+    """An output as class probabilities: a softmax output renormalised, a sigmoid one as it is (a single unit as
+    [1 - p, p]), logits through heads.probabilities; features as they are. Both sides of a comparison are read
+    the same way."""
+    values = np.asarray(values, np.float64)
     if not head.is_classifier:
         return values
     if head.point.where == "output":  # the output is the scores themselves
-        return heads.probabilities(values, head) if not head.binary else \
-            np.concatenate([1 - heads.probabilities(values, head), heads.probabilities(values, head)], axis=1)
-    if head.binary:
-        return np.concatenate([1 - values, values], axis=1)
-    if head.distribution == "softmax":  # a rounded softmax sums to 1 only within its steps: the KL needs 1
-        return values / np.maximum(values.sum(axis=1, keepdims=True), 1e-12)
-    return values
+        values = heads.probabilities(values, head)
+    elif head.distribution == "softmax" and not head.binary:  # a rounded softmax sums to 1 only within its steps
+        values = values / np.maximum(values.sum(axis=1, keepdims=True), 1e-12)
+    return np.concatenate([1 - values, values], axis=1) if head.binary else values
 
 
 def _with_intervals(sums: QualitySums) -> dict:
