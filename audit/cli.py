@@ -36,7 +36,7 @@ def _report(args) -> int:
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
         gallery_steps=args.steps, attribution_images=args.attribution_images,
         methods=tuple(args.methods), prune_criterion=args.criterion, prune_target=args.prune_target,
-        prune_share=args.prune_share)
+        prune_share=args.prune_share, quantize=not args.no_int8)
     unknown = [m for m in options.methods if m not in _methods()]
     if unknown:
         raise AuditError(f"Unknown attribution method(s) {unknown}; choose from {_methods()}.")
@@ -291,6 +291,7 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     report.add_argument("--prune-target", default="layer", choices=["layer", "global", "params", "macs"],
                         help="what --prune-share counts: channels cut per layer or overall, parameters or MACs kept")
     report.add_argument("--prune-share", type=cli_common.share, default=0.3, help="the target's share")
+    report.add_argument("--no-int8", action="store_true", help="leave out the int8 section (a TFLite conversion)")
     report.set_defaults(run=_report)
 
     stats = commands.add_parser("stats", help="per-filter activation statistics and dead-filter counts")
@@ -364,9 +365,11 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
     return main
 
 
-def main(argv: list[str] | None = None, prog: str = "cnn-audit") -> int:
-    """The `cnn-audit` command (installed by `pip install -e .`), also `python -m audit`."""
+def main(argv: list[str] | None = None, prog: str = "cnn-audit", loaded_models=None) -> int:
+    """The `cnn-audit` command (installed by `pip install -e .`), also `python -m audit`. `loaded_models` (an
+    audit.registry.ModelCache) hands the commands models loaded already (audit.surfaces runs several on one)."""
     args = parser(prog).parse_args(argv)
+    args.loaded_models = loaded_models
     try:
         if getattr(args, "precision", "auto") != "auto":
             import os
@@ -375,7 +378,10 @@ def main(argv: list[str] | None = None, prog: str = "cnn-audit") -> int:
             from audit import device
 
             device.use_precision(args.precision)
-        return args.run(args)
+        if args.debug:
+            return args.run(args)
+        with cli_common.native_lines_hidden():
+            return args.run(args)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

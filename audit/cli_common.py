@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -150,7 +151,8 @@ def load_model(args):
     """The model of --model, with the preprocessing --preprocessing sets (a file does not record its own)."""
     from audit import models
 
-    loaded = models.load(model_source(args.model))
+    cache = getattr(args, "loaded_models", None)
+    loaded = cache.get(model_source(args.model)) if cache is not None else models.load(model_source(args.model))
     if getattr(args, "preprocessing", None):
         loaded.preprocessing, loaded.preprocessing_reason = args.preprocessing, "set by --preprocessing"
     return loaded
@@ -166,3 +168,29 @@ def labels_of(loaded, image_set) -> np.ndarray | None:
     if not head.is_classifier or not all(item.label in names for item in image_set):
         return None
     return np.array([names.index(item.label) for item in image_set])
+
+
+@contextmanager
+def native_lines_hidden():
+    """TensorFlow's and LiteRT's C++ start-up lines (oneDNN, CUDA drivers, CPU features, the XNNPACK delegate, the
+    converter's settings) are written to the process's stderr before any logging setting applies
+    (TF_CPP_MIN_LOG_LEVEL included): the descriptor is pointed at /dev/null, and Python's own stderr (our
+    messages, the progress bar) at a copy of the real one. Only when Python's stderr is the process's (a test's
+    captured stderr is left alone)."""
+    if sys.stderr is not sys.__stderr__ or sys.__stderr__ is None:
+        yield
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    python_side = os.fdopen(os.dup(real), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    sys.stderr = python_side
+    try:
+        yield
+    finally:
+        python_side.flush()
+        sys.stderr = sys.__stderr__
+        os.dup2(real, 2)
+        os.close(real)
+        python_side.close()

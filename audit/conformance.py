@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from audit import activations, attribution, filters, images, models, pruning, usage
+from audit import activations, attribution, filters, images, models, pruning, quantization, usage
 from audit.errors import AuditError
 
 # Small settings: every method runs, none for long.
@@ -83,6 +83,12 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
         rows = attribution.sanity_check(model, x[0], attribution.saliency, class_target, limit=3)
         _finite([value for _, value in rows])
 
+    def int8_simulation():
+        layers = quantization.quantized_layers(model)
+        frame, _ = quantization.activation_ranges(model, layers, x[:2])
+        simulated = quantization.fake_quantized(model, quantization.per_tensor_ranges(frame), layers)
+        _finite(quantization.outputs(simulated, x[:2], head))
+
     def masks():
         channels = pruning.filter_kernels(model, first).shape[-1]
         copy = pruning.masked(model, {first: [0], late_conv: [channels % 2]} if late_conv != first else {first: [0]})
@@ -115,6 +121,7 @@ def check(loaded: models.LoadedModel, progress: Callable[[int, int], None] | Non
         ("sanity check", sanity),
         ("filter scores", scores),
         ("masks", masks),
+        ("int8 simulation", int8_simulation),
     ]
     graph = loaded.dependency_graph()
     for kind, group in group_kinds(graph).items():
@@ -179,6 +186,9 @@ GROUPS = {
     "Sanity check": ("sanity check",),
     "Scores, masks": ("filter scores", "masks"),
     "Surgery": ("surgery",),
+    "int8": ("int8 simulation",),
+    "Report": ("report",),
+    "CLI": ("cli stats", "cli scores", "cli prune", "cli quantize", "cli report"),
 }
 
 

@@ -1,7 +1,8 @@
 """Benchmark: first-call seconds of every capability on the architectures users bring.
 
 Each architecture of audit.zoo.architectures is built (weights=None), saved to .keras and loaded back
-through models.load, then audit.conformance.check runs every capability once; the times are first
+through models.load, then audit.conformance.check runs every capability once and audit.surfaces the report
+and the CLI's commands; the times are first
 calls (graph building and tracing included), which is what a user waits for on opening a page.
 Printed, never asserted. With --readme, the README's table of tested architectures is rewritten
 from the same run (the tests check that it matches).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit import conformance, models
+from audit import conformance, models, surfaces
 from audit.zoo import architectures
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,7 +37,7 @@ def main():
             architectures.build(name).save(path)
             loaded = models.load(f"file:{path}")
             load_seconds = time.perf_counter() - start
-            cells = conformance.check(loaded)
+            cells = conformance.check(loaded) + surfaces.check(loaded)
             summaries[name] = conformance.summarise(loaded, architectures.SOURCES[name], cells)
             row = {"model": name, "save+load": load_seconds, "all": sum(cell.seconds for cell in cells)}
             for group, capabilities in conformance.GROUPS.items():

@@ -16,12 +16,12 @@ THROUGHPUT_BATCH = 32
 
 
 def run(content: bytes, images: np.ndarray, threads: int | None = None,
-        progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, float]:
-    """The model's first output for each image, one image per call (batch 1, as a phone runs it), and the median
-    seconds of one call."""
+        progress: Callable[[int, int], None] | None = None, output: int = 0) -> tuple[np.ndarray, float]:
+    """The model's output number `output` (in the Keras model's order) for each image, one image per call (batch
+    1, as a phone runs it), and the median seconds of one call."""
     loaded = interpreter(content, threads)
     loaded.allocate_tensors()
-    source, target = loaded.get_input_details()[0], loaded.get_output_details()[0]
+    source, target = loaded.get_input_details()[0], output_detail(loaded, output)
     if tuple(source["shape"][1:]) != tuple(np.shape(images)[1:]):
         raise QuantizationError(f"The integer model takes images of shape {tuple(source['shape'][1:])}, "
                                 f"not {tuple(np.shape(images)[1:])}.")
@@ -35,6 +35,19 @@ def run(content: bytes, images: np.ndarray, threads: int | None = None,
         if progress is not None:
             progress(index + 1, len(images))
     return np.asarray(found), float(np.median(seconds)) if seconds else float("nan")
+
+
+def output_detail(loaded, output: int) -> dict:
+    """The interpreter's output that is the Keras model's output number `output`: the converter lists them in
+    another order, and names each by the exported function's result (`StatefulPartitionedCall_1:1` is output 1)."""
+    details = loaded.get_output_details()
+    if len(details) == 1:
+        return details[0]
+    named = [detail for detail in details if detail["name"].rsplit(":", 1)[-1] == str(output)]
+    if len(named) != 1:
+        raise QuantizationError(f"The converted model's outputs ({', '.join(d['name'] for d in details)}) do not say "
+                                f"which is the model's output {output}.")
+    return named[0]
 
 
 def throughput(content: bytes, images: np.ndarray, batch: int = THROUGHPUT_BATCH, repeats: int = 3,
@@ -62,8 +75,9 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
     top-1 agreement with `reference` (the float model's outputs on the same images), each with its Wilson
     interval (for class outputs); the largest and the relative (L2) difference from the reference (the Keras
     model's raw output: `simulate.raw_outputs`); seconds per image at batch 1; images per second at batch 32; the
-    file's bytes. `head` (audit.heads.Head) reads a single unit's logits at 0, not 0.5."""
-    outputs, seconds = run(content, images, threads, progress)
+    file's bytes. `head` (audit.heads.Head) says which output is compared (a model with several) and reads a
+    single unit's logits at 0, not 0.5."""
+    outputs, seconds = run(content, images, threads, progress, output=head.output if head is not None else 0)
     result = {"images": len(images), "bytes": len(content), "seconds_per_image": seconds,
               "images_per_second": throughput(content, images, threads=threads) if len(images) else float("nan"),
               "outputs": outputs}

@@ -397,6 +397,7 @@ WALK_MODELS = {  # six images each: the 224-px models run on a 2-core CPU
     "demo:vgg16": "model=demo:vgg16&images=shapes&count=6",
     "keras:MobileNetV2:untrained": "model=keras:MobileNetV2:untrained&images=shapes&count=6",
     "uploaded transfer-learning model": None,  # uploaded in the sidebar first
+    "uploaded grayscale model": None,  # a 28x28 one-channel CNN with BatchNorm, uploaded with class folders
 }
 MAIN_BUTTONS = {
     "model": [],
@@ -405,8 +406,10 @@ MAIN_BUTTONS = {
     "attribution": ["Compute "],  # each method over the link budget, then the sanity check (in its expander)
     "pruning": ["Grow its gallery tile", "Run the sensitivity analysis", "Compare with the inverted",
                 "Measure leave-one-filter-out", "Fine-tune and compare"],
+    "quantization": ["Simulate int8 layer by layer", "Convert and measure"],
     "report": ["Build the report"],
 }
+HEADINGS = {"quantization": "Quantisation"}
 
 
 def _whole_page_screenshot(page, name):
@@ -431,7 +434,7 @@ def _run_started(page):
 def _visit(page, url, name, query):
     """Open one page of the app by its name (model: the first page) and wait until it has settled, clean."""
     page.goto(f"{url}/{'' if name == 'model' else name}?{query}")
-    heading = "Model: " if name == "model" else name.title()
+    heading = "Model: " if name == "model" else HEADINGS.get(name, name.title())
     page.get_by_role("heading", name=re.compile("^" + heading)).first.wait_for()
     _settle(page)
     _assert_clean(page)
@@ -466,13 +469,31 @@ def _class_folders_zip(path):
     return path
 
 
-def _upload_transfer_model_and_class_folders(browser, url, tmp_path):
+def _grayscale_two_classes():
+    """An MNIST-style grayscale CNN with BatchNorm, two classes (the class folders' cats and dogs)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(8, 3, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
+        layers.Conv2D(16, 3, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
+        layers.MaxPooling2D(), layers.Flatten(), layers.Dense(2), layers.Activation("softmax"),
+    ], name="grayscale_two_classes")
+
+
+def _upload_model_and_class_folders(browser, url, tmp_path, kind):
     from audit.zoo import architectures
 
-    model_file = tmp_path / "cats_vs_dogs.keras"  # TF's transfer-learning tutorial: a frozen MobileNetV2 base
-    architectures.build("Transfer-learning tutorial").save(model_file)
+    if kind == "uploaded grayscale model":
+        model_file = tmp_path / "digits_bn.keras"
+        _grayscale_two_classes().save(model_file)
+    else:
+        model_file = tmp_path / "cats_vs_dogs.keras"  # TF's transfer-learning tutorial: a frozen MobileNetV2 base
+        architectures.build("Transfer-learning tutorial").save(model_file)
     context, page = _upload_model(browser, url, model_file)
-    page.get_by_text("Model: cats_vs_dogs.keras (upload)").wait_for()  # its file name, not its hash
+    page.get_by_text(f"Model: {model_file.name} (upload)").wait_for()  # its file name, not its hash
     _settle(page)
     page.locator("[data-testid=stSidebar]").get_by_text("Upload", exact=True).click()
     _settle(page)
@@ -488,7 +509,7 @@ def _upload_transfer_model_and_class_folders(browser, url, tmp_path):
 def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browser, tmp_path, kind):
     url, _ = server
     if WALK_MODELS[kind] is None:
-        context, page, query = _upload_transfer_model_and_class_folders(browser, url, tmp_path)
+        context, page, query = _upload_model_and_class_folders(browser, url, tmp_path, kind)
     else:
         context, page = _open(browser, "about:blank")
         query = WALK_MODELS[kind]
@@ -509,7 +530,7 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
         if name == "filters" and page.get_by_text("Never started, no warm-up").count():
             assert page.get_by_text("Never started, no warm-up").is_visible()  # kept after the next button
         if name == "attribution":
-            if WALK_MODELS[kind] is None:  # Grad-CAM inside the nested base, for the README
+            if kind == "uploaded transfer-learning model":  # Grad-CAM inside the nested base, for the README
                 page.get_by_text("Why ").first.scroll_into_view_if_needed()
                 _screenshot(page, "attribution_upload.png")
             page.get_by_role("button", name="Run the sanity check").click()
