@@ -31,6 +31,8 @@ def add_command(commands, common) -> None:
     quantize.add_argument("--keep-float", nargs="*", default=[], metavar="LAYER", help="layers left in float")
     quantize.add_argument("--prune-params", type=share, help="prune to this share of the parameters first")
     quantize.add_argument("--skip-sensitivity", action="store_true", help="no per-layer simulation")
+    quantize.add_argument("--batch", type=count(0, 1024), default=32,
+                          help="the batch throughput is timed at (default 32; 0: not timed)")
     quantize.add_argument("--out", help="write the int8 .tflite here")
     quantize.add_argument("--csv", help="write the per-layer table (ranges and sensitivity) here ('-': stdout)")
     quantize.set_defaults(run=run)
@@ -64,14 +66,15 @@ def run(args) -> int:
     head = heads.find_head(model)
     reference = quantization.raw_outputs(model, held_out, head)
     with progress_bar("Measuring with the interpreter", args.quiet, unit="images") as progress:
-        floated = quantization.evaluate(baseline, held_out, labels, reference, head=head)
-        measured = quantization.evaluate(content, held_out, labels, reference, progress=progress, head=head)
+        floated = quantization.evaluate(baseline, held_out, labels, reference, head=head, batch=args.batch)
+        measured = quantization.evaluate(content, held_out, labels, reference, progress=progress, head=head,
+                                         batch=args.batch)
     if args.csv:
         table.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     out = sys.stderr if args.csv == "-" else sys.stdout
     shown = ["layer", "flag"] + [column for column in ("agreement", "kl", "accuracy", "feature_error") if column in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=out)
-    print(_summary(floated, measured, len(held_out), len(calibration), keep), file=out)
+    print(_summary(floated, measured, len(held_out), len(calibration), keep, args.batch), file=out)
     if args.out:
         Path(args.out).write_bytes(content)
         print(f"wrote {args.out}", file=out)
@@ -114,7 +117,7 @@ def _array(batches, with_labels: bool = False):
     return (x, np.concatenate(labels)) if with_labels else x
 
 
-def _summary(floated: dict, measured: dict, held_out: int, calibration: int, keep: list[str]) -> str:
+def _summary(floated: dict, measured: dict, held_out: int, calibration: int, keep: list[str], batch: int) -> str:
     def said(result):
         parts = []
         for name in ("accuracy", "agreement"):
@@ -124,11 +127,17 @@ def _summary(floated: dict, measured: dict, held_out: int, calibration: int, kee
             parts.append(f"relative error of the outputs {result['relative_error']:.3g}")
         return ", ".join(parts)
 
+    def rate(result, versus=None):
+        if not batch:
+            return ""
+        ratio = f" ({result['images_per_second'] / versus['images_per_second']:.2f}x)" if versus else ""
+        return f", {result['images_per_second']:.0f} images/s at batch {batch}{ratio}"
+
     return (f"float32 .tflite: {floated['bytes'] / 2**20:.2f} MB, {1000 * floated['seconds_per_image']:.2f} ms per "
-            f"image at batch 1, {floated['images_per_second']:.0f} images/s at batch 32; {said(floated)}\n"
+            f"image at batch 1{rate(floated)}; {said(floated)}\n"
             f"int8 .tflite: {measured['bytes'] / 2**20:.2f} MB ({floated['bytes'] / measured['bytes']:.1f}x smaller), "
-            f"{1000 * measured['seconds_per_image']:.2f} ms per image ({floated['seconds_per_image'] / measured['seconds_per_image']:.2f}x), "
-            f"{measured['images_per_second']:.0f} images/s at batch 32 "
-            f"({measured['images_per_second'] / floated['images_per_second']:.2f}x); {said(measured)}\n"
+            f"{1000 * measured['seconds_per_image']:.2f} ms per image "
+            f"({floated['seconds_per_image'] / measured['seconds_per_image']:.2f}x){rate(measured, floated)}; "
+            f"{said(measured)}\n"
             f"on {held_out} held-out images, calibrated on {calibration} others"
             + (f"; kept in float: {', '.join(keep)}" if keep else ""))

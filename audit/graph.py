@@ -157,6 +157,8 @@ def graph_model(model: keras.Model, points: list[Point], any_size: bool = False,
     new_input = keras.Input(batch_shape=(None, None, None, shape[-1]) if any_size else shape,
                             dtype=model.inputs[0].dtype)
     found: dict[Point, object] = {}
+    if any_size and replace is None:  # every nested model entered: its own Input would hold it to its old size
+        replace = lambda layer: None  # noqa: E731
     if has_grouped_convs(model):
         chosen = replace
         replace = lambda layer: (chosen(layer) if chosen else None) or grouped_conv_without_xla(layer)  # noqa: E731

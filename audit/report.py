@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from audit import activations, attribution, charts, cost, filters, heads, images, limits, models, precision, pruning, render
+from audit import (activations, attribution, charts, cost, filters, heads, images, limits, models, precision,
+                   pruning, render, usage)
 from audit.errors import AuditError
 
 Progress = Callable[[int, int], None]
@@ -26,7 +27,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class ReportOptions:
-    gallery_layers: tuple[str, ...] = ()  # empty: the first and the last conv layer
+    gallery_layers: tuple[str, ...] = ()  # empty: the first and the last conv layer with a map (usage)
     gallery_filters: int = 8
     gallery_steps: int = 0  # 0: each layer's default
     attribution_images: int = 4
@@ -106,7 +107,7 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
     if not convs:
         raise AuditError("The model has no convolutional layer to audit.")
     gallery_layers = [models.resolve_layer(model, name) for name in options.gallery_layers] or \
-        list(dict.fromkeys([convs[0], convs[-1]]))
+        list(dict.fromkeys([convs[0], usage.last_spatial_conv(model)]))  # not a 1 x 1 classifier conv
     preprocessing = options.preprocessing or loaded.preprocessing
     shown = image_set[:options.attribution_images]
     stages = _Stages(2 + len(gallery_layers) + len(shown) + int(options.quantize), progress)

@@ -41,7 +41,7 @@ def check(loaded: models.LoadedModel) -> list[conformance.Cell]:
             "scores": ["scores", "--images", folder],
             "prune": ["prune", "--images", "photos", "--share", "0.3", "--out", f"{folder}/pruned.keras"],
             "quantize": ["quantize", "--images", folder, "--calibration", "2", "--held-out", "2",
-                         "--skip-sensitivity"],  # the simulation is conformance's "int8 simulation" cell
+                         "--skip-sensitivity", "--batch", "0"],  # the simulation: conformance's "int8 simulation"
             "report": ["report", "--images", folder, "--out", f"{folder}/report.html", "--steps", "2",
                        "--gallery-filters", "2", "--attribution-images", "1", "--methods", "Grad-CAM",
                        "--no-int8"],

@@ -36,6 +36,15 @@ def cam_layer(fingerprint: str, source: str) -> tuple[str, str]:
     return models.cam_layer_and_reason(get_model(source).model)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def last_map_conv(fingerprint: str, source: str) -> str:
+    """The last conv layer whose output is a map larger than 1 x 1 (audit.usage.last_spatial_conv), once per
+    model: a gallery's default late layer, never a 1 x 1 classifier conv."""
+    from audit import usage
+
+    return usage.last_spatial_conv(get_model(source).model)
+
+
 COLUMN_HELP = {
     "taylor": "Taylor score (Molchanov et al. 2019): |activation × d score / d activation|, summed. Empty where the "
               "model has no class output (no score to differentiate).",

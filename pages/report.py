@@ -3,7 +3,7 @@
 import streamlit as st
 
 from audit import attribution, models, report
-from pages import candidates, jobs, links
+from pages import candidates, common, jobs, links
 from pages.selection import current, set_key, user_errors, what_these_mean
 
 selection = current()
@@ -16,7 +16,8 @@ st.caption("One HTML file that opens offline: the model and its layer table, dea
 
 convs = models.conv_layers(loaded.model)
 left, right = st.columns(2)
-layers = links.multiselect(left, "Gallery layers", convs, default=list(dict.fromkeys([convs[0], convs[-1]])),
+late = common.last_map_conv(loaded.fingerprint, loaded.source)
+layers = links.multiselect(left, "Gallery layers", convs, default=list(dict.fromkeys([convs[0], late])),
                            param="report_layers", key=f"report_layers_{loaded.fingerprint}")
 count = links.number(left, "Filters per gallery", 1, 32, 8, slider=True, param="report_filters",
                      key="report_filters")

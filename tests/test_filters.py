@@ -165,3 +165,23 @@ def test_a_second_gallery_reuses_the_traced_step_and_a_dropped_model_takes_it_al
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_a_gallery_of_a_layer_after_a_fixed_size_nested_base_grows_at_its_own_size():
+    """KerasHub's MobileNetV3 classifier: a conv after a nested backbone whose Input holds 64 px. The gallery's
+    any-size cut called the backbone as one layer, which refused a 128 px image (the report's default late
+    layer failed); every nested model is entered now."""
+    import keras
+
+    from audit import filters
+
+    keras.utils.set_random_seed(0)
+    base_in = keras.Input((32, 32, 3))
+    base = keras.Model(base_in, keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="inner")(base_in),
+                       name="base")
+    inputs = keras.Input((32, 32, 3))
+    top = keras.layers.Conv2D(3, 1, activation="relu", name="top")(base(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(top))
+    gallery = filters.render(model, "top", [0, 1], filters.Options(steps=3, size=48))
+    assert gallery.images.shape == (2, 48, 48, 3)
+    assert np.all(np.isfinite(gallery.activations))

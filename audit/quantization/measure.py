@@ -70,7 +70,8 @@ def throughput(content: bytes, images: np.ndarray, batch: int = THROUGHPUT_BATCH
 
 def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = None,
              reference: np.ndarray | None = None, threads: int | None = None,
-             progress: Callable[[int, int], None] | None = None, head=None) -> dict:
+             progress: Callable[[int, int], None] | None = None, head=None,
+             batch: int = THROUGHPUT_BATCH) -> dict:
     """What the `.tflite` bytes do on `images` (preprocessed): accuracy over the labelled (label >= 0) and
     top-1 agreement with `reference` (the float model's outputs on the same images), each with its Wilson
     interval (for class outputs); the largest and the relative (L2) difference from the reference (the Keras
@@ -79,7 +80,8 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
     single unit's logits at 0, not 0.5."""
     outputs, seconds = run(content, images, threads, progress, output=head.output if head is not None else 0)
     result = {"images": len(images), "bytes": len(content), "seconds_per_image": seconds,
-              "images_per_second": throughput(content, images, threads=threads) if len(images) else float("nan"),
+              "images_per_second": throughput(content, images, batch, threads=threads) if len(images) and batch
+              else float("nan"),
               "outputs": outputs}
     predicted = _top1(outputs, head) if _classes(outputs) else None
     if predicted is not None and labels is not None and np.any(np.asarray(labels) >= 0):

@@ -519,6 +519,8 @@ def test_a_new_user_walks_every_page_and_presses_its_main_buttons(server, browse
         for label in buttons:
             if label == "Compare with the inverted" and kind != "demo:shapes":
                 continue  # the same sweep code as sensitivity; 20 s to a minute more per 224-px model on 2 cores
+            if name == "quantization" and kind not in ("demo:shapes", "uploaded grayscale model"):
+                continue  # the page opens (its ranges) on every model; converting a 224-px model costs a minute
             _press_all(page, label)
         if name == "pruning":  # a smaller model, cut through residual adds and nested bases alike
             assert page.get_by_role("button", name="Download the pruned model (.keras)").is_visible()
@@ -617,16 +619,17 @@ def test_every_figure_stays_readable_on_a_deep_network(server, browser, tmp_path
 
 
 def test_the_walk_left_no_warning_flood_in_the_server_log(server):
-    """After every page above: no inotify overflow (the watcher walking .venv) and no warning repeated
-    over and over (runs as the module's last test)."""
+    """After every page above (galleries, the int8 conversions, the uploads): no inotify overflow (the watcher
+    walking .venv) and no warning at all (runs as the module's last test)."""
     from collections import Counter
 
     _, log = server
     text = log.read_text()
     assert "Inotify" not in text and "inotify" not in text
     assert "Traceback" not in text and "Expected bytes" not in text, text[-3000:]  # no exception, no Arrow failure
-    warnings = Counter(re.sub(r"\d+", "N", line) for line in text.splitlines() if "WARNING" in line or "Warning" in line)
-    assert not warnings or max(warnings.values()) < 20, warnings.most_common(3)
+    warnings = Counter(re.sub(r"\d+", "N", line) for line in text.splitlines()
+                       if ("WARNING" in line or "Warning" in line) and "absl::InitializeLog" not in line)
+    assert not warnings, warnings.most_common(3)  # TensorFlow's native start-up line aside, not one warning
     deprecated = [line for line in text.splitlines() if "deprecat" in line.lower()]
     assert not deprecated, deprecated[:3]
 
