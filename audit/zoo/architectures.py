@@ -63,13 +63,13 @@ def classification_tutorial() -> keras.Model:
     ], name="classification_tutorial")
 
 
-def grayscale_cnn() -> keras.Model:
+def grayscale_cnn(classes: int = 10) -> keras.Model:
     """An MNIST-style 28x28 grayscale CNN with BatchNormalization and separate Activation layers."""
     return keras.Sequential([
         keras.Input((28, 28, 1)),
         layers.Conv2D(8, 3, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
         layers.Conv2D(16, 3, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
-        layers.MaxPooling2D(), layers.Flatten(), layers.Dense(10), layers.Activation("softmax"),
+        layers.MaxPooling2D(), layers.Flatten(), layers.Dense(classes), layers.Activation("softmax"),
     ], name="grayscale_cnn")
 
 

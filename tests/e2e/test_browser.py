@@ -469,26 +469,15 @@ def _class_folders_zip(path):
     return path
 
 
-def _grayscale_two_classes():
-    """An MNIST-style grayscale CNN with BatchNorm, two classes (the class folders' cats and dogs)."""
+def _upload_model_and_class_folders(browser, url, tmp_path, kind):
     import keras
 
-    keras.utils.set_random_seed(0)
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(8, 3, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
-        layers.Conv2D(16, 3, use_bias=False), layers.BatchNormalization(), layers.Activation("relu"),
-        layers.MaxPooling2D(), layers.Flatten(), layers.Dense(2), layers.Activation("softmax"),
-    ], name="grayscale_two_classes")
-
-
-def _upload_model_and_class_folders(browser, url, tmp_path, kind):
     from audit.zoo import architectures
 
     if kind == "uploaded grayscale model":
         model_file = tmp_path / "digits_bn.keras"
-        _grayscale_two_classes().save(model_file)
+        keras.utils.set_random_seed(0)
+        architectures.grayscale_cnn(classes=2).save(model_file)  # two classes: the folders' cats and dogs
     else:
         model_file = tmp_path / "cats_vs_dogs.keras"  # TF's transfer-learning tutorial: a frozen MobileNetV2 base
         architectures.build("Transfer-learning tutorial").save(model_file)
