@@ -9,6 +9,7 @@ would never die.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -23,6 +24,26 @@ Built = TypeVar("Built")
 
 _KEPT: "weakref.WeakKeyDictionary[keras.Model, OrderedDict]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+
+
+class OneTracePerModel(logging.Filter):
+    """Drops TensorFlow's "N out of the last N calls to <function ...> triggered tf.function retracing": its
+    detector counts traces per place in the code, not per function object, so one traced function per model (this
+    module's design: each model's pass traced once) reads to it as a function re-created in a loop once a server
+    has seen five models. A real retrace per call (a changing shape) would show in the benches' timings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def quiet_retracing_notice() -> None:
+    """Install OneTracePerModel on TensorFlow's logger, once."""
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(found, OneTracePerModel) for found in logger.filters):
+        logger.addFilter(OneTracePerModel())
+
+
+quiet_retracing_notice()
 
 
 def kept(model: keras.Model, key: tuple, build: Callable[[], Built]) -> Built:

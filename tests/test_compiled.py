@@ -78,3 +78,28 @@ def test_the_kept_pieces_are_bounded_and_go_with_the_model():
     del model
     gc.collect()
     assert alive() is None and compiled.models_kept() == before - 1
+
+
+def test_one_trace_per_model_raises_no_retracing_notice_in_the_server_log():
+    """TensorFlow counts traces per place in the code: the sixth model's pass read to it as a function made in a
+    loop, and its notice filled the server log. A handler on its logger sees no such record now."""
+    import logging
+
+    import numpy as np
+    import tensorflow as tf
+
+    from audit import compiled
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        compiled.quiet_retracing_notice()
+        for size in range(1, 13):  # twelve models' passes, each traced once, from one place in the code
+            tf.function(lambda x: x + 1)(tf.constant(np.ones(size)))
+    finally:
+        logger.removeHandler(handler)
+    assert not [message for message in seen if "retracing" in message]
+    assert any(isinstance(found, compiled.OneTracePerModel) for found in logger.filters)
