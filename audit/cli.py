@@ -36,7 +36,7 @@ def _report(args) -> int:
         gallery_layers=tuple(args.gallery_layers or ()), gallery_filters=args.gallery_filters,
         gallery_steps=args.steps, attribution_images=args.attribution_images,
         methods=tuple(args.methods), prune_criterion=args.criterion, prune_target=args.prune_target,
-        prune_share=args.prune_share, quantize=not args.no_int8)
+        prune_share=args.prune_share, quantize=not args.no_int8, timing=not args.no_timing)
     unknown = [m for m in options.methods if m not in _methods()]
     if unknown:
         raise AuditError(f"Unknown attribution method(s) {unknown}; choose from {_methods()}.")
@@ -225,13 +225,16 @@ def _save(args, model, smaller) -> int:
     smaller.save(args.out)
     if args.saved_model:
         smaller.export(args.saved_model, format="tf_saved_model", verbose=False)
-    batch = pruning.throughput_batch(model)
-    before, after = pruning.speed(model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
-    (latency, throughput), (latency_after, throughput_after) = before.values(), after.values()
+    timed = ""
+    if not args.no_timing:
+        batch = pruning.throughput_batch(model)
+        before, after = pruning.speed(model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
+        (latency, throughput), (latency_after, throughput_after) = before.values(), after.values()
+        timed = (f"; here {latency_after:.2f} ms per image at batch 1 (from {latency:.2f}) and "
+                 f"{throughput_after:,.0f} images per second at batch {batch} (from {throughput:,.0f})")
     print(f"{args.out}: {smaller.count_params():,} parameters (from {model.count_params():,}, "
           f"{smaller.count_params() / model.count_params():.1%}), {pruning.flops(smaller):,} multiply-adds per image "
-          f"({pruning.flops(smaller) / pruning.flops(model):.1%}); here {latency_after:.2f} ms per image at batch 1 "
-          f"(from {latency:.2f}) and {throughput_after:,.0f} images per second at batch {batch} (from {throughput:,.0f})"
+          f"({pruning.flops(smaller) / pruning.flops(model):.1%}){timed}"
           + (f"; SavedModel in {args.saved_model}" if args.saved_model else ""))
     return 0
 
@@ -292,6 +295,7 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
                         help="what --prune-share counts: channels cut per layer or overall, parameters or MACs kept")
     report.add_argument("--prune-share", type=cli_common.share, default=0.3, help="the target's share")
     report.add_argument("--no-int8", action="store_true", help="leave out the int8 section (a TFLite conversion)")
+    report.add_argument("--no-timing", action="store_true", help="do not time the model and the cut one here")
     report.set_defaults(run=_report)
 
     stats = commands.add_parser("stats", help="per-filter activation statistics and dead-filter counts")
@@ -343,6 +347,7 @@ def parser(prog: str = "cnn-audit") -> argparse.ArgumentParser:
                             "by default) between them, beside one cut and a random ranking of the same sizes given "
                             "the same budget; saves the best at the target size (needs labels)")
     prune.add_argument("--saved-model", help="also export a SavedModel (for TF Serving) to this folder")
+    prune.add_argument("--no-timing", action="store_true", help="do not time both models here")
     prune.add_argument("--layers", nargs="*", default=[], help="layers to prune (default: every conv layer)")
     prune.add_argument("--fine-tune", type=cli_common.count(0, 200), default=0, metavar="EPOCHS",
                        help="fine-tune for up to this many epochs (stopping when the validation loss stops "

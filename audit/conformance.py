@@ -188,7 +188,7 @@ GROUPS = {
     "Surgery": ("surgery",),
     "int8": ("int8 simulation",),
     "Report": ("report",),
-    "CLI": ("cli stats", "cli scores", "cli prune", "cli quantize", "cli report"),
+    "CLI": ("cli stats", "cli scores", "cli prune", "cli quantize"),
 }
 
 

@@ -40,6 +40,7 @@ class ReportOptions:
     preprocessing: str = ""  # empty: the model's own
     precision: str = ""  # of the heavy passes: empty, this machine's (audit.device.precision)
     quantize: bool = True  # the int8 section: ranges, the converted model measured with the interpreter
+    timing: bool = True  # time the model and the cut one here (milliseconds, images per second)
 
 
 @dataclass
@@ -232,7 +233,8 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
                     "Check them on the dashboard's Pruning page before cutting.</p>"
                     f"{_figure(chart, first=False, nonce=nonce)}"
                     f"<details><summary>Candidates table</summary>{_table(candidates[columns])}</details>")
-    sections.append(_what_the_cut_costs(loaded, selection, x, labels, names, image_set, options.fit))
+    sections.append(_what_the_cut_costs(loaded, selection, x, labels, names, image_set, options.fit,
+                                        options.timing))
     if options.quantize:
         sections.append(_int8(model, x, labels, head, nonce))
         stages.step()
@@ -243,18 +245,19 @@ def build(loaded: models.LoadedModel, image_set: list[images.LabelledImage], opt
 
 
 def _what_the_cut_costs(loaded, selection: dict, x: np.ndarray, labels: np.ndarray | None, names: list[str],
-                        image_set: list, fit: str) -> str:
+                        image_set: list, fit: str, timing: bool = True) -> str:
     """The candidates cut for real (no fine-tuning): sizes and speed here, and with labels what the cut forgets
     per class and which images change their answer (Hooker et al. 2019)."""
     try:
         smaller = pruning.prune(loaded.model, selection, loaded.dependency_graph())
     except pruning.PruningError as exc:
         return f"<h3>What the cut costs</h3><p>{html.escape(str(exc))}</p>"
-    batch = pruning.throughput_batch(loaded.model)
-    before, after = pruning.speed(loaded.model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
     sizes = {"Parameters": (loaded.model.count_params(), smaller.count_params()),
-             "Multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller)),
-             **{f"{name} here": (before[name], after[name]) for name in before}}
+             "Multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller))}
+    if timing:
+        batch = pruning.throughput_batch(loaded.model)
+        before, after = pruning.speed(loaded.model, batch_size=batch), pruning.speed(smaller, batch_size=batch)
+        sizes.update({f"{name} here": (before[name], after[name]) for name in before})
     rows = "".join(f"<tr><th>{html.escape(name)}</th><td>{a:,.4g}</td><td>{b:,.4g}</td><td>{b / a - 1:+.1%}</td></tr>"
                    for name, (a, b) in sizes.items())
     text = (f"<h3>What the cut costs</h3><p>The candidates removed with their groups, before any fine-tuning (the "
