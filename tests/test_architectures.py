@@ -35,11 +35,17 @@ slow tier (`python -m pytest -m slow`, which CI runs too); the default tier keep
 Sequential files, depthwise, grayscale and two-output heads."""
 
 
+SURFACES_BY_BENCH = {name for name in SLOWEST if not name.startswith("KerasHub")}
+"""The eight heaviest keras.applications rows: their report and CLI cells (1-3 minutes more each here) come from
+`python -m bench.architectures --readme`, not from CI; their README rows are compared without those columns."""
+SURFACE_COLUMNS = 2  # Report and CLI, the table's last columns
+
+
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOWEST else name
                                   for name in architectures.ARCHITECTURES])
 def test_every_capability_is_ok_or_refused_with_a_reason(name, tmp_path):
     loaded = load_from_file(name, tmp_path)
-    cells = conformance.check(loaded) + surfaces.check(loaded)
+    cells = conformance.check(loaded) + ([] if name in SURFACES_BY_BENCH else surfaces.check(loaded))
     RESULTS[name] = conformance.summarise(loaded, architectures.SOURCES[name], cells)
     failed = [f"{cell.capability}: {cell.detail}" for cell in cells if cell.status == "failed"]
     assert not failed, failed
@@ -67,5 +73,9 @@ def test_the_readme_table_is_this_suites_result():
     written = _rows(text[start + len(conformance.TABLE_START):end])
     assert list(written) == list(architectures.ARCHITECTURES), "the README's table lists other architectures"
     produced = _rows(conformance.markdown_table(RESULTS))
-    stale = [name for name, row in produced.items() if written[name] != row]
+
+    def compared(name, row):
+        return "|".join(row.split("|")[:-1 - SURFACE_COLUMNS]) if name in SURFACES_BY_BENCH else row
+
+    stale = [name for name, row in produced.items() if compared(name, written[name]) != compared(name, row)]
     assert not stale, f"the README's rows of {stale} are stale: run python -m bench.architectures --readme"
