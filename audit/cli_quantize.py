@@ -94,7 +94,7 @@ def _images(args, loaded):
         rest = files.sample(min(calibration_count + args.held_out, len(files)), args.seed, skip=calibration_count)
         model_in = datasets.model_input(loaded, labels=files.labels)
         calibration = _array(datasets.batches(chosen, model_in))
-        held_out, labels = _array(datasets.batches(rest, datasets.model_input(loaded, labels=files.labels)), True)
+        held_out, labels = _array(datasets.batches(rest, model_in), True)
         return (calibration, held_out, labels if np.any(labels >= 0) else None,
                 lambda model: datasets.batches(files, model_in), len(files))
     image_set = read_images(args.images)

@@ -66,7 +66,8 @@ def convert(model: keras.Model, images: np.ndarray, keep_float=(), representativ
         raise
     except Exception as exc:  # the converter raises many kinds (ConverterError, ValueError, RuntimeError)
         raise QuantizationError(f"TensorFlow Lite's converter refused this model: {_reason(exc)}.") from exc
-    still_int8 = [name for name, leaf in zip(keep_float, keep) if not _kept_in_float(converted, leaf)]
+    types = tensor_types(converted) if keep else {}
+    still_int8 = [name for name, leaf in zip(keep_float, keep) if not _kept_in_float(types, leaf)]
     if still_int8:
         raise QuantizationError(f"The layers {', '.join(still_int8)} were asked to stay in float but the converter "
                                 "did not keep them (not found in the converted graph by their names).")
@@ -99,8 +100,8 @@ def _names_layer(tensor: str, leaf: str) -> bool:
     return re.search(rf"(^|[/;]){re.escape(leaf)}(_\d+)?/", tensor) is not None
 
 
-def _kept_in_float(content: bytes, leaf: str) -> bool:
-    kernels = [kind for name, kind in tensor_types(content).items() if _names_layer(name, leaf)
+def _kept_in_float(types: dict[str, str], leaf: str) -> bool:
+    kernels = [kind for name, kind in types.items() if _names_layer(name, leaf)
                and re.search(r"/(convolution|MatMul|BiasAdd|depthwise)", name)]
     return bool(kernels) and all(kind == "float32" for kind in kernels)
 
