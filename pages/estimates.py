@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 
 import numpy as np
 import streamlit as st
 
-from audit import device, heads, limits
+from audit import device, heads, limits, pruning
 from pages.selection import Selection
 
 
@@ -34,7 +35,7 @@ def _timed(selection: Selection) -> tuple[float, float]:
     """(seconds per image, fixed seconds per call) of the model's compiled forward pass here, timed once per
     model and device on 2 and 8 images (the median of 3 calls each, after a warm one): on a deep network a
     call on a few images costs more than its images (ResNet152 at 64 px: 95 ms for two images, 142 ms for
-    eight), which a what-if sweep pays once per cut. A sweep uses 2 images at least (images_within)."""
+    eight): the per-image figure is the slope, so a sweep's many cuts per call are not charged a call each."""
     loaded = selection.model
     key = (loaded.fingerprint, selection.device)
     times = _pass_times()
@@ -70,16 +71,32 @@ def idle_pass_seconds(selection: Selection) -> float:
     return _timed(selection)[0]
 
 
-def call_passes(selection: Selection) -> float:
-    """A compiled call's fixed cost on this model here, in image passes."""
-    per_image, per_call = _timed(selection)
-    return per_call / per_image
+@st.cache_resource
+def _sweep_costs() -> OrderedDict:
+    return OrderedDict()
 
 
-def sweep_passes(selection: Selection, calls: float, images_per_call: int) -> float:
-    """The image passes of a sweep that calls the model `calls` times on the same images (one call per cut,
-    in heads.Outputs' batches), each call's fixed cost counted in the passes it is worth."""
-    return calls * (images_per_call + -(-images_per_call // heads.BATCH) * call_passes(selection))
+def sweep_cost(selection: Selection) -> pruning.SweepCost:
+    """What a what-if sweep's estimate needs on this model and output (audit.pruning.Sweep.estimate: plain
+    numbers, no model held), computed once and kept for the last 32."""
+    loaded = selection.model
+    key = (loaded.fingerprint, selection.output)
+    known = _sweep_costs()
+    if key not in known:
+        known[key] = pruning.Sweep(loaded.model, selection.output, loaded.dependency_graph()).estimate()
+        while len(known) > 32:
+            known.popitem(last=False)
+    return known[key]
+
+
+def sweep_passes(selection: Selection, layers: list[str], images: int) -> float:
+    """The image passes of a what-if sweep with one cut per entry of `layers` (the layer it cuts) on `images`
+    images, the unpruned model's pass included: each cut runs only the layers after its checkpoint, many cuts
+    per call (audit.pruning.sweeps); the checkpoints' traces counted as the passes they are worth."""
+    found = sweep_cost(selection)
+    traces = found.traces(layers) * getattr(selection.model, "trace_seconds", 0.0) / max(idle_pass_seconds(selection),
+                                                                                        1e-9)
+    return images + found.passes(layers, images) + traces
 
 
 def within_link_budget(selection: Selection, passes: float, images: int = 0) -> bool:
@@ -178,12 +195,13 @@ def busy_note() -> str:
     return f" The server is busy: work runs about {busy:.1f}x slower than on an idle one now." if busy >= 1.5 else ""
 
 
-def images_within(selection: Selection, calls: float, available: int, floor: int = 2) -> int:
-    """A default image count for a sweep of `calls` calls on the same images (see sweep_passes): as many as
-    fit the link budget (a first answer in seconds), at least `floor`, at most `available`; the user raises
-    it and sees the new estimate."""
-    budget = limits.LINK_JOB_SECONDS.value / max(calls * idle_pass_seconds(selection), 1e-9)
-    fitting = int(budget - call_passes(selection))
+def images_within(selection: Selection, layers: list[str], available: int, floor: int = 2) -> int:
+    """A default image count for a sweep with one cut per entry of `layers` (see sweep_passes): as many as fit the
+    link budget (a first answer in seconds), at least `floor`, at most `available`; the user raises it and sees
+    the new estimate."""
+    fixed = sweep_passes(selection, layers, 0) * idle_pass_seconds(selection) + trace_seconds(selection)
+    per_image = max(sweep_passes(selection, layers, 1) - sweep_passes(selection, layers, 0), 1e-9)
+    fitting = int((limits.LINK_JOB_SECONDS.value - fixed) / (per_image * idle_pass_seconds(selection)))
     return max(1, min(available, max(floor, fitting)))
 
 

@@ -212,16 +212,16 @@ else:
                "accuracy or agreement to measure.")
 measure = measures[measure_name]
 images_count = len(selection.image_set)
-sensitivity_calls = 9 * len(ranked) + 1  # each layer at 9 shares, and the unpruned model
+sensitivity_cuts = [layer for layer in ranked for _ in range(9)]  # each layer at 9 shares
 sweep_images = links.number(st, "Images used by the sweeps", 1, images_count,
-                            images.balanced_count(jobs.images_within(selection, sensitivity_calls, images_count),
+                            images.balanced_count(jobs.images_within(selection, sensitivity_cuts, images_count),
                                                   folder_labels(selection)),
                             param="sweep_images", key=f"prune_sweep_images_{images_count}",
                             help="A seeded sample with every class within one image of the others. The default "
                                  "gives a first answer in seconds; more images give steadier curves (the estimate is "
                                  "on each button).")
 st.caption(f"The sweeps measure on {common.sample_sentence(selection, sweep_images)}.")
-sensitivity_passes = jobs.sweep_passes(selection, sensitivity_calls, sweep_images)
+sensitivity_passes = jobs.sweep_passes(selection, sensitivity_cuts, sweep_images)
 cost = jobs.estimate(selection, sensitivity_passes)
 pressed = st.button(f"Run the sensitivity analysis ({cost} here)", key="prune_sensitivity")
 sensitivity_key = pruning_jobs.sensitivity_key(selection, ranking_criteria[rank_by], sweep_images)
@@ -246,7 +246,7 @@ chance_layer = links.selectbox(st, "Does the ranking beat chance? Layer", ranked
                                index=ranked.index(removable[-1]), param="chance_layer", key="prune_chance_layer",
                                help="Default: the deepest layer with filters that can go (a layer whose channels "
                                     "reach the output, such as an all-convolutional head's class conv, cannot).")
-chance_passes = jobs.sweep_passes(selection, 22 * 9 + 1, sweep_images)
+chance_passes = jobs.sweep_passes(selection, [chance_layer] * 22 * 9, sweep_images)
 cost = jobs.estimate(selection, chance_passes)
 pressed = st.button(f"Compare with the inverted and 20 random rankings ({cost} here)", key="prune_chance")
 chance_key = pruning_jobs.chance_key(selection, chance_layer, ranking_criteria[rank_by], sweep_images)
@@ -274,7 +274,7 @@ st.caption("Leave-one-filter-out: each filter alone is zeroed and the loss on th
            "against the labels, else the model's own top-1; relative feature error without a class output). "
            "The heat map gives, per layer, the Spearman rank correlation of each criterion (as an importance: "
            "APoZ counts zeros, so its sign is flipped) with that true cost. Positive: the criterion ranks "
-           "filters the way cutting them really hurts. One forward pass per filter.")
+           "filters the way cutting them really hurts. Each filter costs a pass of the layers after it.")
 all_layers = list(counts["layer"])
 filters_of = counts.set_index("layer")["total"]
 # the deepest of the layers with the fewest filters that can go: the quickest answer worth having
@@ -282,15 +282,15 @@ smallest = filters_of[[layer for layer in filters_of.index if layer in can_go] o
 loo_layers = links.multiselect(st, "Layers", all_layers, default=[smallest], param="loo_layers",
                                key=f"loo_layers_{loaded.fingerprint}",
                                help="Default: the deepest of the smallest layers, for a first answer in seconds; "
-                                    "one forward pass per filter and image.")
+                                    "a pass of the layers after it per filter and image.")
 loo_count = links.number(st, "Images used", 1, images_count,
-                         images.balanced_count(jobs.images_within(selection, int(filters_of[smallest]) + 1,
+                         images.balanced_count(jobs.images_within(selection, [smallest] * int(filters_of[smallest]),
                                                                   min(100, images_count)), folder_labels(selection)),
                          param="loo_images", key=f"loo_images_{images_count}",
                          help="A seeded sample with every class within one image of the others.")
 st.caption(f"Measured on {common.sample_sentence(selection, int(loo_count))}.")
-loo_filters = int(filters_of.loc[loo_layers].sum()) if loo_layers else 0
-loo_passes = jobs.sweep_passes(selection, loo_filters + 1, int(loo_count))
+loo_passes = jobs.sweep_passes(selection, [layer for layer in loo_layers for _ in range(int(filters_of[layer]))],
+                              int(loo_count))
 cost = jobs.estimate(selection, loo_passes)
 pressed = st.button(f"Measure leave-one-filter-out ({cost} here)", key="prune_loo")
 loo_key = pruning_jobs.leave_one_out_key(selection, tuple(loo_layers), int(loo_count))

@@ -101,10 +101,8 @@ def what_if(selection: "Selection", chosen: dict[str, list[int]]) -> tuple[np.nd
     def compute():
         x = image_set_input(selection)
         with jobs.model_job(selection, "Running both models on the image set"):
-            model = selection.compute_model
-            masked = pruning.masked(model, chosen, loaded.dependency_graph())
-            head = loaded.head(selection.output)
-            return heads.Outputs(model, head=head)(x), heads.Outputs(masked, head=head)(x)
+            sweep = pruning.Sweep(selection.compute_model, selection.output, loaded.dependency_graph())
+            return sweep.reference(x), sweep.outputs([chosen], x)[0]
 
     return jobs.shared_result(what_if_key(selection, chosen), compute)
 

@@ -157,25 +157,31 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
     assert jobs.within_link_budget(selection, 100) and not jobs.within_link_budget(selection, 100, images=1000)
 
 
-def test_a_sweep_counts_each_call_s_fixed_cost_and_its_default_sample_fits_the_link_budget(monkeypatch):
-    """A model whose call costs 50 ms beside 10 ms an image: a call is worth 5 image passes. A sweep of 10 cuts
-    on 3 images is 10 x (3 + 5) = 80 passes; on 100 images (two batches of 64) 10 x (100 + 2 x 5) = 1,100. The
-    default sample of a 10-call sweep under a 20 s link budget: 20 / (10 x 0.01) - 5 = 195 images."""
+def test_a_sweep_counts_each_cut_from_its_checkpoint_and_its_default_sample_fits_the_link_budget(monkeypatch):
+    """A model of 10 calls of equal cost, 10 ms an image, a 0.5 s trace: a layer whose cuts start at call 8 runs
+    a fifth of a pass per cut. Ten such cuts on 3 images: the unpruned pass (3), the work up to the checkpoint once
+    (0.8 x 3) and 10 x 0.2 x 3, plus one whole trace (the suffix's 0.2 and the piece reaching it, 0.8) worth
+    0.5 / 0.01 = 50 passes: 61.4. From the stem's conv every cut is a whole pass: 3 + 30 + 50 = 83. The default
+    sample under a 20 s link budget: (20 - 0.5 - 2 x 0.5) / ((1 + 0.8 + 2) x 0.01) = 486 images."""
     from types import SimpleNamespace
 
+    import numpy as np
     import pytest
 
+    from audit import pruning
     from pages import estimates as jobs
 
-    selection = SimpleNamespace(model=SimpleNamespace(fingerprint="overhead"), device="cpu", precision="float32")
-    jobs._pass_times()[("overhead", "cpu")] = (0.01, 0.05)
+    selection = SimpleNamespace(model=SimpleNamespace(fingerprint="ten calls", trace_seconds=0.5), device="cpu",
+                                precision="float32", output=None)
+    jobs._pass_times()[("ten calls", "cpu")] = (0.01, 0.05)
+    after = np.linspace(1.0, 0.0, 11)
+    jobs._sweep_costs()[("ten calls", None)] = pruning.SweepCost({"deep": 8, "stem": 0}, after, after, 10)
     monkeypatch.setenv("CNN_AUDIT_LINK_JOB_SECONDS", "20")
-    assert jobs.call_passes(selection) == pytest.approx(5.0)
-    assert jobs.sweep_passes(selection, 10, 3) == pytest.approx(80.0)
-    assert jobs.sweep_passes(selection, 10, 100) == pytest.approx(1100.0)
-    assert jobs.images_within(selection, 10, 1000) == 195
-    assert jobs.images_within(selection, 10, 50) == 50
-    assert jobs.images_within(selection, 10_000, 50) == 2  # the floor: a sweep too big for the budget
+    assert jobs.sweep_passes(selection, ["deep"] * 10, 3) == pytest.approx(61.4)
+    assert jobs.sweep_passes(selection, ["stem"] * 10, 3) == pytest.approx(83.0)
+    assert jobs.images_within(selection, ["deep"] * 10, 1000) == 486
+    assert jobs.images_within(selection, ["deep"] * 10, 50) == 50
+    assert jobs.images_within(selection, ["stem"] * 10_000, 50) == 2  # the floor: a sweep too big for the budget
 
 
 def test_a_bar_gives_the_time_left_from_its_rate_once_it_has_one():

@@ -122,4 +122,6 @@ def test_dropped_models_give_their_memory_back(tmp_path):
         return np.polyfit(np.arange(len(readings) - 3), np.array(readings[3:], float), 1)[0]
 
     assert slope(kept) > size / 2, np.array(kept) / 2**20  # the measurement sees models that stay
-    assert slope(bounded) < size / 8, np.array(bounded) / 2**20  # flat once two are kept
+    # flat once two are kept: a model kept per load would be a slope of `size`; the allocator's arenas still
+    # step by about a model's size every few loads (CI read 0.13 of a size per load, a quiet machine 0.06)
+    assert slope(bounded) < size / 4, np.array(bounded) / 2**20

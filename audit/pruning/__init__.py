@@ -79,8 +79,6 @@ from audit.pruning.tuning import (  # noqa: F401
 from audit.pruning.quality import (  # noqa: F401
     QualitySums,
     quality,
-    MaskedCopy,
-    curve,
     sensitivity,
     what_if,
     ranking_against_chance,
@@ -90,6 +88,7 @@ from audit.pruning.quality import (  # noqa: F401
     leave_one_out,
     importance_correlation,
 )
+from audit.pruning.sweeps import Sweep, SweepCost  # noqa: F401
 from audit.pruning.recovery import (  # noqa: F401
     AT_CHANCE_ENTROPY,
     wilson_interval,

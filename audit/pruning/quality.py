@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pandas as pd
 
-from audit import datasets, groups, heads, models
+from audit import datasets
 from audit.pruning.scores import filter_kernels
 from audit.pruning.selection import ranked_layers, ranking
-from audit.pruning.surgery import masked, silenced_weights
+from audit.pruning.sweeps import Sweep
 
 @dataclass
 class QualitySums:
@@ -76,47 +76,6 @@ def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | Non
     return QualitySums.of(reference, outputs, labels, independent).result()
 
 
-class MaskedCopy:
-    """One clone of the model whose filters (with their groups) can be silenced and restored cheaply."""
-
-    def __init__(self, model: keras.Model, output: int | None = None):
-        self.model = model
-        self.graph = groups.DependencyGraph(model)
-        self.copy = masked(model, {}, self.graph)
-        self.reference = heads.Outputs(model, output)
-        self.outputs_of_copy = heads.Outputs(self.copy, head=self.reference.head)
-        self._found: dict[str, tuple] = {}
-
-    def quality(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None) -> dict:
-        return quality(reference, outputs, labels, self.reference.independent)
-
-    def outputs(self, selection: dict[str, list[int]], images: np.ndarray) -> np.ndarray:
-        touched = silenced_weights(self.model, self.graph, selection)
-        for path, weights in touched.items():
-            self._layers(path)[0].set_weights(weights)
-        try:
-            return self.outputs_of_copy(images)
-        finally:
-            for path in touched:  # restore
-                copied, original = self._layers(path)
-                copied.set_weights(original.get_weights())
-
-    def _layers(self, path: str) -> tuple[keras.layers.Layer, keras.layers.Layer]:
-        """The copy's layer at `path` and the model's, looked up once (a lookup walks the model's layers)."""
-        if path not in self._found:
-            self._found[path] = models.get_layer(self.copy, path), models.get_layer(self.model, path)
-        return self._found[path]
-
-
-def curve(copy: MaskedCopy, layer: str, order: list[int], images: np.ndarray, reference: np.ndarray,
-          labels: np.ndarray | None, fractions) -> list[dict]:
-    rows = []
-    for fraction in fractions:
-        cut = order[:int(round(fraction * len(order)))]
-        rows.append({"fraction": float(fraction), **copy.quality(reference, copy.outputs({layer: cut}, images), labels)})
-    return rows
-
-
 def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images,
                 labels: np.ndarray | None = None, fractions=np.arange(0.1, 0.91, 0.1), progress=None,
                 output: int | None = None, total: int | None = None) -> pd.DataFrame:
@@ -125,9 +84,10 @@ def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images
 
     `images`: preprocessed (N, H, W, C) with `labels`, or a streamed set's (x, labels) batches
     (audit.datasets; `total` its size for the progress). Each batch is read once and every (layer,
-    fraction) measured on it, then the QualitySums are merged: memory stays that of one batch.
+    fraction) measured on it (audit.pruning.sweeps: each cut runs only the layers after it), then the
+    QualitySums are merged: memory stays that of one batch.
     """
-    copy = MaskedCopy(model, output)
+    sweep = Sweep(model, output)
     cuts = []
     for layer in ranked_layers(scores, criterion):  # a layer without such scores is left out
         order = ranking(scores, layer, criterion)
@@ -137,12 +97,13 @@ def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images
     sums, seen = [QualitySums() for _ in cuts], 0
     for x, targets in images:
         x, targets = np.asarray(x), np.asarray(targets)
-        reference = copy.reference(x)
-        for k, (layer, _, cut) in enumerate(cuts):
-            sums[k] = sums[k].merge(QualitySums.of(reference, copy.outputs({layer: cut}, x), targets,
-                                                   copy.reference.independent))
-            if progress is not None:
-                progress(seen * len(cuts) + (k + 1) * len(x), (total or seen + len(x)) * len(cuts))
+        reference = sweep.reference(x)
+        done = seen * len(cuts)
+        report = None if progress is None else (
+            lambda k, _, done=done, size=len(x): progress(done + k * size, (total or seen + size) * len(cuts)))
+        outputs = sweep.outputs([{layer: cut} for layer, _, cut in cuts], x, report)
+        for k, measured in enumerate(outputs):
+            sums[k] = sums[k].merge(QualitySums.of(reference, measured, targets, sweep.independent))
         seen += len(x)
     return pd.DataFrame([{"layer": layer, "fraction": fraction, **part.result()}
                          for (layer, fraction, _), part in zip(cuts, sums)])
@@ -152,14 +113,14 @@ def what_if(model: keras.Model, selection: dict[str, list[int]], images, labels:
             output: int | None = None, progress=None, total: int | None = None) -> dict[str, float]:
     """The model with `selection` silenced (with its dependency groups) against the model itself: quality's
     figures over preprocessed images or a streamed set's batches, one batch in memory at a time."""
-    copy = MaskedCopy(model, output)
+    sweep = Sweep(model, output)
     if isinstance(images, np.ndarray):
         images, total = datasets.in_memory(images, labels), len(images)
     sums, seen = QualitySums(), 0
     for x, targets in images:
         x = np.asarray(x)
-        sums = sums.merge(QualitySums.of(copy.reference(x), copy.outputs(selection, x), np.asarray(targets),
-                                         copy.reference.independent))
+        sums = sums.merge(QualitySums.of(sweep.reference(x), sweep.outputs([selection], x)[0], np.asarray(targets),
+                                         sweep.independent))
         seen += len(x)
         if progress is not None:
             progress(seen, total or seen)
@@ -171,18 +132,18 @@ def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str,
                            fractions=np.arange(0.1, 0.91, 0.1), seed: int = 0, progress=None,
                            output: int | None = None) -> pd.DataFrame:
     """The measure against the fraction pruned for the chosen ranking, its inverse and random rankings."""
-    copy = MaskedCopy(model, output)
-    reference = copy.reference(images)
+    sweep = Sweep(model, output)
+    reference = sweep.reference(images)
     order = ranking(scores, layer, criterion)
     rng = np.random.default_rng(seed)
     orders = {"chosen": order, "inverted": order[::-1]}
     orders.update({f"random {i}": list(rng.permutation(order)) for i in range(random_rankings)})
-    rows = []
-    for done, (kind, sequence) in enumerate(orders.items()):
-        rows += [{"ranking": kind, **row} for row in curve(copy, layer, sequence, images, reference, labels, fractions)]
-        if progress is not None:
-            progress(done + 1, len(orders))
-    return pd.DataFrame(rows)
+    runs = [(kind, float(f), sequence[:int(round(f * len(sequence)))]) for kind, sequence in orders.items()
+            for f in fractions]
+    outputs = sweep.outputs([{layer: cut} for _, _, cut in runs], images, progress)
+    return pd.DataFrame([{"ranking": kind, "fraction": fraction,
+                          **quality(reference, measured, labels, sweep.independent)}
+                         for (kind, fraction, _), measured in zip(runs, outputs)])
 
 
 LOWER_IS_BETTER = {"kl", "feature_error"}
@@ -210,13 +171,12 @@ def leave_one_out(model: keras.Model, layer: str, images: np.ndarray, labels: np
     """The true cost of each filter of a layer: the loss increase when it alone is zeroed.
 
     Loss: cross-entropy against the labels (else the unpruned model's top-1) for classifiers; the
-    relative feature error for models without a class output. One forward pass per filter.
+    relative feature error for models without a class output. One pass of the layers after it per filter.
     """
-    copy = MaskedCopy(model, output)
-    reference = copy.reference(images)
+    sweep = Sweep(model, output)
+    reference = sweep.reference(images)
     filters = filter_kernels(model, layer).shape[-1]
-    classifier = copy.reference.head.is_classifier
-    if classifier:
+    if sweep.head.is_classifier:
         target = labels if labels is not None else reference.argmax(1)
 
         def loss(outputs):
@@ -225,11 +185,8 @@ def leave_one_out(model: keras.Model, layer: str, images: np.ndarray, labels: np
         def loss(outputs):
             return float(np.linalg.norm(outputs - reference) / max(np.linalg.norm(reference), 1e-12))
     base = loss(reference)
-    changes = np.empty(filters)
-    for index in range(filters):
-        changes[index] = loss(copy.outputs({layer: [index]}, images)) - base
-        if progress is not None:
-            progress(index + 1, filters)
+    outputs = sweep.outputs([{layer: [index]} for index in range(filters)], images, progress)
+    changes = np.array([loss(measured) - base for measured in outputs])
     return changes
 
 

@@ -53,10 +53,11 @@ SILENCED = groups.SOURCES | groups.DEPTHWISE | {"BatchNormalization", "LayerScal
 """Layers whose per-channel parameters make a channel zero (the others pass a zero on as zero)."""
 
 
-def silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selection: dict[str, list[int]]
-                      ) -> dict[str, list[np.ndarray]]:
-    """The weights that silence the selection: whole groups where they can go; a filter whose group is
-    locked alone (a what-if the smaller model cannot express), with the normalisation right after it."""
+def silenced_channels(model: keras.Model, graph: groups.DependencyGraph, selection: dict[str, list[int]]
+                      ) -> dict[str, np.ndarray]:
+    """Per layer whose weights silence the selection, the output channels made zero (a boolean mask): whole
+    groups where they can go; a filter whose group is locked alone (a what-if the smaller model cannot express),
+    with the normalisation right after it. Zeroing these layers' outputs is the masked model."""
     chosen, _ = graph.expand(selection)
     zeroed: dict[int, np.ndarray] = {}  # tensor id -> channels forced to zero (only the tensors a group reaches)
     for call in graph.calls:
@@ -73,12 +74,20 @@ def silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selectio
             readers = [call for call in graph.calls if any(t is tensor for t in call.inputs)]
             tensor = (as_list(readers[0].output)[0] if len(readers) == 1 and readers[0].kind
                       in groups.PASS and readers[0].kind != "Flatten" else None)
-    weights = {}
+    channels = {}
     for call in graph.calls:
         mask = zeroed.get(id(as_list(call.output)[0]))
         if mask is not None and call.kind in SILENCED and mask.any() and call.layer.weights:
-            weights[call.path] = silence(call.layer.get_weights(), call.kind, np.flatnonzero(mask))
-    return weights
+            channels[call.path] = np.asarray(mask, bool)
+    return channels
+
+
+def silenced_weights(model: keras.Model, graph: groups.DependencyGraph, selection: dict[str, list[int]]
+                      ) -> dict[str, list[np.ndarray]]:
+    """The weights that silence the selection (`silenced_channels`), by layer path."""
+    layers = {call.path: call for call in graph.calls}
+    return {path: silence(layers[path].layer.get_weights(), layers[path].kind, np.flatnonzero(mask))
+            for path, mask in silenced_channels(model, graph, selection).items()}
 
 
 def masked(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None

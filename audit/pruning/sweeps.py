@@ -1,0 +1,340 @@
+"""Many what-if cuts per call, each paying only for the layers after it.
+
+A cut changes nothing before its first silenced layer, so the model's graph is re-run once with a 0/1 mask
+input after every layer that can silence channels (conv, depthwise, dense, BatchNormalization: the layers whose
+weights `surgery.silenced_weights` zeroes), and cut at checkpoints: the tensors before a checkpoint are computed
+once per batch, and every cut that starts there runs only the rest, its images repeated along the batch axis
+with one mask row per cut. A cut never copies a kernel, and the traced suffix serves every cut that starts at
+its checkpoint. Zeroing a layer's output is what zeroing its weights does (surgery.masked), so both paths give
+the same outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from audit import admission, compiled, cost, groups, heads
+from audit.graph import (Point, as_list, grouped_conv_without_xla, has_grouped_convs, iter_layers,
+                         resolve_layer, trace)
+from audit.pruning.surgery import SILENCED, silenced_channels
+
+ROWS = 256
+"""Rows (images times cuts) per call at most, cut further to the server's activation budget."""
+
+ELEMENT_COST = 8.0
+"""Multiply-adds one output element of any call is worth in time (work_after), measured by bench/sweeps.py."""
+
+CHECKPOINTS = 32
+"""Checkpoints kept per sweep at most: each is a traced suffix (seconds on a deep network); cuts between two
+run from the earlier one."""
+
+
+@dataclass
+class _Masked:
+    """The model's graph on a fresh input, a mask multiplied after every layer that can silence channels."""
+
+    image: object
+    scores: object  # the head's class scores (or the features), float32
+    order: list = field(default_factory=list)  # per call: its masked output tensors
+    paths: list = field(default_factory=list)  # per call: its layer path
+    masks: dict = field(default_factory=dict)  # layer path -> mask input (batch, channels)
+    producer: dict = field(default_factory=dict)  # tensor id -> call index
+    pieces: OrderedDict = field(default_factory=OrderedDict)  # key -> (traced function, frontier, mask paths)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _masked_graph(model: keras.Model, head: heads.Head) -> _Masked:
+    paths = {id(layer): path for path, layer, _ in iter_layers(model)}
+    image = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    built = _Masked(image, None)
+    grouped = has_grouped_convs(model)
+
+    def replace(layer):
+        path = paths.get(id(layer), layer.name)
+        run = (grouped_conv_without_xla(layer) if grouped else None) or layer
+
+        def call(*args, **kwargs):
+            outputs = as_list(run(*args, **kwargs))
+            if type(layer).__name__ in SILENCED and getattr(layer, "weights", None):
+                if path not in built.masks:
+                    built.masks[path] = keras.Input((outputs[0].shape[-1],), name=f"mask_{len(built.masks)}")
+                mask = built.masks[path]
+                for _ in range(len(outputs[0].shape) - 2):
+                    mask = keras.ops.expand_dims(mask, 1)
+                outputs = [keras.ops.multiply(outputs[0], keras.ops.cast(mask, outputs[0].dtype)), *outputs[1:]]
+            index = len(built.order)
+            built.order.append(outputs)
+            built.paths.append(path)
+            for tensor in outputs:
+                built.producer[id(tensor)] = index
+            return outputs[0] if len(outputs) == 1 else outputs
+
+        return call
+
+    point = head.point if head.is_classifier else Point(resolve_layer(model, head.path))
+    found: dict = {}
+    trace(model, image, {point.path: {point.where}}, "", found, replace)
+    scores = keras.ops.cast(found[point], "float32")
+    if head.is_classifier and head.binary:
+        scores = keras.ops.concatenate([-scores, scores], axis=-1)
+    built.scores = scores
+    return built
+
+
+@dataclass(frozen=True)
+class SweepCost:
+    """What a sweep costs before it runs: per layer with filters the first call a cut of it can change (a cut of
+    all its filters: no cut of it starts earlier), and per call index (and one past the last) the share of one
+    pass, and of one trace, spent from that call on."""
+
+    starts: dict
+    work_after: np.ndarray
+    trace_after: np.ndarray
+    end: int
+
+    def passes(self, layers: list[str | None], images: int) -> float:
+        """Passes of the whole model over one image for one cut per entry of `layers` (the layer cut; None: no
+        cut) on `images` images: each cut the share from its checkpoint on, and the work up to the last checkpoint
+        once. Errs long: a cut of a few filters may start later than its layer's every filter."""
+        starts = [self.starts.get(layer, self.end) if layer else self.end for layer in layers]
+        kept = spread_checkpoints(sorted(set(starts) - {self.end}), CHECKPOINTS)
+        reach = 1.0 - self.work_after[kept[-1]] if kept else 0.0
+        return images * (reach + sum(float(self.work_after[checkpoint_of(start, kept)]) for start in starts
+                                     if start != self.end))
+
+    def traces(self, layers: list[str | None]) -> float:
+        """Whole-model traces a first sweep of these layers' cuts pays: each checkpoint's suffix, and the pieces
+        that reach them (one trace in all)."""
+        starts = sorted({self.starts.get(layer, self.end) for layer in layers if layer} - {self.end})
+        return float(sum(self.trace_after[start] for start in spread_checkpoints(starts, CHECKPOINTS))
+                     + (1.0 - self.trace_after[starts[-1]] if starts else 0.0))
+
+
+def _after(weights: np.ndarray) -> np.ndarray:
+    after = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
+    return after / max(after[0], 1e-12)
+
+
+class Sweep:
+    """What-if cuts of one model's explained output, run many per call from checkpoints (see the module).
+
+    `outputs(cuts, images)` gives, per cut (a selection: layer -> filters, expanded to dependency groups as
+    `surgery.masked` expands it), the class probabilities (or the features) of the masked model.
+    """
+
+    def __init__(self, model: keras.Model, output: int | None = None, graph: groups.DependencyGraph | None = None):
+        self.model = model
+        self.graph = graph or groups.DependencyGraph(model)
+        self.reference = heads.Outputs(model, output)
+        self.head = self.reference.head
+        self._first_call: dict[str, int] = {}
+        for index, call in enumerate(self.graph.calls):
+            self._first_call.setdefault(call.path, index)
+        self._end = len(self.graph.calls)  # a cut's start when it changes nothing
+        self._cost: SweepCost | None = None
+        self._built: _Masked | None = None
+
+    @property
+    def _net(self) -> _Masked:
+        """The masked graph and its traced pieces, built once per model and head (audit.compiled) and shared by
+        every sweep on them; an estimate never builds it."""
+        if self._built is None:
+            net = compiled.kept(self.model, ("masked graph", self.head), lambda: _masked_graph(self.model, self.head))
+            if net.paths != [call.path for call in self.graph.calls]:
+                raise AssertionError("the masked graph's calls are not the dependency graph's")
+            self._built = net
+        return self._built
+
+    @property
+    def independent(self) -> bool:
+        return self.reference.independent
+
+    def masks(self, selection: dict[str, list[int]]) -> dict[str, np.ndarray]:
+        """The channels the selection silences, per layer path (surgery.silenced_channels)."""
+        return silenced_channels(self.model, self.graph, selection)
+
+    def start(self, masks: dict[str, np.ndarray]) -> int:
+        """The first call a cut changes (past the last call when it changes nothing)."""
+        return min((self._first_call[path] for path in masks), default=self._end)
+
+    def passes(self, cuts: list[dict[str, list[int]]], images: int) -> float:
+        """What `outputs(cuts, images)` costs, in passes of the whole model over one image (SweepCost.passes)."""
+        return self.estimate().passes([next(iter(cut), None) for cut in cuts], images)
+
+    def estimate(self) -> SweepCost:
+        """The plain numbers a sweep's estimate needs, for every layer with filters: computed once per sweep, kept
+        by a page per model (they read no images and trace nothing)."""
+        if self._cost is None:
+            starts = {}
+            for path, call in self.graph.producers().items():
+                channels = int(as_list(call.output)[0].shape[-1])
+                starts[path] = self.start(self.masks({path: list(range(channels))}))
+            self._cost = SweepCost(starts, _after(self._weights(False)), _after(self._weights(True)), self._end)
+        return self._cost
+
+    def _weights(self, traced: bool) -> np.ndarray:
+        """Per call, its time (multiply-adds plus ELEMENT_COST per output element: the normalisations,
+        activations, adds and concatenations of a deep network at a small size cost as much as its convolutions),
+        or with `traced` its share of a trace (one per call: tracing costs per operation)."""
+        return np.array([1.0 if traced else cost.call_macs(call) + ELEMENT_COST * sum(
+            int(np.prod([d or 1 for d in t.shape[1:]])) for t in as_list(call.output)) for call in self.graph.calls])
+
+    def floor_seconds(self, cuts: list[dict[str, list[int]]], images: np.ndarray, samples: int = 24,
+                      repeats: int = 2) -> float:
+        """The floor of a sweep here: the sum over cuts of one compiled pass of the layers after the cut's own
+        first changed call, on `images` (what bench/sweeps.py compares the sweep with). Measured at up to
+        `samples` of the distinct starts, evenly spread (each suffix traced and warmed first, the best of
+        `repeats`), and read between them by the call index."""
+        images = np.asarray(images, np.float32)
+        starts = [self.start(self.masks(cut)) for cut in cuts]
+        measured = spread_checkpoints(sorted(set(starts) - {self._end}), samples)
+        values, at, seconds = {id(self._net.image): tf.convert_to_tensor(images)}, 0, []
+        for start in measured:
+            values, at = self._advance(values, at, start), start
+            run, frontier, paths = self._piece(start, [self._net.scores], ("suffix", start))
+            feeds = [values[id(t)] for t in frontier] + [tf.ones((len(images), self._net.masks[p].shape[-1]))
+                                                          for p in paths]
+            run(*feeds)
+            best = np.inf
+            for _ in range(repeats):
+                began = time.perf_counter()
+                run(*feeds)[0].numpy()
+                best = min(best, time.perf_counter() - began)
+            seconds.append(best)
+        live = [start for start in starts if start != self._end]
+        return float(np.interp(live, measured, seconds).sum()) if live else 0.0
+
+    def outputs(self, cuts: list[dict[str, list[int]]], images: np.ndarray, progress=None) -> list[np.ndarray]:
+        """Per cut, the masked model's outputs on `images` (comparable with `self.reference(images)`), a batch
+        of images at a time; `progress(cuts done, cuts)` as calls finish."""
+        images = np.asarray(images, np.float32)
+        masks = [self.masks(cut) for cut in cuts]
+        starts = [self.start(found) for found in masks]
+        size = max(1, cost.batch_within(self.model, heads.BATCH))
+        parts: list[list] = [[] for _ in cuts]
+        for first in range(0, len(images), size):
+            batch = images[first:first + size]
+            for k, value in enumerate(self._batch(masks, starts, batch, first / len(images), len(batch) / len(images),
+                                                  progress)):
+                parts[k].append(value)
+        return [np.concatenate(found) if found else np.zeros((0,)) for found in parts]
+
+    def _batch(self, masks: list[dict], starts: list[int], images: np.ndarray, before: float, share: float,
+               progress) -> list[np.ndarray]:
+        """Every cut's outputs on one batch: the frontier advanced from checkpoint to checkpoint, and at each the
+        cuts that start there (from it to the next) run their suffix."""
+        results: list = [None] * len(masks)
+        for k in [k for k, start in enumerate(starts) if start == self._end]:
+            results[k] = self.reference(images)
+        checkpoints = spread_checkpoints(sorted(set(starts) - {self._end}), CHECKPOINTS)
+        values, at = {id(self._net.image): tf.convert_to_tensor(images)}, 0
+        done = sum(start == self._end for start in starts)
+        for checkpoint in checkpoints:
+            values, at = self._advance(values, at, checkpoint), checkpoint
+            mine = [k for k, start in enumerate(starts)
+                    if start != self._end and checkpoint_of(start, checkpoints) == checkpoint]
+            order = iter(mine)
+            for chunk in self._suffix(values, checkpoint, [masks[k] for k in mine], len(images)):
+                for value in chunk:
+                    results[next(order)] = value
+                done += len(chunk)
+                if progress is not None:
+                    progress(int(round(len(masks) * (before + share * done / len(masks)))), len(masks))
+        return results
+
+    # --- pieces of the graph -------------------------------------------------------------------------
+
+    def _frontier(self, start: int, wanted: list) -> tuple[list, list[str]]:
+        """What the calls from `start` on need to make `wanted`: the tensors made before call `start` (or the
+        image), and the layer paths of the masks they read. Walked on Keras's own graph, so the operations
+        between layer calls (a mask's product, the head's scores) are followed too."""
+        masks = {id(tensor): path for path, tensor in self._net.masks.items()}
+        frontier, paths, seen, stack = [], [], set(), list(wanted)
+        while stack:
+            tensor = stack.pop()
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if id(tensor) in masks:
+                paths.append(masks[id(tensor)])
+                continue
+            index = self._net.producer.get(id(tensor))
+            if tensor is self._net.image or (index is not None and index < start):
+                frontier.append(tensor)
+                continue
+            operation, node_index, _ = tensor._keras_history
+            stack.extend(operation._inbound_nodes[node_index].input_tensors)
+        return sorted(frontier, key=lambda t: self._net.producer.get(id(t), -1)), paths
+
+    def _piece(self, start: int, wanted: list, key: tuple):
+        """A traced function from the frontier at `start` and the masks of the calls it runs to `wanted`."""
+        with self._net.lock:  # sessions sweeping the same model share the pieces
+            return self._net.pieces.get(key) or self._traced(start, wanted, key)
+
+    def _traced(self, start: int, wanted: list, key: tuple):
+        frontier, paths = self._frontier(start, wanted)
+        masks = [self._net.masks[path] for path in paths]
+        part = keras.Model([*frontier, *masks], list(wanted))
+        signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in [*frontier, *masks]]
+        run = tf.function(lambda *xs: [tf.cast(y, tf.float32) if y.dtype == tf.bfloat16 else y
+                                       for y in as_list(part(list(xs), training=False))], input_signature=signature)
+        self._net.pieces[key] = piece = (run, frontier, paths)
+        while len(self._net.pieces) > 2 * CHECKPOINTS + 2:
+            self._net.pieces.popitem(last=False)
+        return piece
+
+    def _advance(self, values: dict, at: int, checkpoint: int) -> dict:
+        """The frontier at `checkpoint` from the one at `at`, unmasked, on the batch's images."""
+        wanted, _ = self._frontier(checkpoint, [self._net.scores])
+        missing = [t for t in wanted if id(t) not in values]
+        kept = {id(t): values[id(t)] for t in wanted if id(t) in values}
+        if not missing:
+            return kept
+        run, frontier, paths = self._piece(at, missing, ("advance", at, checkpoint))
+        rows = len(next(iter(values.values())))
+        feeds = [values[id(t)] for t in frontier] + [tf.ones((rows, self._net.masks[p].shape[-1])) for p in paths]
+        for tensor, value in zip(missing, run(*feeds)):
+            kept[id(tensor)] = value
+        return kept
+
+    def _suffix(self, values: dict, checkpoint: int, masks: list[dict], images: int):
+        """The outputs of the cuts starting at `checkpoint`, a call's worth at a time: images repeated, one mask
+        row per cut."""
+        run, frontier, paths = self._piece(checkpoint, [self._net.scores], ("suffix", checkpoint))
+        per_call = max(1, cost.batch_within(self.model, ROWS) // max(images, 1))
+        for first in range(0, len(masks), per_call):
+            chunk = masks[first:first + per_call]
+            rows = len(chunk) * images
+            feeds = [tf.tile(values[id(t)], [len(chunk)] + [1] * (len(t.shape) - 1)) for t in frontier]
+            for path in paths:
+                channels = self._net.masks[path].shape[-1]
+                rows_of = np.ones((len(chunk), channels), np.float32)
+                for k, found in enumerate(chunk):
+                    if path in found:
+                        rows_of[k, found[path]] = 0.0
+                feeds.append(tf.constant(np.repeat(rows_of, images, axis=0)))
+            with admission.SERVER.reserve(cost.batch_bytes(self.model, rows), timeout=60):
+                scores = run(*feeds)[0].numpy()
+            parts = [scores[k * images:(k + 1) * images] for k in range(len(chunk))]
+            yield [heads.probabilities(part, self.head) if self.head.is_classifier else part for part in parts]
+
+
+def spread_checkpoints(starts: list[int], limit: int) -> list[int]:
+    """At most `limit` of the sorted starts, spread evenly; the first always kept (every cut needs one at or
+    before its start)."""
+    if len(starts) <= limit:
+        return starts
+    picked = np.unique(np.linspace(0, len(starts) - 1, limit).round().astype(int))
+    return [starts[i] for i in picked]
+
+
+def checkpoint_of(start: int, checkpoints: list[int]) -> int:
+    """The last checkpoint at or before `start`."""
+    return checkpoints[int(np.searchsorted(checkpoints, start, side="right")) - 1]
