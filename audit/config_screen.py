@@ -14,7 +14,7 @@ import re
 
 from audit import limits
 from audit.errors import ModelFileError, UnsafeModelError
-from audit.keras_hub_models import KERAS_HUB_PREFIX, keras_hub_problem
+from audit.keras_hub_models import KERAS_HUB_MODULES, KERAS_HUB_PREFIX, keras_hub_module_problem, keras_hub_problem
 
 MAX_CONFIG_BYTES = 64 * 2**20  # a real config.json is kilobytes; more is a decompression bomb
 
@@ -276,7 +276,10 @@ def _check_object(node: dict, class_name, config: dict, label: str, problems: li
         target = node.get("spec_name")
     else:
         target = class_name
-    problem = _module_problem(module, target, class_name == "function")
+    if isinstance(module, str) and module.startswith(KERAS_HUB_MODULES) and isinstance(target, str):
+        problem = keras_hub_module_problem(module, target)
+    else:
+        problem = _module_problem(module, target, class_name == "function")
     if problem:
         problems.append(f"{label} {problem}")
 

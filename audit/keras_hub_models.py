@@ -74,3 +74,27 @@ def keras_hub_problem(registered: str, module, class_name: str) -> str | None:
         return (f"is {registered!r} but names {module}.{class_name}, not where the installed keras_hub defines it "
                 f"({found.__module__}.{found.__name__})")
     return None
+
+
+def keras_hub_module_problem(module: str, class_name: str) -> str | None:
+    """None when `module.class_name` is a layer class the installed keras_hub defines there without registering it
+    (MobileNetV3's blocks, which its backbone builds by code: a pruned copy saves them by module); else why not.
+    Library code like a registered class: the module must be keras_hub's own and define the class itself."""
+    import importlib
+    import inspect
+    import sys
+
+    import keras
+
+    if not module.startswith(KERAS_HUB_MODULES):
+        return f"names the module {module!r}, which is not one of keras_hub's models or layers"
+    try:
+        import keras_hub  # noqa: F401 (its models' modules come with it)
+    except ImportError:
+        return f"names {module}.{class_name}, a KerasHub class, and keras_hub is not installed on this server"
+    if module not in sys.modules:  # importing keras_hub imports every model's module: any other is not its own
+        return f"names the module {module!r}, which the installed keras_hub does not have"
+    found = getattr(importlib.import_module(module), class_name, None)
+    if not (inspect.isclass(found) and issubclass(found, keras.layers.Layer) and found.__module__ == module):
+        return f"names {module}.{class_name}, which is not a layer class the installed keras_hub defines there"
+    return None

@@ -50,13 +50,16 @@ def main():
     pd.set_option("display.width", 200)
     print(pd.DataFrame(rows).round(1).to_string(index=False))
     if args.readme:
-        if set(summaries) != set(architectures.ARCHITECTURES):
-            raise SystemExit("--readme needs every architecture (no --only)")
         text = README.read_text()
         start = text.index(conformance.TABLE_START) + len(conformance.TABLE_START)
         end = text.index(conformance.TABLE_END)
-        README.write_text(text[:start] + "\n" + conformance.markdown_table(summaries) + "\n" + text[end:])
-        print("README.md: table rewritten")
+        table = conformance.markdown_table(summaries).splitlines()
+        if set(summaries) != set(architectures.ARCHITECTURES):  # --only: those rows replaced, the others kept
+            fresh = {line.split("|")[1].strip(): line for line in table[2:]}
+            table = [fresh.get(line.split("|")[1].strip(), line) if line.startswith("| ") and index > 1 else line
+                     for index, line in enumerate(text[start:end].strip().splitlines())]
+        README.write_text(text[:start] + "\n" + "\n".join(table) + "\n" + text[end:])
+        print(f"README.md: {len(summaries)} row(s) of the table rewritten")
 
 
 if __name__ == "__main__":

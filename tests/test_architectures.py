@@ -65,11 +65,7 @@ def test_every_capability_is_ok_or_refused_with_a_reason(name, tmp_path):
     failed = [f"{cell.capability}: {cell.detail}" for cell in cells if cell.status == "failed"]
     assert not failed, failed
     refused = {cell.capability: cell.detail for cell in cells if cell.status == "refused"}
-    # a KerasHub backbone rebuilds its blocks by code when copied: its surgery is refused, said why
-    surgery = {capability for capability in refused if capability.startswith("surgery")}
-    # (and the CLI's prune, which cuts by the same surgery)
-    keras_hub = surgery | ({"cli prune"} if surgery else set()) if name.startswith("KerasHub") else set()
-    assert set(refused) <= MAY_REFUSE | keras_hub, refused
+    assert set(refused) <= MAY_REFUSE, refused
     for reason in refused.values():
         assert len(reason) > 40 and "Traceback" not in reason
 

@@ -160,8 +160,8 @@ def test_estimates_learn_from_finished_jobs_and_grow_while_the_server_is_busy(mo
 def test_a_sweep_counts_each_cut_from_its_checkpoint_and_its_default_sample_fits_the_link_budget(monkeypatch):
     """A model of 10 calls of equal cost, 10 ms an image, a 0.5 s trace: a layer whose cuts start at call 8 runs
     a fifth of a pass per cut. Ten such cuts on 3 images: the unpruned pass (3), the work up to the checkpoint once
-    (0.8 x 3) and 10 x 0.2 x 3, plus one whole trace (the suffix's 0.2 and the piece reaching it, 0.8) worth
-    0.5 / 0.01 = 50 passes: 61.4. From the stem's conv every cut is a whole pass: 3 + 30 + 50 = 83. The default
+    (0.8 x 3) and 10 x 0.2 x 3, plus one whole trace (its segments partition the graph) worth 0.5 / 0.01 = 50
+    passes: 61.4. From the stem's conv every cut is a whole pass: 3 + 30 + 50 = 83. The default
     sample under a 20 s link budget: (20 - 0.5 - 2 x 0.5) / ((1 + 0.8 + 2) x 0.01) = 486 images."""
     from types import SimpleNamespace
 
@@ -175,7 +175,7 @@ def test_a_sweep_counts_each_cut_from_its_checkpoint_and_its_default_sample_fits
                                 precision="float32", output=None)
     jobs._pass_times()[("ten calls", "cpu")] = (0.01, 0.05)
     after = np.linspace(1.0, 0.0, 11)
-    jobs._sweep_costs()[("ten calls", None)] = pruning.SweepCost({"deep": 8, "stem": 0}, after, after, 10)
+    jobs._sweep_costs()[("ten calls", None)] = pruning.SweepCost({"deep": 8, "stem": 0}, after, 10)
     monkeypatch.setenv("CNN_AUDIT_LINK_JOB_SECONDS", "20")
     assert jobs.sweep_passes(selection, ["deep"] * 10, 3) == pytest.approx(61.4)
     assert jobs.sweep_passes(selection, ["stem"] * 10, 3) == pytest.approx(83.0)

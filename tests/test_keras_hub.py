@@ -132,3 +132,46 @@ def test_a_folder_that_is_no_preset_is_refused_as_a_saved_model(tmp_path):
     (folder / "saved_model.pb").write_bytes(b"\0")
     with pytest.raises(UnsafeModelError, match="SavedModel"):
         models.load(f"file:{folder}")
+
+
+def test_a_mobilenet_v3_classifier_prunes_to_a_flat_copy_that_computes_the_masked_model(tmp_path):
+    """KerasHub's MobileNetBackbone rebuilds its blocks by code when cloned (other layer names), so the smaller model
+    is its graph copied flat, layer by layer: it computes what the masked model computes, and saves and loads back
+    through the same screens."""
+    from audit import groups, heads, pruning
+    from audit.zoo import keras_hub_classifiers
+
+    loaded = _upload(keras_hub_classifiers.mobilenet_v3(), tmp_path, "mobilenet")
+    model = loaded.model
+    rng = np.random.default_rng(2)  # BatchNorm statistics that carry a signal through 20 random blocks
+    for _, layer, _ in models.iter_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.3, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.05, 0.2, variance.shape)])
+    last = models.get_layer(model, models.weighted_layers(model)[-1])  # logits far apart: outputs tell cuts apart
+    last.set_weights([weights * 1e4 for weights in last.get_weights()])
+    graph = groups.DependencyGraph(model)
+    layer = graph.removable_layers()[len(graph.removable_layers()) // 2]
+    selection = {layer: list(range(0, models.output_channels(model, layer), 2))}  # every other filter
+    smaller = pruning.prune(model, selection, graph)
+    assert not any(isinstance(inner, keras.Model) for inner in smaller.layers)  # flat
+    assert smaller.count_params() < model.count_params()
+    x = loaded.preprocess(np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    head = heads.find_head(model)
+    masked = pruning.Sweep(model, graph=graph).outputs([selection], x)[0]
+    assert np.abs(masked - heads.Outputs(model)(x)).max() > 1e-3  # the cut changes the outputs
+    np.testing.assert_allclose(heads.Outputs(smaller, head=head)(x), masked, atol=1e-5)
+    reloaded = _upload(smaller, tmp_path, "smaller")
+    np.testing.assert_allclose(reloaded.predict(x), masked, atol=1e-5)
+
+
+def test_an_unregistered_keras_hub_class_is_read_only_where_keras_hub_defines_a_layer():
+    from audit.keras_hub_models import keras_hub_module_problem
+
+    module = "keras_hub.src.models.mobilenet.mobilenet_backbone"
+    assert keras_hub_module_problem(module, "DepthwiseConvBlock") is None
+    assert "not a layer class" in keras_hub_module_problem(module, "keras")  # a name imported there, not a layer
+    assert "not a layer class" in keras_hub_module_problem("keras_hub.src.models.mobilenet.mobilenet_backbone", "ops")
+    assert "does not have" in keras_hub_module_problem("keras_hub.src.models.not_a_model", "Layer")
+    assert "not one of keras_hub's models" in keras_hub_module_problem("keras_hub.src.utils.preset_utils", "Preset")

@@ -158,7 +158,7 @@ def test_the_estimate_counts_each_cut_from_its_checkpoint():
     stem = estimate.starts[layers[0]]
     assert after[stem] > 0.99  # the stem's conv: every cut is about a whole pass
     assert sweep.passes(shallow * 3, 8) == pytest.approx(8 * (1 - after[stem] + 3 * after[stem]))
-    assert estimate.traces(["conv1_conv"] * 9) == pytest.approx(1.0)  # one suffix, from the stem: the whole graph
+    assert estimate.traces(["conv1_conv"] * 9 + [layers[-1]]) == 1.0 and estimate.traces([]) == 0
     # the checkpoints are bounded: more starts than CHECKPOINTS fall back to the one before them
     assert sweeps.spread_checkpoints(list(range(100)), 10)[0] == 0 and len(sweeps.spread_checkpoints(list(range(100)), 10)) == 10
     assert sweeps.checkpoint_of(57, [0, 20, 50, 80]) == 50

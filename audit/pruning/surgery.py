@@ -14,7 +14,7 @@ import pandas as pd
 from audit import cost
 from audit import groups, models
 from audit.errors import AuditError
-from audit.graph import as_list
+from audit.graph import as_list, trace
 
 class PruningError(AuditError):
     """The model's graph cannot be cut as asked (a residual add or concat, a nested model, ...)."""
@@ -179,14 +179,42 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
         return type(layer).from_config({**layer.get_config(), **configs.get(paths.get(id(layer)), {})})
 
     smaller = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    missing = sorted(set(models.weighted_layers(model)) - set(models.weighted_layers(smaller)))
-    if missing:  # a KerasHub backbone is rebuilt from its hyperparameters, by code, with layers of other names
-        raise PruningError(f"{model.name} rebuilds some of its layers by code when copied ({missing[0]} is not in "
-                           "the copy: a KerasHub backbone builds its blocks from its settings), so the smaller model "
-                           "cannot be built and given the weights here; the scores, masks and what-if still hold.")
+    if set(models.weighted_layers(model)) - set(models.weighted_layers(smaller)):
+        # a KerasHub backbone is rebuilt from its hyperparameters, by code, with layers of other names: its graph
+        # is copied flat instead, layer by layer
+        smaller, layer_of = flat_copy(model, clone_layer)
+    else:
+        def layer_of(path):
+            return models.get_layer(smaller, path)
     for path in models.weighted_layers(model):
-        models.get_layer(smaller, path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
+        layer_of(path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
     return smaller
+
+
+def flat_copy(model: keras.Model, clone_layer) -> tuple[keras.Model, object]:
+    """The model's graph as one Functional model of `clone_layer` copies of its leaf layers, nested models entered
+    (their calls inlined: the copy has no nested models), keras.ops calls kept as they are; with a function from a
+    layer path of `model` to its copy. For models whose `clone_model` rebuilds layers by code (KerasHub)."""
+    paths = {id(layer): path for path, layer, _ in models.iter_layers(model)}
+    copies: dict[int, keras.layers.Layer] = {}
+    by_path: dict[str, keras.layers.Layer] = {}
+
+    def replace(layer):
+        if not isinstance(layer, keras.layers.Layer):  # a keras.ops call: stateless
+            return None
+        if id(layer) not in copies:  # a layer called twice stays one layer
+            copies[id(layer)] = by_path[paths[id(layer)]] = clone_layer(layer)
+        return copies[id(layer)]
+
+    image = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    outputs = trace(model, image, {}, "", {}, replace)
+    names = [layer.name for layer in by_path.values()]
+    if len(set(names)) < len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise PruningError(f"{model.name} rebuilds some of its layers by code when copied, and its nested models share "
+                           f"the layer name {duplicate}, so the smaller model cannot be built as one flat model here; "
+                           "the scores, masks and what-if still hold.")
+    return keras.Model(image, outputs, name=model.name), by_path.__getitem__
 
 
 def kept_cost(graph: groups.DependencyGraph, chosen: set[int]) -> tuple[int, int]:

@@ -2,11 +2,11 @@
 
 A cut changes nothing before its first silenced layer, so the model's graph is re-run once with a 0/1 mask
 input after every layer that can silence channels (conv, depthwise, dense, BatchNormalization: the layers whose
-weights `surgery.silenced_weights` zeroes), and cut at checkpoints: the tensors before a checkpoint are computed
-once per batch, and every cut that starts there runs only the rest, its images repeated along the batch axis
-with one mask row per cut. A cut never copies a kernel, and the traced suffix serves every cut that starts at
-its checkpoint. Zeroing a layer's output is what zeroing its weights does (surgery.masked), so both paths give
-the same outputs.
+weights `surgery.silenced_weights` zeroes) and cut at checkpoints into traced segments. The tensors before a
+checkpoint are computed once per batch; every cut that starts there runs only the segments after it, its images
+repeated along the batch axis with one mask row per cut. A cut never copies a kernel, and the segments partition
+the graph, so a sweep traces the model about once whatever its number of checkpoints. Zeroing a layer's output is
+what zeroing its weights does (surgery.masked), so both give the same outputs.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ ELEMENT_COST = 8.0
 """Multiply-adds one output element of any call is worth in time (work_after), measured by bench/sweeps.py."""
 
 CHECKPOINTS = 32
-"""Checkpoints kept per sweep at most: each is a traced suffix (seconds on a deep network); cuts between two
-run from the earlier one."""
+"""Checkpoints per sweep at most: a cut between two runs from the earlier one (up to a segment more work), and a
+cut from the first runs every segment (a call each)."""
 
 
 @dataclass
@@ -46,7 +46,7 @@ class _Masked:
     paths: list = field(default_factory=list)  # per call: its layer path
     masks: dict = field(default_factory=dict)  # layer path -> mask input (batch, channels)
     producer: dict = field(default_factory=dict)  # tensor id -> call index
-    pieces: OrderedDict = field(default_factory=OrderedDict)  # key -> (traced function, frontier, mask paths)
+    pieces: OrderedDict = field(default_factory=OrderedDict)  # (start, stop) -> a traced segment (Sweep._segment)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -92,11 +92,10 @@ def _masked_graph(model: keras.Model, head: heads.Head) -> _Masked:
 class SweepCost:
     """What a sweep costs before it runs: per layer with filters the first call a cut of it can change (a cut of
     all its filters: no cut of it starts earlier), and per call index (and one past the last) the share of one
-    pass, and of one trace, spent from that call on."""
+    pass spent from that call on."""
 
     starts: dict
     work_after: np.ndarray
-    trace_after: np.ndarray
     end: int
 
     def passes(self, layers: list[str | None], images: int) -> float:
@@ -110,11 +109,9 @@ class SweepCost:
                                      if start != self.end))
 
     def traces(self, layers: list[str | None]) -> float:
-        """Whole-model traces a first sweep of these layers' cuts pays: each checkpoint's suffix, and the pieces
-        that reach them (one trace in all)."""
-        starts = sorted({self.starts.get(layer, self.end) for layer in layers if layer} - {self.end})
-        return float(sum(self.trace_after[start] for start in spread_checkpoints(starts, CHECKPOINTS))
-                     + (1.0 - self.trace_after[starts[-1]] if starts else 0.0))
+        """Whole-model traces a first sweep of these layers' cuts pays: its segments partition the graph from the
+        input to the output, so one, whatever the checkpoints (none without a cut)."""
+        return 1.0 if any(self.starts.get(layer, self.end) != self.end for layer in layers if layer) else 0.0
 
 
 def _after(weights: np.ndarray) -> np.ndarray:
@@ -176,36 +173,34 @@ class Sweep:
             for path, call in self.graph.producers().items():
                 channels = int(as_list(call.output)[0].shape[-1])
                 starts[path] = self.start(self.masks({path: list(range(channels))}))
-            self._cost = SweepCost(starts, _after(self._weights(False)), _after(self._weights(True)), self._end)
+            self._cost = SweepCost(starts, _after(self._weights()), self._end)
         return self._cost
 
-    def _weights(self, traced: bool) -> np.ndarray:
-        """Per call, its time (multiply-adds plus ELEMENT_COST per output element: the normalisations,
-        activations, adds and concatenations of a deep network at a small size cost as much as its convolutions),
-        or with `traced` its share of a trace (one per call: tracing costs per operation)."""
-        return np.array([1.0 if traced else cost.call_macs(call) + ELEMENT_COST * sum(
-            int(np.prod([d or 1 for d in t.shape[1:]])) for t in as_list(call.output)) for call in self.graph.calls])
+    def _weights(self) -> np.ndarray:
+        """Per call, its time: multiply-adds plus ELEMENT_COST per output element (the normalisations,
+        activations, adds and concatenations of a deep network at a small size cost as much as its convolutions)."""
+        return np.array([cost.call_macs(call) + ELEMENT_COST * sum(int(np.prod([d or 1 for d in t.shape[1:]]))
+                                                                   for t in as_list(call.output))
+                         for call in self.graph.calls])
 
     def floor_seconds(self, cuts: list[dict[str, list[int]]], images: np.ndarray, samples: int = 24,
                       repeats: int = 2) -> float:
         """The floor of a sweep here: the sum over cuts of one compiled pass of the layers after the cut's own
         first changed call, on `images` (what bench/sweeps.py compares the sweep with). Measured at up to
-        `samples` of the distinct starts, evenly spread (each suffix traced and warmed first, the best of
-        `repeats`), and read between them by the call index."""
+        `samples` of the distinct starts, evenly spread (each suffix traced as one piece and warmed first, the
+        best of `repeats`), and read between them by the call index."""
         images = np.asarray(images, np.float32)
         starts = [self.start(self.masks(cut)) for cut in cuts]
         measured = spread_checkpoints(sorted(set(starts) - {self._end}), samples)
         values, at, seconds = {id(self._net.image): tf.convert_to_tensor(images)}, 0, []
         for start in measured:
-            values, at = self._advance(values, at, start), start
-            run, frontier, paths = self._piece(start, [self._net.scores], ("suffix", start))
-            feeds = [values[id(t)] for t in frontier] + [tf.ones((len(images), self._net.masks[p].shape[-1]))
-                                                          for p in paths]
-            run(*feeds)
+            if start != at:
+                values, at = self._step(values, at, start, [], len(images)), start
+            self._step(values, start, self._end, [], len(images))
             best = np.inf
             for _ in range(repeats):
                 began = time.perf_counter()
-                run(*feeds)[0].numpy()
+                self._step(values, start, self._end, [], len(images))[id(self._net.scores)].numpy()
                 best = min(best, time.perf_counter() - began)
             seconds.append(best)
         live = [start for start in starts if start != self._end]
@@ -229,19 +224,21 @@ class Sweep:
     def _batch(self, masks: list[dict], starts: list[int], images: np.ndarray, before: float, share: float,
                progress) -> list[np.ndarray]:
         """Every cut's outputs on one batch: the frontier advanced from checkpoint to checkpoint, and at each the
-        cuts that start there (from it to the next) run their suffix."""
+        cuts that start there (up to the next) run the segments from it to the output."""
         results: list = [None] * len(masks)
         for k in [k for k, start in enumerate(starts) if start == self._end]:
             results[k] = self.reference(images)
         checkpoints = spread_checkpoints(sorted(set(starts) - {self._end}), CHECKPOINTS)
+        bounds = [*checkpoints, self._end]
         values, at = {id(self._net.image): tf.convert_to_tensor(images)}, 0
         done = sum(start == self._end for start in starts)
-        for checkpoint in checkpoints:
-            values, at = self._advance(values, at, checkpoint), checkpoint
+        for index, checkpoint in enumerate(checkpoints):
+            if checkpoint != at:  # the batch's frontier moved on by one segment, unmasked
+                values, at = self._step(values, at, checkpoint, [], len(images)), checkpoint
             mine = [k for k, start in enumerate(starts)
                     if start != self._end and checkpoint_of(start, checkpoints) == checkpoint]
             order = iter(mine)
-            for chunk in self._suffix(values, checkpoint, [masks[k] for k in mine], len(images)):
+            for chunk in self._suffix(values, bounds[index:], [masks[k] for k in mine], len(images)):
                 for value in chunk:
                     results[next(order)] = value
                 done += len(chunk)
@@ -249,7 +246,7 @@ class Sweep:
                     progress(int(round(len(masks) * (before + share * done / len(masks)))), len(masks))
         return results
 
-    # --- pieces of the graph -------------------------------------------------------------------------
+    # --- segments of the graph -----------------------------------------------------------------------
 
     def _frontier(self, start: int, wanted: list) -> tuple[list, list[str]]:
         """What the calls from `start` on need to make `wanted`: the tensors made before call `start` (or the
@@ -273,55 +270,65 @@ class Sweep:
             stack.extend(operation._inbound_nodes[node_index].input_tensors)
         return sorted(frontier, key=lambda t: self._net.producer.get(id(t), -1)), paths
 
-    def _piece(self, start: int, wanted: list, key: tuple):
-        """A traced function from the frontier at `start` and the masks of the calls it runs to `wanted`."""
-        with self._net.lock:  # sessions sweeping the same model share the pieces
-            return self._net.pieces.get(key) or self._traced(start, wanted, key)
+    def _segment(self, start: int, stop: int):
+        """The traced function of the calls from `start` to `stop` (the output's scores when `stop` is the end):
+        (function, its frontier inputs, its masks' layer paths, the tensors it makes, the ids of the earlier
+        tensors read after it). Kept per model, so every
+        sweep and session reuses it: the segments of a sweep partition the graph, and trace it once in all."""
+        key = (start, stop)
+        with self._net.lock:
+            if key not in self._net.pieces:
+                if stop == self._end:
+                    made = [self._net.scores]
+                else:
+                    made = [t for t in self._frontier(stop, [self._net.scores])[0]
+                            if self._net.producer.get(id(t), -1) >= start]
+                frontier, paths = self._frontier(start, made)
+                passing = [] if stop == self._end else [  # made before this segment, read after it
+                    id(t) for t in self._frontier(stop, [self._net.scores])[0] if self._net.producer.get(id(t), -1) < start]
+                part = keras.Model([*frontier, *[self._net.masks[path] for path in paths]], made)
+                signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype)
+                             for t in [*frontier, *[self._net.masks[path] for path in paths]]]
+                run = tf.function(lambda *xs: [tf.cast(y, tf.float32) if y.dtype == tf.bfloat16 else y
+                                               for y in as_list(part(list(xs), training=False))],
+                                  input_signature=signature)
+                self._net.pieces[key] = (run, frontier, paths, made, passing)
+                while len(self._net.pieces) > 4 * CHECKPOINTS:
+                    self._net.pieces.popitem(last=False)
+            return self._net.pieces[key]
 
-    def _traced(self, start: int, wanted: list, key: tuple):
-        frontier, paths = self._frontier(start, wanted)
-        masks = [self._net.masks[path] for path in paths]
-        part = keras.Model([*frontier, *masks], list(wanted))
-        signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in [*frontier, *masks]]
-        run = tf.function(lambda *xs: [tf.cast(y, tf.float32) if y.dtype == tf.bfloat16 else y
-                                       for y in as_list(part(list(xs), training=False))], input_signature=signature)
-        self._net.pieces[key] = piece = (run, frontier, paths)
-        while len(self._net.pieces) > 2 * CHECKPOINTS + 2:
-            self._net.pieces.popitem(last=False)
-        return piece
+    def _step(self, values: dict, start: int, stop: int, cuts: list[dict], images: int) -> dict:
+        """The frontier at `stop` from the one at `start`: one segment on `values` (the batch's images, or for
+        `cuts` their rows: each cut's images, its mask row repeated on them)."""
+        run, frontier, paths, made, passing = self._segment(start, stop)
+        rows = len(cuts) * images if cuts else images
+        feeds = [values[id(t)] for t in frontier]
+        for path in paths:
+            channels = self._net.masks[path].shape[-1]
+            if not any(path in found for found in cuts):
+                feeds.append(tf.ones((rows, channels)))
+                continue
+            rows_of = np.ones((len(cuts), channels), np.float32)
+            for k, found in enumerate(cuts):
+                if path in found:
+                    rows_of[k, found[path]] = 0.0
+            feeds.append(tf.constant(np.repeat(rows_of, images, axis=0)))
+        following = {key: values[key] for key in passing}
+        following.update({id(t): value for t, value in zip(made, run(*feeds))})
+        return following
 
-    def _advance(self, values: dict, at: int, checkpoint: int) -> dict:
-        """The frontier at `checkpoint` from the one at `at`, unmasked, on the batch's images."""
-        wanted, _ = self._frontier(checkpoint, [self._net.scores])
-        missing = [t for t in wanted if id(t) not in values]
-        kept = {id(t): values[id(t)] for t in wanted if id(t) in values}
-        if not missing:
-            return kept
-        run, frontier, paths = self._piece(at, missing, ("advance", at, checkpoint))
-        rows = len(next(iter(values.values())))
-        feeds = [values[id(t)] for t in frontier] + [tf.ones((rows, self._net.masks[p].shape[-1])) for p in paths]
-        for tensor, value in zip(missing, run(*feeds)):
-            kept[id(tensor)] = value
-        return kept
-
-    def _suffix(self, values: dict, checkpoint: int, masks: list[dict], images: int):
-        """The outputs of the cuts starting at `checkpoint`, a call's worth at a time: images repeated, one mask
-        row per cut."""
-        run, frontier, paths = self._piece(checkpoint, [self._net.scores], ("suffix", checkpoint))
+    def _suffix(self, values: dict, bounds: list[int], masks: list[dict], images: int):
+        """The outputs of the cuts starting at `bounds[0]`, a call's worth of rows at a time: the frontier's
+        values repeated per cut, then each segment to the output."""
         per_call = max(1, cost.batch_within(self.model, ROWS) // max(images, 1))
         for first in range(0, len(masks), per_call):
             chunk = masks[first:first + per_call]
             rows = len(chunk) * images
-            feeds = [tf.tile(values[id(t)], [len(chunk)] + [1] * (len(t.shape) - 1)) for t in frontier]
-            for path in paths:
-                channels = self._net.masks[path].shape[-1]
-                rows_of = np.ones((len(chunk), channels), np.float32)
-                for k, found in enumerate(chunk):
-                    if path in found:
-                        rows_of[k, found[path]] = 0.0
-                feeds.append(tf.constant(np.repeat(rows_of, images, axis=0)))
             with admission.SERVER.reserve(cost.batch_bytes(self.model, rows), timeout=60):
-                scores = run(*feeds)[0].numpy()
+                step = {key: tf.tile(value, [len(chunk)] + [1] * (len(value.shape) - 1)) for key, value in values.items()}
+                for start, stop in zip(bounds, bounds[1:]):
+                    step = self._step(step, start, stop, chunk, images)
+                scores = step[id(self._net.scores)].numpy()
             parts = [scores[k * images:(k + 1) * images] for k in range(len(chunk))]
             yield [heads.probabilities(part, self.head) if self.head.is_classifier else part for part in parts]
 
