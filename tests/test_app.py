@@ -272,6 +272,7 @@ def test_pruning_page_on_the_demo_model_measures_and_exports():
     assert list(per_class["images"]) == [1] * 6  # a quarter of 24 held out, class by class
 
 
+@pytest.mark.slow  # 15-25 s here: the default tier stays near 15 minutes
 def test_pruning_page_prunes_to_a_parameter_target_and_in_steps():
     """The target is met by the proposal (the share of parameters kept, said before any cut), and pruning in
     steps draws iterative, one-shot and random rows at the same sizes."""

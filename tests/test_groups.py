@@ -74,15 +74,17 @@ def photos():
     return [images.sample(name) for name in ("chelsea", "astronaut", "coffee")]
 
 
-SLOWEST = {"DenseNet121", "ResNet50", "Xception"}
-"""Over 30 s each here: the slow tier (CI runs ResNet50, also cut to a target in test_pruning_targets); DenseNet121
-and Xception (45-60 s each) only with CNN_AUDIT_ALL_ARCHITECTURES=1, as the heaviest rows of test_architectures."""
+SLOWEST = {"DenseNet121", "ResNet50", "Xception", "EfficientNetB0", "MobileNetV2 (alpha 0.35)"}
+"""Over 25 s each here: the slow tier (CI runs it too; ResNet50 is also cut to a target in test_pruning_targets);
+DenseNet121 and Xception (45-60 s each) only with CNN_AUDIT_ALL_ARCHITECTURES=1, as the heaviest rows of
+test_architectures."""
+ALL_ONLY = {"DenseNet121", "Xception"}
 
 
 def _marks(name: str) -> list:
     if name not in SLOWEST:
         return []
-    return [pytest.mark.slow] + ([] if name == "ResNet50" or os.environ.get("CNN_AUDIT_ALL_ARCHITECTURES") else [
+    return [pytest.mark.slow] + ([] if name not in ALL_ONLY or os.environ.get("CNN_AUDIT_ALL_ARCHITECTURES") else [
         pytest.mark.skipif(True, reason="set CNN_AUDIT_ALL_ARCHITECTURES=1 to run it (not in CI: CI's hour)")])
 
 

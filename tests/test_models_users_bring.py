@@ -294,6 +294,7 @@ def test_the_cam_default_skips_a_1x1_classifier_conv():
     assert layer != "logits" and models.get_layer(model, layer).output.shape[1] > 1
 
 
+@pytest.mark.slow  # 15-25 s here: the default tier stays near 15 minutes
 def test_preprocessing_is_read_from_the_model(tmp_path):
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     vgg = _from_file(keras.Sequential([keras.Input((32, 32, 3)), base, layers.Flatten(), layers.Dense(2)]),

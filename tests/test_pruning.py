@@ -294,6 +294,7 @@ def test_fpgm_ranks_like_the_summed_distance_of_the_paper_on_the_demo_model():
     np.testing.assert_allclose(fpgm, summed, rtol=1e-6)
 
 
+@pytest.mark.slow  # 15-25 s here: the default tier stays near 15 minutes
 def test_fine_tuning_recovers_what_pruning_half_of_two_layers_lost_on_the_demo_model():
     from audit import models
     from audit.zoo import shapes

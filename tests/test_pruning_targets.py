@@ -117,6 +117,7 @@ def test_a_target_the_groups_cannot_reach_says_what_they_can():
         pruning.to_target(model, _l1_scores(model), "l1", params=0.05)
 
 
+@pytest.mark.slow  # 15-25 s here: the default tier stays near 15 minutes
 def test_iterative_pruning_reaches_half_the_parameters_in_three_steps_with_a_row_per_step():
     from audit.zoo import shapes
 

@@ -66,6 +66,7 @@ def test_four_shards_merged_equal_one_pass(loaded, folder, reference, data_dir):
     assert_same(runs.read_result(stats.folder), reference[0], STATS, 1e-5)  # what the dashboard reads
 
 
+@pytest.mark.slow  # 15-25 s here: the default tier stays near 15 minutes
 def test_shards_on_an_embedded_ray_equal_one_pass(loaded, folder, reference, data_dir):
     ray = pytest.importorskip("ray")
     image_set = datasets.from_folder(folder)
