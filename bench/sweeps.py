@@ -3,7 +3,7 @@
 Every layer whose filters can go, at `--fractions` shares of its filters (lowest L1 first), on `--images` photos
 at 64 px (keras.applications, weights=None, 10 classes):
 - old: one masked clone, the cut's silenced weights written into it and restored per cut, the whole network run
-  per cut (what `MaskedCopy` did), timed on a seeded sample of the cuts and scaled to all of them;
+  per cut (the path the sweeps replaced), timed on a seeded sample of the cuts and scaled to all of them;
 - new: `pruning.Sweep.outputs` over every cut (cold: its graphs traced in the run; warm: a second run);
 - floor: the sum over cuts of one compiled pass of the layers after the cut's checkpoint, measured.
 The new path's outputs equal the old path's on the sampled cuts (largest difference printed), and the sweep's
