@@ -42,7 +42,6 @@ class _Masked:
 
     image: object
     scores: object  # the head's class scores (or the features), float32
-    order: list = field(default_factory=list)  # per call: its masked output tensors
     paths: list = field(default_factory=list)  # per call: its layer path
     masks: dict = field(default_factory=dict)  # layer path -> mask input (batch, channels)
     producer: dict = field(default_factory=dict)  # tensor id -> call index
@@ -69,8 +68,7 @@ def _masked_graph(model: keras.Model, head: heads.Head) -> _Masked:
                 for _ in range(len(outputs[0].shape) - 2):
                     mask = keras.ops.expand_dims(mask, 1)
                 outputs = [keras.ops.multiply(outputs[0], keras.ops.cast(mask, outputs[0].dtype)), *outputs[1:]]
-            index = len(built.order)
-            built.order.append(outputs)
+            index = len(built.paths)
             built.paths.append(path)
             for tensor in outputs:
                 built.producer[id(tensor)] = index
@@ -278,14 +276,11 @@ class Sweep:
         key = (start, stop)
         with self._net.lock:
             if key not in self._net.pieces:
-                if stop == self._end:
-                    made = [self._net.scores]
-                else:
-                    made = [t for t in self._frontier(stop, [self._net.scores])[0]
-                            if self._net.producer.get(id(t), -1) >= start]
+                after = [] if stop == self._end else self._frontier(stop, [self._net.scores])[0]
+                made = ([self._net.scores] if stop == self._end
+                        else [t for t in after if self._net.producer.get(id(t), -1) >= start])
+                passing = [id(t) for t in after if self._net.producer.get(id(t), -1) < start]  # read after it
                 frontier, paths = self._frontier(start, made)
-                passing = [] if stop == self._end else [  # made before this segment, read after it
-                    id(t) for t in self._frontier(stop, [self._net.scores])[0] if self._net.producer.get(id(t), -1) < start]
                 part = keras.Model([*frontier, *[self._net.masks[path] for path in paths]], made)
                 signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype)
                              for t in [*frontier, *[self._net.masks[path] for path in paths]]]
