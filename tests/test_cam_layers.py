@@ -129,3 +129,30 @@ def test_convnext_prunes_to_half_its_parameters_through_its_pointwise_dense_laye
     x = np.random.default_rng(1).uniform(0, 1, (3, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(smaller(x).numpy(), pruning.masked(model, selection, graph)(x).numpy(), rtol=1e-4,
                                atol=1e-6)
+
+
+def test_keras_applications_convnext_from_a_file_reads_its_last_sum_and_prunes_to_half(tmp_path):
+    """keras.applications' own ConvNeXt builder (the code behind ConvNeXtTiny, at a small depth and width so the
+    test stays fast), saved and loaded back: the CAM layer is the last residual sum, which the head pools, and
+    the model prunes to half its parameters, equal to masked. Layer scale at 1 (its default 1e-6 hides any cut)."""
+    from keras.src.applications.convnext import ConvNeXt
+
+    from audit import groups, pruning
+
+    keras.utils.set_random_seed(4)
+    built = ConvNeXt(depths=[1, 1, 2, 1], projection_dims=[8, 16, 24, 32], layer_scale_init_value=1.0,
+                     input_shape=(64, 64, 3), classes=5, name="convnext_small_test")
+    model = _from_file(built, tmp_path).model
+    last_sum = [op for op in model.operations if not isinstance(op, layers.Layer)][-1]
+    assert last_sum.output is model.get_layer("convnext_small_test_head_gap").input  # what the head pools
+    assert models.cam_layer(model) == last_sum.name
+    graph = groups.DependencyGraph(model)
+    scores = pd.DataFrame([{"layer": layer, "filter": index, "l1": value} for layer in models.filter_layers(model)
+                           for index, value in enumerate(pruning.l1_norms(model, layer))])
+    selection = pruning.to_target(model, scores, "l1", graph=graph, params=0.5)
+    smaller = pruning.prune(model, selection, graph)
+    assert abs(smaller.count_params() / model.count_params() - 0.5) <= 0.02
+    x = np.random.default_rng(5).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    masked = pruning.masked(model, selection, graph)(x).numpy()
+    np.testing.assert_allclose(smaller(x).numpy(), masked, rtol=1e-4, atol=1e-6)
+    assert np.abs(masked - model(x).numpy()).max() > 1e-2  # the cut is felt
