@@ -8,6 +8,9 @@ from audit import charts, quantization
 from pages import common, jobs, links, markup, quantization_jobs, smaller_model
 from pages.selection import current, stop, user_errors
 
+CLIPPED_SHARE = 0.001
+"""A layer whose held-out values fall outside its calibrated range more often than this is named."""
+
 selection = current()
 loaded = selection.model
 st.title("Quantisation")
@@ -90,12 +93,21 @@ if jobs.job_shown(selection, "quant_sensitivity", pressed, key, jobs.has_result(
     measure = "feature_error" if "feature_error" in table else "kl"
     st.plotly_chart(charts.layer_bars(table[table.layer != "(all)"], [measure], {measure: "#d62728"},
                                       value_title=measure.replace("_", " "), height=320,
-                                      hover=[c for c in ("agreement", "accuracy") if c in table]), width="stretch")
+                                      hover=[c for c in ("agreement", "accuracy", "rounding_steps", "clipped")
+                                             if c in table]), width="stretch")
     worst = table[table.layer != "(all)"].sort_values(measure, ascending=others).head(3)
     st.caption(("Every layer int8 but the one named: the lower its bar, the more keeping that layer in float "
                 "buys. " if others else "One layer int8 at a time, the others float. ")
                + f"Simulated on the {held_out:,} held-out images. Candidates to keep in float: "
                + markup.escape(", ".join(worst.layer)) + ".")
+    if "clipped" in table:
+        clipping = table[table.clipped > CLIPPED_SHARE]
+        st.caption("Rounding error in steps of each layer's int8 scale: rounding alone gives at most 0.29 "
+                   "(1/sqrt(12)). " + (
+                       "Held-out values fall outside the calibrated range in " + markup.escape(", ".join(
+                           f"{row.layer} ({row.clipped:.1%})" for row in clipping.itertuples())) +
+                       ": those are clipped in int8; calibrate on more (or more varied) images."
+                       if len(clipping) else "No layer clips more than 0.1% of its held-out values."))
     with st.expander("The table"):
         st.dataframe(table, hide_index=True, width="stretch", column_config=common.number_columns(table, 4))
 

@@ -4,8 +4,8 @@ sensitivity (one layer quantised at a time, or all but one) measured against flo
 The simulated model is the model's own graph re-run (audit.graph) with each quantised layer replaced by a
 copy whose kernel went through quantise-dequantise (per output channel, symmetric), and each quantised
 layer's activation point (its fused conv-BN-activation output) followed by a per-tensor asymmetric
-quantise-dequantise over its calibrated range. The loaded model is never changed (it is shared by every
-session).
+quantise-dequantise over its calibrated range (a softmax, sigmoid or tanh over the fixed range TensorFlow Lite's
+kernels use). The loaded model is never changed (it is shared by every session).
 """
 
 from __future__ import annotations
@@ -21,6 +21,17 @@ from audit import admission, cost, graph, heads, intervals, models
 from audit.pruning.quality import QualitySums
 from audit.quantization.arithmetic import parameters, quantize_dequantize
 from audit.quantization.ranges import activation_points, activation_ranges, quantized_layers
+
+
+FIXED_OUTPUT_RANGES = {"softmax": (0.0, 255 / 256), "sigmoid": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
+"""TensorFlow Lite's int8 kernels give these activations fixed output scales (1/256, 1/256 and 1/128, zero
+points -128, -128 and 0), whatever the calibration saw."""
+
+
+def rounding_range(model: keras.Model, point: str, activation_range: dict[str, tuple[float, float]]):
+    """The range an activation point is rounded over: fixed for a softmax, sigmoid or tanh, else calibrated."""
+    fixed = FIXED_OUTPUT_RANGES.get(graph.activation_name(graph.get_layer(model, point)))
+    return fixed or activation_range[point]
 
 
 class FakeQuantize(keras.layers.Layer):
@@ -62,12 +73,13 @@ def quantized_weights(layer) -> list[np.ndarray]:
 
 
 def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, float]],
-                   layers: list[str]) -> keras.Model:
+                   layers: list[str], watch: str | None = None) -> keras.Model:
     """The model with `layers` quantised: their kernels rounded, their activation points (keys of
-    `activation_range`, whose ranges are per tensor) rounded after. Other layers stay float."""
+    `activation_range`, whose ranges are per tensor) rounded after. Other layers stay float. With `watch` (a
+    layer's path), that layer's output (rounded, if it is an activation point) is one more output, the last."""
     chosen = {models.resolve_layer(model, name) for name in layers}
     points = activation_points(model, sorted(chosen))
-    rounding = {point: activation_range[point] for point in points.values()}
+    rounding = {point: rounding_range(model, point, activation_range) for point in points.values()}
     by_layer = {id(graph.get_layer(model, path)): path for path in chosen | set(rounding)}
 
     def replace(layer):
@@ -86,7 +98,10 @@ def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, 
         return lambda *args, **kwargs: rounded(computed(*args, **kwargs))
 
     new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    output = graph.trace(model, new_input, {}, "", {}, replace)
+    found = {}
+    output = graph.trace(model, new_input, {watch: {"output"}} if watch else {}, "", found, replace)
+    if watch:
+        output = [*graph.as_list(output), found[graph.Point(watch, "output")]]
     return keras.Model(new_input, output, name=graph.scope_name(f"{model.name}_int8_simulated"))
 
 
@@ -103,11 +118,18 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
     """Per layer: top-1 agreement with float, KL of the simulated from the float distribution, and accuracy
     (with labels), with Wilson intervals, when that layer alone is int8 (or, `all_but_one`, every layer but it;
     then the row `(all)` has every layer int8). Ranges are calibrated on `calibration` (else on `images`: then
-    the figures are not held out, `.attrs["held_out"]` says so)."""
+    the figures are not held out, `.attrs["held_out"]` says so).
+
+    One layer at a time, a row also says how that layer's own rounding errs where the integer model rounds
+    it, its input float on both sides (as TensorFlow Lite's quantization debugger feeds each op's float and
+    int8 versions the same input): `rounding_steps`, the root mean square error in steps of that tensor's int8
+    scale (rounding alone gives at most 1/sqrt(12) = 0.29; more is clipping or a coarse kernel), `rounding_rmse`
+    in the tensor's own units, and `clipped`, the share of held-out values outside the calibrated range."""
     layers = quantized_layers(model) if layers is None else [models.resolve_layer(model, name) for name in layers]
     held_out = calibration is not None
     calibrated, _ = activation_ranges(model, layers, calibration if held_out else images)
     limits = per_tensor_ranges(calibrated)
+    points = activation_points(model, layers)
     head = heads.find_head(model, output)
     independent = head.distribution == "sigmoid" and not head.binary
     reference = outputs(model, images, head)
@@ -115,9 +137,14 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
             for layer in layers] + ([("(all)", layers)] if all_but_one else [])
     rows = []
     for done, (name, quantized) in enumerate(runs):
-        simulated = fake_quantized(model, limits, quantized)
-        sums = QualitySums.of(reference, outputs(simulated, images, head), labels, independent)
-        rows.append({"layer": name, **_with_intervals(sums)})
+        if all_but_one:
+            simulated, rounding = outputs(fake_quantized(model, limits, quantized), images, head), {}
+        else:
+            watched = fake_quantized(model, limits, quantized, watch=points[name])
+            simulated, rounding = _with_rounding_error(model, watched, images, head, points[name],
+                                                       rounding_range(model, points[name], limits))
+        sums = QualitySums.of(reference, simulated, labels, independent)
+        rows.append({"layer": name, **_with_intervals(sums), **rounding})
         if progress is not None:
             progress(done + 1, len(runs))
     frame = pd.DataFrame(rows)
@@ -133,13 +160,36 @@ def outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.ndarra
 
 def raw_outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.ndarray:
     """The head's output of `net` as the model gives it (what a converted model's interpreter gives too)."""
-    values, batch = [], cost.batch_within(net, 32)
-    for start in range(0, len(images), batch):  # called, not traced: each simulation is run once
+    values = [batch[head.output] for batch in _batches(net, images)]
+    return np.concatenate(values) if values else np.zeros((0, 1), np.float64)
+
+
+def _batches(net: keras.Model, images: np.ndarray, batch: int | None = None):
+    """Every output of `net` (a list) per batch of `images`, called, not traced (each simulation runs once)."""
+    batch = batch or cost.batch_within(net, 32)
+    for start in range(0, len(images), batch):
         with admission.SERVER.reserve(cost.batch_bytes(net, len(images[start:start + batch])), timeout=60):
             result = net(tf.constant(images[start:start + batch], tf.float32), training=False)
-        result = result[head.output] if isinstance(result, (list, tuple)) else result
-        values.append(np.asarray(result, np.float64))
-    return np.concatenate(values) if values else np.zeros((0, 1), np.float64)
+        yield [np.asarray(part, np.float64) for part in graph.as_list(result)]
+
+
+def _with_rounding_error(model: keras.Model, watched: keras.Model, images: np.ndarray, head: heads.Head,
+                         point: str, value_range: tuple[float, float]) -> tuple[np.ndarray, dict]:
+    """The simulated head's outputs (comparable), and the error at `point` (the simulation's last output)
+    against the float model's own tensor there."""
+    float_point = models.submodel(model, point)
+    batch = cost.batch_within(watched, 32)
+    values, squared, clipped, count = [], 0.0, 0, 0
+    for simulated, (reference,) in zip(_batches(watched, images, batch), _batches(float_point, images, batch)):
+        values.append(simulated[head.output])
+        squared += float(np.sum((simulated[-1] - reference) ** 2))
+        clipped += int(np.sum((reference < value_range[0]) | (reference > value_range[1])))
+        count += reference.size
+    scale = float(parameters(np.zeros(1), 8, None, False, value_range)[0])
+    rmse = float(np.sqrt(squared / max(count, 1)))
+    steps = rmse / scale if scale > 0 else np.nan
+    simulated = comparable(np.concatenate(values), head)
+    return simulated, {"rounding_steps": steps, "rounding_rmse": rmse, "clipped": clipped / max(count, 1)}
 
 
 def comparable(values: np.ndarray, head: heads.Head) -> np.ndarray:
