@@ -84,7 +84,7 @@ right.plotly_chart(px.bar(layer_rows[layer_rows.kind == "weights"], x="channel",
 
 # --- sensitivity ----------------------------------------------------------------------------------------------
 st.subheader("Which layers int8 hurts")
-passes = (len(layers) + int(others)) * held_out + held_out + calibration
+passes = (len(layers) + 1 if others else 1.5 * len(layers)) * held_out + held_out + calibration  # alone: + its map
 pressed = st.button(f"Simulate int8 layer by layer ({jobs.estimate(selection, passes)} here)", key="quant_sensitivity")
 key = quantization_jobs.sensitivity_key(selection, calibration, held_out, keep_params, others)
 if jobs.job_shown(selection, "quant_sensitivity", pressed, key, jobs.has_result(key), passes):

@@ -28,10 +28,13 @@ FIXED_OUTPUT_RANGES = {"softmax": (0.0, 255 / 256), "sigmoid": (0.0, 255 / 256),
 points -128, -128 and 0), whatever the calibration saw."""
 
 
+def fixed_range(model: keras.Model, point: str) -> tuple[float, float] | None:
+    return FIXED_OUTPUT_RANGES.get(graph.activation_name(graph.get_layer(model, point)))
+
+
 def rounding_range(model: keras.Model, point: str, activation_range: dict[str, tuple[float, float]]):
     """The range an activation point is rounded over: fixed for a softmax, sigmoid or tanh, else calibrated."""
-    fixed = FIXED_OUTPUT_RANGES.get(graph.activation_name(graph.get_layer(model, point)))
-    return fixed or activation_range[point]
+    return fixed_range(model, point) or activation_range[point]
 
 
 class FakeQuantize(keras.layers.Layer):
@@ -124,7 +127,8 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
     it, its input float on both sides (as TensorFlow Lite's quantization debugger feeds each op's float and
     int8 versions the same input): `rounding_steps`, the root mean square error in steps of that tensor's int8
     scale (rounding alone gives at most 1/sqrt(12) = 0.29; more is clipping or a coarse kernel), `rounding_rmse`
-    in the tensor's own units, and `clipped`, the share of held-out values outside the calibrated range."""
+    in the tensor's own units, and `clipped`, the share of held-out values outside the calibrated range (NaN where
+    the range is TFLite's fixed one: a softmax above 255/256 saturates whatever the calibration)."""
     layers = quantized_layers(model) if layers is None else [models.resolve_layer(model, name) for name in layers]
     held_out = calibration is not None
     calibrated, _ = activation_ranges(model, layers, calibration if held_out else images)
@@ -141,8 +145,10 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
             simulated, rounding = outputs(fake_quantized(model, limits, quantized), images, head), {}
         else:
             watched = fake_quantized(model, limits, quantized, watch=points[name])
-            simulated, rounding = _with_rounding_error(model, watched, images, head, points[name],
-                                                       rounding_range(model, points[name], limits))
+            point = points[name]
+            simulated, rounding = _with_rounding_error(model, watched, images, head, point,
+                                                       rounding_range(model, point, limits),
+                                                       calibrated=fixed_range(model, point) is None)
         sums = QualitySums.of(reference, simulated, labels, independent)
         rows.append({"layer": name, **_with_intervals(sums), **rounding})
         if progress is not None:
@@ -174,7 +180,7 @@ def _batches(net: keras.Model, images: np.ndarray, batch: int | None = None):
 
 
 def _with_rounding_error(model: keras.Model, watched: keras.Model, images: np.ndarray, head: heads.Head,
-                         point: str, value_range: tuple[float, float]) -> tuple[np.ndarray, dict]:
+                         point: str, value_range: tuple[float, float], calibrated: bool) -> tuple[np.ndarray, dict]:
     """The simulated head's outputs (comparable), and the error at `point` (the simulation's last output)
     against the float model's own tensor there."""
     float_point = models.submodel(model, point)
@@ -189,7 +195,8 @@ def _with_rounding_error(model: keras.Model, watched: keras.Model, images: np.nd
     rmse = float(np.sqrt(squared / max(count, 1)))
     steps = rmse / scale if scale > 0 else np.nan
     simulated = comparable(np.concatenate(values), head)
-    return simulated, {"rounding_steps": steps, "rounding_rmse": rmse, "clipped": clipped / max(count, 1)}
+    return simulated, {"rounding_steps": steps, "rounding_rmse": rmse,
+                       "clipped": clipped / max(count, 1) if calibrated else np.nan}
 
 
 def comparable(values: np.ndarray, head: heads.Head) -> np.ndarray:
