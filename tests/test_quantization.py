@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from audit import heads, pruning, quantization
-from audit.errors import QuantizationError
+from audit.errors import QuantizationError, UnknownLayerError
 
 
 def test_weights_per_channel_and_an_activation_range_on_paper():
@@ -164,6 +164,26 @@ def test_a_layer_kept_in_float_stays_float_and_a_pruned_model_converts(model_and
     measured = quantization.evaluate(content, held_out)
     assert measured["outputs"].shape == (32, 4)
     np.testing.assert_allclose(measured["outputs"].sum(1), 1.0, atol=0.02)  # still a softmax, in 1/256 steps
+
+
+def test_a_layer_kept_in_float_is_found_by_its_path_in_a_nested_model():
+    """Two nested blocks each with a layer named `conv`: keeping `first/conv` in float leaves `second/conv` int8,
+    and the bare name `conv` is refused as ambiguous rather than keeping both."""
+    def block(name):
+        inputs = keras.Input((8, 8, 4))
+        return keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs),
+                           name=name)
+
+    inputs = keras.Input((8, 8, 3))
+    x = block("second")(block("first")(keras.layers.Conv2D(4, 1, name="stem")(inputs)))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="head")(x))
+    calibration = np.random.default_rng(2).random((8, 8, 8, 3)).astype(np.float32)
+    types = quantization.tensor_types(quantization.convert(model, calibration, keep_float=["first/conv"]))
+    kernels = {name: kind for name, kind in types.items() if name.endswith("conv_1/convolution")}
+    assert {name.split("/")[1]: kind for name, kind in kernels.items()} == {"first_1": "float32", "second_1": "int8"}
+    with pytest.raises(UnknownLayerError, match="ambiguous"):
+        quantization.convert(model, calibration, keep_float=["conv"])
 
 
 def test_a_model_the_converter_refuses_is_a_sentence():

@@ -18,6 +18,7 @@ from typing import Callable
 import keras
 import numpy as np
 
+from audit import models
 from audit.errors import QuantizationError
 
 REPRESENTATIVE_MOST = 256
@@ -27,7 +28,8 @@ REPRESENTATIVE_MOST = 256
 def convert(model: keras.Model, images: np.ndarray, keep_float=(), representative: int = REPRESENTATIVE_MOST,
             progress: Callable[[int, int], None] | None = None, integer: bool = True) -> bytes:
     """The `.tflite` bytes of `model` with int8 weights and activations (float in and out), calibrated on up to
-    `representative` of `images` (preprocessed), the layers named in `keep_float` left in float. With
+    `representative` of `images` (preprocessed), the layers in `keep_float` (paths, or names unique
+    in the model) left in float. With
     `integer=False`, the float32 `.tflite` (the baseline an int8 model is measured against)."""
     import tensorflow as tf
 
@@ -35,7 +37,7 @@ def convert(model: keras.Model, images: np.ndarray, keep_float=(), representativ
     if not len(images):
         raise QuantizationError("Converting to int8 needs calibration images; none were given.")
     chosen = images[:representative]
-    keep = [_leaf_name(name) for name in keep_float]
+    keep = [models.resolve_layer(model, name) for name in keep_float]
 
     def dataset():
         for index in range(len(chosen)):
@@ -57,7 +59,7 @@ def convert(model: keras.Model, images: np.ndarray, keep_float=(), representativ
             warnings.simplefilter("ignore")
             converted = converter().convert()
             if keep:
-                nodes = [name for name in _op_outputs(converted) if any(_names_layer(name, leaf) for leaf in keep)]
+                nodes = [name for name in _op_outputs(converted) if any(_names_layer(name, path) for path in keep)]
                 options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
                 debugger = tf.lite.experimental.QuantizationDebugger(converter=converter(), debug_dataset=dataset,
                                                                      debug_options=options)
@@ -67,7 +69,7 @@ def convert(model: keras.Model, images: np.ndarray, keep_float=(), representativ
     except Exception as exc:  # the converter raises many kinds (ConverterError, ValueError, RuntimeError)
         raise QuantizationError(f"TensorFlow Lite's converter refused this model: {_reason(exc)}.") from exc
     types = tensor_types(converted) if keep else {}
-    still_int8 = [name for name, leaf in zip(keep_float, keep) if not _kept_in_float(types, leaf)]
+    still_int8 = [path for path in keep if not _kept_in_float(types, path)]
     if still_int8:
         raise QuantizationError(f"The layers {', '.join(still_int8)} were asked to stay in float but the converter "
                                 "did not keep them (not found in the converted graph by their names).")
@@ -95,19 +97,17 @@ def _op_outputs(content: bytes) -> list[str]:
     return list(tensor_types(content))
 
 
-def _names_layer(tensor: str, leaf: str) -> bool:
-    """Whether a converted tensor's name comes from the layer named `leaf` (its scope, `leaf` or `leaf_1`)."""
-    return re.search(rf"(^|[/;]){re.escape(leaf)}(_\d+)?/", tensor) is not None
+def _names_layer(tensor: str, path: str) -> bool:
+    """Whether a converted tensor's name comes from the layer at `path` (its scope: every nested model's name on
+    the way, each maybe suffixed `_1`, so `base/conv1` is not `head/conv1`)."""
+    scope = "/".join(rf"{re.escape(part)}(_\d+)?" for part in path.split("/"))
+    return re.search(rf"(^|[/;]){scope}/", tensor) is not None
 
 
-def _kept_in_float(types: dict[str, str], leaf: str) -> bool:
-    kernels = [kind for name, kind in types.items() if _names_layer(name, leaf)
+def _kept_in_float(types: dict[str, str], path: str) -> bool:
+    kernels = [kind for name, kind in types.items() if _names_layer(name, path)
                and re.search(r"/(convolution|MatMul|BiasAdd|depthwise)", name)]
     return bool(kernels) and all(kind == "float32" for kind in kernels)
-
-
-def _leaf_name(path: str) -> str:
-    return str(path).split("/")[-1]
 
 
 def _reason(exc: Exception) -> str:
