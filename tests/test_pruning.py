@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from audit import pruning
@@ -333,6 +334,25 @@ def test_weight_scores_kept_per_model_follow_a_change_of_the_weights():
     summed = np.linalg.norm(flat[:, None] - flat[None], axis=-1).sum(axis=1)
     np.testing.assert_allclose(pruning.redundancy(model, "c2")[2], summed, rtol=1e-5)
     assert not np.allclose(first, summed)
+
+
+def test_a_pooled_feature_vector_is_measured_as_features_not_as_classes():
+    """A base pooled to a feature vector has the shape of class scores (images, values): the what-if and the
+    sensitivity measure the features' relative error, not a KL of values that are no probabilities."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="c")(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    x = np.random.default_rng(0).random((4, 16, 16, 3)).astype(np.float32)
+    before = model.predict(x, verbose=0)
+    after = before.copy()
+    after[:, [0, 1]] = 0  # silencing two of the conv's filters zeroes their pooled features
+    expected = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert pruning.what_if(model, {"c": [0, 1]}, x) == {"feature_error": pytest.approx(expected, rel=1e-5)}
+    scores = pd.DataFrame({"layer": "c", "filter": range(8), "l1": range(8)})
+    table = pruning.sensitivity(model, scores, "l1", x, fractions=[0.25])
+    assert list(table.columns) == ["layer", "fraction", "feature_error"]
+    assert table.feature_error[0] == pytest.approx(expected, rel=1e-5)  # the two lowest-L1 filters: 0 and 1
 
 
 def test_quality_measures_equal_the_formulas_by_hand():
