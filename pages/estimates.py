@@ -89,14 +89,18 @@ def sweep_cost(selection: Selection) -> pruning.SweepCost:
     return known[key]
 
 
+def traces_as_passes(selection: Selection, traces: float) -> float:
+    """`traces` traces of the model's forward pass, in image passes (what a job that traces graphs of its own
+    pays on its first run, beside the one trace every estimate counts)."""
+    return traces * getattr(selection.model, "trace_seconds", 0.0) / max(idle_pass_seconds(selection), 1e-9)
+
+
 def sweep_passes(selection: Selection, layers: list[str], images: int) -> float:
     """The image passes of a what-if sweep with one cut per entry of `layers` (the layer it cuts) on `images`
     images, the unpruned model's pass included: each cut runs only the layers after its checkpoint, many cuts
     per call (audit.pruning.sweeps); the checkpoints' traces counted as the passes they are worth."""
     found = sweep_cost(selection)
-    traces = found.traces(layers) * getattr(selection.model, "trace_seconds", 0.0) / max(idle_pass_seconds(selection),
-                                                                                        1e-9)
-    return images + found.passes(layers, images) + traces
+    return images + found.passes(layers, images) + traces_as_passes(selection, found.traces(layers))
 
 
 def within_link_budget(selection: Selection, passes: float, images: int = 0) -> bool:

@@ -26,7 +26,8 @@ from audit.disk_cache import DiskCache
 from pages import links, markup
 from pages.estimates import (  # noqa: F401 (what a job costs: long read from here by the pages)
     about, ascent_passes, busy_factor, busy_note, estimate, idle_pass_seconds, images_within, learn,
-    pass_seconds, preparation_seconds, record_passes, sweep_passes, time_left, trace_seconds, within_link_budget)
+    pass_seconds, preparation_seconds, record_passes, sweep_passes, time_left, trace_seconds, traces_as_passes,
+    within_link_budget)
 from pages.selection import Selection, stop
 
 

@@ -84,7 +84,10 @@ right.plotly_chart(px.bar(layer_rows[layer_rows.kind == "weights"], x="channel",
 
 # --- sensitivity ----------------------------------------------------------------------------------------------
 st.subheader("Which layers int8 hurts")
-passes = (len(layers) + 1 if others else 1.5 * len(layers)) * held_out + held_out + calibration  # alone: + its map
+# each run one pass (one traced graph with a switch per layer: a forward trace of each branch), one at a time also
+# the errors' float pass with every layer's twin beside it (about two passes, traced once more, twice the model)
+passes = ((len(layers) + 1 if others else len(layers) + 2) * held_out + held_out + calibration
+          + jobs.traces_as_passes(selection, 2 if others else 4))
 pressed = st.button(f"Simulate int8 layer by layer ({jobs.estimate(selection, passes)} here)", key="quant_sensitivity")
 key = quantization_jobs.sensitivity_key(selection, calibration, held_out, keep_params, others)
 if jobs.job_shown(selection, "quant_sensitivity", pressed, key, jobs.has_result(key), passes):

@@ -118,6 +118,39 @@ def test_sensitivity_per_layer_with_held_out_images(model_and_images):
     assert list(every.layer) == ["c1", "c2", "head", "(all)"]
 
 
+def test_the_switched_graph_runs_what_a_fake_quantised_copy_per_layer_runs(model_and_images):
+    """One traced graph with a switch per layer (sensitivity's runs) against a Keras copy of the model built with
+    those layers int8 (fake_quantized): the same outputs, one layer at a time and all but one; each layer's
+    rounding error from the one float pass equals the copy's tensor at its point against float."""
+    import tensorflow as tf
+
+    from audit import models
+    from audit.quantization import switched
+
+    model, calibration, held_out = model_and_images
+    layers = quantization.quantized_layers(model)
+    limits = quantization.per_tensor_ranges(quantization.activation_ranges(model, layers, calibration)[0])
+    net = switched.switched(model, layers)
+    ranges = [quantization.simulate.rounding_range(model, point, limits) for point in net.points]
+    scale, zero_point = net.rounding(ranges)
+    run = switched.runner(net)
+    x = tf.constant(held_out)
+    for quantized in [[layer] for layer in layers] + [[other for other in layers if other != layer] for layer in layers]:
+        on = np.isin(net.layers, quantized).astype(np.float32)
+        got = run(x, on, net.point_switches(on), scale, zero_point)[0].numpy()
+        expected = quantization.fake_quantized(model, limits, quantized)(x).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+        assert np.abs(got - model(x).numpy()).max() > 1e-6
+    squared, _, count = switched.error_runner(net)(x, scale[net.point_of], zero_point[net.point_of],
+                                                   *np.array(ranges, np.float32)[net.point_of].T)
+    for i, layer in enumerate(layers):
+        point = net.points[net.point_of[i]]
+        alone = quantization.fake_quantized(model, limits, [layer])  # its layer at `point` gives the unrounded
+        rounded = quantization.simulate.FakeQuantize(*ranges[net.point_of[i]])(models.submodel(alone, point)(x))
+        expected = np.mean((rounded.numpy() - models.submodel(model, point)(x).numpy()) ** 2)
+        assert squared.numpy()[i] / count.numpy()[i] == pytest.approx(expected, rel=1e-4)
+
+
 def test_each_layers_rounding_error_agrees_with_tensorflow_lites_quantization_debugger(model_and_images):
     """The debugger runs each int8 op of the converted model beside its float twin on the same input (layer by
     layer, not accumulated) and reports the mean squared difference and the tensor's scale. Per conv, in steps
@@ -221,7 +254,7 @@ def test_the_command_line_measures_and_writes_the_int8_model(tmp_path, capsys):
     (keras.layers.Conv2DTranspose(5, 3), 0, -2),  # (h, w, out, in)
 ])
 def test_each_output_channel_of_every_conv_kind_is_on_its_own_int8_grid(layer, kernel_index, output_axis):
-    from audit.quantization.simulate import quantized_weights
+    from audit.quantization.arithmetic import quantized_weights
 
     keras.utils.set_random_seed(3)
     layer.build((None, 8, 8, 4))

@@ -47,3 +47,26 @@ def parameters(values: np.ndarray, bits: int = 8, axis: int | None = None, symme
     scale = (maximum - minimum) / (highest - lowest)
     zero_point = np.round(lowest - minimum / np.where(scale > 0, scale, 1.0))
     return scale, np.clip(zero_point, lowest, highest), lowest, highest
+
+
+def quantized_weights(layer) -> list[np.ndarray]:
+    """The layer's weights with its kernels quantise-dequantised per output channel (a separable conv's
+    depthwise kernel per its channel too; the bias stays: int32 at the product of scales is far finer than the
+    activations' steps)."""
+    weights = layer.get_weights()
+    kernels = 2 if type(layer).__name__.startswith("Separable") else 1
+    rounded = []
+    for index, kernel in enumerate(weights):
+        if index >= kernels:
+            rounded.append(kernel)
+            continue
+        shaped = kernel
+        if type(layer).__name__.endswith("Transpose"):
+            shaped = np.moveaxis(kernel, -2, -1)
+        if type(layer).__name__.startswith(("Depthwise", "Separable")) and index == 0:
+            shaped = kernel.reshape(*kernel.shape[:-2], kernel.shape[-2] * kernel.shape[-1])
+        values = quantize_dequantize(shaped, 8, axis=-1, symmetric=True)
+        if type(layer).__name__.endswith("Transpose"):
+            values = np.moveaxis(values, -1, -2)
+        rounded.append(values.reshape(kernel.shape).astype(kernel.dtype))
+    return rounded

@@ -19,7 +19,8 @@ import tensorflow as tf
 
 from audit import admission, cost, graph, heads, intervals, models
 from audit.pruning.quality import QualitySums
-from audit.quantization.arithmetic import parameters, quantize_dequantize
+from audit.quantization import switched
+from audit.quantization.arithmetic import parameters
 from audit.quantization.ranges import activation_points, activation_ranges, quantized_layers
 
 
@@ -42,44 +43,17 @@ class FakeQuantize(keras.layers.Layer):
 
     def __init__(self, low: float, high: float, **kwargs):
         super().__init__(**kwargs)
-        scale, zero_point, self.lowest, self.highest = parameters(np.zeros(1), 8, None, False, (low, high))
+        scale, zero_point, _, _ = parameters(np.zeros(1), 8, None, False, (low, high))
         self.scale, self.zero_point = float(scale), float(zero_point)
 
     def call(self, x):
-        if self.scale <= 0:
-            return x
-        q = keras.ops.clip(keras.ops.round(x / self.scale) + self.zero_point, self.lowest, self.highest)
-        return (q - self.zero_point) * self.scale
-
-
-def quantized_weights(layer) -> list[np.ndarray]:
-    """The layer's weights with its kernels quantise-dequantised per output channel (a separable conv's
-    depthwise kernel per its channel too; the bias stays: int32 at the product of scales is far finer than the
-    activations' steps)."""
-    weights = layer.get_weights()
-    kernels = 2 if type(layer).__name__.startswith("Separable") else 1
-    rounded = []
-    for index, kernel in enumerate(weights):
-        if index >= kernels:
-            rounded.append(kernel)
-            continue
-        shaped = kernel
-        if type(layer).__name__.endswith("Transpose"):
-            shaped = np.moveaxis(kernel, -2, -1)
-        if type(layer).__name__.startswith(("Depthwise", "Separable")) and index == 0:
-            shaped = kernel.reshape(*kernel.shape[:-2], kernel.shape[-2] * kernel.shape[-1])
-        values = quantize_dequantize(shaped, 8, axis=-1, symmetric=True)
-        if type(layer).__name__.endswith("Transpose"):
-            values = np.moveaxis(values, -1, -2)
-        rounded.append(values.reshape(kernel.shape).astype(kernel.dtype))
-    return rounded
+        return switched.fake_quantize(x, tf.constant(self.scale, x.dtype), tf.constant(self.zero_point, x.dtype))
 
 
 def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, float]],
-                   layers: list[str], watch: str | None = None) -> keras.Model:
+                   layers: list[str]) -> keras.Model:
     """The model with `layers` quantised: their kernels rounded, their activation points (keys of
-    `activation_range`, whose ranges are per tensor) rounded after. Other layers stay float. With `watch` (a
-    layer's path), that layer's output (rounded, if it is an activation point) is one more output, the last."""
+    `activation_range`, whose ranges are per tensor) rounded after. Other layers stay float."""
     chosen = {models.resolve_layer(model, name) for name in layers}
     points = activation_points(model, sorted(chosen))
     rounding = {point: rounding_range(model, point, activation_range) for point in points.values()}
@@ -89,22 +63,14 @@ def fake_quantized(model: keras.Model, activation_range: dict[str, tuple[float, 
         path = by_layer.get(id(layer))
         if path is None:  # a grouped conv is computed without XLA (audit.graph), as the other passes do
             return graph.grouped_conv_without_xla(layer)
-        computed = layer
-        if path in chosen:
-            computed = type(layer).from_config(layer.get_config())
-            computed.build_from_config(layer.get_build_config())
-            computed.set_weights(quantized_weights(layer))
-        computed = graph.grouped_conv_without_xla(computed) or computed
+        computed = switched.int8_twin(layer) if path in chosen else graph.grouped_conv_without_xla(layer) or layer
         if path not in rounding:
             return computed
         rounded = FakeQuantize(*rounding[path])
         return lambda *args, **kwargs: rounded(computed(*args, **kwargs))
 
     new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    found = {}
-    output = graph.trace(model, new_input, {watch: {"output"}} if watch else {}, "", found, replace)
-    if watch:
-        output = [*graph.as_list(output), found[graph.Point(watch, "output")]]
+    output = graph.trace(model, new_input, {}, "", {}, replace)
     return keras.Model(new_input, output, name=graph.scope_name(f"{model.name}_int8_simulated"))
 
 
@@ -121,7 +87,8 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
     """Per layer: top-1 agreement with float, KL of the simulated from the float distribution, and accuracy
     (with labels), with Wilson intervals, when that layer alone is int8 (or, `all_but_one`, every layer but it;
     then the row `(all)` has every layer int8). Ranges are calibrated on `calibration` (else on `images`: then
-    the figures are not held out, `.attrs["held_out"]` says so).
+    the figures are not held out, `.attrs["held_out"]` says so). The runs share one traced graph
+    (`switched`).
 
     One layer at a time, a row also says how that layer's own rounding errs where the integer model rounds
     it, its input float on both sides (as TensorFlow Lite's quantization debugger feeds each op's float and
@@ -133,27 +100,29 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
     held_out = calibration is not None
     calibrated, _ = activation_ranges(model, layers, calibration if held_out else images)
     limits = per_tensor_ranges(calibrated)
-    points = activation_points(model, layers)
+    net = switched.switched(model, layers)
+    scale, zero_point = net.rounding([rounding_range(model, point, limits) for point in net.points])
     head = heads.find_head(model, output)
     independent = head.distribution == "sigmoid" and not head.binary
     reference = outputs(model, images, head)
     runs = [(layer, [layer] if not all_but_one else [other for other in layers if other != layer])
             for layer in layers] + ([("(all)", layers)] if all_but_one else [])
+    run, total = switched.runner(net), len(runs) + int(not all_but_one)
     rows = []
     for done, (name, quantized) in enumerate(runs):
-        if all_but_one:
-            simulated, rounding = outputs(fake_quantized(model, limits, quantized), images, head), {}
-        else:
-            watched = fake_quantized(model, limits, quantized, watch=points[name])
-            point = points[name]
-            simulated, rounding = _with_rounding_error(model, watched, images, head, point,
-                                                       rounding_range(model, point, limits),
-                                                       calibrated=fixed_range(model, point) is None)
-        sums = QualitySums.of(reference, simulated, labels, independent)
-        rows.append({"layer": name, **_with_intervals(sums), **rounding})
+        on = np.isin(net.layers, quantized).astype(np.float32)
+        feeds = [tf.constant(on), tf.constant(net.point_switches(on)), tf.constant(scale), tf.constant(zero_point)]
+        values = [batch[head.output] for batch in _batches(model, images, lambda x: run(x, *feeds))]
+        sums = QualitySums.of(reference, comparable(np.concatenate(values), head), labels, independent,
+                              head.is_classifier)
+        rows.append({"layer": name, **_with_intervals(sums)})
         if progress is not None:
-            progress(done + 1, len(runs))
+            progress(done + 1, total)
     frame = pd.DataFrame(rows)
+    if not all_but_one:
+        frame = frame.assign(**_rounding_errors(net, images, limits, scale, zero_point))
+        if progress is not None:
+            progress(total, total)
     frame.attrs.update(images=len(images), held_out=held_out, all_but_one=all_but_one,
                        calibration=len(calibration) if held_out else len(images))
     return frame
@@ -170,33 +139,31 @@ def raw_outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.nd
     return np.concatenate(values) if values else np.zeros((0, 1), np.float64)
 
 
-def _batches(net: keras.Model, images: np.ndarray, batch: int | None = None):
-    """Every output of `net` (a list) per batch of `images`, called, not traced (each simulation runs once)."""
-    batch = batch or cost.batch_within(net, 32)
+def _batches(model: keras.Model, images: np.ndarray, call: Callable | None = None):
+    """Every output (a list) of `call` (else the model, called, not traced: each simulation is run once) per
+    batch of `images`, each batch's activations reserved from the server's budget as the model's."""
+    batch = cost.batch_within(model, 32)
     for start in range(0, len(images), batch):
-        with admission.SERVER.reserve(cost.batch_bytes(net, len(images[start:start + batch])), timeout=60):
-            result = net(tf.constant(images[start:start + batch], tf.float32), training=False)
+        with admission.SERVER.reserve(cost.batch_bytes(model, len(images[start:start + batch])), timeout=60):
+            x = tf.constant(images[start:start + batch], tf.float32)
+            result = call(x) if call is not None else model(x, training=False)
         yield [np.asarray(part, np.float64) for part in graph.as_list(result)]
 
 
-def _with_rounding_error(model: keras.Model, watched: keras.Model, images: np.ndarray, head: heads.Head,
-                         point: str, value_range: tuple[float, float], calibrated: bool) -> tuple[np.ndarray, dict]:
-    """The simulated head's outputs (comparable), and the error at `point` (the simulation's last output)
-    against the float model's own tensor there."""
-    float_point = models.submodel(model, point)
-    batch = cost.batch_within(watched, 32)
-    values, squared, clipped, count = [], 0.0, 0, 0
-    for simulated, (reference,) in zip(_batches(watched, images, batch), _batches(float_point, images, batch)):
-        values.append(simulated[head.output])
-        squared += float(np.sum((simulated[-1] - reference) ** 2))
-        clipped += int(np.sum((reference < value_range[0]) | (reference > value_range[1])))
-        count += reference.size
-    scale = float(parameters(np.zeros(1), 8, None, False, value_range)[0])
-    rmse = float(np.sqrt(squared / max(count, 1)))
-    steps = rmse / scale if scale > 0 else np.nan
-    simulated = comparable(np.concatenate(values), head)
-    return simulated, {"rounding_steps": steps, "rounding_rmse": rmse,
-                       "clipped": clipped / max(count, 1) if calibrated else np.nan}
+def _rounding_errors(net: switched.Switched, images: np.ndarray, limits: dict, point_scale: np.ndarray,
+                     point_zero: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer, its own rounding error at its point against float (one float pass for every layer)."""
+    scale, zero = point_scale[net.point_of], point_zero[net.point_of]
+    fixed = np.array([fixed_range(net.model, net.points[j]) is not None for j in net.point_of])
+    low = np.array([limits[net.points[j]][0] for j in net.point_of], np.float32)
+    high = np.array([limits[net.points[j]][1] for j in net.point_of], np.float32)
+    errors = switched.error_runner(net)
+    feeds = [tf.constant(values) for values in (scale, zero, low, high)]
+    squared, outside, count = (np.sum(parts, axis=0) for parts in
+                               zip(*_batches(net.model, images, lambda x: errors(x, *feeds))))
+    rmse = np.sqrt(squared / np.maximum(count, 1))
+    return {"rounding_steps": np.where(scale > 0, rmse / np.where(scale > 0, scale, 1), np.nan), "rounding_rmse": rmse,
+            "clipped": np.where(fixed, np.nan, outside / np.maximum(count, 1))}
 
 
 def comparable(values: np.ndarray, head: heads.Head) -> np.ndarray:
