@@ -104,12 +104,13 @@ if jobs.job_shown(selection, "quant_sensitivity", pressed, key, jobs.has_result(
                + f"Simulated on the {held_out:,} held-out images. Candidates to keep in float: "
                + markup.escape(", ".join(worst.layer)) + ".")
     if "clipped" in table:
-        clipping = table[table.clipped > CLIPPED_SHARE]
+        clipping = table[table.clipped > CLIPPED_SHARE].sort_values("clipped", ascending=False)
+        named = ", ".join(f"{row.layer} ({row.clipped:.1%})" for row in clipping.head(5).itertuples())
+        more = f" and {markup.count(len(clipping) - 5, 'more layer')}" if len(clipping) > 5 else ""
         st.caption("Rounding error in steps of each layer's int8 scale: rounding alone gives at most 0.29 "
                    "(1/sqrt(12)). " + (
-                       "Held-out values fall outside the calibrated range in " + markup.escape(", ".join(
-                           f"{row.layer} ({row.clipped:.1%})" for row in clipping.itertuples())) +
-                       ": those are clipped in int8; calibrate on more (or more varied) images."
+                       f"Held-out values fall outside the calibrated range in {markup.escape(named)}{more}: those "
+                       "are clipped in int8; calibrate on more (or more varied) images."
                        if len(clipping) else "No layer clips more than 0.1% of its held-out values."))
     with st.expander("The table"):
         st.dataframe(table, hide_index=True, width="stretch", column_config=common.number_columns(table, 4))

@@ -539,7 +539,7 @@ def test_quantization_page_measures_ranges_sensitivity_and_the_int8_model():
     assert sensitivity.rounding_steps.between(0.01, 1).all() and sensitivity.clipped.dropna().between(0, 1).all()
     assert sensitivity.set_index("layer").clipped.isna()["predictions"]  # a softmax's range is fixed
     said = next(c.value for c in at.caption if c.value.startswith("Rounding error in steps"))
-    clipping = sensitivity[sensitivity.clipped > 0.001].layer
+    clipping = sensitivity[sensitivity.clipped > 0.001].sort_values("clipped", ascending=False).layer.head(5)
     assert all(layer in said for layer in clipping) and (len(clipping) > 0) == ("outside the calibrated" in said)
     at.button(key="quant_convert").click().run()
     assert not at.exception, at.exception
