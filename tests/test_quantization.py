@@ -219,6 +219,23 @@ def test_a_layer_kept_in_float_is_found_by_its_path_in_a_nested_model():
         quantization.convert(model, calibration, keep_float=["conv"])
 
 
+def test_a_pooled_feature_vector_is_measured_by_its_error_not_by_a_top1_agreement():
+    """A base pooled to features has the shape of class scores: the integer model is compared by the features'
+    relative error (numpy), with no agreement or accuracy of an argmax over features."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="c")(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    images = np.random.default_rng(3).random((12, 16, 16, 3)).astype(np.float32)
+    head = heads.find_head(model)
+    reference = quantization.raw_outputs(model, images[6:], head)
+    measured = quantization.evaluate(quantization.convert(model, images[:6]), images[6:],
+                                     labels=np.zeros(6, int), reference=reference, head=head)
+    assert "agreement" not in measured and "accuracy" not in measured
+    expected = np.linalg.norm(measured["outputs"] - reference) / np.linalg.norm(reference)
+    assert measured["relative_error"] == pytest.approx(expected) and 0 < expected < 0.1
+
+
 def test_a_model_the_converter_refuses_is_a_sentence():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3)(inputs)

@@ -83,7 +83,7 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
               "images_per_second": throughput(content, images, batch, threads=threads) if len(images) and batch
               else float("nan"),
               "outputs": outputs}
-    predicted = _top1(outputs, head) if _classes(outputs) else None
+    predicted = _top1(outputs, head) if _classes(outputs, head) else None
     if predicted is not None and labels is not None and np.any(np.asarray(labels) >= 0):
         known = np.asarray(labels) >= 0
         correct = float(np.sum(predicted[known] == np.asarray(labels)[known]))
@@ -91,7 +91,7 @@ def evaluate(content: bytes, images: np.ndarray, labels: np.ndarray | None = Non
         result["accuracy_low"], result["accuracy_high"] = intervals.wilson_interval(correct, int(known.sum()))
     if reference is not None:
         reference = np.asarray(reference, np.float64).reshape(outputs.shape)
-        if _classes(outputs):
+        if _classes(outputs, head):
             agree = float(np.sum(predicted == _top1(reference, head)))
             result["agreement"] = agree / max(len(images), 1)
             result["agreement_low"], result["agreement_high"] = intervals.wilson_interval(agree, len(images))
@@ -110,6 +110,7 @@ def _top1(values: np.ndarray, head=None) -> np.ndarray:
     return values.reshape(len(values), -1).argmax(1)
 
 
-def _classes(values: np.ndarray) -> bool:
-    """Outputs read as classes: one score per class (a vector), not a map of features."""
-    return np.ndim(values) == 2
+def _classes(values: np.ndarray, head=None) -> bool:
+    """Outputs read as classes: as the head says (a pooled feature vector has the shape of class scores), else
+    one score per class (a vector), not a map of features."""
+    return head.is_classifier if head is not None else np.ndim(values) == 2
