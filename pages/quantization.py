@@ -8,8 +8,7 @@ from audit import charts, quantization
 from pages import common, jobs, links, markup, quantization_jobs, smaller_model
 from pages.selection import current, stop, user_errors
 
-CLIPPED_SHARE = 0.001
-"""A layer whose held-out values fall outside its calibrated range more often than this is named."""
+CLIPPED_SHARE = 0.001  # a layer whose held-out values fall outside its calibrated range more often is named
 
 selection = current()
 loaded = selection.model
