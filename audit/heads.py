@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from audit import admission, compiled, cost, graph
+from audit import batches, compiled, graph
 from audit.errors import AuditError
 
 _SQUASHES = ("softmax", "sigmoid")
@@ -205,17 +205,9 @@ class Outputs:
         return self.head.distribution == "sigmoid" and not self.head.binary
 
     def __call__(self, images: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
-        batch_size = cost.batch_within(self.graph, batch_size)  # within the server's activation budget
         images = np.asarray(images, np.float32)
-        if not len(images):
-            values = np.zeros((0, *self.graph.outputs[0].shape[1:]), np.float32)
-        else:
-            parts = []
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size]
-                with admission.SERVER.reserve(cost.batch_bytes(self.graph, len(batch)), timeout=60):
-                    parts.append(self.forward(batch).numpy())
-            values = np.concatenate(parts)
+        parts = list(batches.in_batches(self.graph, images, lambda batch: self.forward(batch).numpy(), batch_size))
+        values = np.concatenate(parts) if parts else np.zeros((0, *self.graph.outputs[0].shape[1:]), np.float32)
         return probabilities(values, self.head) if self.head.is_classifier else values
 
 

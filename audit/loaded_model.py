@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from audit import admission, cost, device, groups, heads
+from audit import batches, device, groups, heads
 from audit import images as image_utils
 from audit.errors import NotAnImageModelError
 from audit.keras_hub_models import converter_preprocessing
@@ -71,16 +71,15 @@ class LoadedModel:
     def predict(self, x: np.ndarray, device_name: str | None = None, output: int | None = None) -> np.ndarray:
         """Class probabilities of the explained output on a preprocessed batch (also for a logits or a
         single-unit head), or that output as it is when it has no classes; one caller at a time, in batches
-        within the activation budget (cost.batch_within), each reserved from the server's (audit.admission)."""
+        within the activation budget, each reserved from the server's (audit.batches)."""
         x = np.asarray(x, np.float32)
         outputs = self._outputs_of(output)
-        step = cost.batch_within(self.model, max(len(x), 1))
-        parts = []
-        for start in range(0, len(x), step):
-            batch = x[start:start + step]
-            with admission.SERVER.reserve(cost.batch_bytes(self.model, len(batch)), timeout=60), self.lock, \
-                    device.scope(device_name):
-                parts.append(outputs.forward(batch).numpy())  # traced once: an eager call is 6x slower
+
+        def forward(batch):
+            with self.lock, device.scope(device_name):
+                return outputs.forward(batch).numpy()  # traced once: an eager call is 6x slower
+
+        parts = list(batches.in_batches(self.model, x, forward, len(x)))
         values = np.concatenate(parts) if parts else np.zeros((0, *outputs.graph.outputs[0].shape[1:]), np.float32)
         return heads.probabilities(values, outputs.head) if outputs.head.is_classifier else values
 

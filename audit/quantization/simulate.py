@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from audit import admission, cost, graph, heads, intervals, models
+from audit import batches, graph, heads, intervals, models
 from audit.pruning.quality import QualitySums
 from audit.quantization import switched
 from audit.quantization.arithmetic import parameters
@@ -142,12 +142,11 @@ def raw_outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.nd
 def _batches(model: keras.Model, images: np.ndarray, call: Callable | None = None):
     """Every output (a list) of `call` (else the model, called, not traced: each simulation is run once) per
     batch of `images`, each batch's activations reserved from the server's budget as the model's."""
-    batch = cost.batch_within(model, 32)
-    for start in range(0, len(images), batch):
-        with admission.SERVER.reserve(cost.batch_bytes(model, len(images[start:start + batch])), timeout=60):
-            x = tf.constant(images[start:start + batch], tf.float32)
-            result = call(x) if call is not None else model(x, training=False)
-        yield [np.asarray(part, np.float64) for part in graph.as_list(result)]
+    def outputs_of(batch):
+        x = tf.constant(batch, tf.float32)
+        return [np.asarray(part, np.float64) for part in graph.as_list(call(x) if call else model(x, training=False))]
+
+    return batches.in_batches(model, images, outputs_of)
 
 
 def _rounding_errors(net: switched.Switched, images: np.ndarray, limits: dict, point_scale: np.ndarray,
