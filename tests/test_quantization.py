@@ -151,6 +151,37 @@ def test_the_switched_graph_runs_what_a_fake_quantised_copy_per_layer_runs(model
         assert squared.numpy()[i] / count.numpy()[i] == pytest.approx(expected, rel=1e-4)
 
 
+def test_the_switched_graph_runs_for_inference_through_augmentation_and_a_nested_base():
+    """TensorFlow's transfer-learning pattern: augmentation layers (training only), a nested base, dropout. With
+    every switch off the switched graph is the model at inference (augmentation and dropout off), and with one
+    layer on it equals that layer's fake-quantised copy."""
+    import tensorflow as tf
+
+    from audit.quantization import switched
+
+    keras.utils.set_random_seed(5)
+    inner = keras.Input((16, 16, 3))
+    base = keras.Model(inner, keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inner), name="base")
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.RandomRotation(0.2)(keras.layers.RandomFlip("horizontal")(inputs))
+    x = keras.layers.Dropout(0.5)(keras.layers.GlobalAveragePooling2D()(base(x)))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    images = np.random.default_rng(4).random((6, 16, 16, 3)).astype(np.float32)
+    layers = quantization.quantized_layers(model)
+    assert layers == ["base/conv", "head"]
+    limits = quantization.per_tensor_ranges(quantization.activation_ranges(model, layers, images)[0])
+    net = switched.switched(model, layers)
+    scale, zero_point = net.rounding([quantization.simulate.rounding_range(model, p, limits) for p in net.points])
+    run = switched.runner(net)
+    off = np.zeros(len(layers), np.float32)
+    got = run(tf.constant(images), off, net.point_switches(off), scale, zero_point)[0].numpy()
+    np.testing.assert_allclose(got, model(images, training=False).numpy(), rtol=1e-6)
+    on = np.array([1, 0], np.float32)
+    got = run(tf.constant(images), on, net.point_switches(on), scale, zero_point)[0].numpy()
+    np.testing.assert_allclose(got, quantization.fake_quantized(model, limits, ["base/conv"])(images, training=False),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_each_layers_rounding_error_agrees_with_tensorflow_lites_quantization_debugger(model_and_images):
     """The debugger runs each int8 op of the converted model beside its float twin on the same input (layer by
     layer, not accumulated) and reports the mean squared difference and the tensor's scale. Per conv, in steps

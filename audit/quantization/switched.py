@@ -40,6 +40,12 @@ def fake_quantize(x, scale, zero_point):
     return tf.where(scale > 0, rounded, x)
 
 
+def inference(layer, kwargs: dict) -> dict:
+    """A layer's call arguments for inference: these graphs call each layer by itself, outside a model's call
+    that would say training=False to it, and augmentation layers (RandomFlip...) default to training."""
+    return {**kwargs, "training": False} if isinstance(layer, keras.layers.Layer) else kwargs
+
+
 @dataclass
 class Switched:
     """The traced graphs of one model and its quantised layers (kept per model by audit.compiled)."""
@@ -101,6 +107,7 @@ def runner(net: Switched):
                 own = (graph.grouped_conv_without_xla(layer) if grouped else None) or layer
 
                 def call(*args, **kwargs):
+                    kwargs = inference(layer, kwargs)
                     if path in index:
                         twin = net.twins[path]
                         output = tf.cond(layer_on[index[path]] > 0, lambda: twin(*args, **kwargs),
@@ -147,6 +154,7 @@ def error_runner(net: Switched):
                 own = (graph.grouped_conv_without_xla(layer) if grouped else None) or layer
 
                 def call(*args, **kwargs):
+                    kwargs = inference(layer, kwargs)
                     output = own(*args, **kwargs)
                     source = path if path in index else in_chain.get(path)
                     if source is None or (path != source and source not in twin_at):
