@@ -114,21 +114,26 @@ def test_convnext_prunes_to_half_its_parameters_through_its_pointwise_dense_laye
     """The pointwise Dense layers hold most of ConvNeXt's parameters: scored like 1x1 convs, the groups they make
     reach a parameter target, and the smaller model equals the masked one. (The residual stream's channels meet
     LayerNormalization, which the groups do not follow: locked, as in ConvNeXt.)"""
-    from audit import groups, pruning
-
     model = _convnext_like(channels=16)
     assert models.filter_layers(model) == ["stem", "block0_depthwise_conv", "block0_pointwise_conv_1",
                                            "block0_pointwise_conv_2", "block1_depthwise_conv",
                                            "block1_pointwise_conv_1", "block1_pointwise_conv_2"]
+    _half_by_l1_equals_masked(model, np.random.default_rng(1).uniform(0, 1, (3, 16, 16, 3)).astype(np.float32))
+
+
+def _half_by_l1_equals_masked(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Prune to 50% of the parameters by L1 (within 0.02); the smaller model computes the masked one, returned."""
+    from audit import groups, pruning
+
     graph = groups.DependencyGraph(model)
     scores = pd.DataFrame([{"layer": layer, "filter": index, "l1": value} for layer in models.filter_layers(model)
                            for index, value in enumerate(pruning.l1_norms(model, layer))])
     selection = pruning.to_target(model, scores, "l1", graph=graph, params=0.5)
     smaller = pruning.prune(model, selection, graph)
     assert abs(smaller.count_params() / model.count_params() - 0.5) <= 0.02
-    x = np.random.default_rng(1).uniform(0, 1, (3, 16, 16, 3)).astype(np.float32)
-    np.testing.assert_allclose(smaller(x).numpy(), pruning.masked(model, selection, graph)(x).numpy(), rtol=1e-4,
-                               atol=1e-6)
+    masked = pruning.masked(model, selection, graph)(x).numpy()
+    np.testing.assert_allclose(smaller(x).numpy(), masked, rtol=1e-4, atol=1e-6)
+    return masked
 
 
 def test_keras_applications_convnext_from_a_file_reads_its_last_sum_and_prunes_to_half(tmp_path):
@@ -137,8 +142,6 @@ def test_keras_applications_convnext_from_a_file_reads_its_last_sum_and_prunes_t
     the model prunes to half its parameters, equal to masked. Layer scale at 1 (its default 1e-6 hides any cut)."""
     from keras.src.applications.convnext import ConvNeXt
 
-    from audit import groups, pruning
-
     keras.utils.set_random_seed(4)
     built = ConvNeXt(depths=[1, 1, 2, 1], projection_dims=[8, 16, 24, 32], layer_scale_init_value=1.0,
                      input_shape=(64, 64, 3), classes=5, name="convnext_small_test")
@@ -146,13 +149,6 @@ def test_keras_applications_convnext_from_a_file_reads_its_last_sum_and_prunes_t
     last_sum = [op for op in model.operations if not isinstance(op, layers.Layer)][-1]
     assert last_sum.output is model.get_layer("convnext_small_test_head_gap").input  # what the head pools
     assert models.cam_layer(model) == last_sum.name
-    graph = groups.DependencyGraph(model)
-    scores = pd.DataFrame([{"layer": layer, "filter": index, "l1": value} for layer in models.filter_layers(model)
-                           for index, value in enumerate(pruning.l1_norms(model, layer))])
-    selection = pruning.to_target(model, scores, "l1", graph=graph, params=0.5)
-    smaller = pruning.prune(model, selection, graph)
-    assert abs(smaller.count_params() / model.count_params() - 0.5) <= 0.02
     x = np.random.default_rng(5).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
-    masked = pruning.masked(model, selection, graph)(x).numpy()
-    np.testing.assert_allclose(smaller(x).numpy(), masked, rtol=1e-4, atol=1e-6)
+    masked = _half_by_l1_equals_masked(model, x)
     assert np.abs(masked - model(x).numpy()).max() > 1e-2  # the cut is felt
