@@ -72,8 +72,8 @@ def run(args) -> int:
     if args.csv:
         table.to_csv(sys.stdout if args.csv == "-" else args.csv, index=False)
     out = sys.stderr if args.csv == "-" else sys.stdout
-    shown = ["layer", "flag"] + [column for column in ("agreement", "kl", "accuracy", "feature_error", "rounding_steps", "clipped")
-                                if column in table]
+    measures = ("agreement", "kl", "accuracy", "feature_error", "rounding_steps", "clipped")
+    shown = ["layer", "flag"] + [column for column in measures if column in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=out)
     print(_summary(floated, measured, len(held_out), len(calibration), keep, args.batch), file=out)
     if args.out:

@@ -83,8 +83,8 @@ right.plotly_chart(px.bar(layer_rows[layer_rows.kind == "weights"], x="channel",
 
 # --- sensitivity ----------------------------------------------------------------------------------------------
 st.subheader("Which layers int8 hurts")
-# each run one pass (one traced graph with a switch per layer: a forward trace of each branch), one at a time also
-# the errors' float pass with every layer's twin beside it (about two passes, traced once more, twice the model)
+# a pass per run (one traced graph with a switch per layer); one at a time, also the float pass that measures every
+# layer's own rounding (its int8 twins beside it: about two passes); the traces of both graphs (both branches)
 passes = ((len(layers) + 1 if others else len(layers) + 2) * held_out + held_out + calibration
           + jobs.traces_as_passes(selection, 2 if others else 4))
 pressed = st.button(f"Simulate int8 layer by layer ({jobs.estimate(selection, passes)} here)", key="quant_sensitivity")
@@ -110,7 +110,7 @@ if jobs.job_shown(selection, "quant_sensitivity", pressed, key, jobs.has_result(
                    "(1/sqrt(12)). " + (
                        f"Held-out values fall outside the calibrated range in {markup.escape(named)}{more}: those "
                        "are clipped in int8; calibrate on more (or more varied) images."
-                       if len(clipping) else "No layer clips more than 0.1% of its held-out values."))
+                       if len(clipping) else f"No layer clips more than {CLIPPED_SHARE:.1%} of its held-out values."))
     with st.expander("The table"):
         st.dataframe(table, hide_index=True, width="stretch", column_config=common.number_columns(table, 4))
 

@@ -28,9 +28,8 @@ REPRESENTATIVE_MOST = 256
 def convert(model: keras.Model, images: np.ndarray, keep_float=(), representative: int = REPRESENTATIVE_MOST,
             progress: Callable[[int, int], None] | None = None, integer: bool = True) -> bytes:
     """The `.tflite` bytes of `model` with int8 weights and activations (float in and out), calibrated on up to
-    `representative` of `images` (preprocessed), the layers in `keep_float` (paths, or names unique
-    in the model) left in float. With
-    `integer=False`, the float32 `.tflite` (the baseline an int8 model is measured against)."""
+    `representative` of `images` (preprocessed), the layers in `keep_float` (paths, or names unique in the model)
+    left in float. With `integer=False`, the float32 `.tflite` (the baseline an int8 model is measured against)."""
     import tensorflow as tf
 
     images = np.asarray(images, np.float32)

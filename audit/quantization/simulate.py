@@ -5,7 +5,8 @@ The simulated model is the model's own graph re-run (audit.graph) with each quan
 copy whose kernel went through quantise-dequantise (per output channel, symmetric), and each quantised
 layer's activation point (its fused conv-BN-activation output) followed by a per-tensor asymmetric
 quantise-dequantise over its calibrated range (a softmax, sigmoid or tanh over the fixed range TensorFlow Lite's
-kernels use). The loaded model is never changed (it is shared by every session).
+kernels use). The loaded model is never changed (it is shared by every session). Sensitivity runs the same
+rounding in one traced graph with a switch per layer (`switched`) instead of a copy per layer.
 """
 
 from __future__ import annotations
@@ -140,8 +141,10 @@ def raw_outputs(net: keras.Model, images: np.ndarray, head: heads.Head) -> np.nd
 
 
 def _batches(model: keras.Model, images: np.ndarray, call: Callable | None = None):
-    """Every output (a list) of `call` (else the model, called, not traced: each simulation is run once) per
-    batch of `images`, each batch's activations reserved from the server's budget as the model's."""
+    """Every output (a list) of `call` (a traced graph of the model's), else of the model itself called (a copy
+    is run once: tracing it would cost more), per batch of `images`, each batch's activations reserved from the
+    server's budget as the model's."""
+
     def outputs_of(batch):
         x = tf.constant(batch, tf.float32)
         return [np.asarray(part, np.float64) for part in graph.as_list(call(x) if call else model(x, training=False))]

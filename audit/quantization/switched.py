@@ -13,7 +13,6 @@ measures per op (both versions fed the same input), for every layer in one pass 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import keras
@@ -56,7 +55,6 @@ class Switched:
     point_of: list[int]  # per layer, the index of its point
     chains: dict  # layer path -> the per-channel layers after it, up to its point (paths)
     twins: dict  # layer path -> its int8 twin
-    lock: threading.Lock
 
     def point_switches(self, on: np.ndarray) -> np.ndarray:
         """A point is rounded when any layer it belongs to is int8."""
@@ -82,7 +80,7 @@ def switched(model: keras.Model, layers: list[str]) -> Switched:
             chains[layer] = chain[1:chain.index(points[layer]) + 1] if points[layer] in chain else []
         twins = {layer: int8_twin(graph.get_layer(model, layer)) for layer in layers}
         return Switched(model, list(layers), distinct, [distinct.index(points[layer]) for layer in layers], chains,
-                        twins, threading.Lock())
+                        twins)
 
     return compiled.kept(model, ("int8 switched", tuple(layers)), build)
 
@@ -126,8 +124,7 @@ def runner(net: Switched):
 
         return run
 
-    with net.lock:
-        return compiled.kept(net.model, ("int8 switched run", tuple(net.layers)), build)
+    return compiled.kept(net.model, ("int8 switched run", tuple(net.layers)), build)
 
 
 def error_runner(net: Switched):
@@ -169,7 +166,8 @@ def error_runner(net: Switched):
                         reference = tf.cast(output, tf.float32)
                         outside = tf.logical_or(reference < low[i], reference > high[i])
                         found[i] = (tf.reduce_sum(tf.square(tf.cast(rounded, tf.float32) - reference)),
-                                    tf.reduce_sum(tf.cast(outside, tf.float32)), tf.cast(tf.size(reference), tf.float32))
+                                    tf.reduce_sum(tf.cast(outside, tf.float32)),
+                                    tf.cast(tf.size(reference), tf.float32))
                     return output
 
                 return call
@@ -180,5 +178,4 @@ def error_runner(net: Switched):
 
         return errors
 
-    with net.lock:
-        return compiled.kept(net.model, ("int8 rounding errors", tuple(net.layers)), build)
+    return compiled.kept(net.model, ("int8 rounding errors", tuple(net.layers)), build)
