@@ -102,7 +102,8 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
     calibrated, _ = activation_ranges(model, layers, calibration if held_out else images)
     limits = per_tensor_ranges(calibrated)
     net = switched.switched(model, layers)
-    scale, zero_point = net.rounding([rounding_range(model, point, limits) for point in net.points])
+    ranges = [rounding_range(model, point, limits) for point in net.points]
+    scale, zero_point = net.rounding(ranges)
     head = heads.find_head(model, output)
     independent = head.distribution == "sigmoid" and not head.binary
     reference = outputs(model, images, head)
@@ -121,7 +122,7 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
             progress(done + 1, total)
     frame = pd.DataFrame(rows)
     if not all_but_one:
-        frame = frame.assign(**_rounding_errors(net, images, limits, scale, zero_point))
+        frame = frame.assign(**_rounding_errors(net, images, ranges, scale, zero_point))
         if progress is not None:
             progress(total, total)
     frame.attrs.update(images=len(images), held_out=held_out, all_but_one=all_but_one,
@@ -152,13 +153,13 @@ def _batches(model: keras.Model, images: np.ndarray, call: Callable | None = Non
     return batches.in_batches(model, images, outputs_of)
 
 
-def _rounding_errors(net: switched.Switched, images: np.ndarray, limits: dict, point_scale: np.ndarray,
-                     point_zero: np.ndarray) -> dict[str, np.ndarray]:
-    """Per layer, its own rounding error at its point against float (one float pass for every layer)."""
+def _rounding_errors(net: switched.Switched, images: np.ndarray, ranges: list[tuple[float, float]],
+                     point_scale: np.ndarray, point_zero: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer, its own rounding error at its point against float (one float pass for every layer), from
+    each point's rounding range and its scale and zero point."""
     scale, zero = point_scale[net.point_of], point_zero[net.point_of]
-    fixed = np.array([fixed_range(net.model, net.points[j]) is not None for j in net.point_of])
-    low = np.array([limits[net.points[j]][0] for j in net.point_of], np.float32)
-    high = np.array([limits[net.points[j]][1] for j in net.point_of], np.float32)
+    fixed = np.array([fixed_range(net.model, point) is not None for point in net.points])[net.point_of]
+    low, high = np.array(ranges, np.float32)[net.point_of].T
     errors = switched.error_runner(net)
     feeds = [tf.constant(values) for values in (scale, zero, low, high)]
     squared, outside, count = (np.sum(parts, axis=0) for parts in

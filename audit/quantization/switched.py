@@ -39,12 +39,6 @@ def fake_quantize(x, scale, zero_point):
     return tf.where(scale > 0, rounded, x)
 
 
-def inference(layer, kwargs: dict) -> dict:
-    """A layer's call arguments for inference: these graphs call each layer by itself, outside a model's call
-    that would say training=False to it, and augmentation layers (RandomFlip...) default to training."""
-    return {**kwargs, "training": False} if isinstance(layer, keras.layers.Layer) else kwargs
-
-
 @dataclass
 class Switched:
     """The traced graphs of one model and its quantised layers (kept per model by audit.compiled)."""
@@ -92,35 +86,26 @@ def runner(net: Switched):
     def build():
         index = {layer: i for i, layer in enumerate(net.layers)}
         point_index = {point: j for j, point in enumerate(net.points)}
-        paths = {id(layer): path for path, layer, _ in graph.iter_layers(net.model)}
-        grouped = graph.has_grouped_convs(net.model)
         signature = [tf.TensorSpec([None, *net.model.inputs[0].shape[1:]], tf.float32),
                      *[tf.TensorSpec([n], tf.float32) for n in (len(net.layers), len(net.points), len(net.points),
                                                               len(net.points))]]
 
         @tf.function(input_signature=signature)
         def run(images, layer_on, point_on, scale, zero_point):
-            def replace(layer):
-                path = paths.get(id(layer), layer.name)
-                own = (graph.grouped_conv_without_xla(layer) if grouped else None) or layer
+            def call(path, own, args, kwargs):
+                if path in index:
+                    twin = net.twins[path]
+                    output = tf.cond(layer_on[index[path]] > 0, lambda: twin(*args, **kwargs),
+                                     lambda: own(*args, **kwargs))
+                else:
+                    output = own(*args, **kwargs)
+                if path in point_index:
+                    j = point_index[path]
+                    output = tf.cond(point_on[j] > 0, lambda: fake_quantize(output, scale[j], zero_point[j]),
+                                     lambda: tf.identity(output))
+                return output
 
-                def call(*args, **kwargs):
-                    kwargs = inference(layer, kwargs)
-                    if path in index:
-                        twin = net.twins[path]
-                        output = tf.cond(layer_on[index[path]] > 0, lambda: twin(*args, **kwargs),
-                                         lambda: own(*args, **kwargs))
-                    else:
-                        output = own(*args, **kwargs)
-                    if path in point_index:
-                        j = point_index[path]
-                        output = tf.cond(point_on[j] > 0, lambda: fake_quantize(output, scale[j], zero_point[j]),
-                                         lambda: tf.identity(output))
-                    return output
-
-                return call
-
-            return graph.as_list(graph.trace(net.model, images, {}, "", {}, replace))
+            return _walk(net.model, images, call)
 
         return run
 
@@ -136,8 +121,6 @@ def error_runner(net: Switched):
         index = {layer: i for i, layer in enumerate(net.layers)}
         in_chain = {step: layer for layer, chain in net.chains.items() for step in chain}
         end = {layer: (chain[-1] if chain else layer) for layer, chain in net.chains.items()}
-        paths = {id(layer): path for path, layer, _ in graph.iter_layers(net.model)}
-        grouped = graph.has_grouped_convs(net.model)
         count = len(net.layers)
         signature = [tf.TensorSpec([None, *net.model.inputs[0].shape[1:]], tf.float32),
                      *[tf.TensorSpec([count], tf.float32) for _ in range(4)]]
@@ -146,36 +129,44 @@ def error_runner(net: Switched):
         def errors(images, scale, zero_point, low, high):
             twin_at, found = {}, {}
 
-            def replace(layer):
-                path = paths.get(id(layer), layer.name)
-                own = (graph.grouped_conv_without_xla(layer) if grouped else None) or layer
-
-                def call(*args, **kwargs):
-                    kwargs = inference(layer, kwargs)
-                    output = own(*args, **kwargs)
-                    source = path if path in index else in_chain.get(path)
-                    if source is None or (path != source and source not in twin_at):
-                        return output
-                    if path == source:
-                        twin_at[source] = net.twins[path](*args, **kwargs)
-                    else:
-                        twin_at[source] = own(twin_at[source], *args[1:], **kwargs)
-                    if path == end[source]:
-                        i = index[source]
-                        rounded = fake_quantize(twin_at.pop(source), scale[i], zero_point[i])
-                        reference = tf.cast(output, tf.float32)
-                        outside = tf.logical_or(reference < low[i], reference > high[i])
-                        found[i] = (tf.reduce_sum(tf.square(tf.cast(rounded, tf.float32) - reference)),
-                                    tf.reduce_sum(tf.cast(outside, tf.float32)),
-                                    tf.cast(tf.size(reference), tf.float32))
+            def call(path, own, args, kwargs):
+                output = own(*args, **kwargs)
+                source = path if path in index else in_chain.get(path)
+                if source is None or (path != source and source not in twin_at):
                     return output
+                if path == source:
+                    twin_at[source] = net.twins[path](*args, **kwargs)
+                else:
+                    twin_at[source] = own(twin_at[source], *args[1:], **kwargs)
+                if path == end[source]:
+                    i = index[source]
+                    rounded = fake_quantize(twin_at.pop(source), scale[i], zero_point[i])
+                    reference = tf.cast(output, tf.float32)
+                    outside = tf.logical_or(reference < low[i], reference > high[i])
+                    found[i] = (tf.reduce_sum(tf.square(tf.cast(rounded, tf.float32) - reference)),
+                                tf.reduce_sum(tf.cast(outside, tf.float32)), tf.cast(tf.size(reference), tf.float32))
+                return output
 
-                return call
-
-            graph.trace(net.model, images, {}, "", {}, replace)
+            _walk(net.model, images, call)
             zero = (tf.constant(0.0), tf.constant(0.0), tf.constant(0.0))
             return [tf.stack([found.get(i, zero)[part] for i in range(count)]) for part in range(3)]
 
         return errors
 
     return compiled.kept(net.model, ("int8 rounding errors", tuple(net.layers)), build)
+
+
+def _walk(model: keras.Model, images, call) -> list:
+    """The model's outputs on `images`, each layer's call made by `call(path, own, args, kwargs)`: `own` is the
+    layer as every pass runs it (a grouped conv without XLA), `kwargs` say inference (each layer is called by
+    itself, outside a model's call that would say training=False, and augmentation layers default to training)."""
+    paths = {id(layer): path for path, layer, _ in graph.iter_layers(model)}
+    grouped = graph.has_grouped_convs(model)
+
+    def replace(layer):
+        path = paths.get(id(layer), layer.name)
+        own = (graph.grouped_conv_without_xla(layer) if grouped else None) or layer
+        training = {"training": False} if isinstance(layer, keras.layers.Layer) else {}
+        return lambda *args, **kwargs: call(path, own, args, {**kwargs, **training})
+
+    return graph.as_list(graph.trace(model, images, {}, "", {}, replace))
