@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.server import ROOT, serve
+from bench.server import ROOT, SCRIPT_DONE, serve
 
 TIMEOUT = 600_000  # ms
 
@@ -24,8 +24,7 @@ def timed_open(page, url: str) -> tuple[float, float]:
     page.wait_for_function("document.querySelectorAll('[data-testid=stMain] [data-testid=stImage]').length >= 2",
                            timeout=TIMEOUT)
     first = time.perf_counter() - start
-    page.wait_for_timeout(300)
-    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=TIMEOUT)
+    page.wait_for_selector(SCRIPT_DONE, state="attached", timeout=TIMEOUT)
     return first, time.perf_counter() - start
 
 

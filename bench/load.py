@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench.server import rss_mb, serve
+from bench.server import SCRIPT_DONE, rss_mb, serve
 
 MODELS = ("demo:shapes", "demo:shapes-gap", "demo:vgg16")
 VIEWS = {  # a cheap view: its path and what shows when it is ready
@@ -47,11 +47,10 @@ class Memory(threading.Thread):
 
 
 async def settled(page) -> None:
-    """Wait until the script run is over: Streamlit's running indicator absent twice in a row."""
+    """Wait until the script run is over: the app root not running twice in a row, 250 ms apart."""
     quiet = 0
     while quiet < 2:
-        running = await page.locator("[data-testid=stStatusWidget]").count()
-        quiet = 0 if running else quiet + 1
+        quiet = quiet + 1 if await page.locator(SCRIPT_DONE).count() else 0
         await page.wait_for_timeout(250)
 
 

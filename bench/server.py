@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Streamlit marks its app root with the script's run state at once (its running indicator shows only after 500 ms).
+SCRIPT_DONE = "[data-testid=stApp][data-test-script-state=notRunning]"
 
 
 def rss_mb(pid: int) -> float:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.server import ROOT, rss_mb, serve
+from bench.server import ROOT, SCRIPT_DONE, rss_mb, serve
 
 SOURCES = ("demo:shapes", "demo:shapes-gap", "demo:vgg16") + tuple(
     f"keras:{name}:untrained" for name in ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121",
@@ -52,7 +52,7 @@ for seed in range({count}):
 def settle(page) -> None:
     quiet = 0
     while quiet < 2:
-        quiet = 0 if page.locator("[data-testid=stStatusWidget]").count() else quiet + 1
+        quiet = quiet + 1 if page.locator(SCRIPT_DONE).count() else 0
         page.wait_for_timeout(250)
 
 

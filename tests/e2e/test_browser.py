@@ -92,10 +92,16 @@ def _open(browser, url):
     return context, page
 
 
+# Streamlit marks its app root with the script's run state at once; its running indicator shows only after 500 ms
+# of a run, so its absence proved nothing on a busy machine (CI once checked a page half drawn).
+SCRIPT_DONE = "[data-testid=stApp][data-test-script-state=notRunning]"
+SCRIPT_RUNNING = "[data-testid=stApp]:not([data-test-script-state=notRunning])"
+
+
 def _settle(page, timeout=SLOW):
-    """Wait until the script run is over (the running indicator is gone)."""
-    page.wait_for_timeout(500)
-    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=timeout)
+    """Wait until the script run is over (the app root says it is not running)."""
+    page.wait_for_timeout(200)
+    page.wait_for_selector(SCRIPT_DONE, state="attached", timeout=timeout)
 
 
 def _assert_clean(page):
@@ -424,9 +430,9 @@ def _whole_page_screenshot(page, name):
 
 
 def _run_started(page):
-    """Wait until the run a click started shows its running indicator (a quick run may end before that)."""
+    """Wait until the run a click started is under way (a quick run may end before that)."""
     try:
-        page.wait_for_selector("[data-testid=stStatusWidget]", timeout=5000)
+        page.wait_for_selector(SCRIPT_RUNNING, state="attached", timeout=5000)
     except playwright_api.TimeoutError:
         pass
 
