@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from audit import limits
-from audit.graph import Call, as_list, flat_calls
+from audit.graph import Call, as_list, flat_calls, is_depthwise
 
 
 def _values(tensor) -> int:
@@ -33,7 +33,7 @@ def call_macs(call: Call, kept_in: float = 1.0, kept_out: float = 1.0) -> float:
     kernel = int(np.prod(getattr(layer, "kernel_size", (1,))))
     if kind == "Dense":
         return _values(source) * channels_out * kept_in * kept_out
-    if kind.startswith("Depthwise"):
+    if is_depthwise(layer):
         return positions_out * channels_out * kernel * kept_out
     if kind.startswith("Separable"):
         middle = channels_in * int(getattr(layer, "depth_multiplier", 1))

@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 from audit.errors import AuditError, UnknownLayerError
 
@@ -199,12 +200,40 @@ def _every_layer(model) -> list:
     return found
 
 
+def is_depthwise(layer) -> bool:
+    """A depthwise convolution: DepthwiseConv1D/2D, or a Conv with one group per input channel (ConvNeXt's and
+    KerasHub MobileNet's form), whose output channel c * m + j reads input channel c alone."""
+    if type(layer).__name__ in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        return True
+    return _groups(layer) > 1 and int(layer.kernel.shape[-2]) == 1
+
+
+def is_grouped(layer) -> bool:
+    """A Conv whose groups each read several input channels (ResNeXt, RegNet): its channels go by whole groups."""
+    return _groups(layer) > 1 and int(layer.kernel.shape[-2]) > 1
+
+
+def _groups(layer) -> int:
+    if type(layer).__name__ not in ("Conv1D", "Conv2D", "Conv3D") or getattr(layer, "kernel", None) is None:
+        return 1
+    return int(getattr(layer, "groups", 1) or 1)
+
+
+def depthwise_kernel(layer) -> np.ndarray:
+    """A depthwise layer's kernel as (*space, input channels, multiplier): a grouped Conv's (*space, 1, filters)
+    holds output c * m + j in column c * m + j, the same order."""
+    kernel = np.asarray(layer.kernel)
+    if type(layer).__name__.startswith("Depthwise"):
+        return kernel
+    return kernel.reshape(*kernel.shape[:-2], int(layer.groups), kernel.shape[-1] // int(layer.groups))
+
+
 def has_grouped_convs(model: keras.Model) -> bool:
     return any(_grouped(layer) for layer in _every_layer(model))
 
 
 def _grouped(layer) -> bool:
-    return type(layer).__name__ == "Conv2D" and int(getattr(layer, "groups", 1) or 1) > 1 \
+    return type(layer).__name__ == "Conv2D" and _groups(layer) > 1 \
         and getattr(layer, "data_format", "channels_last") == "channels_last"
 
 

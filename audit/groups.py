@@ -9,7 +9,8 @@ element; layers tie elements together:
 - the inputs of Add / Subtract / Multiply / Maximum / Minimum / Average and their output share
   channels (a residual connection, a squeeze-and-excitation gate);
 - Concatenate maps each input's channels to an offset range of its output;
-- DepthwiseConv2D passes channel c on as its outputs c * m .. c * m + m - 1;
+- DepthwiseConv2D (and a Conv2D with one group per input channel) passes channel c on as its outputs
+  c * m .. c * m + m - 1; a Conv2D whose groups read several channels each is locked;
 - Flatten spreads channel c over every position of its output (the Dense after it reads them all);
 - Conv, SeparableConv, ConvTranspose and Dense start new channels (their filters): they read their
   input's channels and make their own.
@@ -30,7 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from audit import graph as model_graph
-from audit.graph import Call, as_list
+from audit.graph import Call, as_list, is_depthwise, is_grouped
 from audit.errors import AuditError
 
 SOURCES = {"Conv1D", "Conv2D", "Conv3D", "SeparableConv1D", "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose",
@@ -45,13 +46,15 @@ PASS = {
     "RandomRotation", "RandomZoom", "RandomTranslation", "RandomCrop", "RandomContrast", "RandomBrightness",
     "StochasticDepth",
 }
+REDUCTIONS = {"Mean", "Max", "Min", "Sum"}
 MERGE = {"Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average"}
 CHANNEL_MIXING_ACTIVATIONS = {"softmax", "log_softmax"}
 
 SUPPORTED = {
     "Conv1D/2D/3D, SeparableConv1D/2D, Conv1D/2DTranspose, Dense": "start groups (their filters) and read their "
                                                                     "input's channels",
-    "DepthwiseConv1D/2D": "channel c goes on as outputs c*m .. c*m+m-1 (m: the depth multiplier)",
+    "DepthwiseConv1D/2D, a Conv2D with one group per input channel": "channel c goes on as outputs c*m .. c*m+m-1 "
+                                                                    "(m: the depth multiplier)",
     "BatchNormalization, LayerScale, PReLU": "per-channel parameters, sliced with the channel",
     "Activation (not softmax), ReLU, LeakyReLU, ELU, Dropout, pooling (global too), padding, cropping, "
     "upsampling, augmentation": "a channel passes unchanged",
@@ -59,9 +62,11 @@ SUPPORTED = {
                                                          "connections, squeeze-and-excitation gates)",
     "Concatenate (channel axis)": "each input's channels map to an offset range of the output",
     "Flatten": "channel c is every position's c: the Dense after it loses those rows",
-    "Reshape keeping the channel axis (e.g. to 1x1xC)": "a channel passes unchanged",
+    "Reshape keeping the channel axis (e.g. to 1x1xC), keras.ops mean/max/min/sum over positions": "a channel "
+                                                                                                  "passes unchanged",
     "nested models (one input)": "entered: the base and the head around it are one graph",
-    "anything else (LayerNormalization, softmax, other Reshapes, custom layers)": "locks the channels it touches",
+    "anything else (LayerNormalization, softmax, other Reshapes, a Conv2D whose groups read several channels, "
+    "custom layers)": "locks the channels it touches",
 }
 """Which layer kinds the groups follow (the README's table of supported operations)."""
 
@@ -133,14 +138,20 @@ class DependencyGraph:
     def _link(self, call: Call, pairs: list, locks: dict, couplers: list) -> None:
         kind, outputs = call.kind, as_list(call.output)
         tensors = [t for t in call.inputs if len(t.shape) >= 2]
-        if kind in SOURCES:
+        if is_grouped(call.layer):
+            for tensor in tensors + outputs:
+                self._lock(tensor, f"it goes through the grouped convolution {call.path!r}, whose channels go by "
+                                   "whole groups, which the groups do not follow", locks)
+            return
+        depthwise = is_depthwise(call.layer)
+        if kind in SOURCES and not depthwise:
             return  # new channels; the input is read, not passed on
         if len(outputs) != 1:
             for tensor in tensors + outputs:
                 self._lock(tensor, f"it goes through {kind} layer {call.path!r}, which has several outputs", locks)
             return
         out = self.elements(outputs[0])
-        if kind in DEPTHWISE and tensors:
+        if depthwise and tensors:
             multiplier = len(out) // max(len(self.elements(tensors[0])), 1)
             pairs.append((out, np.repeat(self.elements(tensors[0]), multiplier)))
             if multiplier > 1:
@@ -238,8 +249,16 @@ class DependencyGraph:
 
 
 def _keeps_channel_axis(call: Call) -> bool:
-    """A Reshape whose output keeps the input's channel axis last (e.g. (C,) to (1, 1, C))."""
-    if call.kind != "Reshape" or not call.inputs:
+    """A Reshape whose output keeps the input's channel axis last (e.g. (C,) to (1, 1, C)), or a keras.ops
+    reduction over positions only (a squeeze-and-excitation's `ops.mean(x, axis=(1, 2), keepdims=True)`)."""
+    if not call.inputs:
+        return False
+    if call.kind in REDUCTIONS and model_graph.is_operation(call.layer):
+        axis, rank = getattr(call.layer, "axis", None), len(call.inputs[0].shape)
+        axes = {int(a) % rank for a in (axis if isinstance(axis, (list, tuple)) else [axis])} if axis is not None \
+            else set(range(rank))
+        return not axes & {0, rank - 1}
+    if call.kind != "Reshape":
         return False
     before, after = call.inputs[0].shape, as_list(call.output)[0].shape
     return before[-1] == after[-1] and int(np.prod(before[1:-1] or [1])) == int(np.prod(after[1:-1] or [1]))

@@ -21,6 +21,7 @@ from audit import storage, trial
 from audit.graph import rename_for_tensorflow
 from audit.errors import UnknownSourceError, WeightsUnavailableError
 from audit.keras_hub_models import converter_size
+from audit.opened_blocks import open_blocks
 from audit.loaded_model import LoadedModel, check_image_model, detect_preprocessing, fingerprint_of, weights_digest
 
 DEFAULT_SOURCE = "demo:shapes"
@@ -250,9 +251,11 @@ def _load_file(path: Path, source: str) -> LoadedModel:
         trial.vet(path, digest, shown)
     model = load_model_file(path, shown)
     check_image_model(model)
-    renamed = rename_for_tensorflow(model)
     size = model.inputs[0].shape[1:3]
-    mode, reason = detect_preprocessing(model)
+    input_size = tuple(s or 224 for s in size) if all(size) else converter_size(model) or (224, 224)
+    mode, reason = detect_preprocessing(model)  # before the blocks are opened: a KerasHub converter says it
+    model = open_blocks(model, input_size)
+    renamed = rename_for_tensorflow(model)
     name = shown
     renamed_note = "" if not renamed else (
         " Renamed for TensorFlow, whose traced calls refuse such names: "
@@ -260,7 +263,7 @@ def _load_file(path: Path, source: str) -> LoadedModel:
         + (f" and {len(renamed) - 5} more" if len(renamed) > 5 else "") + ".")
     return LoadedModel(
         model=model, source=source, fingerprint=fingerprint_of("file", digest), class_names=None,
-        input_size=tuple(s or 224 for s in size) if all(size) else converter_size(model) or (224, 224),
+        input_size=input_size,
         preprocessing=mode, preprocessing_reason=reason,
         description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…)."
                     + renamed_note,

@@ -134,10 +134,85 @@ def test_a_folder_that_is_no_preset_is_refused_as_a_saved_model(tmp_path):
         models.load(f"file:{folder}")
 
 
-def test_a_mobilenet_v3_classifier_prunes_to_a_flat_copy_that_computes_the_masked_model(tmp_path):
-    """KerasHub's MobileNetBackbone rebuilds its blocks by code when cloned (other layer names), so the smaller model
-    is its graph copied flat, layer by layer: it computes what the masked model computes, and saves and loads back
-    through the same screens."""
+def test_a_mobilenet_v3_classifiers_blocks_open_into_nested_models_of_their_own_layers(tmp_path):
+    """KerasHub's MobileNet blocks are Layer subclasses that call their convs in `call`: loaded, each is a nested
+    model of the same layers, so the table, the maps and the scores reach every conv inside; what the model and an
+    inner conv compute equals KerasHub's own classifier (its blocks called as they are)."""
+    from audit import activations
+    from audit.zoo import keras_hub_classifiers
+
+    original = keras_hub_classifiers.mobilenet_v3()
+    loaded = _upload(original, tmp_path, "mobilenet")
+    table = models.layer_table(loaded.model)
+    conv_reduce = "mobile_net_backbone/block_2_1/block_2_1_se/block_2_1_se_conv_reduce"
+    assert table.set_index("path").loc[conv_reduce, "params"] == 144 * 40 + 40  # the squeeze-excite's 1x1 conv
+    assert len(models.conv_layers(loaded.model)) == 23  # 3 outside the blocks before: input, classifier convs
+    assert models.cam_layer(loaded.model) == "mobile_net_backbone/block_3_0/activation_19"  # the map pooled
+    x = loaded.preprocess(np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    np.testing.assert_allclose(loaded.model(x, training=False), original(x, training=False), rtol=1e-5, atol=1e-6)
+    backbone = original.backbone
+    before = keras.Model(backbone.inputs, backbone.get_layer("block_0_0").output)(x)
+    expected = backbone.get_layer("block_1_0").conv1(before).numpy()
+    got = activations.layer_maps(loaded.model, "mobile_net_backbone/block_1_0/block_1_0_conv1", x[:1])
+    np.testing.assert_allclose(got, expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_with_weights_of_its_own_stays_whole():
+    """Only a container opens: a layer with a weight of its own (not in a sublayer) stays one node; a model whose
+    block calls TensorFlow's own ops stays as it is; the opened model computes what the original did."""
+    from audit.opened_blocks import is_block, open_blocks
+
+    class Scaled(keras.layers.Layer):  # a conv and a weight of its own
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(4, 3, padding="same")
+
+        def build(self, input_shape):
+            self.conv.build(input_shape)
+            self.scale = self.add_weight(shape=(4,), initializer="ones")
+
+        def call(self, x):
+            return self.conv(x) * self.scale
+
+    class Container(keras.layers.Layer):  # two convs, no weight of its own
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.first = keras.layers.Conv2D(4, 3, padding="same", name="first")
+            self.second = keras.layers.Conv2D(4, 1, name="second")
+
+        def build(self, input_shape):
+            self.first.build(input_shape)
+            self.second.build(input_shape)
+
+        def call(self, x):
+            return self.second(keras.ops.relu(self.first(x))) + x
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((8, 8, 4))
+    model = keras.Model(image, Scaled(name="scaled")(Container(name="container")(image)))
+    assert [is_block(layer) for layer in model.layers[1:]] == [True, False]
+    opened = open_blocks(model, (8, 8))
+    assert [type(layer).__name__ for layer in opened.layers] == ["InputLayer", "Functional", "Scaled"]
+    inner = opened.layers[1]
+    assert inner.layers[0].name == "container_input"
+    assert inner.get_layer("first") is model.layers[1].first  # the same layers: the same weights
+    assert sum(isinstance(layer, keras.layers.Conv2D) for layer in inner.layers) == 2
+
+    class TensorFlowOps(Container):  # TensorFlow's own ops: they run in a traced graph, not on a Keras input
+        def call(self, x):
+            import tensorflow as tf
+
+            return tf.nn.relu(self.first(x))
+
+    kept = keras.Model(image, TensorFlowOps(name="tf_ops")(image))
+    assert open_blocks(kept, (8, 8)) is kept
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    np.testing.assert_allclose(opened(x).numpy(), model(x).numpy(), rtol=1e-6)
+
+
+def test_a_mobilenet_v3_classifier_prunes_inside_its_blocks_to_the_masked_model(tmp_path):
+    """A filter group inside an opened block (the middle of the removable layers) is cut: the smaller model
+    computes what the masked model computes, and saves and loads back through the same screens."""
     from audit import groups, heads, pruning
     from audit.zoo import keras_hub_classifiers
 
@@ -149,13 +224,11 @@ def test_a_mobilenet_v3_classifier_prunes_to_a_flat_copy_that_computes_the_maske
             gamma, beta, mean, variance = layer.get_weights()
             layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.3, beta.shape),
                                rng.normal(0, 0.1, mean.shape), rng.uniform(0.05, 0.2, variance.shape)])
-    last = models.get_layer(model, models.weighted_layers(model)[-1])  # logits far apart: outputs tell cuts apart
-    last.set_weights([weights * 1e4 for weights in last.get_weights()])
     graph = groups.DependencyGraph(model)
     layer = graph.removable_layers()[len(graph.removable_layers()) // 2]
+    assert layer.count("/") == 2  # mobile_net_backbone/<block>/<conv>: inside a block
     selection = {layer: list(range(0, models.output_channels(model, layer), 2))}  # every other filter
     smaller = pruning.prune(model, selection, graph)
-    assert not any(isinstance(inner, keras.Model) for inner in smaller.layers)  # flat
     assert smaller.count_params() < model.count_params()
     x = loaded.preprocess(np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
     head = heads.find_head(model)

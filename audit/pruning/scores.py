@@ -17,6 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from audit import activations, compiled, cost, datasets, heads, models, passes
+from audit.graph import depthwise_kernel, is_depthwise
 from audit.pruning.batchnorm import bn_scales
 
 _PASSES: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
@@ -33,8 +34,8 @@ def filter_kernels(model: keras.Model, layer: str) -> np.ndarray:
     """
     target = models.get_layer(model, layer)
     kind = type(target).__name__
-    if kind in ("DepthwiseConv2D", "DepthwiseConv1D"):
-        kernel = np.asarray(target.kernel)  # (kh, kw, in, multiplier)
+    if is_depthwise(target):
+        kernel = depthwise_kernel(target)  # (kh, kw, in, multiplier)
         *space, channels, multiplier = kernel.shape
         full = np.zeros((*space, channels, channels * multiplier), kernel.dtype)
         for c in range(channels):
@@ -57,8 +58,8 @@ def filter_kernels(model: keras.Model, layer: str) -> np.ndarray:
 def l1_norms(model: keras.Model, layer: str) -> np.ndarray:
     """The L1 norm of each output channel's filter (Li et al. 2017)."""
     target = models.get_layer(model, layer)
-    if type(target).__name__ in ("DepthwiseConv2D", "DepthwiseConv1D"):  # without the zeros of filter_kernels
-        kernel = np.asarray(target.kernel)
+    if is_depthwise(target):  # without the zeros of filter_kernels
+        kernel = depthwise_kernel(target)
         return np.abs(kernel).reshape(-1, kernel.shape[-2] * kernel.shape[-1]).sum(axis=0)
     return np.abs(filter_kernels(model, layer)).sum(axis=0)
 
@@ -71,8 +72,8 @@ def _gram(model: keras.Model, layer: str) -> np.ndarray:
     need a 10368 x 1152 matrix of zeros).
     """
     target = models.get_layer(model, layer)
-    if type(target).__name__ in ("DepthwiseConv2D", "DepthwiseConv1D"):
-        kernel = np.asarray(target.kernel, np.float64)
+    if is_depthwise(target):
+        kernel = depthwise_kernel(target).astype(np.float64)
         *space, channels, multiplier = kernel.shape
         gram = np.zeros((channels * multiplier,) * 2)
         for c in range(channels):

@@ -14,7 +14,7 @@ import pandas as pd
 from audit import cost
 from audit import groups, models
 from audit.errors import AuditError
-from audit.graph import as_list, trace
+from audit.graph import as_list, is_depthwise, trace
 
 class PruningError(AuditError):
     """The model's graph cannot be cut as asked (a residual add or concat, a nested model, ...)."""
@@ -152,7 +152,8 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
     Every group that can go goes: its filters, and every weight that reads its channels (the next
     convs and denses, batch norms, depthwise kernels, the rows of a Dense after Flatten, the other
     side of a residual add, a concatenation's slice). Filters whose group is locked stay (see `plan`).
-    Nested models keep their structure: a smaller base inside the same head.
+    Nested models keep their structure (a smaller base inside the same head) unless their input loses channels
+    (opened blocks): then the graph is copied flat.
     """
     graph = graph or groups.DependencyGraph(model)
     chosen, kept = graph.expand(selection)
@@ -178,10 +179,11 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
     def clone_layer(layer):
         return type(layer).from_config({**layer.get_config(), **configs.get(paths.get(id(layer)), {})})
 
-    smaller = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    if set(models.weighted_layers(model)) - set(models.weighted_layers(smaller)):
-        # a KerasHub backbone is rebuilt from its hyperparameters, by code, with layers of other names: its graph
-        # is copied flat instead, layer by layer
+    smaller = None if _cuts_a_nested_input(graph, chosen) else \
+        keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    if smaller is None or set(models.weighted_layers(model)) - set(models.weighted_layers(smaller)):
+        # Keras's clone keeps a nested model's input shape, and rebuilds a KerasHub backbone from its
+        # hyperparameters, by code, with layers of other names: the graph is copied flat instead, layer by layer
         smaller, layer_of = flat_copy(model, clone_layer)
     else:
         def layer_of(path):
@@ -189,6 +191,17 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
     for path in models.weighted_layers(model):
         layer_of(path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
     return smaller
+
+
+def _cuts_a_nested_input(graph: groups.DependencyGraph, chosen: set[int]) -> bool:
+    """Whether a nested model's input loses channels (an opened block's, not a base's image)."""
+    made_by = {id(tensor): call.path for call in graph.calls for tensor in as_list(call.output)}
+    for call in graph.calls:
+        scope = call.path.rpartition("/")[0]
+        for tensor in call.inputs if scope else ():
+            if not made_by.get(id(tensor), "").startswith(scope + "/") and graph.removed(tensor, chosen).any():
+                return True
+    return False
 
 
 def flat_copy(model: keras.Model, clone_layer) -> tuple[keras.Model, object]:
@@ -258,6 +271,8 @@ def _cut(call: groups.Call, in_keep: np.ndarray | None, out_keep: np.ndarray, ol
                                     *[b[out_keep] for b in old[2:]]]
     if kind.endswith("Transpose"):
         return {"filters": count}, [old[0][..., out_keep, :][..., in_keep], *[b[out_keep] for b in old[1:]]]
+    if kind in groups.SOURCES and is_depthwise(layer):  # a Conv2D with one group per input channel
+        return {"filters": count, "groups": int(in_keep.sum())}, [old[0][..., out_keep], *[b[out_keep] for b in old[1:]]]
     if kind in groups.SOURCES:
         return {"filters": count}, [old[0][..., in_keep, :][..., out_keep], *[b[out_keep] for b in old[1:]]]
     if kind in groups.DEPTHWISE:
