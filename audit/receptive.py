@@ -63,7 +63,9 @@ def _field_after(call: graph.Call, fields: list[Field], input_size: tuple) -> Fi
     None when its output has no positions."""
     layer, kind = call.layer, call.kind
     output = graph.as_list(call.output)[0]
-    if _spatial(output) is None or kind.startswith("Global"):
+    pooled = kind.startswith("Global") or (  # also keras.ops.mean(x, axis=(1, 2), keepdims=True): a 1x1 of a map
+        kind not in _WINDOWED and _spatial(output) == (1, 1) and tuple(input_size) != (1, 1))
+    if _spatial(output) is None or pooled:
         return None  # pooled over positions (also keepdims' 1x1, a squeeze-and-excitation's), flattened: no map
     field = fields[0]
     for other in fields[1:]:

@@ -49,6 +49,19 @@ def test_the_receptive_field_is_where_the_gradient_reaches():
         assert filters.receptive_field(model, "c3", row, col) == (top, left, bottom, right)
 
 
+def test_a_squeeze_excitation_written_in_keras_ops_keeps_the_maps_field():
+    """KerasHub's squeeze-and-excitation pools by `ops.mean(x, axis=(1, 2), keepdims=True)`: its gate is the whole
+    image's context with no positions (as keras.applications' GlobalAveragePooling squeeze is counted), and the
+    gated map keeps c1's field on paper (3 px, jump 1, "same" padding 1 before)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="c1")(inputs)
+    gate = keras.layers.Conv2D(2, 1, activation="sigmoid", name="gate")(keras.ops.mean(x, axis=(1, 2), keepdims=True))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="after")(x * gate))
+    assert filters.receptive_field(model, "after", 3, 4) == (2, 3, 5, 6)
+    assert filters.receptive_field(model, "c1", 0, 0) == (0, 0, 2, 2)
+
+
 def test_vgg16_block3_conv1_sees_24_pixels_4_apart():
     """Known: after two 3x3 convs, a 2x2 pool, two more and a pool, block3_conv1 sees 24x24, jump 4, from -10."""
     model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
