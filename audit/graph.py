@@ -12,6 +12,7 @@ from __future__ import annotations
 
 
 import difflib
+import itertools
 import re
 import weakref
 from dataclasses import dataclass
@@ -299,11 +300,26 @@ def linear_twin(layer, input_shape=None):
     return twin
 
 
+class Step(keras.layers.Layer):
+    """One computation of ours in a graph built over a loaded model, as a layer with a name of its own: a loose
+    keras.ops call takes an automatic name ("multiply", "cast") counted per thread, which the model's own nodes
+    (a squeeze-excite's `x * gate`, loaded in another thread) may already hold, and Keras refuses the graph."""
+
+    _made = itertools.count()
+
+    def __init__(self, function, label: str):
+        super().__init__(name=f"cnn_audit_{label}_{next(Step._made)}")
+        self.function = function
+
+    def call(self, *args):
+        return self.function(*args)
+
+
 def _float32(tensor):
     """A tensor as float32 (a bfloat16 compute copy's outputs); float32 and multi-output values as they are."""
     if isinstance(tensor, (list, tuple)) or getattr(tensor, "dtype", "float32") in ("float32", "int32", "int64"):
         return tensor
-    return keras.ops.cast(tensor, "float32")
+    return Step(lambda x: keras.ops.cast(x, "float32"), "float32")(tensor)
 
 
 def trace(model: keras.Model, x, wanted: dict[str, set[str]], prefix: str, found: dict, replace=None):

@@ -164,7 +164,7 @@ def scores_model(model: keras.Model, head: Head, points: list[graph.Point] = (),
     def add_scores(tensors):
         logits = tensors[-1]
         if head.binary:
-            logits = keras.ops.concatenate([-logits, logits], axis=-1)
+            logits = graph.Step(lambda x: keras.ops.concatenate([-x, x], axis=-1), "two_classes")(logits)
         return tensors[:-1] + [logits]
 
     return graph.graph_model(model, points + [head.point], any_size=any_size, extra=add_scores, replace=replace)

@@ -162,3 +162,29 @@ def test_the_estimate_counts_each_cut_from_its_checkpoint():
     # the checkpoints are bounded: more starts than CHECKPOINTS fall back to the one before them
     assert sweeps.spread_checkpoints(list(range(100)), 10)[0] == 0 and len(sweeps.spread_checkpoints(list(range(100)), 10)) == 10
     assert sweeps.checkpoint_of(57, [0, 20, 50, 80]) == 50
+
+
+def test_a_model_with_keras_ops_nodes_built_in_one_thread_sweeps_in_another():
+    """Keras counts automatic names per thread: a squeeze-excite written `x * gate` (its node "multiply") in a
+    model loaded by one session's thread, swept in another's, as the dashboard does. The masked graph's own steps
+    take names of their own, and a cut gives what the silenced weights give."""
+    import threading
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+        gate = keras.layers.Conv2D(4, 1, activation="sigmoid", name="gate")(keras.ops.mean(x, axis=(1, 2), keepdims=True))
+        x = keras.layers.GlobalAveragePooling2D()(x * gate)
+        return keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="classes")(x))
+
+    made, swept = [], []
+    first = threading.Thread(target=lambda: made.append(build()))
+    first.start(), first.join()
+    model = made[0]
+    assert "multiply" in [op.name for op in model.operations]
+    x = random_images(2, (8, 8, 3))
+    second = threading.Thread(target=lambda: swept.append(sweeps.Sweep(model).outputs([{"conv": [1]}], x)[0]))
+    second.start(), second.join()
+    expected = heads.Outputs(pruning.masked(model, {"conv": [1]}), head=heads.find_head(model))(x)
+    np.testing.assert_allclose(swept[0], expected, rtol=1e-5, atol=1e-7)

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from audit import admission, compiled, cost, groups, heads
-from audit.graph import (Point, as_list, grouped_conv_without_xla, has_grouped_convs, iter_layers,
+from audit.graph import (Point, Step, as_list, grouped_conv_without_xla, has_grouped_convs, iter_layers,
                          resolve_layer, trace)
 from audit.pruning.surgery import SILENCED, silenced_channels
 
@@ -64,10 +64,7 @@ def _masked_graph(model: keras.Model, head: heads.Head) -> _Masked:
             if type(layer).__name__ in SILENCED and getattr(layer, "weights", None):
                 if path not in built.masks:
                     built.masks[path] = keras.Input((outputs[0].shape[-1],), name=f"mask_{len(built.masks)}")
-                mask = built.masks[path]
-                for _ in range(len(outputs[0].shape) - 2):
-                    mask = keras.ops.expand_dims(mask, 1)
-                outputs = [keras.ops.multiply(outputs[0], keras.ops.cast(mask, outputs[0].dtype)), *outputs[1:]]
+                outputs = [Step(_apply_mask, "mask")(outputs[0], built.masks[path]), *outputs[1:]]
             index = len(built.paths)
             built.paths.append(path)
             for tensor in outputs:
@@ -79,11 +76,22 @@ def _masked_graph(model: keras.Model, head: heads.Head) -> _Masked:
     point = head.point if head.is_classifier else Point(resolve_layer(model, head.path))
     found: dict = {}
     trace(model, image, {point.path: {point.where}}, "", found, replace)
-    scores = keras.ops.cast(found[point], "float32")
-    if head.is_classifier and head.binary:
-        scores = keras.ops.concatenate([-scores, scores], axis=-1)
-    built.scores = scores
+    two_classes = head.is_classifier and head.binary
+    built.scores = Step(lambda x: _scores(x, two_classes), "scores")(found[point])
     return built
+
+
+def _apply_mask(x, mask):
+    """A map times its (N, channels) 0/1 mask, broadcast over positions."""
+    for _ in range(len(x.shape) - 2):
+        mask = keras.ops.expand_dims(mask, 1)
+    return x * keras.ops.cast(mask, x.dtype)
+
+
+def _scores(x, two_classes: bool):
+    """The head's scores as float32; a binary head's one logit as two classes' (-z, z)."""
+    x = keras.ops.cast(x, "float32")
+    return keras.ops.concatenate([-x, x], axis=-1) if two_classes else x
 
 
 @dataclass(frozen=True)
