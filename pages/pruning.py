@@ -176,7 +176,7 @@ if jobs.started(selection, f"Run both models on the {image_count:,} images",
         before, after = pruning_jobs.what_if(selection, selection_map)
     metrics = st.columns(3)
     measured = pruning.quality(before, after, labels, head.distribution == "sigmoid" and not head.binary,
-                               head.is_classifier)
+                               classes=head.is_classifier)
     if head.is_classifier:
         metrics[0].metric("Top-1 agreement", f"{measured['agreement']:.1%}")
         kl = measured["kl"] if abs(measured["kl"]) >= 5e-5 else 0.0  # float round-off around 0 is not "-0.0000"

@@ -358,19 +358,19 @@ def test_a_pooled_feature_vector_is_measured_as_features_not_as_classes():
 def test_quality_measures_equal_the_formulas_by_hand():
     before = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
     after = np.array([[0.5, 0.4, 0.1], [0.6, 0.3, 0.1]])
-    measured = pruning.quality(before, after, labels=np.array([0, 0]))
+    measured = pruning.quality(before, after, labels=np.array([0, 0]), classes=True)
     # KL row 1: 0.7 ln(0.7/0.5) + 0.2 ln(0.2/0.4) = 0.096901; row 2: 0.1 ln(0.1/0.6) + 0.8 ln(0.8/0.3) = 0.605487
     assert measured["agreement"] == 0.5 and measured["accuracy"] == 1.0
     np.testing.assert_allclose(measured["kl"], (0.096901 + 0.605487) / 2, atol=1e-6)
     # several sigmoid classes: the mean over classes of each one's Bernoulli KL
-    independent = pruning.quality(np.array([[0.9, 0.5]]), np.array([[0.6, 0.5]]), independent=True)
+    independent = pruning.quality(np.array([[0.9, 0.5]]), np.array([[0.6, 0.5]]), independent=True, classes=True)
     bernoulli = 0.9 * np.log(0.9 / 0.6) + 0.1 * np.log(0.1 / 0.4)  # = 0.226294; the 0.5 class adds 0
     np.testing.assert_allclose(independent["kl"], bernoulli / 2, rtol=1e-9)
-    features = pruning.quality(np.array([[3.0, 4.0]]).T, np.array([[3.0, 0.0]]).T)
+    features = pruning.quality(np.array([[3.0, 4.0]]).T, np.array([[3.0, 0.0]]).T, classes=False)
     assert features == {"feature_error": 0.8}  # ||(0, -4)|| / ||(3, 4)||
     # summed batch by batch from an empty start (a streamed set): one pass's figures, of either kind
-    rows = [pruning.QualitySums.of(before[i:i + 1], after[i:i + 1], np.array([0])) for i in range(2)]
+    rows = [pruning.QualitySums.of(before[i:i + 1], after[i:i + 1], np.array([0]), classes=True) for i in range(2)]
     assert pruning.QualitySums().merge(rows[0]).merge(rows[1]).result() == pytest.approx(measured)
-    parts = [pruning.QualitySums.of(np.array([[3.0]]), np.array([[3.0]])),
-             pruning.QualitySums.of(np.array([[4.0]]), np.array([[0.0]]))]
+    parts = [pruning.QualitySums.of(np.array([[3.0]]), np.array([[3.0]]), classes=False),
+             pruning.QualitySums.of(np.array([[4.0]]), np.array([[0.0]]), classes=False)]
     assert pruning.QualitySums().merge(parts[0]).merge(parts[1]).result() == {"feature_error": 0.8}

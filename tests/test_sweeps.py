@@ -86,7 +86,7 @@ def test_sensitivity_chance_runs_and_leave_one_out_equal_the_old_path(build):
     for row in table.itertuples():
         order = list(np.argsort(kernels[row.layer], kind="stable"))
         cut = {row.layer: order[:int(round(row.fraction * len(order)))]}
-        expected = pruning.quality(reference, old(cut, x), labels)
+        expected = pruning.quality(reference, old(cut, x), labels, classes=True)
         assert row.kl == pytest.approx(expected["kl"], abs=1e-5)
         assert row.agreement == expected["agreement"] and row.accuracy == expected["accuracy"]
     assert table.kl.max() > 1e-3  # the cuts change the outputs: equality is not two unchanged models
@@ -97,7 +97,8 @@ def test_sensitivity_chance_runs_and_leave_one_out_equal_the_old_path(build):
     rng = np.random.default_rng(0)
     order = list(np.argsort(kernels[deepest], kind="stable"))
     orders = [order, order[::-1], *[list(rng.permutation(order)) for _ in range(2)]]
-    expected = [pruning.quality(reference, old({deepest: sequence[:int(round(f * len(sequence)))]}, x), labels)["kl"]
+    expected = [pruning.quality(reference, old({deepest: sequence[:int(round(f * len(sequence)))]}, x), labels,
+                                classes=True)["kl"]
                 for sequence in orders for f in fractions]
     np.testing.assert_allclose(runs.kl, expected, atol=1e-5)
 

@@ -34,12 +34,10 @@ class QualitySums:
 
     @classmethod
     def of(cls, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None,
-           independent: bool = False, classes: bool | None = None) -> "QualitySums":
-        """`classes`: whether the outputs are class probabilities (the head's `is_classifier`; a pooled feature
-        vector has the same shape). None reads a 2-D array of more than one column as classes."""
+           independent: bool = False, *, classes: bool) -> "QualitySums":
+        """`classes`: whether the outputs are class probabilities (the head's `is_classifier`), never guessed from
+        the shape (a pooled feature vector has the shape of class probabilities)."""
         reference, outputs = np.asarray(reference, np.float64), np.asarray(outputs, np.float64)
-        if classes is None:
-            classes = reference.ndim == 2 and reference.shape[-1] > 1
         if not classes:
             return cls(len(reference), squared_error=float(np.sum((outputs - reference) ** 2)),
                        squared_reference=float(np.sum(reference ** 2)), classes=False)
@@ -69,7 +67,7 @@ class QualitySums:
 
 
 def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None = None,
-            independent: bool = False, classes: bool | None = None) -> dict[str, float]:
+            independent: bool = False, *, classes: bool) -> dict[str, float]:
     """How a pruned model's outputs compare with the unpruned ones on the same images.
 
     For classifiers both are class probabilities (heads.Outputs): top-1 agreement, the KL divergence
@@ -77,7 +75,7 @@ def quality(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | Non
     mean of each class's Bernoulli KL), and accuracy over the images whose label is given (>= 0).
     Otherwise (`classes` False: the head's features) the relative error of the features.
     """
-    return QualitySums.of(reference, outputs, labels, independent, classes).result()
+    return QualitySums.of(reference, outputs, labels, independent, classes=classes).result()
 
 
 def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images,
@@ -108,7 +106,7 @@ def sensitivity(model: keras.Model, scores: pd.DataFrame, criterion: str, images
         outputs = sweep.outputs([{layer: cut} for layer, _, cut in cuts], x, report)
         for k, measured in enumerate(outputs):
             sums[k] = sums[k].merge(QualitySums.of(reference, measured, targets, sweep.independent,
-                                                      sweep.head.is_classifier))
+                                                      classes=sweep.head.is_classifier))
         seen += len(x)
     return pd.DataFrame([{"layer": layer, "fraction": fraction, **part.result()}
                          for (layer, fraction, _), part in zip(cuts, sums)])
@@ -125,7 +123,7 @@ def what_if(model: keras.Model, selection: dict[str, list[int]], images, labels:
     for x, targets in images:
         x = np.asarray(x)
         sums = sums.merge(QualitySums.of(sweep.reference(x), sweep.outputs([selection], x)[0], np.asarray(targets),
-                                         sweep.independent, sweep.head.is_classifier))
+                                         sweep.independent, classes=sweep.head.is_classifier))
         seen += len(x)
         if progress is not None:
             progress(seen, total or seen)
@@ -147,7 +145,7 @@ def ranking_against_chance(model: keras.Model, scores: pd.DataFrame, layer: str,
             for f in fractions]
     outputs = sweep.outputs([{layer: cut} for _, _, cut in runs], images, progress)
     return pd.DataFrame([{"ranking": kind, "fraction": fraction,
-                          **quality(reference, measured, labels, sweep.independent, sweep.head.is_classifier)}
+                          **quality(reference, measured, labels, sweep.independent, classes=sweep.head.is_classifier)}
                          for (kind, fraction, _), measured in zip(runs, outputs)])
 
 

@@ -116,7 +116,7 @@ def sensitivity(model: keras.Model, images: np.ndarray, labels: np.ndarray | Non
         feeds = [tf.constant(on), tf.constant(net.point_switches(on)), tf.constant(scale), tf.constant(zero_point)]
         values = [batch[head.output] for batch in _batches(model, images, lambda x: run(x, *feeds))]
         sums = QualitySums.of(reference, comparable(np.concatenate(values), head), labels, independent,
-                              head.is_classifier)
+                              classes=head.is_classifier)
         rows.append({"layer": name, **_with_intervals(sums)})
         if progress is not None:
             progress(done + 1, total)
