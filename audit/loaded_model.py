@@ -226,6 +226,8 @@ def _output_shape(layer) -> tuple | None:
         output = layer.output
     except (AttributeError, ValueError, RuntimeError):
         return None
+    if isinstance(output, dict):  # a backbone's named stage outputs (KerasHub's HGNetV2)
+        output = list(output.values())
     if isinstance(output, (list, tuple)):
         output = output[0]
     return tuple(output.shape)

@@ -25,7 +25,20 @@ def is_block(layer) -> bool:
         return False
     sublayers = layer._flatten_layers(include_self=False, recursive=True)
     held = {id(weight) for sublayer in sublayers for weight in sublayer.weights}
-    return bool(held) and all(id(weight) in held for weight in layer.weights)
+    return bool(held) and all(id(weight) in held for weight in layer.weights) \
+        and all(_config_readable(sublayer) for sublayer in sublayers)
+
+
+def _config_readable(layer) -> bool:
+    """Whether the layer's config can be written (a pruned copy is built and saved from it); an Identity is
+    stateless and copied fresh (audit.copies.fresh_layer)."""
+    if isinstance(layer, keras.layers.Identity):
+        return True
+    try:
+        layer.get_config()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def has_blocks(model: keras.Model) -> bool:

@@ -15,7 +15,7 @@ import weakref
 import keras
 import numpy as np
 
-from audit import device, graph
+from audit import copies, device, graph
 
 _COPIES: "weakref.WeakKeyDictionary[keras.Model, keras.Model]" = weakref.WeakKeyDictionary()
 POLICY = "mixed_bfloat16"
@@ -25,15 +25,15 @@ def bfloat16_copy(model: keras.Model) -> keras.Model:
     """The model with every layer under the mixed_bfloat16 policy (the input stays float32), same weights."""
     if model not in _COPIES:
         def clone(layer):
-            config = layer.get_config()
             # keras.ops arithmetic in a graph (MobileNetV3's hard sigmoid) is an Operation without a dtype policy:
             # it computes in whatever its inputs are
-            if isinstance(layer, keras.layers.Layer) and type(layer).__name__ != "InputLayer":
-                config["dtype"] = keras.DTypePolicy(POLICY)
-            return type(layer).from_config(config)
+            if not isinstance(layer, keras.layers.Layer) or type(layer).__name__ == "InputLayer":
+                return copies.fresh_layer(layer)
+            return copies.fresh_layer(layer, {"dtype": keras.DTypePolicy(POLICY)})
 
-        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
-        copy.set_weights(model.get_weights())
+        copy, layer_of = copies.copy_graph(model, clone)
+        for path in graph.weighted_layers(model):
+            layer_of(path).set_weights(graph.get_layer(model, path).get_weights())
         _COPIES[model] = copy
     return _COPIES[model]
 

@@ -250,7 +250,7 @@ def _what_the_cut_costs(loaded, selection: dict, x: np.ndarray, labels: np.ndarr
     per class and which images change their answer (Hooker et al. 2019)."""
     try:
         smaller = pruning.prune(loaded.model, selection, loaded.dependency_graph())
-    except pruning.PruningError as exc:
+    except AuditError as exc:  # PruningError, or a graph that cannot be copied
         return f"<h3>What the cut costs</h3><p>{html.escape(str(exc))}</p>"
     sizes = {"Parameters": (loaded.model.count_params(), smaller.count_params()),
              "Multiply-adds per image": (pruning.flops(loaded.model), pruning.flops(smaller))}

@@ -54,10 +54,10 @@ def main():
         start = text.index(conformance.TABLE_START) + len(conformance.TABLE_START)
         end = text.index(conformance.TABLE_END)
         table = conformance.markdown_table(summaries).splitlines()
-        if set(summaries) != set(architectures.ARCHITECTURES):  # --only: those rows replaced, the others kept
-            fresh = {line.split("|")[1].strip(): line for line in table[2:]}
-            table = [fresh.get(line.split("|")[1].strip(), line) if line.startswith("| ") and index > 1 else line
-                     for index, line in enumerate(text[start:end].strip().splitlines())]
+        if set(summaries) != set(architectures.ARCHITECTURES):  # --only: those rows new or replaced, the rest kept
+            rows = {line.split("|")[1].strip(): line for line in text[start:end].strip().splitlines()[2:]}
+            rows.update({line.split("|")[1].strip(): line for line in table[2:]})
+            table = table[:2] + [rows[name] for name in architectures.ARCHITECTURES if name in rows]
         README.write_text(text[:start] + "\n" + "\n".join(table) + "\n" + text[end:])
         print(f"README.md: {len(summaries)} row(s) of the table rewritten")
 

@@ -32,7 +32,7 @@ def load_from_file(name: str, folder: Path) -> models.LoadedModel:
 SLOWEST = {"ConvNeXtTiny", "DenseNet121", "InceptionV3", "Xception", "EfficientNetB0", "ResNet50", "MobileNetV3Small",
            "MobileNetV2", "VGG16 base + sigmoid (Sequential)",
            *(name for name in architectures.ARCHITECTURES if name.startswith("KerasHub"))}
-"""Over 30 s each here, or (KerasHub's five, 13-29 s each) beside tests/test_keras_hub.py's own checks: run in the
+"""Over 30 s each here, or (KerasHub's eight, 11-39 s each) beside tests/test_keras_hub.py's own checks: run in the
 slow tier (`python -m pytest -m slow`, which CI runs too); the default tier keeps a nested transfer model,
 Sequential files (VGG16 + Dense; its binary twin, 34 s with its report and CLI cells, is in the slow tier),
 depthwise, grayscale and two-output heads."""

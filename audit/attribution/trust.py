@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from audit import cost, heads, models
+from audit import copies, cost, heads, models
 from audit.attribution.targets import FilterTarget, Progress, Scorer, Target, report_progress, resolve_target
 from audit.errors import AuditError, ImageError
 
@@ -148,9 +148,10 @@ def randomised_copies(model: keras.Model, seed: int = 0):
     re-initialising the weighted layers from the top down on a clone, each with its own initialisers
     (a BatchNormalization gets its identity statistics back, never a negative variance); the original
     is untouched. Keras's global random seed is set from `seed` for each layer, so copies repeat."""
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    weighted = [(path, models.get_layer(clone, path)) for path in models.weighted_layers(clone)]
+    clone, layer_of = copies.copy_graph(model)
+    weighted = [(path, layer_of(path)) for path in models.weighted_layers(model)]
+    for path, layer in weighted:
+        layer.set_weights(models.get_layer(model, path).get_weights())
     done = []
     for step, (path, layer) in enumerate(reversed(weighted)):
         keras.utils.set_random_seed(seed * 100_003 + step)

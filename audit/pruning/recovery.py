@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from audit import cost, graph as model_graph, groups, heads
+from audit import copies, cost, graph as model_graph, groups, heads
 from audit import images as image_utils
 from audit.errors import AuditError
 from audit.pruning.batchnorm import batch_norms, recalibrate_bn
@@ -72,9 +72,7 @@ def split(labels: np.ndarray, held_out: float = 0.25, seed: int = 0) -> tuple[np
 
 def copy_of(model: keras.Model) -> keras.Model:
     """A separate model with the same architecture and weights (each stage of recovery gets its own)."""
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+    return copies.same_weights(model)
 
 
 @dataclass

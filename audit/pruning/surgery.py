@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pandas as pd
 
-from audit import cost
+from audit import copies, cost
 from audit import groups, models
 from audit.errors import AuditError
-from audit.graph import as_list, is_depthwise, trace
+from audit.graph import as_list, is_depthwise
 
 class PruningError(AuditError):
     """The model's graph cannot be cut as asked (a residual add or concat, a nested model, ...)."""
@@ -100,10 +100,10 @@ def masked(model: keras.Model, selection: dict[str, list[int]], graph: groups.De
     alone: a what-if that surgery cannot make real.
     """
     graph = graph or groups.DependencyGraph(model)
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    for path, weights in silenced_weights(model, graph, selection).items():
-        models.get_layer(clone, path).set_weights(weights)
+    clone, layer_of = copies.copy_graph(model, copies.fresh_layer)
+    silenced = silenced_weights(model, graph, selection)
+    for path in models.weighted_layers(model):
+        layer_of(path).set_weights(silenced[path] if path in silenced else models.get_layer(model, path).get_weights())
     return clone
 
 
@@ -177,17 +177,11 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
     paths = {id(layer): path for path, layer, _ in models.iter_layers(model)}
 
     def clone_layer(layer):
-        return type(layer).from_config({**layer.get_config(), **configs.get(paths.get(id(layer)), {})})
+        return copies.fresh_layer(layer, configs.get(paths.get(id(layer)), {}))
 
-    smaller = None if _cuts_a_nested_input(graph, chosen) else \
-        keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    if smaller is None or set(models.weighted_layers(model)) - set(models.weighted_layers(smaller)):
-        # Keras's clone keeps a nested model's input shape, and rebuilds a KerasHub backbone from its
-        # hyperparameters, by code, with layers of other names: the graph is copied flat instead, layer by layer
-        smaller, layer_of = flat_copy(model, clone_layer)
-    else:
-        def layer_of(path):
-            return models.get_layer(smaller, path)
+    # Keras's clone keeps a nested model's input shape: where an opened block's input loses channels, flat
+    smaller, layer_of = copies.flat_copy(model, clone_layer) if _cuts_a_nested_input(graph, chosen) else \
+        copies.copy_graph(model, clone_layer)
     for path in models.weighted_layers(model):
         layer_of(path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
     return smaller
@@ -202,32 +196,6 @@ def _cuts_a_nested_input(graph: groups.DependencyGraph, chosen: set[int]) -> boo
             if not made_by.get(id(tensor), "").startswith(scope + "/") and graph.removed(tensor, chosen).any():
                 return True
     return False
-
-
-def flat_copy(model: keras.Model, clone_layer) -> tuple[keras.Model, object]:
-    """The model's graph as one Functional model of `clone_layer` copies of its leaf layers, nested models entered
-    (their calls inlined: the copy has no nested models), keras.ops calls kept as they are; with a function from a
-    layer path of `model` to its copy. For models whose `clone_model` rebuilds layers by code (KerasHub)."""
-    paths = {id(layer): path for path, layer, _ in models.iter_layers(model)}
-    copies: dict[int, keras.layers.Layer] = {}
-    by_path: dict[str, keras.layers.Layer] = {}
-
-    def replace(layer):
-        if not isinstance(layer, keras.layers.Layer):  # a keras.ops call: stateless
-            return None
-        if id(layer) not in copies:  # a layer called twice stays one layer
-            copies[id(layer)] = by_path[paths[id(layer)]] = clone_layer(layer)
-        return copies[id(layer)]
-
-    image = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    outputs = trace(model, image, {}, "", {}, replace)
-    names = [layer.name for layer in by_path.values()]
-    if len(set(names)) < len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise PruningError(f"{model.name} rebuilds some of its layers by code when copied, and its nested models share "
-                           f"the layer name {duplicate}, so the smaller model cannot be built as one flat model here; "
-                           "the scores, masks and what-if still hold.")
-    return keras.Model(image, outputs, name=model.name), by_path.__getitem__
 
 
 def kept_cost(graph: groups.DependencyGraph, chosen: set[int]) -> tuple[int, int]:

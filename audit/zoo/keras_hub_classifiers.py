@@ -82,6 +82,35 @@ def densenet() -> keras.Model:
     return _classifier("DenseNet", backbone, TORCH_SCALE, TORCH_OFFSET)
 
 
+def vgg() -> keras.Model:
+    """Keras's clone rebuilds this backbone by code under another name (`vgg_backbone_3`)."""
+    import keras_hub
+
+    backbone = keras_hub.models.VGGBackbone(stackwise_num_repeats=[1, 1, 2], stackwise_num_filters=[16, 32, 64],
+                                            image_shape=(SIZE, SIZE, 3))
+    return _classifier("VGG", backbone, TORCH_SCALE, TORCH_OFFSET)
+
+
+def xception() -> keras.Model:
+    import keras_hub
+
+    backbone = keras_hub.models.XceptionBackbone(stackwise_conv_filters=[[32, 64], [64, 128], [256, 256]],
+                                                 stackwise_pooling=[True, True, False], image_shape=(SIZE, SIZE, 3))
+    return _classifier("Xception", backbone, 1 / 127.5, -1.0)
+
+
+def hgnetv2() -> keras.Model:
+    """Two stages of Layer-subclass blocks (one light, with depthwise convs), Identity layers built with a dtype
+    policy object (their config cannot be written), and a backbone whose output is a dict of stage maps."""
+    import keras_hub
+
+    backbone = keras_hub.models.HGNetV2Backbone(
+        depths=[1, 2], embedding_size=16, hidden_sizes=[32, 64], stem_channels=[3, 8, 16], hidden_act="relu",
+        use_learnable_affine_block=False, stackwise_stage_filters=[(16, 8, 32, 1, 1, 3), (32, 16, 64, 2, 1, 3)],
+        apply_downsample=[False, True], use_lightweight_conv_block=[False, True], image_shape=(SIZE, SIZE, 3))
+    return _classifier("HGNetV2", backbone, TORCH_SCALE, TORCH_OFFSET)
+
+
 CLASSIFIERS = {"ResNet": resnet, "MobileNetV3": mobilenet_v3, "EfficientNet": efficientnet, "CSPNet": cspnet,
-               "DenseNet": densenet}
+               "DenseNet": densenet, "VGG": vgg, "Xception": xception, "HGNetV2": hgnetv2}
 """KerasHub classifiers by family name."""
