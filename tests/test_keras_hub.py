@@ -248,3 +248,31 @@ def test_an_unregistered_keras_hub_class_is_read_only_where_keras_hub_defines_a_
     assert "not a layer class" in keras_hub_module_problem("keras_hub.src.models.mobilenet.mobilenet_backbone", "ops")
     assert "does not have" in keras_hub_module_problem("keras_hub.src.models.not_a_model", "Layer")
     assert "not one of keras_hub's models" in keras_hub_module_problem("keras_hub.src.utils.preset_utils", "Preset")
+
+
+@pytest.mark.parametrize("family", ["VGG", "HGNetV2"])
+def test_copies_keep_every_layer_where_keras_clone_would_not(family, tmp_path):
+    """Keras's clone rebuilds a KerasHub VGG backbone by code under another name (`vgg_backbone_3`), and HGNetV2's
+    blocks hold Identity layers whose config cannot be written: the masked copy, the smaller model, the sanity
+    check's randomised copies and the bfloat16 copy still compute from every layer, with the model's weights."""
+    from audit import groups, heads, precision, pruning
+    from audit.attribution import trust
+    from audit.zoo import keras_hub_classifiers
+
+    keras.utils.set_random_seed(0)
+    loaded = _upload(keras_hub_classifiers.CLASSIFIERS[family](), tmp_path, family)
+    model = loaded.model
+    x = loaded.preprocess(np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    expected = model(x, training=False).numpy()
+    np.testing.assert_allclose(pruning.masked(model, {})(x, training=False), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(precision.bfloat16_copy(model)(x, training=False), expected, rtol=0.1, atol=0.05)
+    graph = groups.DependencyGraph(model)
+    layer = graph.removable_layers()[0]
+    selection = {layer: [0]}
+    head = heads.find_head(model)
+    masked = heads.Outputs(pruning.masked(model, selection, graph), head=head)(x)
+    np.testing.assert_allclose(heads.Outputs(pruning.prune(model, selection, graph), head=head)(x), masked,
+                               rtol=1e-4, atol=1e-6)
+    _, copy = next(trust.randomised_copies(model))
+    assert np.abs(copy(x, training=False).numpy() - expected).max() > 1e-6  # the top layer re-drawn
+    np.testing.assert_allclose(model(x, training=False), expected)  # the model itself untouched
