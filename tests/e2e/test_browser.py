@@ -99,9 +99,18 @@ SCRIPT_RUNNING = "[data-testid=stApp]:not([data-test-script-state=notRunning])"
 
 
 def _settle(page, timeout=SLOW):
-    """Wait until the script run is over (the app root says it is not running)."""
+    """Wait until the script run is over (the app root says it is not running) and the page holds still: the
+    same elements in the main area 300 ms later, still not running (a walk once found a page's buttons missing
+    just after a run had ended)."""
     page.wait_for_timeout(200)
-    page.wait_for_selector(SCRIPT_DONE, state="attached", timeout=timeout)
+    deadline, last = time.time() + timeout / 1000, None
+    while True:
+        page.wait_for_selector(SCRIPT_DONE, state="attached", timeout=max(int((deadline - time.time()) * 1000), 1))
+        now = page.evaluate("document.querySelectorAll('[data-testid=stMain] [data-testid]').length")
+        if now == last and page.locator(SCRIPT_DONE).count():
+            return
+        last = now
+        page.wait_for_timeout(300)
 
 
 def _assert_clean(page):
