@@ -12,10 +12,7 @@ from audit.graph import get_layer, iter_layers, trace, weighted_layers
 
 
 def fresh_layer(layer, changes: dict | None = None):
-    """A new layer of `layer`'s config with `changes`. KerasHub's HGNetV2 blocks build their Identity layers with
-    a dtype policy object, which Keras's automatic config cannot write: a fresh Identity of the same name."""
-    if isinstance(layer, keras.layers.Identity) and set(changes or {}) <= {"dtype"}:
-        return keras.layers.Identity(name=layer.name, **(changes or {}))
+    """A new layer of `layer`'s config with `changes`."""
     return type(layer).from_config({**layer.get_config(), **(changes or {})})
 
 

@@ -30,8 +30,9 @@ def is_block(layer) -> bool:
 
 
 def _config_readable(layer) -> bool:
-    """Whether the layer's config can be written (a pruned copy is built and saved from it); an Identity is
-    stateless and copied fresh (audit.copies.fresh_layer)."""
+    """Whether the layer's config can be written (copies are built and saved from it). An Identity is stateless:
+    the opened model holds a fresh one (KerasHub's HGNetV2 builds its own with a dtype policy object, which
+    Keras's automatic config cannot write)."""
     if isinstance(layer, keras.layers.Identity):
         return True
     try:
@@ -74,7 +75,8 @@ def _opened(model: keras.Model, made: dict) -> keras.Model:
         def call(*args, **kwargs):
             if id(layer) not in made:
                 opens = is_block(layer) or (isinstance(layer, keras.Model) and has_blocks(layer))
-                made[id(layer)] = _block_model(layer, args[0], made) if opens else layer
+                made[id(layer)] = _block_model(layer, args[0], made) if opens else \
+                    keras.layers.Identity(name=layer.name) if isinstance(layer, keras.layers.Identity) else layer
             return made[id(layer)](*args, **kwargs)
 
         return call
@@ -95,4 +97,4 @@ def _block_model(layer, example, made: dict) -> keras.Model:
         return _opened(layer, made)
     x = keras.Input(batch_shape=example.shape, dtype=example.dtype, name=f"{layer.name}_input")
     inner = keras.Model(x, layer.call(x), name=layer.name)  # its own code, on a symbolic input
-    return _opened(inner, made) if has_blocks(inner) else inner
+    return _opened(inner, made)  # its blocks opened, its Identity layers fresh

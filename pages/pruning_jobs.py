@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from audit import copies, heads, models, pruning
+from audit import heads, models, pruning
 from audit.errors import AuditError
 from pages import jobs, markup
 from pages.selection import get_model, Selection, set_key, image_set_input, labels_of
@@ -232,7 +232,7 @@ def pruned_export(fingerprint: str, source: str, selection_key: tuple, share: fl
             smaller = pruning.masked(loaded.model, chosen, graph)
         with tempfile.TemporaryDirectory() as folder:
             original, pruned = Path(folder) / "original.keras", Path(folder) / "pruned.keras"
-            copies.same_weights(loaded.model).save(original)  # fresh layers: an opened block's may not save
+            loaded.model.save(original)
             smaller.save(pruned)
             data = pruned.read_bytes()
             sizes = {

@@ -253,7 +253,7 @@ def test_an_unregistered_keras_hub_class_is_read_only_where_keras_hub_defines_a_
 @pytest.mark.parametrize("family", ["VGG", "HGNetV2"])
 def test_copies_keep_every_layer_where_keras_clone_would_not(family, tmp_path):
     """Keras's clone rebuilds a KerasHub VGG backbone by code under another name (`vgg_backbone_3`), and HGNetV2's
-    blocks hold Identity layers whose config cannot be written: the masked copy, the smaller model, the sanity
+    blocks hold Identity layers whose config cannot be written (opened with fresh ones): the masked copy, the smaller model, the sanity
     check's randomised copies and the bfloat16 copy still compute from every layer, with the model's weights."""
     from audit import groups, heads, precision, pruning
     from audit.attribution import trust
@@ -276,3 +276,5 @@ def test_copies_keep_every_layer_where_keras_clone_would_not(family, tmp_path):
     _, copy = next(trust.randomised_copies(model))
     assert np.abs(copy(x, training=False).numpy() - expected).max() > 1e-6  # the top layer re-drawn
     np.testing.assert_allclose(model(x, training=False), expected)  # the model itself untouched
+    again = _upload(model, tmp_path, f"{family}_again")  # the loaded (opened) model saves and loads back
+    np.testing.assert_allclose(again.model(x, training=False), expected, rtol=1e-5, atol=1e-6)
