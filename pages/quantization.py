@@ -119,7 +119,8 @@ st.subheader("The integer model")
 keep = tuple(links.multiselect(st, "Keep in float", layers, param="quant_keep", key="quant_keep", default=[],
                                help="Their weights and outputs stay float32 (TensorFlow Lite's selective "
                                     "quantisation); the others are int8."))
-passes = 2 * calibration + 3 * held_out + 2 * quantization_jobs.THROUGHPUT_PASSES
+passes = (2 * calibration + 3 * held_out + 2 * quantization_jobs.THROUGHPUT_PASSES
+          + jobs.traces_as_passes(selection, 2 * quantization_jobs.CONVERSION_TRACES))  # int8 and float32 files
 pressed = st.button(f"Convert and measure ({jobs.estimate(selection, passes)} here)", key="quant_convert",
                     type="primary")
 key = quantization_jobs.integer_key(selection, calibration, held_out, keep_params, keep)

@@ -12,6 +12,10 @@ from pages.selection import Selection, folder_labels, labels_of, set_key
 
 THROUGHPUT_PASSES = 4 * quantization.THROUGHPUT_BATCH
 """Images the throughput timing runs per model (a warm-up and three timed batches)."""
+CONVERSION_TRACES = 8
+"""One conversion to .tflite costs about this many traces of the model's forward pass (its graph exported,
+optimised, calibrated): 6.1x the load's trace on the shapes demo, 9.8x on KerasHub's MobileNetV3, 6.1x on
+MobileNetV2 and 7.4x on DenseNet121 at 64 px; the page's estimate had said "about 2 s" for a 9 s job."""
 
 
 def split(selection: Selection, calibration: int, held_out: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from audit import attribution, models, report
-from pages import candidates, common, jobs, links
+from pages import candidates, common, jobs, links, quantization_jobs
 from pages.selection import current, set_key, user_errors, what_these_mean
 
 selection = current()
@@ -36,7 +36,8 @@ options = report.ReportOptions(gallery_layers=tuple(layers), gallery_filters=int
 key = set_key(selection, "report", options)
 pressed = st.button("Build the report", type="primary", key="report_go")
 report_passes = (3 * len(selection.image_set) + len(layers) * int(count) * 3 * (int(steps) or 40)
-                 + int(shown) * len(methods) * 30)
+                 + int(shown) * len(methods) * 30
+                 + jobs.traces_as_passes(selection, 2 * quantization_jobs.CONVERSION_TRACES * options.quantize))
 if jobs.job_shown(selection, "report", pressed, key, jobs.has_result(key), report_passes):
     def build():
         with jobs.model_job(selection, "Building the report", "report") as progress:
