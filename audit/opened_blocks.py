@@ -48,7 +48,7 @@ def has_blocks(model: keras.Model) -> bool:
 
 def open_blocks(model: keras.Model, size: tuple[int, int]) -> keras.Model:
     """`model` with every block a nested model of its own layers, when that gives `model`'s outputs on a seeded
-    random batch of `size` images; `model` itself otherwise (no blocks, or a block whose call cannot run on a
+    random image of `size`; `model` itself otherwise (no blocks, or a block whose call cannot run on a
     symbolic input)."""
     if not has_blocks(model) or len(model.inputs) != 1:
         return model
@@ -56,7 +56,8 @@ def open_blocks(model: keras.Model, size: tuple[int, int]) -> keras.Model:
         opened = _opened(model, {})
     except Exception:  # noqa: BLE001 (a block's code that needs a real tensor: the model stays as it is)
         return model
-    sample = np.random.default_rng(0).uniform(-1, 1, (2, *size, model.inputs[0].shape[-1])).astype(np.float32)
+    # one image: this runs before the cost check (audit.models.check_cost), bounded by the trial's caps (audit.trial)
+    sample = np.random.default_rng(0).uniform(-1, 1, (1, *size, model.inputs[0].shape[-1])).astype(np.float32)
     expected = keras.tree.flatten(model(sample, training=False))
     got = keras.tree.flatten(opened(sample, training=False))
     same = len(expected) == len(got) and all(

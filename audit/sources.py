@@ -18,10 +18,10 @@ from pathlib import Path
 import keras
 
 from audit import storage, trial
-from audit.graph import rename_for_tensorflow
+from audit.graph import iter_layers, rename_for_tensorflow
 from audit.errors import UnknownSourceError, WeightsUnavailableError
 from audit.keras_hub_models import converter_size
-from audit.opened_blocks import open_blocks
+from audit.opened_blocks import is_block, open_blocks
 from audit.loaded_model import LoadedModel, check_image_model, detect_preprocessing, fingerprint_of, weights_digest
 
 DEFAULT_SOURCE = "demo:shapes"
@@ -254,7 +254,12 @@ def _load_file(path: Path, source: str) -> LoadedModel:
     size = model.inputs[0].shape[1:3]
     input_size = tuple(s or 224 for s in size) if all(size) else converter_size(model) or (224, 224)
     mode, reason = detect_preprocessing(model)  # before the blocks are opened: a KerasHub converter says it
-    model = open_blocks(model, input_size)
+    blocks = sum(is_block(layer) for _, layer, _ in iter_layers(model))
+    opened = open_blocks(model, input_size)
+    opened_note = "" if opened is model else (
+        f" Its {blocks} blocks (Layer subclasses of a library, as KerasHub's) are opened: each is shown as a "
+        "nested model of its own layers.")
+    model = opened
     renamed = rename_for_tensorflow(model)
     name = shown
     renamed_note = "" if not renamed else (
@@ -266,7 +271,7 @@ def _load_file(path: Path, source: str) -> LoadedModel:
         input_size=input_size,
         preprocessing=mode, preprocessing_reason=reason,
         description=f"A model file ({'uploaded as ' if uploaded else ''}{name}, SHA-256 {digest[:12]}…)."
-                    + renamed_note,
+                    + opened_note + renamed_note,
         display_name=f"{name} (upload)" if uploaded else "",
         file_bytes=path.stat().st_size,
     )
