@@ -253,6 +253,7 @@ def test_an_unregistered_keras_hub_class_is_read_only_where_keras_hub_defines_a_
     assert "not one of keras_hub's models" in keras_hub_module_problem("keras_hub.src.utils.preset_utils", "Preset")
 
 
+@pytest.mark.slow  # 15 s each here; their conformance rows (slow tier too) run every capability on them
 @pytest.mark.parametrize("family", ["VGG", "HGNetV2"])
 def test_copies_keep_every_layer_where_keras_clone_would_not(family, tmp_path):
     """Keras's clone rebuilds a KerasHub VGG backbone by code under another name (`vgg_backbone_3`), and HGNetV2's
