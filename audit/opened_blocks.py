@@ -4,7 +4,7 @@ KerasHub's MobileNet builds its backbone from Layer subclasses (InvertedResidual
 whose convolutions are sublayers called in `call`: in the model's graph each block is one node, so the layer
 table, the statistics, the pruning groups and the int8 ranges would stop at it. A block's own `call` run on a
 symbolic input records its sublayers' calls as a graph: the block becomes a nested Functional model of the same
-layers (the same weights). The opened model is used only where it gives the model's outputs on a random batch.
+layers (the same weights). The opened model is used only where it gives the model's outputs on a random image.
 """
 
 from __future__ import annotations
