@@ -52,10 +52,12 @@ def flat_copy(model: keras.Model, clone_layer) -> tuple[keras.Model, object]:
     return keras.Model(image, outputs, name=model.name), by_path.__getitem__
 
 
-def same_weights(model: keras.Model) -> keras.Model:
-    """A separate model with `model`'s architecture and weights, layer by layer (a flat copy's weights come in
-    another order than the model's)."""
-    copy, layer_of = copy_graph(model)
+def with_weights(model: keras.Model, clone_layer=None, weights: dict | None = None, flat: bool = False
+                 ) -> tuple[keras.Model, object]:
+    """`copy_graph` (or `flat_copy` when `flat`), each layer given `model`'s weights or, by path, `weights`' own,
+    layer by layer (a flat copy's weights come in another order than the model's); with the path function."""
+    weights = weights or {}
+    copy, layer_of = flat_copy(model, clone_layer or fresh_layer) if flat else copy_graph(model, clone_layer)
     for path in weighted_layers(model):
-        layer_of(path).set_weights(get_layer(model, path).get_weights())
-    return copy
+        layer_of(path).set_weights(weights[path] if path in weights else get_layer(model, path).get_weights())
+    return copy, layer_of

@@ -31,10 +31,7 @@ def bfloat16_copy(model: keras.Model) -> keras.Model:
                 return copies.fresh_layer(layer)
             return copies.fresh_layer(layer, {"dtype": keras.DTypePolicy(POLICY)})
 
-        copy, layer_of = copies.copy_graph(model, clone)
-        for path in graph.weighted_layers(model):
-            layer_of(path).set_weights(graph.get_layer(model, path).get_weights())
-        _COPIES[model] = copy
+        _COPIES[model] = copies.with_weights(model, clone)[0]
     return _COPIES[model]
 
 

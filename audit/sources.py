@@ -254,11 +254,10 @@ def _load_file(path: Path, source: str) -> LoadedModel:
     size = model.inputs[0].shape[1:3]
     input_size = tuple(s or 224 for s in size) if all(size) else converter_size(model) or (224, 224)
     mode, reason = detect_preprocessing(model)  # before the blocks are opened: a KerasHub converter says it
-    blocks = sum(is_block(layer) for _, layer, _ in iter_layers(model))
     opened = open_blocks(model, input_size)
     opened_note = "" if opened is model else (
-        f" Its {blocks} blocks (Layer subclasses of a library, as KerasHub's) are opened: each is shown as a "
-        "nested model of its own layers.")
+        f" Its {sum(is_block(layer) for _, layer, _ in iter_layers(model))} blocks (Layer subclasses of a library, "
+        "as KerasHub's) are opened: each is shown as a nested model of its own layers.")
     model = opened
     renamed = rename_for_tensorflow(model)
     name = shown

@@ -148,10 +148,8 @@ def randomised_copies(model: keras.Model, seed: int = 0):
     re-initialising the weighted layers from the top down on a clone, each with its own initialisers
     (a BatchNormalization gets its identity statistics back, never a negative variance); the original
     is untouched. Keras's global random seed is set from `seed` for each layer, so copies repeat."""
-    clone, layer_of = copies.copy_graph(model)
+    clone, layer_of = copies.with_weights(model)
     weighted = [(path, layer_of(path)) for path in models.weighted_layers(model)]
-    for path, layer in weighted:
-        layer.set_weights(models.get_layer(model, path).get_weights())
     done = []
     for step, (path, layer) in enumerate(reversed(weighted)):
         keras.utils.set_random_seed(seed * 100_003 + step)

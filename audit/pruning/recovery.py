@@ -72,7 +72,7 @@ def split(labels: np.ndarray, held_out: float = 0.25, seed: int = 0) -> tuple[np
 
 def copy_of(model: keras.Model) -> keras.Model:
     """A separate model with the same architecture and weights (each stage of recovery gets its own)."""
-    return copies.same_weights(model)
+    return copies.with_weights(model)[0]
 
 
 @dataclass

@@ -100,11 +100,7 @@ def masked(model: keras.Model, selection: dict[str, list[int]], graph: groups.De
     alone: a what-if that surgery cannot make real.
     """
     graph = graph or groups.DependencyGraph(model)
-    clone, layer_of = copies.copy_graph(model, copies.fresh_layer)
-    silenced = silenced_weights(model, graph, selection)
-    for path in models.weighted_layers(model):
-        layer_of(path).set_weights(silenced[path] if path in silenced else models.get_layer(model, path).get_weights())
-    return clone
+    return copies.with_weights(model, weights=silenced_weights(model, graph, selection))[0]
 
 
 def plan(model: keras.Model, selection: dict[str, list[int]], graph: groups.DependencyGraph | None = None,
@@ -180,11 +176,7 @@ def prune(model: keras.Model, selection: dict[str, list[int]], graph: groups.Dep
         return copies.fresh_layer(layer, configs.get(paths.get(id(layer)), {}))
 
     # Keras's clone keeps a nested model's input shape: where an opened block's input loses channels, flat
-    smaller, layer_of = copies.flat_copy(model, clone_layer) if _cuts_a_nested_input(graph, chosen) else \
-        copies.copy_graph(model, clone_layer)
-    for path in models.weighted_layers(model):
-        layer_of(path).set_weights(weights.get(path, models.get_layer(model, path).get_weights()))
-    return smaller
+    return copies.with_weights(model, clone_layer, weights, flat=_cuts_a_nested_input(graph, chosen))[0]
 
 
 def _cuts_a_nested_input(graph: groups.DependencyGraph, chosen: set[int]) -> bool:
